@@ -1,0 +1,196 @@
+"""The `loraops` command line (Typer). Each command is a thin shell over a stage's ``run``.
+
+Every command takes ``--params FILE`` and repeated ``--set dotted.key=value``. Expected failures
+(bad data, bad params, missing models, refused promotions) print one message and exit 2, without a
+traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import typer
+
+from loraops.config import ConfigError, Params, load_params
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Domain Q&A data → a gated, traceable LoRA adapter.")
+review_app = typer.Typer(no_args_is_help=True, help="Human rubric review of answers.")
+app.add_typer(review_app, name="review")
+
+ParamsOpt = typer.Option(Path("params.yaml"), "--params", help="Params file.")
+SetOpt = typer.Option(None, "--set", help="Override a param: dotted.key=value (repeatable).")
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    from loraops.metrics import MetricError
+    from loraops.model import ModelError
+    from loraops.readers import DataError
+    from loraops.registry import RegistryError
+
+    return (ConfigError, DataError, ModelError, MetricError, RegistryError)
+
+
+def friendly(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn expected errors into one line on stderr and exit code 2."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        try:
+            return func(*args, **kwargs)
+        except _expected_errors() as exc:
+            typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def _params(path: Path, overrides: Optional[list[str]]) -> Params:
+    return load_params(path, overrides or [])
+
+
+@app.command()
+@friendly
+def prepare(params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt) -> None:
+    """Read data.path, clean, split by source row, render prompts → data/prepared."""
+    from loraops import data
+
+    card = data.run(_params(params, set_))
+    typer.echo(f"prepared {card['pairs']} pairs from {card['source']['path']} ({card['source']['encoding']}); "
+               f"cleaning: {card['cleaning']}")
+
+
+@app.command()
+@friendly
+def train(params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt) -> None:
+    """Train the LoRA adapter on data/prepared → models/adapter."""
+    from loraops import train as train_stage
+
+    figures = train_stage.run(_params(params, set_))
+    typer.echo(f"trained {figures['steps']} steps in {figures['train_seconds']}s; train loss {figures['train_loss']}, "
+               f"best validation loss {figures['best_val_loss']}; adapter sha256 {figures['adapter_sha256'][:12]}")
+
+
+@app.command()
+@friendly
+def evaluate(params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt,
+             self_test: bool = typer.Option(False, "--self-test", help="Only run the metric self-tests and print the probe table.")) -> None:
+    """Answer the test split with base and tuned models and score them → metrics/eval.json, reports/eval.md."""
+    from loraops import evaluate as evaluate_stage
+    from loraops.metrics import MetricPack, self_test as probe
+    from loraops.utils import pick_device
+
+    p = _params(params, set_)
+    if self_test:
+        rows = probe(MetricPack(p.eval, device=pick_device(p.base.device)))
+        for row in rows:
+            typer.echo(f"{'PASS' if row['passed'] else 'FAIL'}  {row['metric']:<13} {row['probe']:<22} {row['value']:.6f}")
+        failed = sum(not r["passed"] for r in rows)
+        typer.echo(f"{len(rows) - failed} passed, {failed} failed")
+        raise typer.Exit(1 if failed else 0)
+    summary = evaluate_stage.run(p)
+    typer.echo(headline(summary))
+
+
+def headline(summary: dict[str, Any]) -> str:
+    """Base vs tuned means, one line per metric."""
+    lines = [f"{'metric':<14}{'base':>9}{'tuned':>9}{'delta':>9}   95% CI of delta"]
+    for metric, s in summary["metrics"].items():
+        lines.append(f"{metric:<14}{s['base']:>9.4f}{s['tuned']:>9.4f}{s['delta']:>+9.4f}   [{s['ci95'][0]:+.4f}, {s['ci95'][1]:+.4f}]")
+    return "\n".join(lines)
+
+
+@app.command()
+@friendly
+def run(params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt) -> None:
+    """Run the whole finetune flow on Prefect (prepare → train → evaluate → register → gate)."""
+    _params(params, set_)  # refuse bad params before Prefect starts
+    sys.path.insert(0, str(Path.cwd()))
+    from flows.pipeline import finetune
+
+    result = finetune(params_file=str(params), overrides=list(set_ or []))
+    typer.echo(result["summary_text"])
+
+
+@app.command()
+@friendly
+def promote(name: Optional[str] = typer.Argument(None, help="Registered model (default registry.model_name)."),
+            version: Optional[str] = typer.Option(None, "--version", help="Version to promote (default: the candidate alias)."),
+            force: bool = typer.Option(False, "--force", help="Promote even if the gate refuses."),
+            reason: Optional[str] = typer.Option(None, "--reason", help="Why, when forcing (recorded)."),
+            as_json: bool = typer.Option(False, "--json"),
+            params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt) -> None:
+    """Move alias production to a version, only through the gate."""
+    from loraops import registry
+
+    p = _params(params, set_)
+    result = registry.promote(name or p.registry.model_name, version, p, force=force, reason=reason)
+    typer.echo(json.dumps(result, ensure_ascii=False, indent=2) if as_json else registry.describe(result))
+    if not result["promoted"]:
+        raise typer.Exit(1)
+
+
+@app.command()
+@friendly
+def rollback(name: Optional[str] = typer.Argument(None), params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt) -> None:
+    """Restore the previous production version (audited)."""
+    from loraops import registry
+
+    p = _params(params, set_)
+    result = registry.rollback(name or p.registry.model_name, p)
+    typer.echo(registry.describe(result))
+
+
+@app.command()
+@friendly
+def ask(question: Optional[str] = typer.Argument(None),
+        model: Optional[str] = typer.Option(None, "--model", help="models:/<name>@<alias> or models:/<name>/<version>."),
+        file: Optional[Path] = typer.Option(None, "--file", help="CSV/JSONL with a question column."),
+        out: Optional[Path] = typer.Option(None, "--out", help="Where to write answers (CSV)."),
+        params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt) -> None:
+    """Answer questions with a registered adapter (default: production)."""
+    from loraops import serve
+
+    p = _params(params, set_)
+    uri = model or f"models:/{p.registry.model_name}@production"
+    if file is not None:
+        written = serve.answer_file(uri, file, out or file.with_name(file.stem + ".answers.csv"))
+        typer.echo(f"wrote {written}")
+        return
+    if not question:
+        raise ConfigError("ask needs a question, or --file")
+    for piece in serve.stream_answer(uri, question):
+        typer.echo(piece, nl=False)
+    typer.echo()
+
+
+@app.command()
+@friendly
+def reproduce(ref: str = typer.Argument(..., help="MLflow run id, models:/name/version or models:/name@alias."),
+              as_json: bool = typer.Option(False, "--json"), params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt) -> None:
+    """Rebuild a run's inputs in an isolated worktree, retrain, re-evaluate and compare."""
+    from loraops import lineage
+
+    report = lineage.reproduce(ref, _params(params, set_))
+    typer.echo(json.dumps(report, ensure_ascii=False, indent=2) if as_json else lineage.describe(report))
+    if not report["reproduced"]:
+        raise typer.Exit(1)
+
+
+@app.command()
+@friendly
+def deploy(params: Path = ParamsOpt) -> None:
+    """Serve the Prefect deployments finetune/loraops, promote/loraops, rollback/loraops, reproduce/loraops."""
+    sys.path.insert(0, str(Path.cwd()))
+    from flows.deploy import serve_all
+
+    serve_all()
+
+
+def main() -> None:  # pragma: no cover - console entry
+    app()

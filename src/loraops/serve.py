@@ -1,0 +1,148 @@
+"""Serving: the MLflow pyfunc model that carries an adapter, and `loraops ask`.
+
+The registered model carries the adapter, a pinned reference to its base (the base files themselves
+when the base is a small local directory such as the tiny base; else the hub id and revision), the
+prompt template and the decoding settings. `predict` answers a list of questions or a DataFrame with a
+``question`` column, greedily, exactly as evaluate generated the tuned answers.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterator
+
+import mlflow.pyfunc
+
+BUNDLE_LIMIT_BYTES = 200 * 1024 * 1024  # local bases under this size travel inside the model
+
+
+class LoraQAModel(mlflow.pyfunc.PythonModel):
+    """Base + LoRA adapter answering domain questions."""
+
+    def load_context(self, context: Any) -> None:
+        from peft import PeftModel
+
+        from loraops.config import EvalSection, ModelSection
+        from loraops.model import load_base, load_tokenizer
+        from loraops.utils import pick_device
+
+        spec = json.loads(Path(context.artifacts["spec"]).read_text(encoding="utf-8"))
+        self.spec = spec
+        self.device = pick_device("auto")
+        model_cfg = ModelSection(base=spec["base"]["id"], revision=spec["base"].get("revision"),
+                                 trust_remote_code=spec["base"].get("trust_remote_code", False))
+        location = context.artifacts.get("base") or spec["base"]["id"]
+        dtype = "bf16" if self.device == "cuda" else "fp32"
+        base = load_base(location, model_cfg, self.device, dtype=dtype)
+        self.tokenizer = load_tokenizer(context.artifacts["adapter"], model_cfg)
+        self.model = PeftModel.from_pretrained(base, context.artifacts["adapter"]).to(self.device)
+        self.eval_cfg = EvalSection(**spec["generation"])
+
+    def _prompts(self, model_input: Any) -> list[str]:
+        import pandas as pd
+
+        if isinstance(model_input, str):
+            records = [{"question": model_input}]
+        elif isinstance(model_input, pd.DataFrame):
+            if "question" not in model_input.columns:
+                raise ValueError(f"input DataFrame needs a 'question' column; got {list(model_input.columns)}")
+            records = model_input.astype(str).to_dict("records")
+        else:
+            records = [{"question": str(q)} for q in model_input]
+        template = self.spec["template"]
+        return [template.format_map(_Defaults(r)) for r in records]
+
+    def predict(self, context: Any, model_input: Any, params: dict | None = None) -> list[str]:
+        from loraops.evaluate import generate
+
+        return generate(self.model, self.tokenizer, self._prompts(model_input), self.eval_cfg, self.device, progress=False)
+
+
+class _Defaults(dict):
+    """Template fields absent from the input render as empty text (e.g. category at serving time)."""
+
+    def __missing__(self, key: str) -> str:
+        return ""
+
+
+def model_spec(params: Any, base_location: str) -> dict[str, Any]:
+    """What the pyfunc needs besides the adapter: base reference, template, decoding settings."""
+    return {
+        "base": {"id": params.model.base if not Path(base_location).exists() else base_location,
+                 "configured": params.model.base, "revision": params.model.revision,
+                 "trust_remote_code": params.model.trust_remote_code},
+        "template": params.data.template,
+        "generation": {"max_new_tokens": params.eval.max_new_tokens, "batch_size": params.eval.batch_size,
+                       "stop_strings": params.eval.stop_strings},
+    }
+
+
+def should_bundle(base_location: str) -> bool:
+    """Bundle a local base directory into the model when it is small enough."""
+    path = Path(base_location)
+    return path.is_dir() and sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) < BUNDLE_LIMIT_BYTES
+
+
+def load(uri: str) -> Any:
+    """Load a registered model, turning MLflow's not-found errors into RegistryError."""
+    from mlflow.exceptions import MlflowException
+
+    from loraops.registry import RegistryError, tracking_setup
+
+    tracking_setup()
+    try:
+        return mlflow.pyfunc.load_model(uri)
+    except MlflowException as exc:
+        raise RegistryError(f"{uri}: {exc.message.splitlines()[0]}") from None
+
+
+def stream_answer(uri: str, question: str) -> Iterator[str]:
+    """Yield the answer to one question piece by piece as tokens are generated."""
+    from threading import Thread
+
+    import torch
+    from transformers import TextIteratorStreamer
+
+    inner = load(uri).unwrap_python_model()
+    prompt = inner._prompts([question])[0]
+    tok = inner.tokenizer
+    enc = tok([(tok.bos_token or "") + prompt], return_tensors="pt", add_special_tokens=False).to(inner.device)
+    streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+    kwargs = dict(**enc, max_new_tokens=inner.eval_cfg.max_new_tokens, do_sample=False, streamer=streamer,
+                  pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    with torch.inference_mode():
+        thread = Thread(target=inner.model.generate, kwargs=kwargs)
+        thread.start()
+        text = ""
+        for piece in streamer:
+            stops = [s for s in inner.eval_cfg.stop_strings if s and s in text + piece]
+            if stops:
+                yield (text + piece)[len(text): (text + piece).index(stops[0])]
+                break
+            text += piece
+            yield piece
+        thread.join()
+
+
+def answer_file(uri: str, path: Path, out: Path) -> Path:
+    """Answer every question of a CSV/JSONL file (column ``question``) in batches; write a CSV."""
+    import pandas as pd
+    from tqdm.auto import tqdm
+
+    from loraops.readers import DataError
+
+    if not path.exists():
+        raise DataError(f"{path}: not found")
+    frame = pd.read_json(path, lines=True) if path.suffix == ".jsonl" else pd.read_csv(path, keep_default_na=False)
+    if "question" not in frame.columns:
+        raise DataError(f"{path}: missing column question; found {', '.join(map(str, frame.columns))}")
+    model = load(uri)
+    answers: list[str] = []
+    size = 32
+    for start in tqdm(range(0, len(frame), size), desc="answer"):
+        answers.extend(model.predict(frame.iloc[start: start + size]))
+    frame["answer"] = answers
+    out.parent.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(out, index=False)
+    return out

@@ -1,0 +1,120 @@
+"""MLflow run contents: params, curves, eval metrics, the per-question table, reports and plots."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.entities import Metric, Param
+
+DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
+ARTIFACT_ROOT = "mlruns/artifacts"
+_BATCH = 900  # MLflow accepts up to 1000 metrics per log_batch
+
+
+def tracking_setup(root: Path = Path(".")) -> str:
+    """Point MLflow at ``MLFLOW_TRACKING_URI`` or the local sqlite store under ``mlruns/``."""
+    os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        (root / "mlruns").mkdir(exist_ok=True)
+        uri = f"sqlite:///{(root / 'mlruns' / 'mlflow.db').resolve()}"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return uri
+
+
+def experiment_for(model_name: str, root: Path = Path(".")) -> str:
+    """The experiment of a registered model (one per model), created with a local artifact root."""
+    client = mlflow.MlflowClient()
+    found = client.get_experiment_by_name(model_name)
+    if found is not None:
+        return found.experiment_id
+    location = None
+    if mlflow.get_tracking_uri().startswith("sqlite:"):
+        location = (root / ARTIFACT_ROOT).resolve().as_uri()
+    return client.create_experiment(model_name, artifact_location=location)
+
+
+def run_name(params: Any) -> str:
+    """A readable run name: base, learning rate, rank, steps and a timestamp."""
+    base = Path(params.model.base).name or params.model.base
+    return f"{base}-lr{params.train.learning_rate:g}-r{params.lora.r}-s{params.train.max_steps}-{time.strftime('%m%d-%H%M%S')}"
+
+
+def log_params(params: Any) -> None:
+    """Flattened dotted params (``train.learning_rate``), long values as text."""
+    flat = {key: json.dumps(value, ensure_ascii=False) if isinstance(value, (list, dict)) else value
+            for key, value in params.flat().items()}
+    mlflow.log_params(flat)
+
+
+def log_metrics_batch(run_id: str, values: dict[str, float], step: int = 0) -> None:
+    """Log many metrics in few requests."""
+    client = mlflow.MlflowClient()
+    now = int(time.time() * 1000)
+    items = [Metric(key, float(value), now, step) for key, value in values.items() if value is not None]
+    for start in range(0, len(items), _BATCH):
+        client.log_batch(run_id, metrics=items[start: start + _BATCH])
+
+
+def log_curves(run_id: str, path: Path) -> int:
+    """Per-step train/validation loss and learning rate from the train stage's CSV; returns rows logged."""
+    client = mlflow.MlflowClient()
+    now = int(time.time() * 1000)
+    items = []
+    with path.open(encoding="utf-8") as fh:
+        for row in csv.DictReader(fh):
+            for key in ("train_loss", "val_loss", "learning_rate"):
+                if row.get(key):
+                    items.append(Metric(f"train/{key}", float(row[key]), now, int(row["step"])))
+    for start in range(0, len(items), _BATCH):
+        client.log_batch(run_id, metrics=items[start: start + _BATCH])
+    return len(items)
+
+
+def log_eval(run_id: str, root: Path, flat: dict[str, float]) -> None:
+    """Eval metrics, the per-question table (``mlflow.log_table``), report, plots and cards."""
+    import pandas as pd
+
+    log_metrics_batch(run_id, flat)
+    table = pd.read_csv(root / "reports/eval_questions.csv", keep_default_na=False)
+    mlflow.log_table(table, artifact_file="eval/questions.json")
+    mlflow.log_artifact(str(root / "reports/eval_questions.csv"), "eval")
+    mlflow.log_artifact(str(root / "reports/eval.md"), "eval")
+    mlflow.log_artifact(str(root / "metrics/eval.json"), "eval")
+    for png in sorted((root / "reports/plots").glob("*.png")):
+        mlflow.log_artifact(str(png), "eval/plots")
+    for name in ("data/prepared/card.json", "metrics/train.json", "metrics/train_log.csv"):
+        if (root / name).exists():
+            mlflow.log_artifact(str(root / name), "stages")
+    _loss_plot(root)
+
+
+def _loss_plot(root: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    path = root / "metrics/train_log.csv"
+    if not path.exists():
+        return
+    log = pd.read_csv(path)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for column in ("train_loss", "val_loss"):
+        part = log.dropna(subset=[column]) if column in log else None
+        if part is not None and len(part):
+            ax.plot(part["step"], part[column], label=column, marker="." if column == "val_loss" else None)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    fig.tight_layout()
+    mlflow.log_figure(fig, "train/loss_curves.png")
+    plt.close(fig)

@@ -1,0 +1,192 @@
+"""Stage `train`: LoRA/QLoRA on the prepared train split with transformers' Trainer and peft.
+
+Loss is on answer tokens only; validation loss drives early stopping and picks the best checkpoint.
+Packing (``train.packing``) flattens each batch into one padding-free row with per-sequence
+position ids, so no compute is spent on padding.
+"""
+
+from __future__ import annotations
+
+import csv
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from loraops.config import LoraSection, Params, TrainSection
+from loraops.data import load_split
+from loraops.model import TINY_BASE, base_location, build_tiny_base, load_base, load_tokenizer
+from loraops.utils import atomic_dir, pick_device, sha256_dir, write_json
+
+ADAPTER_DIR = Path("models/adapter")
+CHECKPOINT_DIR = Path("models/checkpoints")
+TRAIN_METRICS = Path("metrics/train.json")
+TRAIN_LOG = Path("metrics/train_log.csv")
+
+
+def tokenize_pair(tokenizer: Any, prompt: str, answer: str, max_length: int) -> dict[str, list[int]]:
+    """Token ids for ``<bos> prompt answer <eos>`` with labels masked (-100) on everything but the answer."""
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    prompt_ids = bos + tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    prompt_ids = prompt_ids[: max_length // 2] if len(prompt_ids) + len(answer_ids) > max_length else prompt_ids
+    answer_ids = answer_ids[: max_length - len(prompt_ids)]
+    return {"input_ids": prompt_ids + answer_ids, "labels": [-100] * len(prompt_ids) + answer_ids}
+
+
+def lora_config(cfg: LoraSection) -> Any:
+    """The peft LoraConfig for a causal LM."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=cfg.target_modules,
+        modules_to_save=cfg.modules_to_save or None, use_dora=cfg.use_dora, task_type="CAUSAL_LM",
+    )
+
+
+def collator(tokenizer: Any, packing: bool) -> Any:
+    """Padding-free flattening when packing, else the padding collator (labels padded with -100)."""
+    from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
+
+    if packing:
+        return DataCollatorWithFlattening(return_position_ids=True, separator_id=-100)
+    return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100, return_tensors="pt")
+
+
+def training_args(cfg: TrainSection, seed: int, device: str, out_dir: Path, has_validation: bool) -> Any:
+    """TrainingArguments from the train section; bf16 on CUDA (unless fp32 is asked for), fp32 on CPU."""
+    from transformers import TrainingArguments
+
+    bf16 = device == "cuda" and cfg.precision in ("auto", "bf16")
+    return TrainingArguments(
+        output_dir=str(out_dir),
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.scheduler,
+        warmup_steps=int(cfg.warmup_ratio * cfg.max_steps),
+        weight_decay=cfg.weight_decay,
+        logging_steps=cfg.logging_steps,
+        eval_strategy="steps" if has_validation else "no",
+        eval_steps=cfg.eval_steps,
+        save_strategy="steps",
+        save_steps=cfg.eval_steps,
+        save_total_limit=1,
+        load_best_model_at_end=has_validation,
+        metric_for_best_model="eval_loss",
+        greater_is_better=False,
+        seed=seed,
+        data_seed=seed,
+        full_determinism=device == "cpu",
+        bf16=bf16,
+        use_cpu=device == "cpu",
+        optim="adamw_torch_fused" if device == "cuda" else "adamw_torch",
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        dataloader_num_workers=cfg.dataloader_workers,
+        remove_unused_columns=False,
+        report_to="none",
+        disable_tqdm=False,
+    )
+
+
+def _history_rows(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    rows: dict[int, dict[str, Any]] = {}
+    for entry in log_history:
+        row = rows.setdefault(int(entry.get("step", 0)), {"step": int(entry.get("step", 0))})
+        for src, dst in (("loss", "train_loss"), ("eval_loss", "val_loss"), ("learning_rate", "learning_rate")):
+            if src in entry:
+                row[dst] = float(entry[src])
+    return [rows[step] for step in sorted(rows) if len(rows[step]) > 1]
+
+
+def fit(params: Params, train_rows: list[dict], val_rows: list[dict], base: str, device: str, work_dir: Path) -> dict[str, Any]:
+    """Train an adapter; return the trained peft model, tokenizer, log history and figures."""
+    import torch
+    from datasets import Dataset
+    from peft import get_peft_model, prepare_model_for_kbit_training
+    from transformers import EarlyStoppingCallback, Trainer, set_seed
+
+    set_seed(params.base.seed)
+    cfg = params.train
+    tokenizer = load_tokenizer(base, params.model)
+    dtype = "bf16" if device == "cuda" and cfg.precision in ("auto", "bf16") else "fp32"
+    model = load_base(base, params.model, device, dtype=dtype, quantization=cfg.quantization)
+    if cfg.quantization == "4bit":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+    model = get_peft_model(model, lora_config(params.lora))
+
+    def encode(rows: list[dict]) -> Any:
+        return Dataset.from_list([tokenize_pair(tokenizer, r["prompt"], r["answer"], params.model.max_length) for r in rows])
+
+    train_set, val_set = encode(train_rows), (encode(val_rows) if val_rows else None)
+    callbacks = [EarlyStoppingCallback(cfg.early_stopping_patience)] if val_set is not None and cfg.early_stopping_patience else []
+    trainer = Trainer(
+        model=model,
+        args=training_args(cfg, params.base.seed, device, work_dir, val_set is not None),
+        train_dataset=train_set,
+        eval_dataset=val_set,
+        data_collator=collator(tokenizer, cfg.packing),
+        callbacks=callbacks,
+    )
+    started = time.perf_counter()
+    result = trainer.train()
+    seconds = time.perf_counter() - started
+    tokens = sum(sum(1 for t in ids if t != -100) for ids in train_set["labels"])
+    history = _history_rows(trainer.state.log_history)
+    val_losses = [row["val_loss"] for row in history if "val_loss" in row]
+    figures = {
+        "train_loss": round(float(result.training_loss), 6),
+        "best_val_loss": round(min(val_losses), 6) if val_losses else None,
+        "steps": int(trainer.state.global_step),
+        "stopped_early": int(trainer.state.global_step) < cfg.max_steps,
+        "train_seconds": round(seconds, 2),
+        "train_pairs": len(train_rows),
+        "trainable_params": int(sum(p.numel() for p in model.parameters() if p.requires_grad)),
+        "device": device,
+        "torch_threads": torch.get_num_threads(),
+    }
+    figures["answer_tokens_per_epoch"] = tokens
+    return {"model": trainer.model, "tokenizer": tokenizer, "history": history, "figures": figures}
+
+
+def save_adapter(model: Any, tokenizer: Any, out_dir: Path) -> str:
+    """Save the adapter (safetensors) and tokenizer atomically; return the sha256 over its tensors."""
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    return sha256_dir(out_dir, "*.safetensors")
+
+
+def _write_history(path: Path, history: list[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["step", "train_loss", "val_loss", "learning_rate"])
+        writer.writeheader()
+        writer.writerows(history)
+    tmp.replace(path)
+
+
+def ensure_base(params: Params, root: Path = Path(".")) -> str:
+    """Return the base location, building the tiny base from the train split first when it is selected."""
+    location = base_location(params.model, root)
+    if params.model.base == TINY_BASE:
+        texts = [f"{r['prompt']}{r['answer']}" for r in load_split("train", root)]
+        build_tiny_base(texts, params.model.tiny, params.base.seed, Path(location))
+    return location
+
+
+def run(params: Params, root: Path = Path(".")) -> dict[str, Any]:
+    """Train on the prepared splits and write the adapter, curves and figures."""
+    device = pick_device(params.base.device)
+    train_rows, val_rows = load_split("train", root), load_split("validation", root)
+    base = ensure_base(params, root)
+    work_dir = root / CHECKPOINT_DIR
+    shutil.rmtree(work_dir, ignore_errors=True)
+    out = fit(params, train_rows, val_rows, base, device, work_dir)
+    out["figures"]["adapter_sha256"] = save_adapter(out["model"], out["tokenizer"], root / ADAPTER_DIR)
+    _write_history(root / TRAIN_LOG, out["history"])
+    write_json(root / TRAIN_METRICS, out["figures"])
+    return out["figures"]

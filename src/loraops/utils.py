@@ -1,0 +1,80 @@
+"""Small helpers shared by the stages: atomic outputs, hashing, device choice."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+
+@contextlib.contextmanager
+def atomic_dir(target: Path) -> Iterator[Path]:
+    """Yield a temporary directory beside ``target`` that replaces it only if the block succeeds.
+
+    A failure leaves the previous ``target`` (or nothing) in place, never a half-written one.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    if target.exists():
+        target.rename(old)
+    tmp.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def atomic_write(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write pretty UTF-8 JSON atomically."""
+    atomic_write(path, json.dumps(data, ensure_ascii=False, indent=2) + "\n")
+
+
+def sha256_files(paths: list[Path]) -> str:
+    """One sha256 over the names and bytes of ``paths`` (sorted), for content identity of a directory."""
+    digest = hashlib.sha256()
+    for path in sorted(paths):
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def sha256_dir(directory: Path, pattern: str = "*") -> str:
+    """Content hash of the files in ``directory`` matching ``pattern`` (recursive)."""
+    return sha256_files([p for p in directory.rglob(pattern) if p.is_file()])
+
+
+def pick_device(requested: str) -> str:
+    """Resolve ``base.device`` (auto|cpu|cuda) to a torch device name.
+
+    Raises:
+        RuntimeError: when CUDA is requested and absent.
+    """
+    import torch
+
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("base.device=cuda, but no CUDA device is available; set base.device=auto or cpu")
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return requested
