@@ -30,9 +30,10 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from loraops.metrics import MetricError
     from loraops.model import ModelError
     from loraops.readers import DataError
+    from loraops.pipeline import StageError
     from loraops.registry import RegistryError
 
-    return (ConfigError, DataError, ModelError, MetricError, RegistryError)
+    return (ConfigError, DataError, ModelError, MetricError, RegistryError, StageError)
 
 
 def friendly(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -48,6 +49,13 @@ def friendly(func: Callable[..., Any]) -> Callable[..., Any]:
             raise typer.Exit(2) from None
 
     return wrapper
+
+
+def prefect_defaults() -> None:
+    """Offline-friendly Prefect settings unless the user set them: no telemetry, a patient ephemeral start."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 
 def _params(path: Path, overrides: Optional[list[str]]) -> Params:
@@ -97,6 +105,22 @@ def evaluate(params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt,
     typer.echo(headline(summary))
 
 
+def _quiet_expected_tracebacks() -> None:
+    """Prefect logs every task failure with its traceback; for expected errors the message is enough."""
+    import logging
+
+    expected = _expected_errors()
+
+    class _Filter(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            if record.exc_info and isinstance(record.exc_info[1], expected):
+                record.exc_info, record.exc_text = None, None
+            return True
+
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logging.getLogger(name).addFilter(_Filter())
+
+
 def headline(summary: dict[str, Any]) -> str:
     """Base vs tuned means, one line per metric."""
     lines = [f"{'metric':<14}{'base':>9}{'tuned':>9}{'delta':>9}   95% CI of delta"]
@@ -107,13 +131,16 @@ def headline(summary: dict[str, Any]) -> str:
 
 @app.command()
 @friendly
-def run(params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt) -> None:
+def run(params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt,
+        allow_dirty: bool = typer.Option(False, "--allow-dirty", help="Register from uncommitted code (the diff is recorded).")) -> None:
     """Run the whole finetune flow on Prefect (prepare → train → evaluate → register → gate)."""
     _params(params, set_)  # refuse bad params before Prefect starts
+    prefect_defaults()
     sys.path.insert(0, str(Path.cwd()))
     from flows.pipeline import finetune
 
-    result = finetune(params_file=str(params), overrides=list(set_ or []))
+    _quiet_expected_tracebacks()
+    result = finetune(params_file=str(params), overrides=list(set_ or []), allow_dirty=allow_dirty)
     typer.echo(result["summary_text"])
 
 

@@ -21,7 +21,7 @@ PACKAGES = ("torch", "transformers", "peft", "datasets", "mlflow", "prefect", "d
 
 def _git(root: Path, *args: str) -> str:
     out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=False)
-    return out.stdout.strip() if out.returncode == 0 else ""
+    return out.stdout.rstrip("\n") if out.returncode == 0 else ""
 
 
 def git_state(root: Path) -> dict[str, Any]:

@@ -16,6 +16,10 @@ from loraops.registry import RegistryError
 STAGES = ("prepare", "train", "evaluate")
 
 
+class StageError(RuntimeError):
+    """A DVC stage failed; its command already printed why."""
+
+
 def write_params(params_file: str, overrides: list[str], root: Path = Path(".")) -> Params:
     """Validate, then record the run's params in ``params.yaml`` for DVC (as ``dvc exp run -S`` does).
 
@@ -52,8 +56,13 @@ def reproduce_stage(stage: str, root: Path = Path(".")) -> bool:
     bindir = str(Path(sys.executable).parent)
     if bindir not in os.environ.get("PATH", "").split(os.pathsep):
         os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
-    with Repo(str(root)) as repo:
-        ran = repo.reproduce(targets=[stage])
+    from dvc.exceptions import DvcException
+
+    try:
+        with Repo(str(root)) as repo:
+            ran = repo.reproduce(targets=[stage])
+    except DvcException as exc:
+        raise StageError(f"stage {stage} failed: {exc} (the stage's own error is printed above)") from None
     return any(getattr(s, "addressing", str(s)).endswith(stage) for s in ran or [])
 
 
