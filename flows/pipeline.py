@@ -20,6 +20,22 @@ from loraops.train import ADAPTER_DIR, TRAIN_LOG
 ROOT = Path(".")
 
 
+def _io_failure(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry only what I/O can fix (tracking server, artifact store, network), never logic errors."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        state.result()
+    except (MlflowException, OSError, ConnectionError, TimeoutError):
+        return True
+    except BaseException:
+        return False
+    return False
+
+
+IO_RETRIES = {"retries": 3, "retry_delay_seconds": [2, 5, 10], "retry_condition_fn": _io_failure}
+
+
 @task(name="params")
 def resolve_params(params_file: str, overrides: list[str]) -> Params:
     return pipeline.write_params(params_file, overrides, ROOT)
@@ -40,7 +56,7 @@ def evaluate() -> bool:
     return pipeline.reproduce_stage("evaluate", ROOT)
 
 
-@task(name="log-run", retries=3, retry_delay_seconds=[2, 5, 10])
+@task(name="log-run", **IO_RETRIES)
 def log_run(run_id: str) -> dict[str, Any]:
     import json
 
@@ -51,7 +67,7 @@ def log_run(run_id: str) -> dict[str, Any]:
     return summary
 
 
-@task(name="register", retries=3, retry_delay_seconds=[2, 5, 10])
+@task(name="register", **IO_RETRIES)
 def register(params: Params, run_id: str, allow_dirty: bool) -> dict[str, Any]:
     location = base_location(params.model, ROOT)
     card = lineage.card(params, ROOT, location, ROOT / ADAPTER_DIR, run_id,

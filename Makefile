@@ -1,0 +1,45 @@
+# `make run`: the whole loop on the offline embedded default. `make test`: every test tier CI can run.
+# Both create .venv and install with the pinned constraints first when needed.
+VENV    ?= .venv
+PYTHON  ?= python3
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed-stamp
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+export DO_NOT_TRACK ?= 1
+
+.PHONY: install run test test-fast data ui-prefect ui-mlflow bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0          # the CPU wheel here; see README for CUDA
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
+	touch $@
+
+data: install
+	@test -f data/raw/interior_qa.csv || dvc pull -q data/raw/interior_qa.csv.dvc
+
+run: data
+	HF_HUB_OFFLINE=$${HF_HUB_OFFLINE:-1} loraops run
+
+test: install
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+test-fast: install
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow and not integration"
+
+ui-mlflow: install
+	mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --host 127.0.0.1 --port 5000
+
+ui-prefect: install
+	prefect server start --host 127.0.0.1 --port 4200
+
+bench: install
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/train_throughput.py --quick
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/eval_throughput.py
+
+clean:
+	rm -rf data/prepared models metrics reports
