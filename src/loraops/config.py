@@ -236,7 +236,9 @@ def _format_error(error: dict[str, Any]) -> str:
     ctx = error.get("ctx") or {}
     for op, word in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<=")):
         if op in ctx and error["type"] in {"greater_than", "greater_than_equal", "less_than", "less_than_equal"}:
-            message = f"must be {word} {ctx[op]}"
+            message = f"must be {word} {ctx[op]:g}" if isinstance(ctx[op], float) else f"must be {word} {ctx[op]}"
+    if error["type"] == "literal_error":
+        message = f"must be one of {message.removeprefix('Input should be ')}"
     return f"{key} {message}, got {error.get('input')!r}"
 
 

@@ -185,6 +185,12 @@ def self_test(pack: MetricPack) -> list[dict[str, Any]]:
     return rows
 
 
+def _key_of(column: str) -> str:
+    if column.startswith("bertscore"):
+        return "eval.bertscore_model (and eval.bertscore_layer)"
+    return "eval.cosine_model" if column == "cosine" else "eval.metrics"
+
+
 def check(pack: MetricPack) -> list[dict[str, Any]]:
     """Run the self-test and raise on the first failure.
 
@@ -197,6 +203,6 @@ def check(pack: MetricPack) -> list[dict[str, Any]]:
         first = failed[0]
         raise MetricError(
             f"metric self-test failed: {first['metric']} on probe {first['probe']} (value {first['value']}); "
-            f"{len(failed)} probe(s) failed. Check eval.{first['metric'].split('_')[0]}_model or drop it from eval.metrics"
+            f"{len(failed)} probe(s) failed. Check {_key_of(first['metric'])} or drop the metric from eval.metrics"
         )
     return rows

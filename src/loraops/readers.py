@@ -155,11 +155,9 @@ def read_wide(path: Path, cfg: DataSection) -> tuple[list[QARecord], str]:
     questions = sorted(c for c in header if c.startswith(cfg.question_prefix))
     answers = sorted(c for c in header if c.startswith(cfg.answer_prefix))
     _require(path, header, [cfg.id_column or "id"])
-    if not questions or not answers:
-        raise DataError(
-            f"{path}: missing column(s): need {cfg.question_prefix}1.. and {cfg.answer_prefix}1.. "
-            f"(data.question_prefix / data.answer_prefix); found {', '.join(header)}"
-        )
+    for found, prefix, key in ((questions, cfg.question_prefix, "question_prefix"), (answers, cfg.answer_prefix, "answer_prefix")):
+        if not found:
+            raise DataError(f"{path}: missing column(s) {prefix}1, {prefix}2, … (data.{key}); found {', '.join(header)}")
     if not rows:
         raise DataError(f"{path}: header only, no data rows")
     records = []

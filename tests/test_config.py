@@ -1,0 +1,60 @@
+"""params.yaml and dvc.yaml checked against the code; every config error names its key."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from conftest import REPO
+from loraops.config import ConfigError, Params, load_params, parse_override
+
+
+def test_params_yaml_loads_and_matches_defaults_shape():
+    params = load_params(REPO / "params.yaml")
+    assert isinstance(params, Params)
+    assert set(yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))) == set(Params.model_fields)
+
+
+def test_overrides_are_typed():
+    params = load_params(REPO / "params.yaml", ["train.learning_rate=1e-4", "lora.r=8", "data.format=qa",
+                                                "lora.target_modules=[q_proj, v_proj]"])
+    assert params.train.learning_rate == pytest.approx(1e-4)
+    assert params.lora.r == 8 and params.data.format == "qa"
+    assert params.lora.target_modules == ["q_proj", "v_proj"]
+
+
+def test_all_errors_at_once_each_naming_its_key():
+    with pytest.raises(ConfigError) as err:
+        load_params(REPO / "params.yaml", ["train.learning_rate=-1", "lora.r=0", "data.format=xml"])
+    text = str(err.value)
+    assert "train.learning_rate must be > 0, got -1" in text
+    assert "lora.r must be > 0, got 0" in text
+    assert "data.format" in text and "xml" in text
+
+
+def test_misspelt_key_gets_a_suggestion():
+    with pytest.raises(ConfigError, match=r"train.lerning_rate: unknown key \(did you mean train.learning_rate\?\)"):
+        load_params(REPO / "params.yaml", ["train.lerning_rate=0.1"])
+
+
+def test_missing_params_file_and_bad_override(tmp_path):
+    with pytest.raises(ConfigError, match="params file not found"):
+        load_params(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="dotted.key=value"):
+        parse_override("train.learning_rate")
+
+
+def test_dvc_stages_match_cli_commands_and_params_sections():
+    from loraops.cli import app
+
+    dvc = yaml.safe_load((REPO / "dvc.yaml").read_text(encoding="utf-8"))
+    commands = {c.name or c.callback.__name__ for c in app.registered_commands}
+    sections = set(Params.model_fields)
+    assert list(dvc["stages"]) == ["prepare", "train", "evaluate"]
+    for name, stage in dvc["stages"].items():
+        assert stage["cmd"] == f"loraops {name}" and name in commands
+        for param in stage["params"]:
+            section, *rest = param.split(".")
+            assert section in sections, param
+        for dep in stage["deps"]:
+            assert dep.startswith("${") or (REPO / dep).exists() or dep.startswith(("data/prepared", "models/")), dep

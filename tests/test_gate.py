@@ -1,0 +1,55 @@
+"""The promotion decision is a pure function of two score tables and the policy."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from loraops.config import GatePolicy
+from loraops.gate import decide
+
+
+def _table(scores, categories=None):
+    n = len(scores)
+    return pd.DataFrame({"question": [f"q{i}" for i in range(n)], "reference": [f"r{i}" for i in range(n)],
+                         "category": categories or ["a"] * n, "score": scores})
+
+
+POLICY = GatePolicy(metric="cosine", min_gain=0.01, max_category_regression=0.05, min_test_size=4)
+
+
+def test_gain_promotes_with_reasons():
+    d = decide(_table([0.8] * 6), _table([0.6] * 6), POLICY, "production v1")
+    assert d.promote and d.figures["gain"] == 0.2 and "≥ minimum" in d.reasons[0]
+
+
+def test_too_small_gain_is_refused():
+    d = decide(_table([0.605] * 6), _table([0.6] * 6), POLICY, "production v1")
+    assert not d.promote and "below the minimum" in d.reasons[0]
+
+
+def test_slice_regression_is_refused_even_with_overall_gain():
+    cats = ["a"] * 5 + ["b"] * 5
+    cand = _table([0.9] * 5 + [0.5] * 5, cats)
+    ref = _table([0.5] * 5 + [0.6] * 5, cats)
+    d = decide(cand, ref, POLICY, "production v1", min_slice=5)
+    assert not d.promote
+    assert any("category b regresses by 0.1000" in r for r in d.reasons)
+
+
+def test_too_few_questions_is_refused():
+    d = decide(_table([0.9] * 3), _table([0.1] * 3), POLICY, "production v1")
+    assert not d.promote and "only 3 shared test questions" in d.reasons[0]
+
+
+def test_only_shared_questions_count():
+    cand, ref = _table([0.9] * 6), _table([0.1] * 6)
+    ref["question"] = [f"other{i}" for i in range(6)]
+    assert decide(cand, ref, POLICY, "production v1").figures["shared_questions"] == 0
+
+
+def test_no_production_compares_with_base_and_significance():
+    policy = POLICY.model_copy(update={"require_significance": True})
+    noisy = decide(_table([0.7, 0.5, 0.7, 0.5, 0.62, 0.58]), _table([0.6] * 6), policy, "base model (no production yet)")
+    assert not noisy.promote and any("includes 0" in r for r in noisy.reasons)
+    clear = decide(_table([0.8, 0.82, 0.79, 0.81, 0.8, 0.83]), _table([0.6] * 6), policy, "base model (no production yet)")
+    assert clear.promote and clear.against.startswith("base model")
