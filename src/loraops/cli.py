@@ -221,3 +221,5 @@ def deploy(params: Path = ParamsOpt) -> None:
 
 def main() -> None:  # pragma: no cover - console entry
     app()
+if __name__ == "__main__":
+    main()

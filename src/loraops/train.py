@@ -83,7 +83,7 @@ def training_args(cfg: TrainSection, seed: int, device: str, out_dir: Path, has_
         bf16=bf16,
         use_cpu=device == "cpu",
         optim="adamw_torch_fused" if device == "cuda" else "adamw_torch",
-        gradient_checkpointing=cfg.gradient_checkpointing,
+        activation_checkpointing=cfg.gradient_checkpointing,
         dataloader_num_workers=cfg.dataloader_workers,
         remove_unused_columns=False,
         report_to="none",

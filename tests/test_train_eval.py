@@ -1,0 +1,108 @@
+"""Training and evaluation on a tiny locally built Llama: adapter, packing, determinism, generation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import REPO
+from loraops import data, evaluate, train
+from loraops.config import load_params
+from loraops.model import ModelError, load_base, load_tokenizer
+from loraops.train import collator, tokenize_pair
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    from conftest import tiny_overrides
+
+    root = tmp_path_factory.mktemp("stage")
+    params = load_params(REPO / "params.yaml", tiny_overrides(f"data.path={REPO / 'data/raw/interior_qa.csv'}"))
+    data.run(params, root)
+    figures = train.run(params, root)
+    return params, root, figures
+
+
+def test_adapter_saved_as_safetensors_with_curves(trained):
+    params, root, figures = trained
+    adapter = root / "models/adapter"
+    assert (adapter / "adapter_model.safetensors").exists() and (adapter / "adapter_config.json").exists()
+    assert figures["steps"] == params.train.max_steps and figures["device"] == "cpu"
+    log = (root / "metrics/train_log.csv").read_text().splitlines()
+    assert log[0] == "step,train_loss,val_loss,learning_rate" and len(log) > 2
+    assert json.loads((root / "metrics/train.json").read_text())["adapter_sha256"] == figures["adapter_sha256"]
+
+
+def test_training_is_bit_identical_on_cpu(trained, tmp_path):
+    params, root, figures = trained
+    data.run(params, tmp_path)
+    assert train.run(params, tmp_path)["adapter_sha256"] == figures["adapter_sha256"]
+
+
+def test_labels_mask_the_prompt(trained):
+    params, root, _ = trained
+    tok = load_tokenizer(str(root / "models/base"), params.model)
+    item = tokenize_pair(tok, "질문: 벽지?\n답변: ", "습기입니다.", 96)
+    answer_len = len(tok("습기입니다.", add_special_tokens=False)["input_ids"]) + 1
+    assert item["labels"][-answer_len:] == item["input_ids"][-answer_len:]
+    assert set(item["labels"][:-answer_len]) == {-100}
+
+
+def test_packed_loss_equals_padded_loss(trained):
+    """Padding-free packing must compute the same loss as the padded batch (no cross-sequence attention)."""
+    params, root, _ = trained
+    tok = load_tokenizer(str(root / "models/base"), params.model)
+    model = load_base(str(root / "models/base"), params.model, "cpu").eval()
+    rows = data.load_split("train", root)[:6]
+    items = [tokenize_pair(tok, r["prompt"], r["answer"], 96) for r in rows]
+    with torch.no_grad():
+        packed = model(**collator(tok, packing=True)([dict(i) for i in items])).loss
+        padded_batch = collator(tok, packing=False)([dict(i) for i in items])
+        padded = model(**padded_batch).loss
+    assert packed.item() == pytest.approx(padded.item(), rel=1e-4)
+
+
+def test_evaluate_writes_report_table_and_metrics(trained):
+    params, root, _ = trained
+    summary = evaluate.run(params, root)
+    assert summary["n"] == params.eval.max_samples
+    assert set(summary["metrics"]) == {"bertscore_p", "bertscore_r", "bertscore_f1", "cosine", "chrf", "rouge_l",
+                                       "exact_match", "token_f1"}
+    assert (root / "reports/eval.md").read_text(encoding="utf-8").startswith("# Evaluation: base vs tuned")
+    assert (root / "reports/plots/score_hist.png").exists()
+    table = evaluate.read_table(root)
+    assert {"question", "reference", "base_answer", "tuned_answer", "tuned_cosine"} <= set(table.columns)
+    assert set(summary["slices"]["category"]) == set(table["category"])
+
+
+def test_base_answers_equal_a_freshly_loaded_base(trained):
+    """Disabling the adapter (evaluate's base path) must answer exactly as the untouched base model."""
+    params, root, _ = trained
+    model, tok = evaluate.load_tuned(params, root / "models/adapter", "cpu", root)
+    prompts = [r["prompt"] for r in data.load_split("test", root)[:4]]
+    with model.disable_adapter():
+        via_adapter = evaluate.generate(model, tok, prompts, params.eval, "cpu", progress=False)
+    fresh = load_base(str(root / "models/base"), params.model, "cpu")
+    assert evaluate.generate(fresh, tok, prompts, params.eval, "cpu", progress=False) == via_adapter
+
+
+def test_batched_generation_equals_one_at_a_time(trained):
+    params, root, _ = trained
+    model, tok = evaluate.load_tuned(params, root / "models/adapter", "cpu", root)
+    prompts = sorted({r["prompt"] for r in data.load_split("test", root)})[:5]
+    batched = evaluate.generate(model, tok, prompts, params.eval, "cpu", progress=False)
+    single = evaluate.generate(model, tok, prompts, params.eval.model_copy(update={"batch_size": 1}), "cpu", progress=False)
+    assert batched == single
+
+
+def test_qlora_on_cpu_is_a_clear_error(tiny_params):
+    with pytest.raises(ModelError, match="train.quantization=4bit .* needs a CUDA GPU"):
+        load_base("unused", tiny_params.model, "cpu", quantization="4bit")
+
+
+def test_stop_strings_cut_answers():
+    assert evaluate.clean_answer(" 습기입니다.\n질문: 다음", ["\n질문:"]) == "습기입니다."
