@@ -74,4 +74,5 @@ def workspace(tmp_path, monkeypatch):
     """An isolated project copy (tiny settings) as the working directory."""
     root = make_workspace(tmp_path / "ws", tiny_overrides())
     monkeypatch.chdir(root)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # mlflow exports the last URI it was given
     return root

@@ -58,7 +58,7 @@ def register(params: Params, run_id: str, adapter_dir: Path, base_location: str,
     client, name = _client(), params.registry.model_name
     existing = _versions(client, name, f"tags.`{SHA_TAG}` = '{adapter_sha}'")
     if existing:
-        version = existing[0].version
+        version = str(existing[0].version)
         client.set_registered_model_alias(name, "candidate", version)
         return {"name": name, "version": version, "reused": True}
     spec_dir = adapter_dir.parent / ".pyfunc-spec"
@@ -77,7 +77,7 @@ def register(params: Params, run_id: str, adapter_dir: Path, base_location: str,
         )
     version = mlflow.register_model(info.model_uri, name, tags={SHA_TAG: adapter_sha, **_lineage_tags(lineage)})
     client.set_registered_model_alias(name, "candidate", version.version)
-    return {"name": name, "version": version.version, "reused": False}
+    return {"name": name, "version": str(version.version), "reused": False}
 
 
 def _requirements() -> list[str]:
@@ -206,6 +206,11 @@ def promote(name: str, version: str | None, params: Params, force: bool = False,
     client = _client()
     with _lock(name):
         mv = resolve(client, name, version=version, alias=None if version else "candidate")
+        previous = _alias_version(client, name, "production")
+        if previous == str(mv.version):
+            decision = Decision(True, [f"v{previous} is already production; nothing to move"], f"production v{previous}")
+            return {"name": name, "version": previous, "previous": previous, "promoted": True, "forced": False,
+                    "reason": reason, "decision": decision.to_dict()}
         policy = params.registry.gate
         candidate = eval_table(client, mv)
         if f"tuned_{policy.metric}" not in candidate.columns:
@@ -213,13 +218,13 @@ def promote(name: str, version: str | None, params: Params, force: bool = False,
         reference, against = _reference_scores(client, name, candidate, params, policy.metric)
         decision = decide(scores_from_table(candidate, f"tuned_{policy.metric}"), reference, policy, against,
                           params.eval.bootstrap_samples, params.base.seed, params.eval.min_slice_size)
-        previous = _alias_version(client, name, "production")
         moved = decision.promote or force
-        if moved and previous != mv.version:
-            _move_production(client, name, mv.version, previous)
-        result = {"name": name, "version": mv.version, "previous": previous, "promoted": moved,
+        target = str(mv.version)
+        if moved and previous != target:
+            _move_production(client, name, target, previous)
+        result = {"name": name, "version": target, "previous": previous, "promoted": moved,
                   "forced": force and not decision.promote, "reason": reason, "decision": decision.to_dict()}
-        audit(client, name, "promote" if moved else "refuse", previous, mv.version if moved else previous, result)
+        audit(client, name, "promote" if moved else "refuse", previous, target if moved else previous, result)
         return result
 
 
@@ -246,7 +251,7 @@ def rollback(name: str, params: Params) -> dict[str, Any]:
 
 def _alias_version(client: mlflow.MlflowClient, name: str, alias: str) -> str | None:
     try:
-        return client.get_model_version_by_alias(name, alias).version
+        return str(client.get_model_version_by_alias(name, alias).version)
     except MlflowException:
         return None
 

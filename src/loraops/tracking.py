@@ -15,12 +15,16 @@ from mlflow.entities import Metric, Param
 DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
 ARTIFACT_ROOT = "mlruns/artifacts"
 _BATCH = 900  # MLflow accepts up to 1000 metrics per log_batch
+_USER_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
 
 
 def tracking_setup(root: Path = Path(".")) -> str:
-    """Point MLflow at ``MLFLOW_TRACKING_URI`` or the local sqlite store under ``mlruns/``."""
-    os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
-    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    """Point MLflow at ``MLFLOW_TRACKING_URI`` (as set by the user) or the local sqlite store under ``mlruns/``.
+
+    MLflow exports the URI it is given to the environment; the user's own value is remembered at import,
+    so a later call in another directory does not inherit a store chosen for the previous one.
+    """
+    uri = _USER_TRACKING_URI
     if not uri:
         (root / "mlruns").mkdir(exist_ok=True)
         uri = f"sqlite:///{(root / 'mlruns' / 'mlflow.db').resolve()}"

@@ -1,0 +1,91 @@
+"""The whole loop through Prefect, DVC and MLflow in an isolated workspace (integration tier)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def loraops(*args: str) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "loraops.cli", *args], capture_output=True, text=True, timeout=900)
+    return result
+
+
+def _client():
+    import mlflow
+
+    from loraops.tracking import tracking_setup
+
+    tracking_setup()
+    return mlflow.MlflowClient()
+
+
+def test_finetune_registers_promotes_skips_and_serves(workspace):
+    first = loraops("run")
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert "registered interior-qa-lora v1" in first.stdout and "PROMOTED" in first.stdout
+
+    client = _client()
+    experiment = client.get_experiment_by_name("interior-qa-lora")
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["prefect.flow_run_id"] and run.data.tags["dvc.train"] == "ran"
+    assert float(run.data.params["train.learning_rate"]) == 0.002
+    assert "eval/cosine/tuned" in run.data.metrics and "eval/bertscore_f1/delta" in run.data.metrics
+    curve = client.get_metric_history(run.info.run_id, "train/train_loss")
+    assert len(curve) >= 2 and curve[0].step < curve[-1].step
+    lineage = json.loads((workspace / "mlruns").joinpath("artifacts").exists() and
+                         open(client.download_artifacts(run.info.run_id, "lineage.json")).read())
+    assert lineage["git_commit"] and lineage["git_dirty"] is False and lineage["mlflow_run_id"] == run.info.run_id
+    assert lineage["base_revision"].startswith("sha256:") and lineage["params"]["lora"]["r"] == 4
+    assert str(client.get_model_version_by_alias("interior-qa-lora", "production").version) == "1"
+
+    again = loraops("run")
+    assert again.returncode == 0, again.stderr[-3000:]
+    runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"])
+    assert runs[0].data.tags["dvc.train"] == "skipped" and runs[0].data.tags["dvc.evaluate"] == "skipped"
+    assert len(client.search_model_versions("name = 'interior-qa-lora'")) == 1  # same adapter: not registered twice
+
+    # a fresh process loads the production model and answers exactly as evaluate's tuned answers
+    probe = (
+        "import mlflow, pandas as pd, json;"
+        "from loraops.tracking import tracking_setup; tracking_setup();"
+        "m = mlflow.pyfunc.load_model('models:/interior-qa-lora@production');"
+        "t = pd.read_csv('reports/eval_questions.csv', keep_default_na=False).drop_duplicates('question').head(8);"
+        "print(json.dumps([list(t.tuned_answer), m.predict(list(t.question))], ensure_ascii=False))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, check=True)
+    expected, answered = json.loads(out.stdout.strip().splitlines()[-1])
+    assert answered == expected
+
+    asked = loraops("ask", "벽지 곰팡이 문제는 어떻게 해결하나요?")
+    assert asked.returncode == 0 and asked.stdout.strip() == subprocess.run(
+        [sys.executable, "-c", probe.replace("list(t.question)", "['벽지 곰팡이 문제는 어떻게 해결하나요?']")],
+        capture_output=True, text=True, timeout=300).stdout.strip().splitlines()[-1].split('], [')[-1].strip('[]"')
+
+
+def test_promote_refuses_worse_and_rollback_restores(workspace):
+    assert loraops("run").returncode == 0
+    worse = loraops("run", "--set", "train.learning_rate=1e-5", "--set", "registry.auto_promote=false")
+    assert worse.returncode == 0, worse.stderr[-3000:]
+    refused = loraops("promote", "--json")
+    assert refused.returncode == 1
+    decision = json.loads(refused.stdout)
+    assert decision["promoted"] is False and decision["version"] == "2" and decision["previous"] == "1"
+    assert any("below the minimum" in r or "regresses" in r for r in decision["decision"]["reasons"])
+
+    forced = loraops("promote", "--version", "2", "--force", "--reason", "test rollback path")
+    assert forced.returncode == 0 and "FORCED" in forced.stdout
+    back = loraops("rollback")
+    assert back.returncode == 0 and "v2 → v1" in back.stdout
+
+    from loraops.registry import audit_trail
+
+    actions = [(a["action"], a["from"], a["to"]) for a in audit_trail("interior-qa-lora")]
+    assert actions == [("promote", "None", "1"), ("refuse", "1", "1"), ("promote", "1", "2"), ("rollback", "2", "1")]
+    assert str(_client().get_model_version_by_alias("interior-qa-lora", "production").version) == "1"
