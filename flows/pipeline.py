@@ -1,7 +1,13 @@
-"""The `finetune` flow: DVC stages prepare → train → evaluate, one MLflow run, registration, the gate."""
+"""The `finetune` flow: DVC stages prepare → train → evaluate, one MLflow run, registration, the gate.
+
+Wiring only: every step calls loraops code. Runs started from a deployment work in their own git
+worktree (shared DVC cache), so concurrent runs never touch each other's params, outputs or adapters.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -12,12 +18,12 @@ from prefect.runtime import deployment, flow_run
 
 from loraops import lineage, pipeline, registry, tracking
 from loraops.cli import headline
-from loraops.config import Params
+from loraops.config import DataSection, EvalSection, LoraSection, ModelSection, Params, RegistrySection, TrainSection
 from loraops.model import base_location
 from loraops.report import flat_metrics
 from loraops.train import ADAPTER_DIR, TRAIN_LOG
 
-ROOT = Path(".")
+REPO = Path(".")  # the project checkout the flow was started in; MLflow's local store lives here
 
 
 def _io_failure(task: Any, task_run: Any, state: Any) -> bool:
@@ -37,46 +43,46 @@ IO_RETRIES = {"retries": 3, "retry_delay_seconds": [2, 5, 10], "retry_condition_
 
 
 @task(name="params")
-def resolve_params(params_file: str, overrides: list[str]) -> Params:
-    return pipeline.write_params(params_file, overrides, ROOT)
+def resolve_params(work: Path, params_file: str, overrides: list[str]) -> Params:
+    return pipeline.write_params(params_file, overrides, work)
 
 
 @task(name="prepare")
-def prepare() -> bool:
-    return pipeline.reproduce_stage("prepare", ROOT)
+def prepare_stage(work: Path) -> bool:
+    return pipeline.reproduce_stage("prepare", work)
 
 
-@task(name="train", tags=["gpu"])
-def train() -> bool:
-    return pipeline.reproduce_stage("train", ROOT)
+@task(name="train")
+def train_stage(work: Path) -> bool:
+    with pipeline.gpu_slot():
+        return pipeline.reproduce_stage("train", work)
 
 
-@task(name="evaluate", tags=["gpu"])
-def evaluate() -> bool:
-    return pipeline.reproduce_stage("evaluate", ROOT)
+@task(name="evaluate")
+def evaluate_stage(work: Path) -> bool:
+    with pipeline.gpu_slot():
+        return pipeline.reproduce_stage("evaluate", work)
 
 
 @task(name="log-run", **IO_RETRIES)
-def log_run(run_id: str) -> dict[str, Any]:
-    import json
-
-    summary = json.loads((ROOT / "metrics/eval.json").read_text(encoding="utf-8"))
+def log_run(work: Path, run_id: str) -> dict[str, Any]:
+    summary = json.loads((work / "metrics/eval.json").read_text(encoding="utf-8"))
     with mlflow.start_run(run_id=run_id):
-        tracking.log_curves(run_id, ROOT / TRAIN_LOG)
-        tracking.log_eval(run_id, ROOT, flat_metrics(summary))
+        tracking.log_curves(run_id, work / TRAIN_LOG)
+        tracking.log_eval(run_id, work, flat_metrics(summary))
     return summary
 
 
 @task(name="register", **IO_RETRIES)
-def register(params: Params, run_id: str, allow_dirty: bool) -> dict[str, Any]:
-    location = base_location(params.model, ROOT)
-    card = lineage.card(params, ROOT, location, ROOT / ADAPTER_DIR, run_id,
+def register(work: Path, params: Params, run_id: str, allow_dirty: bool) -> dict[str, Any]:
+    location = base_location(params.model, work)
+    card = lineage.card(params, work, location, work / ADAPTER_DIR, run_id,
                         {"id": flow_run.id, "deployment": deployment.name})
     pipeline.check_clean(card, allow_dirty)
     with mlflow.start_run(run_id=run_id):
         mlflow.set_tags(lineage.card_tags(card))
         mlflow.log_dict(card, "lineage.json")
-    return registry.register(params, run_id, ROOT / ADAPTER_DIR, location, card["adapter_sha256"], card)
+    return registry.register(params, run_id, work / ADAPTER_DIR, location, card["adapter_sha256"], card)
 
 
 @task(name="gate")
@@ -84,29 +90,55 @@ def gate(params: Params, version: str) -> dict[str, Any]:
     return registry.promote(params.registry.model_name, version, params)
 
 
-@flow(name="finetune", log_prints=True)
-def finetune(params_file: str = "params.yaml", overrides: list[str] | None = None, allow_dirty: bool = False) -> dict[str, Any]:
-    """Fine-tune, evaluate and register a LoRA adapter; promote it when the gate passes and auto_promote is on."""
-    params = resolve_params(params_file, list(overrides or []))
-    uri = tracking.tracking_setup(ROOT)
-    experiment = tracking.experiment_for(params.registry.model_name, ROOT)
+@flow(name="finetune", log_prints=True, validate_parameters=True)
+def finetune(
+    data: DataSection | None = None,
+    model: ModelSection | None = None,
+    lora: LoraSection | None = None,
+    train: TrainSection | None = None,
+    eval: EvalSection | None = None,  # noqa: A002 - the params.yaml section name
+    registry: RegistrySection | None = None,
+    params_file: str = "params.yaml",
+    overrides: list[str] | None = None,
+    allow_dirty: bool = False,
+    isolate: bool | None = None,
+) -> dict[str, Any]:
+    """Fine-tune, evaluate and register a LoRA adapter; promote it when the gate passes and auto_promote is on.
+
+    The sections mirror params.yaml (a deployment's defaults are its current values); a value that differs
+    from the file becomes a `--set`-style override, as do the entries of ``overrides``. ``isolate`` runs in
+    a fresh git worktree (default: yes when started from a deployment, no from `loraops run`).
+    """
+    sections = {"data": data, "model": model, "lora": lora, "train": train, "eval": eval, "registry": registry}
+    form = pipeline.section_overrides(REPO / params_file, {k: v for k, v in sections.items() if v is not None})
+    isolate = deployment.id is not None if isolate is None else isolate
+    data_path = data.path if data else pipeline.load_params(REPO / params_file, list(overrides or [])).data.path
+    with (pipeline.isolated_workspace(REPO, str(flow_run.id), data_path) if isolate else contextlib.nullcontext(REPO)) as work:
+        return _finetune(Path(work), params_file, form + list(overrides or []), allow_dirty)
+
+
+def _finetune(work: Path, params_file: str, overrides: list[str], allow_dirty: bool) -> dict[str, Any]:
+    params = resolve_params(work, params_file, overrides)
+    pipeline.ensure_gpu_limit()
+    uri = tracking.tracking_setup(REPO)
+    experiment = tracking.experiment_for(params.registry.model_name, REPO)
     tags = {"prefect.flow_run_id": str(flow_run.id), "prefect.flow_run_name": str(flow_run.name),
-            "prefect.deployment": str(deployment.name)}
+            "prefect.deployment": str(deployment.name), "loraops.workspace": str(work.resolve())}
     with mlflow.start_run(experiment_id=experiment, run_name=tracking.run_name(params), tags=tags) as run:
         tracking.log_params(params)
-        ran = {"prepare": prepare(), "train": train(), "evaluate": evaluate()}
+        ran = {"prepare": prepare_stage(work), "train": train_stage(work), "evaluate": evaluate_stage(work)}
         mlflow.set_tags({f"dvc.{stage}": "ran" if did else "skipped" for stage, did in ran.items()})
     run_id = run.info.run_id
     try:
-        summary = log_run(run_id)
-        registered = register(params, run_id, allow_dirty)
+        summary = log_run(work, run_id)
+        registered = register(work, params, run_id, allow_dirty)
         decision = gate(params, registered["version"]) if params.registry.auto_promote else None
     except BaseException:
         mlflow.MlflowClient().set_terminated(run_id, "FAILED")
         raise
     markdown = pipeline.summary_markdown(params, summary, run_id, uri, registered, decision, ran)
     create_markdown_artifact(markdown, key="finetune-summary", description="base vs tuned, registration, gate")
-    create_table_artifact(pipeline.top_losses(ROOT, params.registry.gate.metric), key="tuned-biggest-losses",
+    create_table_artifact(pipeline.top_losses(work, params.registry.gate.metric), key="tuned-biggest-losses",
                           description="10 questions where tuned lost most to base")
     text = headline(summary) + f"\nMLflow run {run_id}; registered {registered['name']} v{registered['version']}"
     if decision is not None:

@@ -201,10 +201,10 @@ def ask(question: Optional[str] = typer.Argument(None),
 def reproduce(ref: str = typer.Argument(..., help="MLflow run id, models:/name/version or models:/name@alias."),
               as_json: bool = typer.Option(False, "--json"), params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt) -> None:
     """Rebuild a run's inputs in an isolated worktree, retrain, re-evaluate and compare."""
-    from loraops import lineage
+    from loraops import reproduce as reproducer
 
-    report = lineage.reproduce(ref, _params(params, set_))
-    typer.echo(json.dumps(report, ensure_ascii=False, indent=2) if as_json else lineage.describe(report))
+    report = reproducer.reproduce(ref, _params(params, set_))
+    typer.echo(json.dumps(report, ensure_ascii=False, indent=2) if as_json else reproducer.describe(report))
     if not report["reproduced"]:
         raise typer.Exit(1)
 

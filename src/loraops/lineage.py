@@ -77,7 +77,8 @@ def card(params: Params, root: Path, base_location: str, adapter_dir: Path, mlfl
     data_files = {}
     for path in [root / params.data.path, *sorted((root / "data/prepared").glob("*"))]:
         if path.is_file():
-            data_files[str(path.relative_to(root))] = _md5(path)
+            key = params.data.path if path == root / params.data.path else str(path.relative_to(root))
+            data_files[key] = _md5(path)
     lock = root / "dvc.lock"
     return {
         **git_state(root),

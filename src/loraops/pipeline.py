@@ -5,10 +5,11 @@ Kept here, not in flows/, so the flow file is wiring only and the same steps are
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from loraops.config import DEFAULT_PARAMS, ConfigError, Params, load_params, parse_override
 from loraops.registry import RegistryError
@@ -46,6 +47,87 @@ def write_params(params_file: str, overrides: list[str], root: Path = Path("."))
     return params
 
 
+def section_overrides(params_file: Path, sections: dict[str, Any]) -> list[str]:
+    """``dotted.key=value`` overrides for every form value that differs from the params file.
+
+    The Prefect form sends whole sections (pydantic models); only real changes become overrides, so a
+    run from the form records exactly what the user changed, like a CLI run with ``--set``.
+    """
+    import json
+
+    from loraops.config import _flatten
+
+    current = load_params(params_file).model_dump(mode="json")
+    out = []
+    for name, section in sections.items():
+        given = section.model_dump(mode="json") if hasattr(section, "model_dump") else dict(section)
+        before = _flatten(current[name], f"{name}.")
+        for key, value in _flatten(given, f"{name}.").items():
+            if before.get(key) != value:
+                out.append(f"{key}={json.dumps(value, ensure_ascii=False)}")
+    return out
+
+
+GPU_LIMIT = "gpu"
+
+
+def ensure_gpu_limit(slots: int | None = None) -> int:
+    """Create the Prefect global concurrency limit ``gpu`` if missing (slots from LORAOPS_GPU_SLOTS, default 1)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+
+    slots = slots or int(os.environ.get("LORAOPS_GPU_SLOTS", "1"))
+    with get_client(sync_client=True) as client:
+        try:
+            return client.read_global_concurrency_limit_by_name(GPU_LIMIT).limit
+        except Exception:  # ObjectNotFound: create it
+            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=GPU_LIMIT, limit=slots))
+            return slots
+
+
+def gpu_slot() -> Any:
+    """Hold one slot of the ``gpu`` limit: training and generation of concurrent runs take turns."""
+    from prefect.concurrency.sync import concurrency
+
+    return concurrency(GPU_LIMIT, occupy=1, lease_duration=600)
+
+
+@contextlib.contextmanager
+def isolated_workspace(repo: Path, name: str, data_path: str) -> Iterator[Path]:
+    """A git worktree of HEAD for one flow run, sharing the repo's DVC cache; removed afterwards.
+
+    Concurrent runs each get their own params.yaml, dvc.lock and stage outputs; DVC's cache is shared,
+    so unchanged stages and data are not recomputed or copied twice.
+    """
+    import shutil
+    import subprocess
+
+    repo = repo.resolve()
+    tree = repo / ".loraops" / "runs" / name
+    tree.parent.mkdir(parents=True, exist_ok=True)
+    dvc = str(Path(sys.executable).parent / "dvc")
+
+    def sh(*cmd: str, cwd: Path = tree) -> None:
+        out = subprocess.run(list(cmd), cwd=cwd, capture_output=True, text=True)
+        if out.returncode != 0:
+            raise StageError(f"workspace {tree}: {' '.join(cmd[:3])} failed: {out.stderr.strip()[-500:]}")
+
+    sh("git", "worktree", "add", "--detach", str(tree), "HEAD", cwd=repo)
+    try:
+        sh(dvc, "cache", "dir", "--local", str(repo / ".dvc" / "cache"))
+        if (repo / "dvc-remote").is_dir():
+            sh(dvc, "remote", "modify", "--local", "sample", "url", str(repo / "dvc-remote"))
+        if (tree / f"{data_path}.dvc").exists():
+            sh(dvc, "pull", "-q", f"{data_path}.dvc")
+        elif not (tree / data_path).exists() and (repo / data_path).is_file():
+            (tree / data_path).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(repo / data_path, tree / data_path)  # an untracked local file the user pointed at
+        yield tree
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=repo, capture_output=True)
+        shutil.rmtree(tree, ignore_errors=True)
+
+
 def reproduce_stage(stage: str, root: Path = Path(".")) -> bool:
     """Run one DVC stage (and anything stale upstream) with `dvc repro`; return whether it ran.
 
@@ -56,10 +138,13 @@ def reproduce_stage(stage: str, root: Path = Path(".")) -> bool:
     bindir = str(Path(sys.executable).parent)
     if bindir not in os.environ.get("PATH", "").split(os.pathsep):
         os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
+    if (root / "src" / "loraops").is_dir():  # a workspace runs its own checkout's code
+        os.environ["PYTHONPATH"] = str((root / "src").resolve())
     from dvc.exceptions import DvcException
 
     try:
-        with Repo(str(root)) as repo:
+        # DVC resolves stage paths against the working directory, so run it from the workspace root
+        with contextlib.chdir(root), Repo(".") as repo:
             ran = repo.reproduce(targets=[stage])
     except DvcException as exc:
         raise StageError(f"stage {stage} failed: {exc} (the stage's own error is printed above)") from None
@@ -107,4 +192,4 @@ def top_losses(root: Path, metric: str, n: int = 10) -> list[dict[str, Any]]:
              "base": r["base_answer"], "tuned": r["tuned_answer"]} for _, r in worst.iterrows()]
 
 
-__all__ = ["write_params", "reproduce_stage", "check_clean", "summary_markdown", "top_losses", "ConfigError"]
+__all__ = ["write_params", "reproduce_stage", "check_clean", "summary_markdown", "top_losses", "load_params", "ConfigError"]

@@ -1,0 +1,31 @@
+"""Serve the four flows as Prefect deployments named `loraops` against PREFECT_API_URL."""
+
+from __future__ import annotations
+
+from prefect import serve
+
+from flows.pipeline import finetune
+from flows.promote import promote, rollback
+from flows.reproduce import reproduce
+from loraops import pipeline
+from loraops.config import load_params
+
+
+def deployments(params_file: str = "params.yaml") -> list:
+    """The deployments; the finetune form defaults to the sections of the current params file."""
+    params = load_params(params_file)
+    defaults = {name: getattr(params, name).model_dump(mode="json")
+                for name in ("data", "model", "lora", "train", "eval", "registry")}
+    return [
+        finetune.to_deployment(name="loraops", parameters=defaults, tags=["loraops"],
+                               description="prepare → train → evaluate → register → gate"),
+        promote.to_deployment(name="loraops", tags=["loraops"]),
+        rollback.to_deployment(name="loraops", tags=["loraops"]),
+        reproduce.to_deployment(name="loraops", tags=["loraops"]),
+    ]
+
+
+def serve_all(params_file: str = "params.yaml", limit: int | None = None) -> None:
+    """Create the `gpu` concurrency limit if needed, then serve the deployments until interrupted."""
+    pipeline.ensure_gpu_limit()
+    serve(*deployments(params_file), limit=limit)

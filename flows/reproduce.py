@@ -1,0 +1,23 @@
+"""`reproduce` flow: rebuild a run from its lineage card and compare (wrapper over loraops.reproduce)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact
+
+from loraops import reproduce as reproducer
+from loraops.config import load_params
+
+
+@flow(name="reproduce", log_prints=True)
+def reproduce(ref: str, params_file: str = "params.yaml") -> dict[str, Any]:
+    """Retrain and re-evaluate ``ref`` (run id, models:/name/version or models:/name@alias) in an isolated worktree."""
+    report = reproducer.reproduce(ref, load_params(params_file))
+    text = reproducer.describe(report)
+    create_markdown_artifact("```\n" + text + "\n```", key="reproduce-report")
+    print(text)
+    if not report["reproduced"]:
+        raise RuntimeError(f"{ref} was not reproduced: {text.splitlines()[0]}")
+    return report
