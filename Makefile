@@ -25,10 +25,10 @@ data: install
 run: data
 	HF_HUB_OFFLINE=$${HF_HUB_OFFLINE:-1} loraops run
 
-test: install
+test: data
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
-test-fast: install
+test-fast: data
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow and not integration"
 
 ui-mlflow: install
