@@ -42,8 +42,8 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=16, help="sequences per optimiser step (both arms)")
     p.add_argument("--base", default=None, help="base model dir or hub id (default: the tiny base built here)")
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--layers", type=int, default=4, help="tiny-base layers (compute-bound on CPU at the defaults)")
+    p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--peak-tflops", type=float, default=989.0)
     p.add_argument("--arm", choices=["baseline", "loraops"], help=argparse.SUPPRESS)
     p.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
@@ -78,11 +78,11 @@ def _run_arm(a: argparse.Namespace, base: str, rows: list[dict]) -> dict:
     import torch
     from datasets import Dataset
     from peft import get_peft_model
-    from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments, set_seed
 
     from loraops.config import LoraSection, ModelSection, TrainSection
     from loraops.model import load_base, load_tokenizer
-    from loraops.train import collator, lora_config, tokenize_pair, training_args
+    from loraops.train import collator, lora_config, resolve_batching, tokenize_pair, training_args
     from loraops.utils import pick_device
 
     device = pick_device("auto")
@@ -94,10 +94,11 @@ def _run_arm(a: argparse.Namespace, base: str, rows: list[dict]) -> dict:
     items = [tokenize_pair(tok, r["prompt"], r["answer"], 256) for r in rows]
     total = a.steps + a.warmup
     tcfg = TrainSection(max_steps=total, batch_size=a.batch_size, learning_rate=2e-4, warmup_ratio=0.0,
-                        eval_steps=10 ** 6, logging_steps=1, packing=a.arm == "loraops")
+                        eval_steps=10 ** 6, logging_steps=1)
+    batching = resolve_batching(tcfg.batching, device) if a.arm == "loraops" else "padded"
     out = Path(a.workdir) / f"ckpt-{a.arm}"
     if a.arm == "loraops":
-        args = training_args(tcfg, 0, device, out, has_validation=False)
+        args = training_args(tcfg, 0, device, out, has_validation=False, batching=batching)
     else:  # what a plain Trainer + peft script does: defaults, padding collator
         args = TrainingArguments(output_dir=str(out), max_steps=total, per_device_train_batch_size=a.batch_size,
                                  learning_rate=2e-4, logging_steps=1, seed=0, data_seed=0, report_to="none",
@@ -118,7 +119,8 @@ def _run_arm(a: argparse.Namespace, base: str, rows: list[dict]) -> dict:
                 torch.cuda.synchronize()
             steps.append(time.perf_counter() - self.t)
 
-    collate = collator(tok, a.arm == "loraops")
+    collate = collator(tok, batching == "packed") if a.arm == "loraops" else DataCollatorForSeq2Seq(
+        tok, padding=True, label_pad_token_id=-100, return_tensors="pt")
 
     def counting(batch):
         out_batch = collate(batch)
@@ -144,7 +146,7 @@ def _run_arm(a: argparse.Namespace, base: str, rows: list[dict]) -> dict:
     peak = (torch.cuda.max_memory_allocated() if device == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     return {
-        "arm": a.arm, "device": device, "steps": len(timed), "tokens_per_s": counts["tokens"] / seconds,
+        "arm": a.arm, "device": device, "batching": batching, "steps": len(timed), "tokens_per_s": counts["tokens"] / seconds,
         "samples_per_s": counts["samples"] / seconds, "step_p50_ms": 1000 * float(np.percentile(timed, 50)),
         "step_p95_ms": 1000 * float(np.percentile(timed, 95)), "peak_mem_mb": peak / 2 ** 20,
         "pad_fraction": 1 - counts["tokens"] / max(counts["padded"], 1), "mean_loss": float(np.mean(losses)),
@@ -176,6 +178,7 @@ def main(argv: list[str] | None = None) -> None:
             ("peak memory MB", "peak_mem_mb", "{:.0f}"), ("pad fraction", "pad_fraction", "{:.3f}"),
             ("mean loss (timed steps)", "mean_loss", "{:.4f}"), ("MFU", "mfu", "{}")]
     print(f"device {ours['device']}; {ours['steps']} timed steps after {a.warmup} warm-up; batch {a.batch_size} sequences")
+    print(f"baseline: Trainer defaults + padding collator; loraops: train.batching={ours['batching']}")
     print(f"{'':<26}{'hf_trainer':>14}{'loraops':>14}{'ratio':>9}")
     for label, key, fmt in rows:
         b, o = base_r[key], ours[key]

@@ -1,8 +1,11 @@
 """Stage `train`: LoRA/QLoRA on the prepared train split with transformers' Trainer and peft.
 
 Loss is on answer tokens only; validation loss drives early stopping and picks the best checkpoint.
-Packing (``train.packing``) flattens each batch into one padding-free row with per-sequence
-position ids, so no compute is spent on padding.
+``train.batching`` keeps compute off padding: ``packed`` flattens each batch into one row with
+per-sequence position ids (padding-free; pays off with FlashAttention's variable-length kernels on CUDA —
+with SDPA the packed row gets a dense block-diagonal mask whose cost grows with the square of the row,
+which measured slower on CPU); ``length_grouped`` lets Trainer's length-grouped sampler batch sequences
+of similar length, so the padding collator adds little padding.
 """
 
 from __future__ import annotations
@@ -44,6 +47,18 @@ def lora_config(cfg: LoraSection) -> Any:
     )
 
 
+def resolve_batching(requested: str, device: str) -> str:
+    """``auto`` → ``packed`` on CUDA with FlashAttention installed, else ``length_grouped``."""
+    if requested != "auto":
+        return requested
+    if device == "cuda":
+        import importlib.util
+
+        if importlib.util.find_spec("flash_attn") is not None:
+            return "packed"
+    return "length_grouped"
+
+
 def collator(tokenizer: Any, packing: bool) -> Any:
     """Padding-free flattening when packing, else the padding collator (labels padded with -100)."""
     from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
@@ -53,11 +68,18 @@ def collator(tokenizer: Any, packing: bool) -> Any:
     return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100, return_tensors="pt")
 
 
-def training_args(cfg: TrainSection, seed: int, device: str, out_dir: Path, has_validation: bool) -> Any:
+def precision_choice(cfg: TrainSection, device: str) -> tuple[bool, str]:
+    """(bf16?, optimiser): bf16 and fused AdamW on CUDA unless fp32 is asked for; fp32 and AdamW on CPU."""
+    bf16 = device == "cuda" and cfg.precision in ("auto", "bf16")
+    return bf16, "adamw_torch_fused" if device == "cuda" else "adamw_torch"
+
+
+def training_args(cfg: TrainSection, seed: int, device: str, out_dir: Path, has_validation: bool,
+                  batching: str = "padded") -> Any:
     """TrainingArguments from the train section; bf16 on CUDA (unless fp32 is asked for), fp32 on CPU."""
     from transformers import TrainingArguments
 
-    bf16 = device == "cuda" and cfg.precision in ("auto", "bf16")
+    bf16, optim = precision_choice(cfg, device)
     return TrainingArguments(
         output_dir=str(out_dir),
         max_steps=cfg.max_steps,
@@ -82,10 +104,11 @@ def training_args(cfg: TrainSection, seed: int, device: str, out_dir: Path, has_
         full_determinism=device == "cpu",
         bf16=bf16,
         use_cpu=device == "cpu",
-        optim="adamw_torch_fused" if device == "cuda" else "adamw_torch",
+        optim=optim,
         activation_checkpointing=cfg.gradient_checkpointing,
         dataloader_num_workers=cfg.dataloader_workers,
         remove_unused_columns=False,
+        train_sampling_strategy="group_by_length" if batching == "length_grouped" else "random",
         report_to="none",
         disable_tqdm=False,
     )
@@ -122,12 +145,13 @@ def fit(params: Params, train_rows: list[dict], val_rows: list[dict], base: str,
 
     train_set, val_set = encode(train_rows), (encode(val_rows) if val_rows else None)
     callbacks = [EarlyStoppingCallback(cfg.early_stopping_patience)] if val_set is not None and cfg.early_stopping_patience else []
+    batching = resolve_batching(cfg.batching, device)
     trainer = Trainer(
         model=model,
-        args=training_args(cfg, params.base.seed, device, work_dir, val_set is not None),
+        args=training_args(cfg, params.base.seed, device, work_dir, val_set is not None, batching),
         train_dataset=train_set,
         eval_dataset=val_set,
-        data_collator=collator(tokenizer, cfg.packing),
+        data_collator=collator(tokenizer, batching == "packed"),
         callbacks=callbacks,
     )
     started = time.perf_counter()
@@ -148,6 +172,7 @@ def fit(params: Params, train_rows: list[dict], val_rows: list[dict], base: str,
         "torch_threads": torch.get_num_threads(),
     }
     figures["answer_tokens_per_epoch"] = tokens
+    figures["batching"] = batching
     return {"model": trainer.model, "tokenizer": tokenizer, "history": history, "figures": figures}
 
 
