@@ -53,3 +53,12 @@ def test_no_production_compares_with_base_and_significance():
     assert not noisy.promote and any("includes 0" in r for r in noisy.reasons)
     clear = decide(_table([0.8, 0.82, 0.79, 0.81, 0.8, 0.83]), _table([0.6] * 6), policy, "base model (no production yet)")
     assert clear.promote and clear.against.startswith("base model")
+
+
+def test_rubric_minimum_applies_only_when_reviews_exist():
+    policy = POLICY.model_copy(update={"min_rubric_mean": 3.5})
+    cand, ref = _table([0.8] * 6), _table([0.6] * 6)
+    assert decide(cand, ref, policy, "production v1", rubric=None).promote
+    low = decide(cand, ref, policy, "production v1", rubric=3.1)
+    assert not low.promote and "rubric mean 3.10 is below the minimum 3.50" in low.reasons[-1]
+    assert decide(cand, ref, policy, "production v1", rubric=4.0).promote

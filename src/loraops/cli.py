@@ -209,6 +209,27 @@ def reproduce(ref: str = typer.Argument(..., help="MLflow run id, models:/name/v
         raise typer.Exit(1)
 
 
+@review_app.command("export")
+@friendly
+def review_export(run: str = typer.Option(..., "--run", help="MLflow run id whose answers to review."),
+                  out: Path = typer.Option(Path("reviews.csv"), "--out"), n: int = typer.Option(20, "--n", help="Questions to sample."),
+                  seed: int = typer.Option(0, "--seed")) -> None:
+    """Write a blinded, stratified review sheet (base and tuned answers shuffled) for raters."""
+    from loraops import review
+
+    typer.echo(f"wrote {review.export(run, out, n, seed)}; raters fill relevance, accuracy, completeness with 1–5")
+
+
+@review_app.command("import")
+@friendly
+def review_import(sheet: Path = typer.Argument(..., help="The filled review CSV.")) -> None:
+    """Validate a filled review sheet and log per-criterion means to its MLflow run."""
+    from loraops import review
+
+    result = review.import_sheet(sheet)
+    typer.echo("\n".join(f"{k}: {v}" for k, v in result.items()))
+
+
 @app.command()
 @friendly
 def deploy(params: Path = ParamsOpt) -> None:

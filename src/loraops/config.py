@@ -147,6 +147,7 @@ class GatePolicy(_Section):
     max_category_regression: float = Field(0.05, ge=0, description="Largest drop allowed in any category.")
     min_test_size: int = Field(20, gt=0, description="Fewest shared test questions to decide on.")
     require_significance: bool = Field(False, description="Require the bootstrap 95% interval of the gain to exclude 0.")
+    min_rubric_mean: float | None = Field(None, ge=1, le=5, description="When reviews exist, the tuned answers' rubric mean (1–5) must reach this.")
 
 
 class RegistrySection(_Section):

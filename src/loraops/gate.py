@@ -27,14 +27,15 @@ class Decision:
 
 
 def decide(candidate: pd.DataFrame, reference: pd.DataFrame, policy: GatePolicy, against: str,
-           samples: int = 1000, seed: int = 0, min_slice: int = 5) -> Decision:
+           samples: int = 1000, seed: int = 0, min_slice: int = 5, rubric: float | None = None) -> Decision:
     """Compare candidate and reference scores question by question.
 
     Both tables have columns ``question``, ``reference``, ``category`` and ``score`` (the primary metric).
     Rows are matched on (question, reference). The candidate passes when there are at least
     ``min_test_size`` shared questions, the mean gain is at least ``min_gain``, no category of at least
     ``min_slice`` questions drops by more than ``max_category_regression``, and — when required — the
-    bootstrap 95% interval of the gain excludes zero.
+    bootstrap 95% interval of the gain excludes zero; when ``min_rubric_mean`` is set and the candidate
+    has human reviews (``rubric``, the tuned answers' mean 1–5), that mean must reach it.
     """
     merged = candidate[KEY + ["category", "score"]].merge(
         reference[KEY + ["score"]], on=KEY, suffixes=("_candidate", "_reference"))
@@ -72,6 +73,14 @@ def decide(candidate: pd.DataFrame, reference: pd.DataFrame, policy: GatePolicy,
             reasons.append(f"95% interval of the gain [{low:+.4f}, {high:+.4f}] includes 0 (require_significance)")
         else:
             reasons.append(f"95% interval of the gain [{low:+.4f}, {high:+.4f}] excludes 0")
+    if policy.min_rubric_mean is not None:
+        if rubric is None:
+            reasons.append("no rubric reviews for the candidate; the rubric check does not apply")
+        elif rubric < policy.min_rubric_mean:
+            ok = False
+            reasons.append(f"rubric mean {rubric:.2f} is below the minimum {policy.min_rubric_mean:.2f}")
+        else:
+            reasons.append(f"rubric mean {rubric:.2f} ≥ minimum {policy.min_rubric_mean:.2f}")
     return Decision(ok, reasons, against, figures)
 
 

@@ -216,8 +216,9 @@ def promote(name: str, version: str | None, params: Params, force: bool = False,
         if f"tuned_{policy.metric}" not in candidate.columns:
             raise RegistryError(f"registry.gate.metric: {policy.metric!r} is not in the eval table of v{mv.version}")
         reference, against = _reference_scores(client, name, candidate, params, policy.metric)
+        rubric = client.get_run(mv.run_id).data.metrics.get("review/mean/tuned")
         decision = decide(scores_from_table(candidate, f"tuned_{policy.metric}"), reference, policy, against,
-                          params.eval.bootstrap_samples, params.base.seed, params.eval.min_slice_size)
+                          params.eval.bootstrap_samples, params.base.seed, params.eval.min_slice_size, rubric)
         moved = decision.promote or force
         target = str(mv.version)
         if moved and previous != target:

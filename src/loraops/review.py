@@ -1,0 +1,131 @@
+"""Human rubric review: a blinded, stratified sample of base and tuned answers out to raters and back.
+
+`export` writes one row per answer (base and tuned mixed and shuffled, the model hidden behind an item
+id) with empty ``relevance``, ``accuracy`` and ``completeness`` columns (1–5); the key is logged to the
+MLflow run. `import` validates the filled CSV and logs per-criterion means per model to that run
+(``review/<criterion>/<base|tuned>``); the gate reads ``review/mean/tuned`` when
+``registry.gate.min_rubric_mean`` is set.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pandas as pd
+from mlflow.exceptions import MlflowException
+
+from loraops.readers import DataError, decode
+from loraops.registry import RegistryError, _client
+from loraops.tracking import log_metrics_batch
+
+CRITERIA = ("relevance", "accuracy", "completeness")
+COLUMNS = ["item_id", "run_id", "category", "question", "reference", "answer", *CRITERIA]
+
+
+def _table(run_id: str) -> pd.DataFrame:
+    try:
+        path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="eval/eval_questions.csv")
+    except (MlflowException, OSError):
+        raise RegistryError(f"run {run_id}: no eval table (eval/eval_questions.csv) to review") from None
+    return pd.read_csv(path, keep_default_na=False)
+
+
+def sample(table: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
+    """Up to ``n`` distinct questions, stratified by category (at least one per category), deterministic."""
+    distinct = table.drop_duplicates(subset=["question"]).sort_values("id")
+    rng = random.Random(seed)
+    groups = {cat: list(part.index) for cat, part in distinct.groupby("category", sort=True)}
+    share = {cat: max(1, round(n * len(ix) / len(distinct))) for cat, ix in groups.items()}
+    picked = [i for cat, ix in groups.items() for i in rng.sample(ix, min(share[cat], len(ix)))]
+    return distinct.loc[sorted(picked)]
+
+
+def export(run_id: str, out: Path, n: int = 20, seed: int = 0) -> Path:
+    """Write the blinded review sheet for ``run_id`` and log its key to the run."""
+    _client().get_run(run_id)
+    picked = sample(_table(run_id), n, seed)
+    rows, key = [], {}
+    for _, r in picked.iterrows():
+        for model in ("base", "tuned"):
+            item = hashlib.sha1(f"{run_id}/{r['id']}/{model}".encode()).hexdigest()[:10]
+            key[item] = {"id": r["id"], "model": model}
+            rows.append({"item_id": item, "run_id": run_id, "category": r["category"], "question": r["question"],
+                         "reference": r["reference"], "answer": r[f"{model}_answer"], **{c: "" for c in CRITERIA}})
+    random.Random(seed).shuffle(rows)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    with mlflow.start_run(run_id=run_id):
+        mlflow.log_dict(key, "review/key.json")
+    return out
+
+
+def parse(path: Path, key_for: Any) -> tuple[str, list[dict[str, Any]]]:
+    """Validate a filled sheet; return its run id and the scored items.
+
+    Raises:
+        DataError: missing columns, mixed runs, unknown item ids, scores outside 1–5 (naming line and column).
+    """
+    if not path.exists():
+        raise DataError(f"{path}: not found")
+    text, _ = decode(path, path.read_bytes(), "auto")
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    missing = [c for c in ("item_id", "run_id", *CRITERIA) if c not in (reader.fieldnames or [])]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {', '.join(missing)}")
+    items, run_ids, key = [], set(), None
+    for row in reader:
+        line = reader.line_num
+        run_ids.add(row["run_id"])
+        if len(run_ids) > 1:
+            raise DataError(f"{path}: line {line}: rows from more than one run ({', '.join(sorted(run_ids))})")
+        key = key if key is not None else key_for(row["run_id"])
+        if row["item_id"] not in key:
+            raise DataError(f"{path}: line {line}: unknown item_id {row['item_id']!r} for run {row['run_id']}")
+        scores = {}
+        for criterion in CRITERIA:
+            value = (row[criterion] or "").strip()
+            if value not in {"1", "2", "3", "4", "5"}:
+                raise DataError(f"{path}: line {line}: {criterion} must be an integer 1–5, got {value!r}")
+            scores[criterion] = int(value)
+        items.append({**key[row["item_id"]], **scores})
+    if not items:
+        raise DataError(f"{path}: no reviewed rows")
+    return run_ids.pop(), items
+
+
+def means(items: list[dict[str, Any]]) -> dict[str, float]:
+    """``review/<criterion>/<model>`` and ``review/mean/<model>`` means, and the count."""
+    frame = pd.DataFrame(items)
+    out: dict[str, float] = {"review/n": float(len(frame))}
+    for model, part in frame.groupby("model"):
+        for criterion in CRITERIA:
+            out[f"review/{criterion}/{model}"] = round(float(part[criterion].mean()), 4)
+        out[f"review/mean/{model}"] = round(float(part[list(CRITERIA)].to_numpy().mean()), 4)
+    return out
+
+
+def import_sheet(path: Path) -> dict[str, Any]:
+    """Validate a filled sheet and log the means to its run."""
+
+    def key_for(run_id: str) -> dict[str, Any]:
+        try:
+            local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="review/key.json")
+        except (MlflowException, OSError):
+            raise DataError(f"{path}: run {run_id!r} has no review key; export the sheet with `loraops review export`") from None
+        return json.loads(Path(local).read_text(encoding="utf-8"))
+
+    _client()
+    run_id, items = parse(path, key_for)
+    values = means(items)
+    log_metrics_batch(run_id, values)
+    return {"run_id": run_id, **values}

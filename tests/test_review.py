@@ -1,0 +1,78 @@
+"""Rubric review: export a blinded sheet from a real MLflow run, fill it, import it; bad sheets refused."""
+
+from __future__ import annotations
+
+import csv
+
+import mlflow
+import pandas as pd
+import pytest
+
+from loraops import review
+from loraops.readers import DataError
+
+
+@pytest.fixture
+def run_with_table(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    from loraops.tracking import experiment_for, tracking_setup
+
+    tracking_setup(tmp_path)
+    table = pd.DataFrame({"id": [f"test-{i:05d}" for i in range(12)], "category": ["a", "b", "c"] * 4,
+                          "question": [f"질문 {i}" for i in range(12)], "reference": [f"답 {i}" for i in range(12)],
+                          "base_answer": ["모름"] * 12, "tuned_answer": [f"답 {i}" for i in range(12)]})
+    (tmp_path / "eval_questions.csv").write_text(table.to_csv(index=False), encoding="utf-8")
+    with mlflow.start_run(experiment_id=experiment_for("review-test", tmp_path)) as run:
+        mlflow.log_artifact(str(tmp_path / "eval_questions.csv"), "eval")
+    return run.info.run_id, tmp_path
+
+
+def _fill(path, score_of):
+    rows = list(csv.DictReader(path.open(encoding="utf-8")))
+    for row in rows:
+        for criterion in review.CRITERIA:
+            row[criterion] = score_of(row)
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=review.COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    return rows
+
+
+def test_export_is_blinded_stratified_and_round_trips(run_with_table):
+    run_id, tmp = run_with_table
+    sheet = review.export(run_id, tmp / "sheet.csv", n=6, seed=1)
+    rows = list(csv.DictReader(sheet.open(encoding="utf-8")))
+    assert len(rows) == 12 and {r["category"] for r in rows} == {"a", "b", "c"}
+    assert "model" not in rows[0] and all(len(r["item_id"]) == 10 for r in rows)
+    _fill(sheet, lambda r: "5" if r["answer"].startswith("답") else "1")
+    result = review.import_sheet(sheet)
+    assert result["review/mean/tuned"] == 5.0 and result["review/mean/base"] == 1.0 and result["review/n"] == 12
+    metrics = mlflow.MlflowClient().get_run(run_id).data.metrics
+    assert metrics["review/accuracy/tuned"] == 5.0
+
+
+@pytest.mark.parametrize("mutate,message", [
+    (lambda r: r.update(relevance="7"), "relevance must be an integer 1–5, got '7'"),
+    (lambda r: r.update(accuracy=""), "accuracy must be an integer 1–5, got ''"),
+    (lambda r: r.update(item_id="deadbeef00"), "unknown item_id 'deadbeef00'"),
+])
+def test_bad_sheets_are_refused_with_line(run_with_table, mutate, message):
+    run_id, tmp = run_with_table
+    sheet = review.export(run_id, tmp / "sheet.csv", n=3)
+    rows = _fill(sheet, lambda r: "3")
+    mutate(rows[1])
+    with sheet.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=review.COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    with pytest.raises(DataError, match=f"sheet.csv: line 3: {message}"):
+        review.import_sheet(sheet)
+
+
+def test_sheet_without_score_columns(tmp_path):
+    bad = tmp_path / "x.csv"
+    bad.write_text("item_id,run_id\nabc,r1\n", encoding="utf-8")
+    with pytest.raises(DataError, match="missing column"):
+        review.parse(bad, lambda run: {})
