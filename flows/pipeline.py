@@ -90,7 +90,19 @@ def gate(params: Params, version: str) -> dict[str, Any]:
     return registry.promote(params.registry.model_name, version, params)
 
 
-@flow(name="finetune", log_prints=True, validate_parameters=True)
+def _close_mlflow_runs(flow: Any, flow_run_: Any, state: Any) -> None:
+    """A cancelled or crashed flow run leaves no MLflow run RUNNING: mark its runs KILLED/FAILED."""
+    tracking.tracking_setup(REPO)
+    client = mlflow.MlflowClient()
+    status = "KILLED" if state.is_cancelled() or state.is_cancelling() else "FAILED"
+    for experiment in client.search_experiments():
+        for run in client.search_runs([experiment.experiment_id],
+                                      f"tags.`prefect.flow_run_id` = '{flow_run_.id}' and attributes.status = 'RUNNING'"):
+            client.set_terminated(run.info.run_id, status)
+
+
+@flow(name="finetune", log_prints=True, validate_parameters=True,
+      on_cancellation=[_close_mlflow_runs], on_crashed=[_close_mlflow_runs], on_failure=[_close_mlflow_runs])
 def finetune(
     data: DataSection | None = None,
     model: ModelSection | None = None,
@@ -124,7 +136,8 @@ def _finetune(work: Path, params_file: str, overrides: list[str], allow_dirty: b
     experiment = tracking.experiment_for(params.registry.model_name, REPO)
     tags = {"prefect.flow_run_id": str(flow_run.id), "prefect.flow_run_name": str(flow_run.name),
             "prefect.deployment": str(deployment.name), "loraops.workspace": str(work.resolve())}
-    with mlflow.start_run(experiment_id=experiment, run_name=tracking.run_name(params), tags=tags) as run:
+    with mlflow.start_run(experiment_id=experiment, run_name=tracking.run_name(params), tags=tags,
+                          log_system_metrics=True) as run:
         tracking.log_params(params)
         ran = {"prepare": prepare_stage(work), "train": train_stage(work), "evaluate": evaluate_stage(work)}
         mlflow.set_tags({f"dvc.{stage}": "ran" if did else "skipped" for stage, did in ran.items()})
@@ -136,7 +149,7 @@ def _finetune(work: Path, params_file: str, overrides: list[str], allow_dirty: b
     except BaseException:
         mlflow.MlflowClient().set_terminated(run_id, "FAILED")
         raise
-    markdown = pipeline.summary_markdown(params, summary, run_id, uri, registered, decision, ran)
+    markdown = pipeline.summary_markdown(params, summary, run_id, uri, registered, decision, ran, experiment)
     create_markdown_artifact(markdown, key="finetune-summary", description="base vs tuned, registration, gate")
     create_table_artifact(pipeline.top_losses(work, params.registry.gate.metric), key="tuned-biggest-losses",
                           description="10 questions where tuned lost most to base")

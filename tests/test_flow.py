@@ -63,10 +63,20 @@ def test_finetune_registers_promotes_skips_and_serves(workspace):
     expected, answered = json.loads(out.stdout.strip().splitlines()[-1])
     assert answered == expected
 
-    asked = loraops("ask", "벽지 곰팡이 문제는 어떻게 해결하나요?")
-    assert asked.returncode == 0 and asked.stdout.strip() == subprocess.run(
-        [sys.executable, "-c", probe.replace("list(t.question)", "['벽지 곰팡이 문제는 어떻게 해결하나요?']")],
-        capture_output=True, text=True, timeout=300).stdout.strip().splitlines()[-1].split('], [')[-1].strip('[]"')
+    reproduced = loraops("reproduce", "models:/interior-qa-lora@production", "--json")
+    assert reproduced.returncode == 0, reproduced.stderr[-3000:]
+    report = json.loads(reproduced.stdout)
+    assert report["identical"] is True and report["original_sha256"] == report["reproduced_sha256"]
+    assert report["metrics"]["eval/cosine/tuned"]["difference"] == 0
+
+    missing = loraops("reproduce", "models:/interior-qa-lora@nope")
+    assert missing.returncode == 2 and "model 'interior-qa-lora' has no alias @nope" in missing.stderr
+
+    question = "벽지 곰팡이 문제는 어떻게 해결하나요?"
+    asked = loraops("ask", question)
+    single = probe.replace("list(t.tuned_answer), m.predict(list(t.question))", f"m.predict([{question!r}])")
+    out = subprocess.run([sys.executable, "-c", single], capture_output=True, text=True, timeout=300, check=True)
+    assert asked.returncode == 0 and asked.stdout.strip() == json.loads(out.stdout.strip().splitlines()[-1])[0]
 
 
 def test_promote_refuses_worse_and_rollback_restores(workspace):

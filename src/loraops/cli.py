@@ -80,6 +80,8 @@ def train(params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt) -> None:
     from loraops import train as train_stage
 
     figures = train_stage.run(_params(params, set_))
+    if "adapter_sha256" not in figures:  # a non-main process under accelerate launch
+        return
     typer.echo(f"trained {figures['steps']} steps in {figures['train_seconds']}s; train loss {figures['train_loss']}, "
                f"best validation loss {figures['best_val_loss']}; adapter sha256 {figures['adapter_sha256'][:12]}")
 

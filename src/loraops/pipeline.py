@@ -163,10 +163,13 @@ def check_clean(lineage: dict[str, Any], allow_dirty: bool) -> None:
 
 
 def summary_markdown(params: Params, summary: dict[str, Any], run_id: str, tracking_uri: str,
-                     registered: dict[str, Any], gate: dict[str, Any] | None, ran: dict[str, bool]) -> str:
+                     registered: dict[str, Any], gate: dict[str, Any] | None, ran: dict[str, bool],
+                     experiment_id: str = "0") -> str:
     """The Prefect markdown artifact: headline scores, stages run, registration and gate decision."""
+    link = f"[`{run_id}`]({tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id})" \
+        if tracking_uri.startswith("http") else f"`{run_id}` (store {tracking_uri}; open it with `make ui-mlflow`)"
     lines = [f"# finetune: {params.registry.model_name} v{registered['version']}", "",
-             f"MLflow run `{run_id}` ({tracking_uri}); experiment `{params.registry.model_name}`.", "",
+             f"MLflow run {link}; experiment `{params.registry.model_name}`.", "",
              "| stage | " + " | ".join(STAGES) + " |", "|---|" + "---|" * len(STAGES),
              "| ran | " + " | ".join("yes" if ran[s] else "skipped (unchanged)" for s in STAGES) + " |", "",
              "| metric | base | tuned | Δ | 95% CI |", "|---|---|---|---|---|"]

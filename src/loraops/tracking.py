@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import mlflow.exceptions
 from mlflow.entities import Metric, Param
 
 DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
@@ -42,7 +43,12 @@ def experiment_for(model_name: str, root: Path = Path(".")) -> str:
     location = None
     if mlflow.get_tracking_uri().startswith("sqlite:"):
         location = (root / ARTIFACT_ROOT).resolve().as_uri()
-    return client.create_experiment(model_name, artifact_location=location)
+    try:
+        return client.create_experiment(model_name, artifact_location=location)
+    except mlflow.exceptions.MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return client.get_experiment_by_name(model_name).experiment_id  # a concurrent run created it first
 
 
 def run_name(params: Any) -> str:

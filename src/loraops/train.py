@@ -154,7 +154,7 @@ def fit(params: Params, train_rows: list[dict], val_rows: list[dict], base: str,
         data_collator=collator(tokenizer, batching == "packed"),
         callbacks=callbacks,
     )
-    started = time.perf_counter()
+    started, started_at = time.perf_counter(), time.time()
     result = trainer.train()
     seconds = time.perf_counter() - started
     tokens = sum(sum(1 for t in ids if t != -100) for ids in train_set["labels"])
@@ -166,6 +166,8 @@ def fit(params: Params, train_rows: list[dict], val_rows: list[dict], base: str,
         "steps": int(trainer.state.global_step),
         "stopped_early": int(trainer.state.global_step) < cfg.max_steps,
         "train_seconds": round(seconds, 2),
+        "started_at": round(started_at, 3),
+        "finished_at": round(time.time(), 3),
         "train_pairs": len(train_rows),
         "trainable_params": int(sum(p.numel() for p in model.parameters() if p.requires_grad)),
         "device": device,
@@ -204,14 +206,26 @@ def ensure_base(params: Params, root: Path = Path(".")) -> str:
 
 
 def run(params: Params, root: Path = Path(".")) -> dict[str, Any]:
-    """Train on the prepared splits and write the adapter, curves and figures."""
+    """Train on the prepared splits and write the adapter, curves and figures.
+
+    Under ``accelerate launch`` (DDP) every process trains; only the main process builds the tiny base
+    and writes the adapter, curves and figures.
+    """
+    from accelerate import PartialState
+
+    state = PartialState()
     device = pick_device(params.base.device)
     train_rows, val_rows = load_split("train", root), load_split("validation", root)
-    base = ensure_base(params, root)
     work_dir = root / CHECKPOINT_DIR
-    shutil.rmtree(work_dir, ignore_errors=True)
-    out = fit(params, train_rows, val_rows, base, device, work_dir)
-    out["figures"]["adapter_sha256"] = save_adapter(out["model"], out["tokenizer"], root / ADAPTER_DIR)
-    _write_history(root / TRAIN_LOG, out["history"])
-    write_json(root / TRAIN_METRICS, out["figures"])
+    if state.is_main_process:
+        ensure_base(params, root)
+        shutil.rmtree(work_dir, ignore_errors=True)
+    state.wait_for_everyone()
+    out = fit(params, train_rows, val_rows, base_location(params.model, root), device, work_dir)
+    out["figures"]["processes"] = state.num_processes
+    if state.is_main_process:
+        out["figures"]["adapter_sha256"] = save_adapter(out["model"], out["tokenizer"], root / ADAPTER_DIR)
+        _write_history(root / TRAIN_LOG, out["history"])
+        write_json(root / TRAIN_METRICS, out["figures"])
+    state.wait_for_everyone()
     return out["figures"]
