@@ -24,7 +24,8 @@ def test_train_under_accelerate_ddp_on_cpu(tmp_path):
     data.run(load_params(REPO / "params.yaml", overrides), tmp_path)
     sets = [arg for kv in overrides for arg in ("--set", kv)]
     cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--num_processes", "2", "--num_machines", "1",
-           "--cpu", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "loraops.cli", "train",
+           # --multi_gpu selects accelerate's torch.distributed launcher; without CUDA it runs gloo on the CPU
+           "--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "loraops.cli", "train",
            "--params", str(REPO / "params.yaml"), *sets]
     out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})

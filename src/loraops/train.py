@@ -213,8 +213,8 @@ def run(params: Params, root: Path = Path(".")) -> dict[str, Any]:
     """
     from accelerate import PartialState
 
-    state = PartialState()
     device = pick_device(params.base.device)
+    state = PartialState(cpu=device == "cpu")  # cpu=True: torchrun/accelerate workers without CUDA use gloo
     train_rows, val_rows = load_split("train", root), load_split("validation", root)
     work_dir = root / CHECKPOINT_DIR
     if state.is_main_process:
