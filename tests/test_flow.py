@@ -76,7 +76,16 @@ def test_finetune_registers_promotes_skips_and_serves(workspace):
     asked = loraops("ask", question)
     single = probe.replace("list(t.tuned_answer), m.predict(list(t.question))", f"m.predict([{question!r}])")
     out = subprocess.run([sys.executable, "-c", single], capture_output=True, text=True, timeout=300, check=True)
-    assert asked.returncode == 0 and asked.stdout.strip() == json.loads(out.stdout.strip().splitlines()[-1])[0]
+    assert asked.returncode == 0 and asked.stdout.strip() == json.loads(out.stdout.strip().splitlines()[-1])[0][0]
+
+    questions = workspace / "questions.csv"
+    questions.write_text(f"question\n{question}\n결로는 왜 생기나요?\n", encoding="utf-8")
+    batch = loraops("ask", "--file", str(questions), "--out", str(workspace / "answers.csv"))
+    assert batch.returncode == 0, batch.stderr[-2000:]
+    import pandas as pd
+
+    answers = pd.read_csv(workspace / "answers.csv", keep_default_na=False)
+    assert list(answers.columns) == ["question", "answer"] and answers.loc[0, "answer"] == asked.stdout.strip()
 
 
 def test_promote_refuses_worse_and_rollback_restores(workspace):

@@ -69,7 +69,7 @@ class _Defaults(dict):
 def model_spec(params: Any, base_location: str) -> dict[str, Any]:
     """What the pyfunc needs besides the adapter: base reference, template, decoding settings."""
     return {
-        "base": {"id": params.model.base if not Path(base_location).exists() else base_location,
+        "base": {"id": str(Path(base_location).resolve()) if Path(base_location).exists() else params.model.base,
                  "configured": params.model.base, "revision": params.model.revision,
                  "trust_remote_code": params.model.trust_remote_code},
         "template": params.data.template,
