@@ -45,6 +45,8 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=4, help="tiny-base layers (compute-bound on CPU at the defaults)")
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--peak-tflops", type=float, default=989.0)
+    p.add_argument("--batching", default="length_grouped", choices=["auto", "packed", "length_grouped", "padded"],
+                   help="loraops arm's train.batching (default length_grouped: the fastest on CPU; see docs/decisions.md)")
     p.add_argument("--arm", choices=["baseline", "loraops"], help=argparse.SUPPRESS)
     p.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -94,7 +96,7 @@ def _run_arm(a: argparse.Namespace, base: str, rows: list[dict]) -> dict:
     items = [tokenize_pair(tok, r["prompt"], r["answer"], 256) for r in rows]
     total = a.steps + a.warmup
     tcfg = TrainSection(max_steps=total, batch_size=a.batch_size, learning_rate=2e-4, warmup_ratio=0.0,
-                        eval_steps=10 ** 6, logging_steps=1)
+                        eval_steps=10 ** 6, logging_steps=1, batching=a.batching)
     batching = resolve_batching(tcfg.batching, device) if a.arm == "loraops" else "padded"
     out = Path(a.workdir) / f"ckpt-{a.arm}"
     if a.arm == "loraops":
@@ -165,7 +167,8 @@ def main(argv: list[str] | None = None) -> None:
         results = []
         for arm in ("baseline", "loraops"):
             cmd = [sys.executable, __file__, "--arm", arm, "--workdir", work, "--base", base, "--steps", str(a.steps),
-                   "--warmup", str(a.warmup), "--batch-size", str(a.batch_size), "--peak-tflops", str(a.peak_tflops)]
+                   "--warmup", str(a.warmup), "--batch-size", str(a.batch_size), "--peak-tflops", str(a.peak_tflops),
+                   "--batching", a.batching]
             if a.split:
                 cmd += ["--split", str(a.split)]
             out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})

@@ -10,8 +10,8 @@ from loraops.config import TrainSection
 from loraops.train import precision_choice, resolve_batching, training_args
 
 
-def test_batching_auto_picks_length_grouped_on_cpu():
-    assert resolve_batching("auto", "cpu") == "length_grouped"
+def test_batching_auto_keeps_batch_composition_on_cpu():
+    assert resolve_batching("auto", "cpu") == "padded"
     assert resolve_batching("packed", "cpu") == "packed"
 
 
@@ -20,7 +20,7 @@ def test_batching_auto_picks_packing_with_flash_attention_on_cuda(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "flash_attn" else real(name, *a))
     assert resolve_batching("auto", "cuda") == "packed"
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "flash_attn" else real(name, *a))
-    assert resolve_batching("auto", "cuda") == "length_grouped"
+    assert resolve_batching("auto", "cuda") == "padded"
 
 
 def test_cpu_arguments_are_fp32_deterministic(tmp_path):
