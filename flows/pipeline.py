@@ -122,10 +122,12 @@ def finetune(
     a fresh git worktree (default: yes when started from a deployment, no from `loraops run`).
     """
     sections = {"data": data, "model": model, "lora": lora, "train": train, "eval": eval, "registry": registry}
-    form = pipeline.section_overrides(REPO / params_file, {k: v for k, v in sections.items() if v is not None})
+    given = {k: v for k, v in sections.items() if v is not None}
     isolate = deployment.id is not None if isolate is None else isolate
     data_path = data.path if data else pipeline.load_params(REPO / params_file, list(overrides or [])).data.path
     with (pipeline.isolated_workspace(REPO, str(flow_run.id), data_path) if isolate else contextlib.nullcontext(REPO)) as work:
+        # form values that differ from the params file the run will use become overrides
+        form = pipeline.section_overrides(Path(work) / params_file, given)
         return _finetune(Path(work), params_file, form + list(overrides or []), allow_dirty)
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import mlflow
 import mlflow.exceptions
-from mlflow.entities import Metric, Param
+from mlflow.entities import Metric
 
 DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
 ARTIFACT_ROOT = "mlruns/artifacts"
