@@ -58,3 +58,19 @@ def test_dvc_stages_match_cli_commands_and_params_sections():
             assert section in sections, param
         for dep in stage["deps"]:
             assert dep.startswith("${") or (REPO / dep).exists() or dep.startswith(("data/prepared", "models/")), dep
+
+
+def test_prefect_form_sections_become_overrides_only_where_changed(tmp_path):
+    from loraops.pipeline import section_overrides, write_params
+
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text(encoding="utf-8"), encoding="utf-8")
+    current = load_params(tmp_path / "params.yaml")
+    form = {"train": current.train.model_copy(update={"learning_rate": 1e-4}),
+            "registry": current.registry.model_copy(update={"gate": current.registry.gate.model_copy(update={"min_gain": 0.02})}),
+            "data": current.data}
+    overrides = section_overrides(tmp_path / "params.yaml", form)
+    assert overrides == ["train.learning_rate=0.0001", "registry.gate.min_gain=0.02"]
+    written = write_params("params.yaml", overrides, tmp_path)
+    assert written.train.learning_rate == 1e-4
+    text = (tmp_path / "params.yaml").read_text(encoding="utf-8")
+    assert "learning_rate: 0.0001" in text and "# loraops parameters" in text  # comments kept

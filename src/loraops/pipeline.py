@@ -30,7 +30,7 @@ def write_params(params_file: str, overrides: list[str], root: Path = Path("."))
 
     params = load_params(root / params_file, overrides)
     target = root / DEFAULT_PARAMS
-    if Path(params_file).resolve() != target.resolve():
+    if (root / params_file).resolve() != target.resolve():
         from loraops.config import dump_params
 
         dump_params(params, target)
