@@ -236,10 +236,11 @@ def review_import(sheet: Path = typer.Argument(..., help="The filled review CSV.
 @friendly
 def deploy(params: Path = ParamsOpt) -> None:
     """Serve the Prefect deployments finetune/loraops, promote/loraops, rollback/loraops, reproduce/loraops."""
+    prefect_defaults()
     sys.path.insert(0, str(Path.cwd()))
     from flows.deploy import serve_all
 
-    serve_all()
+    serve_all(str(params))
 
 
 def main() -> None:  # pragma: no cover - console entry
