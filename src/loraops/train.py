@@ -189,7 +189,19 @@ def save_adapter(model: Any, tokenizer: Any, out_dir: Path) -> str:
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        _sort_target_modules(tmp / "adapter_config.json")
     return sha256_dir(out_dir, "*.safetensors")
+
+
+def _sort_target_modules(path: Path) -> None:
+    """peft writes the modules `all-linear` resolved to in set order, which changes with the process's hash
+    seed; sorted, the same training gives a byte-identical adapter directory (and DVC hash)."""
+    import json
+
+    config = json.loads(path.read_text(encoding="utf-8"))
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def _write_history(path: Path, history: list[dict[str, Any]]) -> None:
