@@ -43,6 +43,14 @@ def test_finetune_registers_promotes_skips_and_serves(workspace):
                          open(client.download_artifacts(run.info.run_id, "lineage.json")).read())
     assert lineage["git_commit"] and lineage["git_dirty"] is False and lineage["mlflow_run_id"] == run.info.run_id
     assert lineage["base_revision"].startswith("sha256:") and lineage["params"]["lora"]["r"] == 4
+    required = {"git_commit", "git_dirty", "dvc_lock_md5", "data_md5", "params", "base_model", "base_revision",
+                "tokenizer_sha256", "adapter_sha256", "seed", "versions", "device", "prefect_flow_run_id",
+                "prefect_deployment", "mlflow_run_id"}
+    assert required <= set(lineage) and lineage["prefect_flow_run_id"] == run.data.tags["prefect.flow_run_id"]
+    assert set(lineage["versions"]) >= {"python", "torch", "transformers", "peft", "datasets", "mlflow", "prefect", "dvc"}
+    assert lineage["data_md5"]["data/raw/interior_qa.csv"] and lineage["dvc_lock_md5"]
+    version_tags = client.get_model_version("interior-qa-lora", "1").tags
+    assert version_tags["lineage.git_commit"] == lineage["git_commit"] and version_tags["loraops.adapter_sha256"]
     assert str(client.get_model_version_by_alias("interior-qa-lora", "production").version) == "1"
 
     again = loraops("run")
