@@ -1,8 +1,8 @@
 """The `loraops` command line (Typer). Each command is a thin shell over a stage's ``run``.
 
 Every command takes ``--params FILE`` and repeated ``--set dotted.key=value``. Expected failures
-(bad data, bad params, missing models, refused promotions) print one message and exit 2, without a
-traceback.
+(bad data, bad params, missing models or versions, a failed stage) print one message and exit 2,
+without a traceback; a promotion the gate refuses prints the reasons and exits 1.
 """
 
 from __future__ import annotations
