@@ -91,14 +91,9 @@ def gate(params: Params, version: str) -> dict[str, Any]:
 
 
 def _close_mlflow_runs(flow: Any, flow_run_: Any, state: Any) -> None:
-    """A cancelled or crashed flow run leaves no MLflow run RUNNING: mark its runs KILLED/FAILED."""
+    """A cancelled, crashed or failed flow run leaves no MLflow run RUNNING."""
     tracking.tracking_setup(REPO)
-    client = mlflow.MlflowClient()
-    status = "KILLED" if state.is_cancelled() or state.is_cancelling() else "FAILED"
-    for experiment in client.search_experiments():
-        for run in client.search_runs([experiment.experiment_id],
-                                      f"tags.`prefect.flow_run_id` = '{flow_run_.id}' and attributes.status = 'RUNNING'"):
-            client.set_terminated(run.info.run_id, status)
+    tracking.close_runs_of(str(flow_run_.id), "KILLED" if state.is_cancelled() or state.is_cancelling() else "FAILED")
 
 
 @flow(name="finetune", log_prints=True, validate_parameters=True,

@@ -45,3 +45,18 @@ def test_unknown_model_and_force_without_reason(store):
         registry.promote("ghost", "1", params, force=True)
     with pytest.raises(registry.RegistryError, match="no registered model 'ghost'"):
         registry.rollback("ghost", params)
+
+
+def test_runs_of_a_cancelled_flow_run_are_marked_killed(store):
+    import mlflow
+
+    from loraops.tracking import close_runs_of, experiment_for, tracking_setup
+
+    tracking_setup(store)
+    experiment = experiment_for("m", store)
+    running = mlflow.MlflowClient().create_run(experiment, tags={"prefect.flow_run_id": "fr-1"})
+    other = mlflow.MlflowClient().create_run(experiment, tags={"prefect.flow_run_id": "fr-2"})
+    assert close_runs_of("fr-1", "KILLED") == 1
+    client = mlflow.MlflowClient()
+    assert client.get_run(running.info.run_id).info.status == "KILLED"
+    assert client.get_run(other.info.run_id).info.status == "RUNNING"

@@ -51,6 +51,18 @@ def experiment_for(model_name: str, root: Path = Path(".")) -> str:
         return client.get_experiment_by_name(model_name).experiment_id  # a concurrent run created it first
 
 
+def close_runs_of(flow_run_id: str, status: str) -> int:
+    """Mark the still-RUNNING MLflow runs of a Prefect flow run as ``status`` (KILLED/FAILED); return how many."""
+    client = mlflow.MlflowClient()
+    closed = 0
+    for experiment in client.search_experiments():
+        query = f"tags.`prefect.flow_run_id` = '{flow_run_id}' and attributes.status = 'RUNNING'"
+        for run in client.search_runs([experiment.experiment_id], query):
+            client.set_terminated(run.info.run_id, status)
+            closed += 1
+    return closed
+
+
 def run_name(params: Any) -> str:
     """A readable run name: base, learning rate, rank, steps and a timestamp."""
     base = Path(params.model.base).name or params.model.base
