@@ -60,3 +60,16 @@ def test_runs_of_a_cancelled_flow_run_are_marked_killed(store):
     client = mlflow.MlflowClient()
     assert client.get_run(running.info.run_id).info.status == "KILLED"
     assert client.get_run(other.info.run_id).info.status == "RUNNING"
+
+
+def test_missing_run_artifact_says_what_it_blocks(store):
+    import mlflow
+
+    from loraops.tracking import experiment_for, tracking_setup
+
+    tracking_setup(store)
+    run = mlflow.MlflowClient().create_run(experiment_for("m", store))
+    with pytest.raises(registry.RegistryError, match=r"no lineage.json; without its lineage card"):
+        from loraops.reproduce import _lineage
+
+        _lineage(run.info.run_id)

@@ -76,3 +76,11 @@ def test_sheet_without_score_columns(tmp_path):
     bad.write_text("item_id,run_id\nabc,r1\n", encoding="utf-8")
     with pytest.raises(DataError, match="missing column"):
         review.parse(bad, lambda run: {})
+
+
+def test_export_of_an_unknown_run_names_it(run_with_table):
+    from loraops.registry import RegistryError
+
+    _, tmp = run_with_table
+    with pytest.raises(RegistryError, match="--run: no MLflow run 'nope'"):
+        review.export("nope", tmp / "sheet.csv")

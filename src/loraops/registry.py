@@ -114,6 +114,23 @@ def resolve(client: mlflow.MlflowClient, name: str, version: str | None = None, 
         raise RegistryError(f"model {name!r} has no {what}") from None
 
 
+def run_artifact(run_id: str, artifact_path: str, missing: str) -> Path:
+    """Download one artifact of a run.
+
+    Raises:
+        RegistryError: ``missing`` (what the caller cannot do without it) when the run or the file is absent.
+    """
+    try:
+        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path))
+    except (MlflowException, OSError):
+        raise RegistryError(f"run {run_id}: no {artifact_path}; {missing}") from None
+
+
+def eval_table_of_run(run_id: str) -> pd.DataFrame:
+    """The per-question eval table logged in a run (``eval/eval_questions.csv``)."""
+    return pd.read_csv(run_artifact(run_id, "eval/eval_questions.csv", "the run has no eval table"), keep_default_na=False)
+
+
 def eval_table(client: mlflow.MlflowClient, mv: Any) -> pd.DataFrame:
     """The per-question eval table logged in a version's run.
 
@@ -122,11 +139,7 @@ def eval_table(client: mlflow.MlflowClient, mv: Any) -> pd.DataFrame:
     """
     if not mv.run_id:
         raise RegistryError(f"version {mv.version} of {mv.name!r} has no MLflow run, so no lineage card or eval table")
-    try:
-        path = mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path="eval/eval_questions.csv")
-    except (MlflowException, OSError):
-        raise RegistryError(f"version {mv.version} of {mv.name!r}: run {mv.run_id} has no eval table (eval/eval_questions.csv)") from None
-    return pd.read_csv(path, keep_default_na=False)
+    return eval_table_of_run(mv.run_id)
 
 
 @contextlib.contextmanager

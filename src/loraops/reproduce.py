@@ -17,12 +17,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import mlflow
 import yaml
 from mlflow.exceptions import MlflowException
 
 from loraops.config import Params
-from loraops.registry import RegistryError, _client, resolve
+from loraops.registry import RegistryError, _client, resolve, run_artifact
 
 
 def run_id_of(ref: str) -> str:
@@ -51,11 +50,8 @@ def run_id_of(ref: str) -> str:
 
 
 def _lineage(run_id: str) -> dict[str, Any]:
-    try:
-        path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="lineage.json")
-    except (MlflowException, OSError):
-        raise RegistryError(f"run {run_id} has no lineage card (lineage.json); it cannot be reproduced") from None
-    return json.loads(Path(path).read_text(encoding="utf-8"))
+    path = run_artifact(run_id, "lineage.json", "without its lineage card the run cannot be reproduced")
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def _original_metrics(run_id: str) -> dict[str, float]:

@@ -22,19 +22,11 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 
 from loraops.readers import DataError, decode
-from loraops.registry import RegistryError, _client
+from loraops.registry import RegistryError, _client, eval_table_of_run, run_artifact
 from loraops.tracking import log_metrics_batch
 
 CRITERIA = ("relevance", "accuracy", "completeness")
 COLUMNS = ["item_id", "run_id", "category", "question", "reference", "answer", *CRITERIA]
-
-
-def _table(run_id: str) -> pd.DataFrame:
-    try:
-        path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="eval/eval_questions.csv")
-    except (MlflowException, OSError):
-        raise RegistryError(f"run {run_id}: no eval table (eval/eval_questions.csv) to review") from None
-    return pd.read_csv(path, keep_default_na=False)
 
 
 def sample(table: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
@@ -49,8 +41,11 @@ def sample(table: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
 
 def export(run_id: str, out: Path, n: int = 20, seed: int = 0) -> Path:
     """Write the blinded review sheet for ``run_id`` and log its key to the run."""
-    _client().get_run(run_id)
-    picked = sample(_table(run_id), n, seed)
+    try:
+        _client().get_run(run_id)
+    except MlflowException:
+        raise RegistryError(f"--run: no MLflow run {run_id!r}") from None
+    picked = sample(eval_table_of_run(run_id), n, seed)
     rows, key = [], {}
     for _, r in picked.iterrows():
         for model in ("base", "tuned"):
@@ -119,10 +114,10 @@ def import_sheet(path: Path) -> dict[str, Any]:
 
     def key_for(run_id: str) -> dict[str, Any]:
         try:
-            local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="review/key.json")
-        except (MlflowException, OSError):
-            raise DataError(f"{path}: run {run_id!r} has no review key; export the sheet with `loraops review export`") from None
-        return json.loads(Path(local).read_text(encoding="utf-8"))
+            local = run_artifact(run_id, "review/key.json", "export the sheet with `loraops review export`")
+        except RegistryError as exc:
+            raise DataError(f"{path}: {exc}") from None
+        return json.loads(local.read_text(encoding="utf-8"))
 
     _client()
     run_id, items = parse(path, key_for)

@@ -134,7 +134,10 @@ def answer_file(uri: str, path: Path, out: Path) -> Path:
 
     if not path.exists():
         raise DataError(f"{path}: not found")
-    frame = pd.read_json(path, lines=True) if path.suffix == ".jsonl" else pd.read_csv(path, keep_default_na=False)
+    try:
+        frame = pd.read_json(path, lines=True) if path.suffix == ".jsonl" else pd.read_csv(path, keep_default_na=False)
+    except (ValueError, UnicodeDecodeError) as exc:  # pandas' parser errors are ValueErrors
+        raise DataError(f"{path}: not a readable {path.suffix or 'CSV'} file: {exc}") from None
     if "question" not in frame.columns:
         raise DataError(f"{path}: missing column question; found {', '.join(map(str, frame.columns))}")
     model = load(uri)
