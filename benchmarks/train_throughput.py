@@ -12,10 +12,16 @@ N = parameters of the base (frozen weights still cost the forward and the input-
 d = hidden size, s_i = length of sequence i (attention scores and values, forward and backward), t = the
 timed seconds, peak_flops = the GPU's dense bf16 peak (``--peak-tflops``, default 989 for an H100 SXM).
 
+The loraops arm is the train stage's own path (``train.prepare_model`` + ``train.make_trainer``); the
+baseline is what a plain script does: ``Trainer`` defaults and the padding collator. Arms run ``--repeats``
+times, alternating, so a noisy machine slows both alike; figures pool the repeats. Losses are comparable
+because both arms see the same batches in the same order (same seed, random sampler).
+
 The last line is ``speedup_vs_hf_trainer: X.XX`` (loraops tokens/s ÷ baseline tokens/s, same run).
 
     python benchmarks/train_throughput.py --quick          # under 3 minutes on 2 CPU cores
     python benchmarks/train_throughput.py --split data/prepared/train.jsonl --steps 200
+    python benchmarks/train_throughput.py --base Qwen/Qwen2.5-0.5B --random-init --quantization 4bit   # GPU
 """
 
 from __future__ import annotations
@@ -36,17 +42,21 @@ sys.path.insert(0, str(ROOT / "src"))
 
 def _args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="few steps: a smoke figure in under 3 minutes on CPU")
+    p.add_argument("--quick", action="store_true", help="30 timed steps: a figure in under 3 minutes on 2 CPU cores")
     p.add_argument("--split", type=Path, help="a prepared split (JSONL with prompt, answer); default: the sample data")
-    p.add_argument("--steps", type=int, default=60, help="timed optimiser steps per arm")
+    p.add_argument("--steps", type=int, default=60, help="timed optimiser steps per arm and repeat")
     p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=2, help="runs of each arm, alternating")
     p.add_argument("--batch-size", type=int, default=16, help="sequences per optimiser step (both arms)")
+    p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--base", default=None, help="base model dir or hub id (default: the tiny base built here)")
+    p.add_argument("--random-init", action="store_true", help="with --base: its config, randomly initialised (no weights needed)")
     p.add_argument("--layers", type=int, default=4, help="tiny-base layers (compute-bound on CPU at the defaults)")
     p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--peak-tflops", type=float, default=989.0)
-    p.add_argument("--batching", default="length_grouped", choices=["auto", "packed", "length_grouped", "padded"],
-                   help="loraops arm's train.batching (default length_grouped: the fastest on CPU; see docs/decisions.md)")
+    p.add_argument("--quantization", default="none", choices=["none", "4bit"], help="4bit: QLoRA in both arms (CUDA)")
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="the GPU's dense bf16 peak, for MFU")
+    p.add_argument("--batching", default="auto", choices=["auto", "packed", "length_grouped", "padded"],
+                   help="the loraops arm's train.batching (default: what the train stage uses)")
     p.add_argument("--arm", choices=["baseline", "loraops"], help=argparse.SUPPRESS)
     p.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -72,41 +82,69 @@ def _setup(a: argparse.Namespace, work: Path) -> tuple[str, list[dict]]:
         base = str(work / "base")
         shape = TinyBase(layers=a.layers, hidden=a.hidden, heads=max(2, a.hidden // 64), intermediate=2 * a.hidden)
         build_tiny_base([r["prompt"] + r["answer"] for r in rows], shape, 0, Path(base))
+    elif a.random_init:
+        base = _random_init(base, work / "random-base")
     return base, rows
 
 
-def _run_arm(a: argparse.Namespace, base: str, rows: list[dict]) -> dict:
-    import numpy as np
+def _random_init(location: str, out: Path) -> str:
+    """Save ``location``'s architecture, randomly initialised, with its tokenizer (throughput needs no weights)."""
     import torch
-    from datasets import Dataset
-    from peft import get_peft_model
-    from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments, set_seed
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from loraops.config import LoraSection, ModelSection, TrainSection
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(location), dtype=torch.bfloat16)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(location).save_pretrained(out)
+    return str(out)
+
+
+def _trainer(a: argparse.Namespace, base: str, rows: list[dict], device: str) -> tuple[object, object, str]:
+    """(trainer, peft model, batching) for the arm: loraops' train stage path, or a plain Trainer script."""
+    from datasets import Dataset
+    from peft import get_peft_model, prepare_model_for_kbit_training
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments, set_seed
+
+    from loraops.config import load_params
     from loraops.model import load_base, load_tokenizer
-    from loraops.train import collator, lora_config, resolve_batching, tokenize_pair, training_args
+    from loraops.train import lora_config, make_trainer, prepare_model, resolve_batching, tokenize_pair
+
+    total = a.steps + a.warmup
+    params = load_params(ROOT / "params.yaml", [
+        f"model.base={base}", "lora.r=16", "lora.alpha=32", "lora.dropout=0.0", "lora.modules_to_save=[]",
+        f"train.max_steps={total}", f"train.batch_size={a.batch_size}", "train.learning_rate=2e-4",
+        "train.warmup_ratio=0.0", "train.scheduler=linear", "train.logging_steps=1", f"train.eval_steps={10 ** 6}",
+        f"train.batching={a.batching}", f"train.quantization={a.quantization}"])
+    set_seed(0)
+    tok = load_tokenizer(base, params.model)
+    items = Dataset.from_list([tokenize_pair(tok, r["prompt"], r["answer"], a.max_length) for r in rows])
+    out = Path(a.workdir) / f"ckpt-{a.arm}"
+    if a.arm == "loraops":
+        batching = resolve_batching(params.train.batching)
+        model = prepare_model(base, params, device, batching)
+        return make_trainer(model, tok, params.train, 0, device, out, items, batching=batching), model, batching
+    model = load_base(base, params.model, device, dtype="bf16" if device == "cuda" else "fp32", quantization=a.quantization)
+    if a.quantization == "4bit":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    model = get_peft_model(model, lora_config(params.lora))
+    args = TrainingArguments(output_dir=str(out), max_steps=total, per_device_train_batch_size=a.batch_size,
+                             learning_rate=2e-4, logging_steps=1, seed=0, data_seed=0, report_to="none",
+                             use_cpu=device == "cpu", bf16=device == "cuda", save_strategy="no",
+                             remove_unused_columns=False, disable_tqdm=True)
+    collate = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100, return_tensors="pt")
+    return Trainer(model=model, args=args, train_dataset=items, data_collator=collate), model, "padded"
+
+
+def _run_arm(a: argparse.Namespace, base: str, rows: list[dict]) -> dict:
+    """One arm, once: per-step seconds and losses, token counts and peak memory (timed steps only)."""
+    import torch
+    from transformers import TrainerCallback
+
     from loraops.utils import pick_device
 
     device = pick_device("auto")
-    set_seed(0)
-    mcfg = ModelSection(base=base)
-    tok = load_tokenizer(base, mcfg)
-    model = load_base(base, mcfg, device, dtype="bf16" if device == "cuda" else "fp32")
-    model = get_peft_model(model, lora_config(LoraSection(r=16, alpha=32, dropout=0.0)))
-    items = [tokenize_pair(tok, r["prompt"], r["answer"], 256) for r in rows]
-    total = a.steps + a.warmup
-    tcfg = TrainSection(max_steps=total, batch_size=a.batch_size, learning_rate=2e-4, warmup_ratio=0.0,
-                        eval_steps=10 ** 6, logging_steps=1, batching=a.batching)
-    batching = resolve_batching(tcfg.batching, device) if a.arm == "loraops" else "padded"
-    out = Path(a.workdir) / f"ckpt-{a.arm}"
-    if a.arm == "loraops":
-        args = training_args(tcfg, 0, device, out, has_validation=False, batching=batching)
-    else:  # what a plain Trainer + peft script does: defaults, padding collator
-        args = TrainingArguments(output_dir=str(out), max_steps=total, per_device_train_batch_size=a.batch_size,
-                                 learning_rate=2e-4, logging_steps=1, seed=0, data_seed=0, report_to="none",
-                                 use_cpu=device == "cpu", bf16=device == "cuda", save_strategy="no",
-                                 remove_unused_columns=False, disable_tqdm=True)
-    args.save_strategy, args.disable_tqdm = "no", True
+    trainer, model, batching = _trainer(a, base, rows, device)
+    trainer.args.save_strategy, trainer.args.disable_tqdm = "no", True
     steps: list[float] = []
     counts = {"tokens": 0, "padded": 0, "samples": 0, "attn": 0}
 
@@ -121,8 +159,7 @@ def _run_arm(a: argparse.Namespace, base: str, rows: list[dict]) -> dict:
                 torch.cuda.synchronize()
             steps.append(time.perf_counter() - self.t)
 
-    collate = collator(tok, batching == "packed") if a.arm == "loraops" else DataCollatorForSeq2Seq(
-        tok, padding=True, label_pad_token_id=-100, return_tensors="pt")
+    collate = trainer.data_collator
 
     def counting(batch):
         out_batch = collate(batch)
@@ -134,26 +171,49 @@ def _run_arm(a: argparse.Namespace, base: str, rows: list[dict]) -> dict:
             counts["attn"] += sum(n * n for n in lengths)
         return out_batch
 
-    trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_list(items), data_collator=counting,
-                      callbacks=[Timer()])
+    trainer.data_collator = counting
+    trainer.add_callback(Timer())
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     trainer.train()
-    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e][a.warmup:]
-    timed = steps[a.warmup:]
-    seconds = float(sum(timed))
-    n_params = sum(p.numel() for p in model.parameters())
     cfg = model.config
-    flops = 4 * n_params * counts["tokens"] + 4 * cfg.num_hidden_layers * cfg.hidden_size * counts["attn"]
-    peak = (torch.cuda.max_memory_allocated() if device == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     return {
-        "arm": a.arm, "device": device, "batching": batching, "steps": len(timed), "tokens_per_s": counts["tokens"] / seconds,
-        "samples_per_s": counts["samples"] / seconds, "step_p50_ms": 1000 * float(np.percentile(timed, 50)),
-        "step_p95_ms": 1000 * float(np.percentile(timed, 95)), "peak_mem_mb": peak / 2 ** 20,
-        "pad_fraction": 1 - counts["tokens"] / max(counts["padded"], 1), "mean_loss": float(np.mean(losses)),
-        "mfu": flops / seconds / (a.peak_tflops * 1e12) if device == "cuda" else None,
+        "arm": a.arm, "device": device, "batching": batching, "step_seconds": steps[a.warmup:], **counts,
+        "losses": [e["loss"] for e in trainer.state.log_history if "loss" in e][a.warmup:],
+        "params": sum(p.numel() for p in model.parameters()), "layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size,
+        "peak_mem_mb": (torch.cuda.max_memory_allocated() if device == "cuda"
+                        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 20,
     }
+
+
+def _pool(runs: list[dict], peak_tflops: float) -> dict:
+    """One arm's figures over its repeats."""
+    import numpy as np
+
+    times = [t for r in runs for t in r["step_seconds"]]
+    seconds, first = float(sum(times)), runs[0]
+    tokens, attn = sum(r["tokens"] for r in runs), sum(r["attn"] for r in runs)
+    flops = 4 * first["params"] * tokens + 4 * first["layers"] * first["hidden"] * attn
+    return {
+        "device": first["device"], "batching": first["batching"], "steps": len(first["step_seconds"]),
+        "tokens_per_s": tokens / seconds, "samples_per_s": sum(r["samples"] for r in runs) / seconds,
+        "step_p50_ms": 1000 * float(np.percentile(times, 50)), "step_p95_ms": 1000 * float(np.percentile(times, 95)),
+        "peak_mem_mb": max(r["peak_mem_mb"] for r in runs), "pad_fraction": 1 - tokens / max(sum(r["padded"] for r in runs), 1),
+        "mean_loss": float(np.mean(first["losses"])),
+        "mfu": flops / seconds / (peak_tflops * 1e12) if first["device"] == "cuda" else None,
+    }
+
+
+def _child(a: argparse.Namespace, arm: str, work: str, base: str) -> dict:
+    cmd = [sys.executable, __file__, "--arm", arm, "--workdir", work, "--base", base, "--steps", str(a.steps),
+           "--warmup", str(a.warmup), "--batch-size", str(a.batch_size), "--max-length", str(a.max_length),
+           "--batching", a.batching, "--quantization", a.quantization]
+    if a.split:
+        cmd += ["--split", str(a.split)]
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    if out.returncode != 0:
+        sys.exit(f"{arm} arm failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -162,31 +222,27 @@ def main(argv: list[str] | None = None) -> None:
         base, rows = _setup(a, a.workdir) if a.base is None else (a.base, _setup(a, a.workdir)[1])
         print(json.dumps(_run_arm(a, base, rows)))
         return
+    runs: dict[str, list[dict]] = {"baseline": [], "loraops": []}
     with tempfile.TemporaryDirectory(prefix="loraops-bench-") as work:
         base, _ = _setup(a, Path(work))
-        results = []
-        for arm in ("baseline", "loraops"):
-            cmd = [sys.executable, __file__, "--arm", arm, "--workdir", work, "--base", base, "--steps", str(a.steps),
-                   "--warmup", str(a.warmup), "--batch-size", str(a.batch_size), "--peak-tflops", str(a.peak_tflops),
-                   "--batching", a.batching]
-            if a.split:
-                cmd += ["--split", str(a.split)]
-            out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
-            if out.returncode != 0:
-                sys.exit(f"{arm} arm failed:\n{out.stderr[-3000:]}")
-            results.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    base_r, ours = results
+        for repeat in range(a.repeats):
+            for arm in ("baseline", "loraops") if repeat % 2 == 0 else ("loraops", "baseline"):
+                runs[arm].append(_child(a, arm, work, base))
+    base_r, ours = _pool(runs["baseline"], a.peak_tflops), _pool(runs["loraops"], a.peak_tflops)
     rows = [("non-pad tokens/s", "tokens_per_s", "{:.0f}"), ("samples/s", "samples_per_s", "{:.1f}"),
             ("step p50 ms", "step_p50_ms", "{:.1f}"), ("step p95 ms", "step_p95_ms", "{:.1f}"),
             ("peak memory MB", "peak_mem_mb", "{:.0f}"), ("pad fraction", "pad_fraction", "{:.3f}"),
-            ("mean loss (timed steps)", "mean_loss", "{:.4f}"), ("MFU", "mfu", "{}")]
-    print(f"device {ours['device']}; {ours['steps']} timed steps after {a.warmup} warm-up; batch {a.batch_size} sequences")
+            ("mean loss (timed steps)", "mean_loss", "{:.4f}"), ("MFU", "mfu", "{:.3f}")]
+    print(f"device {ours['device']}; {ours['steps']} timed steps after {a.warmup} warm-up, {a.repeats} alternating "
+          f"repeats per arm; batch {a.batch_size} sequences")
     print(f"baseline: Trainer defaults + padding collator; loraops: train.batching={ours['batching']}")
     print(f"{'':<26}{'hf_trainer':>14}{'loraops':>14}{'ratio':>9}")
     for label, key, fmt in rows:
         b, o = base_r[key], ours[key]
         ratio = f"{o / b:.2f}" if isinstance(b, float) and b else ""
         print(f"{label:<26}{fmt.format(b) if b is not None else '-':>14}{fmt.format(o) if o is not None else '-':>14}{ratio:>9}")
+    diff = max(abs(x - y) for x, y in zip(runs["baseline"][0]["losses"], runs["loraops"][0]["losses"]))
+    print(f"largest per-step loss difference between the arms: {diff:.2e}")
     print(f"speedup_vs_hf_trainer: {ours['tokens_per_s'] / base_r['tokens_per_s']:.2f}")
 
 

@@ -10,22 +10,14 @@ from loraops.config import TrainSection
 from loraops.train import precision_choice, resolve_batching, training_args
 
 
-def test_batching_auto_keeps_batch_composition_on_cpu():
-    assert resolve_batching("auto", "cpu") == "padded"
-    assert resolve_batching("packed", "cpu") == "packed"
-
-
-def test_batching_auto_picks_packing_with_flash_attention_on_cuda(monkeypatch):
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "flash_attn" else real(name, *a))
-    assert resolve_batching("auto", "cuda") == "packed"
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "flash_attn" else real(name, *a))
-    assert resolve_batching("auto", "cuda") == "padded"
+def test_batching_auto_packs_on_every_device():
+    assert resolve_batching("auto") == "packed"
+    assert resolve_batching("padded") == "padded" and resolve_batching("length_grouped") == "length_grouped"
 
 
 def test_cpu_arguments_are_fp32_deterministic(tmp_path):
     args = training_args(TrainSection(), 1, "cpu", tmp_path, True, "length_grouped")
-    assert not args.bf16 and args.use_cpu and args.full_determinism
+    assert not args.bf16 and args.use_cpu and args.full_determinism and args.prediction_loss_only
     assert args.train_sampling_strategy == "group_by_length" and args.load_best_model_at_end
 
 

@@ -105,8 +105,8 @@ class TrainSection(_Section):
     early_stopping_patience: int = Field(3, ge=0, description="Evaluations without improvement before stopping; 0 = off.")
     logging_steps: int = Field(10, gt=0)
     batching: Literal["auto", "packed", "length_grouped", "padded"] = Field(
-        "auto", description="auto: packed (padding-free) with FlashAttention on CUDA, else padded; "
-                            "length_grouped is faster on CPU but groups paraphrases of one row together.")
+        "auto", description="auto = packed: padding-free rows, per-sequence attention, logits only on answer "
+                            "tokens (same loss as padded); length_grouped groups paraphrases of one row together.")
     gradient_checkpointing: bool = False
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on CUDA, fp32 on CPU.")
     quantization: Literal["none", "4bit"] = Field("none", description="4bit = QLoRA with bitsandbytes (CUDA only).")
