@@ -146,7 +146,8 @@ def make_trainer(model: Any, tokenizer: Any, cfg: TrainSection, seed: int, devic
     from transformers import Trainer
 
     class AnswerOnlyTrainer(Trainer):
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
+        def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
+                         num_items_in_batch: Any = None) -> Any:
             loss, outputs = packing.answer_only_loss(model, inputs, num_items_in_batch)
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
                 loss = loss * self.accelerator.num_processes  # as Trainer does: DDP averages the gradients
