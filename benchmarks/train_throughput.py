@@ -72,7 +72,7 @@ def _setup(a: argparse.Namespace, work: Path) -> tuple[str, list[dict]]:
     from loraops.model import build_tiny_base
 
     if a.split:
-        rows = [json.loads(line) for line in a.split.read_text(encoding="utf-8").splitlines() if line.strip()]
+        rows = _read_split(a.split)
     else:
         params = load_params(ROOT / "params.yaml", [f"data.path={ROOT / 'data/raw/interior_qa.csv'}"])
         data.run(params, work)
@@ -85,6 +85,28 @@ def _setup(a: argparse.Namespace, work: Path) -> tuple[str, list[dict]]:
     elif a.random_init:
         base = _random_init(base, work / "random-base")
     return base, rows
+
+
+def _read_split(path: Path) -> list[dict]:
+    """Rows of a prepared split; exits with the file and line when it is missing or a row is malformed."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        sys.exit(f"--split {path}: cannot read: {exc}")
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            sys.exit(f"--split {path}:{number}: not JSON: {exc.msg}")
+        if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ("prompt", "answer")):
+            sys.exit(f"--split {path}:{number}: a row needs string fields 'prompt' and 'answer'")
+        rows.append(row)
+    if not rows:
+        sys.exit(f"--split {path}: no rows")
+    return rows
 
 
 def _random_init(location: str, out: Path) -> str:
