@@ -21,7 +21,8 @@ The last line is ``speedup_vs_hf_trainer: X.XX`` (loraops tokens/s ÷ baseline t
 
     python benchmarks/train_throughput.py --quick          # under 3 minutes on 2 CPU cores
     python benchmarks/train_throughput.py --split data/prepared/train.jsonl --steps 200
-    python benchmarks/train_throughput.py --base Qwen/Qwen2.5-0.5B --random-init --quantization 4bit   # GPU
+    python benchmarks/train_throughput.py --arch qwen2.5-0.5b --batch-size 64 [--quantization 4bit]   # GPU, offline
+    python benchmarks/train_throughput.py --base Qwen/Qwen2.5-0.5B --random-init   # a hub config (needs the network)
 """
 
 from __future__ import annotations
@@ -38,6 +39,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import architectures
+from architectures import ARCHITECTURES
 
 
 def _args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -51,6 +56,8 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--base", default=None, help="base model dir or hub id (default: the tiny base built here)")
     p.add_argument("--random-init", action="store_true", help="with --base: its config, randomly initialised (no weights needed)")
+    p.add_argument("--arch", choices=sorted(ARCHITECTURES),
+                   help="a published Llama/Qwen shape, randomly initialised here (no download; see architectures.py)")
     p.add_argument("--layers", type=int, default=4, help="tiny-base layers (compute-bound on CPU at the defaults)")
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--quantization", default="none", choices=["none", "4bit"], help="4bit: QLoRA in both arms (CUDA)")
@@ -62,6 +69,8 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
     a = p.parse_args(argv)
     if a.quick:
         a.steps, a.warmup = min(a.steps, 30), 3
+    if a.arch and a.base:
+        p.error("--arch builds its own base; give --arch or --base, not both")
     return a
 
 
@@ -77,11 +86,17 @@ def _setup(a: argparse.Namespace, work: Path) -> tuple[str, list[dict]]:
         params = load_params(ROOT / "params.yaml", [f"data.path={ROOT / 'data/raw/interior_qa.csv'}"])
         data.run(params, work)
         rows = data.load_split("train", work)
-    base = a.base
-    if base is None:
+    base, texts = a.base, [r["prompt"] + r["answer"] for r in rows]
+    if a.arch:
+        from loraops.model import train_tokenizer
+        from loraops.utils import pick_device
+
+        train_tokenizer(texts, TinyBase().vocab_size).save_pretrained(work / "tokenizer")
+        base = architectures.build(a.arch, work / "tokenizer", work / a.arch, pick_device("auto"))
+    elif base is None:
         base = str(work / "base")
         shape = TinyBase(layers=a.layers, hidden=a.hidden, heads=max(2, a.hidden // 64), intermediate=2 * a.hidden)
-        build_tiny_base([r["prompt"] + r["answer"] for r in rows], shape, 0, Path(base))
+        build_tiny_base(texts, shape, 0, Path(base))
     elif a.random_init:
         base = _random_init(base, work / "random-base")
     return base, rows
@@ -203,6 +218,7 @@ def _run_arm(a: argparse.Namespace, base: str, rows: list[dict]) -> dict:
         "arm": a.arm, "device": device, "batching": batching, "step_seconds": steps[a.warmup:], **counts,
         "losses": [e["loss"] for e in trainer.state.log_history if "loss" in e][a.warmup:],
         "params": sum(p.numel() for p in model.parameters()), "layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size,
+        "hardware": torch.cuda.get_device_name() if device == "cuda" else f"{os.cpu_count()} CPU cores",
         "peak_mem_mb": (torch.cuda.max_memory_allocated() if device == "cuda"
                         else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 20,
     }
@@ -218,6 +234,7 @@ def _pool(runs: list[dict], peak_tflops: float) -> dict:
     flops = 4 * first["params"] * tokens + 4 * first["layers"] * first["hidden"] * attn
     return {
         "device": first["device"], "batching": first["batching"], "steps": len(first["step_seconds"]),
+        "hardware": first["hardware"], "params": first["params"],
         "tokens_per_s": tokens / seconds, "samples_per_s": sum(r["samples"] for r in runs) / seconds,
         "step_p50_ms": 1000 * float(np.percentile(times, 50)), "step_p95_ms": 1000 * float(np.percentile(times, 95)),
         "peak_mem_mb": max(r["peak_mem_mb"] for r in runs), "pad_fraction": 1 - tokens / max(sum(r["padded"] for r in runs), 1),
@@ -255,6 +272,8 @@ def main(argv: list[str] | None = None) -> None:
             ("step p50 ms", "step_p50_ms", "{:.1f}"), ("step p95 ms", "step_p95_ms", "{:.1f}"),
             ("peak memory MB", "peak_mem_mb", "{:.0f}"), ("pad fraction", "pad_fraction", "{:.3f}"),
             ("mean loss (timed steps)", "mean_loss", "{:.4f}"), ("MFU", "mfu", "{:.3f}")]
+    model = a.arch or a.base or f"tiny Llama {a.layers}x{a.hidden}"
+    print(f"{ours['hardware']}; {model} ({ours['params'] / 1e6:.0f}M parameters), quantization {a.quantization}")
     print(f"device {ours['device']}; {ours['steps']} timed steps after {a.warmup} warm-up, {a.repeats} alternating "
           f"repeats per arm; batch {a.batch_size} sequences")
     print(f"baseline: Trainer defaults + padding collator; loraops: train.batching={ours['batching']}")

@@ -99,3 +99,71 @@ def test_packed_attention_picks_flash_attention_only_where_it_runs(monkeypatch):
     assert packing.packed_attention("cpu") == packing.VARLEN_SDPA
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "flash_attn" else real(name, *a))
     assert packing.packed_attention("cuda") == packing.VARLEN_SDPA
+
+
+def _reference_varlen(with_gqa_and_scale: bool):
+    """A reference for PyTorch's CUDA-only ``varlen_attn`` (per-sequence causal SDPA in its (T, heads, dim)
+    layout), with either release's parameters, so the glue around the kernel is checked on CPU."""
+    import torch.nn.functional as F
+
+    calls = []
+
+    def check(q, k, v, cu_q, cu_k, max_q, max_k, window_size=None, is_causal=None, enable_gqa=False, scale=None):
+        assert cu_q.dtype == torch.int32 and (window_size == (-1, 0) or is_causal is True)
+        assert max_q == max_k == int((cu_q[1:] - cu_q[:-1]).max())
+        calls.append(k.shape[1])
+        bounds = cu_q.tolist()
+        out = [F.scaled_dot_product_attention(q[s:e].transpose(0, 1), k[s:e].transpose(0, 1), v[s:e].transpose(0, 1),
+                                              is_causal=True, scale=scale, enable_gqa=enable_gqa).transpose(0, 1)
+               for s, e in zip(bounds, bounds[1:])]
+        return torch.cat(out)
+
+    if with_gqa_and_scale:
+        def varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False):
+            return check(q, k, v, cu_q, cu_k, max_q, max_k, window_size=window_size, enable_gqa=enable_gqa, scale=scale)
+    else:  # torch 2.10: is_causal, no scale, no grouped-query attention
+        def varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, is_causal=False):
+            assert k.shape[1] == q.shape[1], "keys must be repeated for a kernel without enable_gqa"
+            return check(q, k, v, cu_q, cu_k, max_q, max_k, is_causal=is_causal)
+    return varlen_attn, calls
+
+
+@pytest.mark.parametrize("newer_release", [True, False])
+def test_cuda_varlen_kernel_glue_gives_the_padded_loss_and_gradients(tiny, monkeypatch, newer_release):
+    """On CUDA in bf16 a packed row goes to PyTorch's varlen FlashAttention in one call per layer; here a
+    reference kernel stands in for it (the kernel itself runs in the gpu tier)."""
+    import inspect
+
+    model, tok, items = tiny
+    kernel, calls = _reference_varlen(newer_release)
+    monkeypatch.setattr(packing, "_varlen_kernel", lambda: (kernel, frozenset(inspect.signature(kernel).parameters)))
+    monkeypatch.setattr(packing, "_kernel_runs", lambda query: True)
+    padded_loss, padded_grads = _loss_and_grads(_variant(model, "sdpa"), collator(tok, packed=False)(items), False)
+    loss, grads = _loss_and_grads(_variant(model, packing.packed_attention("cpu")), collator(tok, packed=True)(items), True)
+    heads = model.config.num_key_value_heads if newer_release else model.config.num_attention_heads
+    assert calls == [heads] * model.config.num_hidden_layers  # one call per layer, keys grouped or repeated
+    assert loss == pytest.approx(padded_loss, rel=1e-5)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, padded_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_varlen_kernel_is_used_only_where_it_runs():
+    query = torch.zeros(1, 2, 3, 4)
+    assert not packing._kernel_runs(query) and not packing._kernel_runs(query.bfloat16())  # CPU: per-sequence SDPA
+    if packing._varlen_kernel() is not None:  # this torch has it: dropout or an odd scale without `scale` opt out
+        assert packing._torch_varlen(query, None, 0.1) is None
+
+
+@pytest.mark.gpu
+def test_cuda_varlen_kernel_matches_padded_sdpa(tiny):
+    """The real kernel on a GPU: packed bf16 loss equals the padded bf16 loss within bf16 rounding."""
+    if not torch.cuda.is_available() or packing._varlen_kernel() is None:
+        pytest.skip("needs a CUDA GPU and torch.nn.attention.varlen")
+    model, tok, items = tiny
+    cuda = lambda batch: {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()}
+    padded = _variant(model, "sdpa").cuda().bfloat16()
+    packed = _variant(model, packing.packed_attention("cuda")).cuda().bfloat16()
+    with torch.no_grad():
+        expected = padded(**cuda(collator(tok, packed=False)(items))).loss.item()
+        got = packing.answer_only_loss(packed, cuda(collator(tok, packed=True)(items)))[0].item()
+    assert got == pytest.approx(expected, rel=2e-2)

@@ -3,8 +3,9 @@
 A packed batch (``DataCollatorWithFlattening``) is one row holding every sequence back to back, with
 position ids restarting at 0 and the boundaries in ``cu_seq_lens_q``. Two things make it pay:
 
-* **Attention that sees the boundaries.** FlashAttention-2's variable-length kernels do this on CUDA.
-  Elsewhere (CPU, or CUDA without ``flash_attn``) transformers' SDPA path would give the row a dense
+* **Attention that sees the boundaries.** Variable-length FlashAttention kernels do this on CUDA: the
+  ``flash_attn`` package when installed, else PyTorch's own ``torch.nn.attention.varlen.varlen_attn``
+  (bf16/fp16). Elsewhere (CPU, fp32 on CUDA) transformers' SDPA path would give the row a dense
   block-diagonal mask, quadratic in the row's length; :func:`varlen_sdpa_attention` instead runs causal
   SDPA on each sequence's slice, so attention costs what it costs on the unpadded sequences.
 * **Logits only at answer positions.** Labels mask the prompt, so the LM head and the cross-entropy over
@@ -15,6 +16,7 @@ position ids restarting at 0 and the boundaries in ``cu_seq_lens_q``. Two things
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 VARLEN_SDPA = "loraops_varlen_sdpa"
@@ -23,9 +25,11 @@ VARLEN_SDPA = "loraops_varlen_sdpa"
 def varlen_sdpa_attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any,
                           dropout: float = 0.0, scaling: float | None = None, cu_seq_lens_q: Any = None,
                           **kwargs: Any) -> tuple[Any, None]:
-    """Causal SDPA on each packed sequence's slice; the same signature as transformers' attention functions.
+    """Causal attention on each packed sequence; the same signature as transformers' attention functions.
 
-    Without ``cu_seq_lens_q`` (an ordinary padded or single-sequence batch) it is transformers' SDPA.
+    Without ``cu_seq_lens_q`` (an ordinary padded or single-sequence batch) it is transformers' SDPA. A
+    packed row goes to PyTorch's variable-length FlashAttention where it runs (:func:`_torch_varlen`),
+    else to causal SDPA on each sequence's slice.
     """
     import torch
     import torch.nn.functional as F
@@ -33,6 +37,9 @@ def varlen_sdpa_attention(module: Any, query: Any, key: Any, value: Any, attenti
 
     if cu_seq_lens_q is None or query.shape[0] != 1:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    fused = _torch_varlen(query, scaling, dropout if module.training else 0.0)
+    if fused is not None and kwargs.get("max_length_q") is not None:
+        return _varlen_flash(fused, module, query, key, value, scaling, cu_seq_lens_q, kwargs["max_length_q"]), None
     groups = getattr(module, "num_key_value_groups", 1)
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     bounds = cu_seq_lens_q.tolist() if hasattr(cu_seq_lens_q, "tolist") else list(cu_seq_lens_q)
@@ -42,6 +49,58 @@ def varlen_sdpa_attention(module: Any, query: Any, key: Any, value: Any, attenti
         for q, k, v in zip(query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2))
     ]
     return torch.cat(outputs, 2).transpose(1, 2).contiguous(), None
+
+
+@functools.lru_cache(maxsize=1)
+def _varlen_kernel() -> tuple[Any, frozenset[str]] | None:
+    """PyTorch's ``varlen_attn`` and the names of its parameters (they changed between releases), or None."""
+    import inspect
+
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
+
+
+def _kernel_runs(query: Any) -> bool:
+    """Whether the varlen FlashAttention kernel runs on ``query``: a CUDA tensor in bf16 or fp16."""
+    import torch
+
+    return query.is_cuda and query.dtype in (torch.bfloat16, torch.float16)
+
+
+def _torch_varlen(query: Any, scaling: float | None, dropout: float) -> tuple[Any, frozenset[str]] | None:
+    """``varlen_attn`` and its parameter names when it can run this call (no dropout, a scale it can
+    take: releases without the ``scale`` argument always use 1/sqrt(head_dim)); else None."""
+    kernel = _varlen_kernel()
+    if kernel is None or dropout or not _kernel_runs(query):
+        return None
+    if scaling is not None and "scale" not in kernel[1] and abs(scaling - query.shape[-1] ** -0.5) > 1e-9:
+        return None
+    return kernel
+
+
+def _varlen_flash(fused: Any, module: Any, query: Any, key: Any, value: Any, scaling: float | None,
+                  cu_seq_lens: Any, max_length: int) -> Any:
+    """One variable-length FlashAttention call over the packed row: (1, T, heads, head_dim) out."""
+    import torch
+    from transformers.integrations.sdpa_attention import repeat_kv
+
+    varlen_attn, accepted = fused
+    options: dict[str, Any] = {"window_size": (-1, 0)} if "window_size" in accepted else {"is_causal": True}
+    groups = getattr(module, "num_key_value_groups", 1)
+    if groups > 1 and "enable_gqa" in accepted:
+        options["enable_gqa"] = True
+    elif groups > 1:
+        key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    if scaling is not None and "scale" in accepted:
+        options["scale"] = scaling
+    cu = cu_seq_lens.to(device=query.device, dtype=torch.int32)
+    # (1, heads, T, head_dim) -> (T, heads, head_dim), the layout of the varlen kernels
+    q, k, v = (t[0].transpose(0, 1).contiguous() for t in (query, key, value))
+    out = varlen_attn(q, k, v, cu, cu, int(max_length), int(max_length), **options)
+    return out.unsqueeze(0)
 
 
 def _varlen_mask(*args: Any, attention_mask: Any = None, **kwargs: Any) -> Any:
@@ -61,7 +120,8 @@ def register() -> None:
 
 
 def packed_attention(device: str) -> str:
-    """The attention implementation for packed rows: FlashAttention-2 on CUDA when installed, else ours."""
+    """The attention implementation for packed rows: the ``flash_attn`` package's FlashAttention-2 on CUDA
+    when it is installed, else ours (PyTorch's varlen FlashAttention on CUDA, per-sequence SDPA elsewhere)."""
     import importlib.util
 
     if device == "cuda" and importlib.util.find_spec("flash_attn") is not None:

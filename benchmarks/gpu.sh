@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The GPU tier in one command: the gpu tests, then both benchmarks on real model shapes with random
+# weights (LoRA and QLoRA), for benchmarks/RESULTS.md. Needs a CUDA GPU, loraops' dependencies and,
+# for QLoRA, bitsandbytes. No network: the shapes are built here (benchmarks/architectures.py).
+#
+#   bash benchmarks/gpu.sh                 # logs to benchmarks/gpu-logs/ (or $OUT when set)
+#   ARCHS="qwen2.5-0.5b" bash benchmarks/gpu.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-benchmarks/gpu-logs}
+py=${PYTHON:-python3}
+archs=${ARCHS:-"qwen2.5-0.5b llama-3.2-1b"}
+mkdir -p "$out"
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+status=0
+
+step() {  # step NAME COMMAND...: run it, keep its log, remember a failure and go on
+  local name=$1
+  shift
+  echo "== $name: $*"
+  "$@" 2>&1 | tee "$out/$name.log" | grep -v -e Warning -e warn -e '%|'
+  [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "== $name FAILED"; status=1; }
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/hardware.txt"
+"$py" -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)" | tee -a "$out/hardware.txt"
+step gpu-tests "$py" -m pytest -q -m gpu tests
+for arch in $archs; do
+  step "train-$arch-lora" "$py" benchmarks/train_throughput.py --arch "$arch" --batch-size 64 --steps 30 --warmup 5
+  if "$py" -c "import bitsandbytes" 2>/dev/null; then
+    step "train-$arch-qlora" "$py" benchmarks/train_throughput.py --arch "$arch" --batch-size 64 --steps 30 --warmup 5 --quantization 4bit
+  else
+    echo "== train-$arch-qlora skipped: bitsandbytes is not installed"
+  fi
+done
+step "eval-${archs%% *}" "$py" benchmarks/eval_throughput.py --arch "${archs%% *}" --questions 256 --batch-size 64 --max-new-tokens 64
+exit $status
