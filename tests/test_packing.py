@@ -167,3 +167,13 @@ def test_cuda_varlen_kernel_matches_padded_sdpa(tiny):
         expected = padded(**cuda(collator(tok, packed=False)(items))).loss.item()
         got = packing.answer_only_loss(packed, cuda(collator(tok, packed=True)(items)))[0].item()
     assert got == pytest.approx(expected, rel=2e-2)
+
+
+def test_packed_rows_refuse_attention_they_would_get_wrong():
+    """Sliding-window or soft-capped attention (Mistral, Gemma) is not what per-sequence SDPA computes."""
+    from types import SimpleNamespace
+
+    q = torch.zeros(1, 2, 6, 4)
+    with pytest.raises(ValueError, match="sliding_window.*train.batching=padded"):
+        packing.varlen_sdpa_attention(SimpleNamespace(training=True), q, q, q, None,
+                                      cu_seq_lens_q=torch.tensor([0, 2, 6]), sliding_window=4)

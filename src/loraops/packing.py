@@ -37,6 +37,10 @@ def varlen_sdpa_attention(module: Any, query: Any, key: Any, value: Any, attenti
 
     if cu_seq_lens_q is None or query.shape[0] != 1:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    unsupported = [name for name in ("sliding_window", "softcap") if kwargs.get(name) is not None]
+    if unsupported:
+        raise ValueError(f"train.batching=packed: this model's attention uses {', '.join(unsupported)}, which packed "
+                         "rows support only with flash_attn installed on CUDA; set train.batching=padded")
     fused = _torch_varlen(query, scaling, dropout if module.training else 0.0)
     if fused is not None and kwargs.get("max_length_q") is not None:
         return _varlen_flash(fused, module, query, key, value, scaling, cu_seq_lens_q, kwargs["max_length_q"]), None
