@@ -285,6 +285,9 @@ def main(argv: list[str] | None = None) -> None:
     diff = max(abs(x - y) for x, y in zip(runs["baseline"][0]["losses"], runs["loraops"][0]["losses"]))
     print(f"largest per-step loss difference between the arms: {diff:.2e}")
     print(f"removing all padding alone would give {1 / (1 - base_r['pad_fraction']):.2f}x on this data")
+    each = [(o["tokens"] / sum(o["step_seconds"])) / (b["tokens"] / sum(b["step_seconds"]))
+            for b, o in zip(runs["baseline"], runs["loraops"])]
+    print(f"speedup of each repeat (the spread is this machine's noise): {', '.join(f'{x:.2f}' for x in each)}")
     print(f"speedup_vs_hf_trainer: {ours['tokens_per_s'] / base_r['tokens_per_s']:.2f}")
 
 
