@@ -1,7 +1,9 @@
 """Orchestration overhead: `loraops run` (Prefect flow + DVC stages + MLflow logging + registration + gate)
 against calling the stage functions directly on the same config, and the time of a no-op rerun.
 
-Runs in a throw-away git worktree of HEAD, so the checkout is untouched.
+Runs in a throw-away git worktree of HEAD with its own empty DVC cache, so the checkout is untouched and
+DVC's run cache cannot restore a stage that an earlier run of this benchmark computed: the first
+`loraops run` must run every stage (checked), the second none.
 
     python benchmarks/orchestration_overhead.py            # ~3 minutes on 2 CPU cores
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -22,25 +25,31 @@ sys.path.insert(0, str(ROOT / "src"))
 CONFIG = ["train.max_steps=60", "train.eval_steps=30", "eval.max_samples=60"]
 
 
-def _timed_cli(cwd: Path, *args: str) -> float:
+def _timed_cli(cwd: Path, *args: str) -> tuple[float, list[str]]:
+    """Seconds `loraops ARGS` took in ``cwd``, and the DVC stages it ran."""
     start = time.perf_counter()
     out = subprocess.run([sys.executable, "-m", "loraops.cli", *args], cwd=cwd, capture_output=True, text=True,
-                         env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(cwd / "src")})
+                         env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(cwd / "src")}, check=False)
     if out.returncode != 0:
         sys.exit(f"loraops {' '.join(args)} failed:\n{out.stderr[-3000:]}")
-    return time.perf_counter() - start
+    ran = sorted(set(re.findall(r"^Running stage '(\w+)'", out.stdout + out.stderr, re.MULTILINE)))
+    return time.perf_counter() - start, ran
 
 
 def main(argv: list[str] | None = None) -> None:
     argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args(argv)
     from loraops import data, evaluate, train
     from loraops.config import load_params
-    from loraops.pipeline import isolated_workspace
+    from loraops.pipeline import STAGES, isolated_workspace
 
     params = load_params(ROOT / "params.yaml", CONFIG)
     with isolated_workspace(ROOT, f"bench-{os.getpid()}", params.data.path) as ws:
-        flow_first = _timed_cli(ws, "run", *[arg for kv in CONFIG for arg in ("--set", kv)])
-        flow_noop = _timed_cli(ws, "run")
+        dvc = str(Path(sys.executable).parent / "dvc")
+        subprocess.run([dvc, "cache", "dir", "--local", str(ws / ".bench-dvc-cache")], cwd=ws, check=True)
+        flow_first, ran_first = _timed_cli(ws, "run", *[arg for kv in CONFIG for arg in ("--set", kv)])
+        flow_noop, ran_noop = _timed_cli(ws, "run")
+        if ran_first != sorted(STAGES) or ran_noop:
+            sys.exit(f"expected every stage to run first and none on the rerun; ran {ran_first}, then {ran_noop}")
         with tempfile.TemporaryDirectory() as tmp:
             root = Path(tmp)
             (root / "data/raw").mkdir(parents=True)
