@@ -9,8 +9,8 @@ checks that they give the same answers. The last line is ``generation_speedup_ba
     python benchmarks/eval_throughput.py --arch qwen2.5-0.5b --questions 256 --batch-size 64   # GPU, offline
 
 With ``--arch`` the model is a published shape with random weights and an untrained adapter (see
-``architectures.py``): generation speed depends on the shape, not the weights, and every answer runs to
-``--max-new-tokens``.
+``architectures.py``): generation speed depends on the shape, not the weights. Its answers mean nothing
+and are not compared; the scoring arms score pairs of reference answers instead.
 """
 
 from __future__ import annotations

@@ -217,7 +217,8 @@ def _run_arm(a: argparse.Namespace, base: str, rows: list[dict]) -> dict:
     return {
         "arm": a.arm, "device": device, "batching": batching, "step_seconds": steps[a.warmup:], **counts,
         "losses": [e["loss"] for e in trainer.state.log_history if "loss" in e][a.warmup:],
-        "params": sum(p.numel() for p in model.parameters()), "layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size,
+        # peft counts a 4-bit weight as the parameters it stands for, not its packed bytes (MFU under QLoRA)
+        "params": model.get_nb_trainable_parameters()[1], "layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size,
         "hardware": torch.cuda.get_device_name() if device == "cuda" else f"{os.cpu_count()} CPU cores",
         "peak_mem_mb": (torch.cuda.max_memory_allocated() if device == "cuda"
                         else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 20,
