@@ -170,10 +170,14 @@ def test_cuda_varlen_kernel_matches_padded_sdpa(tiny):
 
 
 def test_packed_rows_refuse_attention_they_would_get_wrong():
-    """Sliding-window or soft-capped attention (Mistral, Gemma) is not what per-sequence SDPA computes."""
+    """A sliding window shorter than a sequence (Mistral, Gemma) or soft-capped scores (Gemma 2) are not
+    what causal SDPA per sequence computes; a window longer than every sequence changes nothing."""
     from types import SimpleNamespace
 
-    q = torch.zeros(1, 2, 6, 4)
-    with pytest.raises(ValueError, match="sliding_window.*train.batching=padded"):
-        packing.varlen_sdpa_attention(SimpleNamespace(training=True), q, q, q, None,
-                                      cu_seq_lens_q=torch.tensor([0, 2, 6]), sliding_window=4)
+    module, q, cu = SimpleNamespace(training=True), torch.randn(1, 2, 6, 4), torch.tensor([0, 2, 6])
+    with pytest.raises(ValueError, match="3-token sliding window, shorter than a 4-token sequence.*batching=padded"):
+        packing.varlen_sdpa_attention(module, q, q, q, None, cu_seq_lens_q=cu, sliding_window=3)
+    with pytest.raises(ValueError, match="soft-capped"):
+        packing.varlen_sdpa_attention(module, q, q, q, None, cu_seq_lens_q=cu, softcap=50.0)
+    windowed = packing.varlen_sdpa_attention(module, q, q, q, None, cu_seq_lens_q=cu, sliding_window=4)[0]
+    torch.testing.assert_close(windowed, packing.varlen_sdpa_attention(module, q, q, q, None, cu_seq_lens_q=cu)[0])

@@ -37,10 +37,7 @@ def varlen_sdpa_attention(module: Any, query: Any, key: Any, value: Any, attenti
 
     if cu_seq_lens_q is None or query.shape[0] != 1:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    unsupported = [name for name in ("sliding_window", "softcap") if kwargs.get(name) is not None]
-    if unsupported:
-        raise ValueError(f"train.batching=packed: this model's attention uses {', '.join(unsupported)}, which packed "
-                         "rows support only with flash_attn installed on CUDA; set train.batching=padded")
+    _check_supported(cu_seq_lens_q, kwargs)
     fused = _torch_varlen(query, scaling, dropout if module.training else 0.0)
     if fused is not None and kwargs.get("max_length_q") is not None:
         return _varlen_flash(fused, module, query, key, value, scaling, cu_seq_lens_q, kwargs["max_length_q"]), None
@@ -53,6 +50,27 @@ def varlen_sdpa_attention(module: Any, query: Any, key: Any, value: Any, attenti
         for q, k, v in zip(query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2))
     ]
     return torch.cat(outputs, 2).transpose(1, 2).contiguous(), None
+
+
+def _check_supported(cu_seq_lens: Any, kwargs: dict[str, Any]) -> None:
+    """Refuse what causal attention per sequence would get wrong: soft-capped scores (Gemma 2), or a
+    sliding window (Mistral, Gemma) shorter than the longest sequence, where it would change the result.
+
+    Raises:
+        ValueError: naming the setting and the way out.
+    """
+    window, longest = kwargs.get("sliding_window"), kwargs.get("max_length_q")
+    if window is not None and longest is None:
+        bounds = cu_seq_lens.tolist()
+        longest = max(end - start for start, end in zip(bounds, bounds[1:]))
+    problem = None
+    if kwargs.get("softcap") is not None:
+        problem = "soft-capped attention scores"
+    elif window is not None and longest > window:
+        problem = f"a {window}-token sliding window, shorter than a {longest}-token sequence"
+    if problem:
+        raise ValueError(f"train.batching=packed: this model's attention uses {problem}, which packed rows "
+                         "support only with flash_attn installed on CUDA; set train.batching=padded")
 
 
 @functools.lru_cache(maxsize=1)
