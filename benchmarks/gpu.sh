@@ -10,6 +10,10 @@ cd "$(dirname "$0")/.."
 out=${OUT:-benchmarks/gpu-logs}
 py=${PYTHON:-python3}
 archs=${ARCHS:-"qwen2.5-0.5b llama-3.2-1b"}
+if ! "$py" -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
+  echo "benchmarks/gpu.sh: $py sees no CUDA GPU; the CPU benchmarks are in the README's Performance section" >&2
+  exit 2
+fi
 mkdir -p "$out"
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 status=0
