@@ -147,11 +147,22 @@ def test_cuda_varlen_kernel_glue_gives_the_padded_loss_and_gradients(tiny, monke
         torch.testing.assert_close(grad, padded_grads[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_varlen_kernel_is_used_only_where_it_runs():
+def test_varlen_kernel_is_used_only_where_it_runs(monkeypatch):
     query = torch.zeros(1, 2, 3, 4)
     assert not packing._kernel_runs(query) and not packing._kernel_runs(query.bfloat16())  # CPU: per-sequence SDPA
-    if packing._varlen_kernel() is not None:  # this torch has it: dropout or an odd scale without `scale` opt out
-        assert packing._torch_varlen(query, None, 0.1) is None
+
+    def older(q, k, v, cu_q, cu_k, max_q, max_k, is_causal=False): ...
+
+    def newer(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1)): ...
+
+    monkeypatch.setattr(packing, "_kernel_runs", lambda query: True)
+    for kernel, accepted in ((older, frozenset()), (newer, frozenset({"scale"}))):
+        monkeypatch.setattr(packing, "_varlen_kernel", lambda kernel=kernel, accepted=accepted: (kernel, accepted))
+        assert packing._torch_varlen(query, None, 0.0)[0] is kernel
+        assert packing._torch_varlen(query, 0.5, 0.0)[0] is kernel  # 0.5 = 1/sqrt(head_dim 4), the default
+        assert packing._torch_varlen(query, None, 0.1) is None  # attention dropout: per-sequence SDPA
+        custom_scale = packing._torch_varlen(query, 0.3, 0.0)  # only a kernel with a `scale` argument takes it
+        assert (custom_scale is not None) == (kernel is newer)
 
 
 @pytest.mark.gpu
