@@ -60,17 +60,24 @@ def parameters(name: str) -> int:
 
 
 def build(name: str, tokenizer_dir: Path, out: Path, device: str) -> str:
-    """Save ``name`` with random bf16 weights (seed 0) and the tokenizer from ``tokenizer_dir`` into ``out``.
+    """Save ``name`` with random bf16 weights and the tokenizer from ``tokenizer_dir`` into ``out``."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    return save_random(config(name, tokenizer), tokenizer, out, device)
+
+
+def save_random(model_config: Any, tokenizer: Any, out: Path, device: str) -> str:
+    """Save a model of ``model_config`` with random bf16 weights (seed 0) and ``tokenizer`` into ``out``.
 
     Initialised on ``device`` (seconds on a GPU rather than minutes on CPU), then saved for the arms.
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     torch.manual_seed(0)
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config(name, tokenizer), dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_config(model_config, dtype=torch.bfloat16)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return str(out)

@@ -125,15 +125,16 @@ def _read_split(path: Path) -> list[dict]:
 
 
 def _random_init(location: str, out: Path) -> str:
-    """Save ``location``'s architecture, randomly initialised, with its tokenizer (throughput needs no weights)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    """``location``'s architecture (a hub id or directory), randomly initialised, with its tokenizer."""
+    from transformers import AutoConfig, AutoTokenizer
 
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(location), dtype=torch.bfloat16)
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(location).save_pretrained(out)
-    return str(out)
+    from loraops.utils import pick_device
+
+    try:
+        tokenizer, config = AutoTokenizer.from_pretrained(location), AutoConfig.from_pretrained(location)
+    except (OSError, ValueError) as exc:
+        sys.exit(f"--base {location} --random-init: cannot load its config and tokenizer: {exc}")
+    return architectures.save_random(config, tokenizer, out, pick_device("auto"))
 
 
 def _trainer(a: argparse.Namespace, base: str, rows: list[dict], device: str) -> tuple[object, object, str]:

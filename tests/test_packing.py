@@ -192,3 +192,19 @@ def test_packed_rows_refuse_attention_they_would_get_wrong():
         packing.varlen_sdpa_attention(module, q, q, q, None, cu_seq_lens_q=cu, softcap=50.0)
     windowed = packing.varlen_sdpa_attention(module, q, q, q, None, cu_seq_lens_q=cu, sliding_window=4)[0]
     torch.testing.assert_close(windowed, packing.varlen_sdpa_attention(module, q, q, q, None, cu_seq_lens_q=cu)[0])
+
+
+def test_a_sliding_window_model_is_refused_on_packed_rows_and_trains_padded(tiny):
+    """A real Mistral passes its window to the attention function; a window shorter than a sequence is refused."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from loraops.config import ConfigError
+
+    _, tok, items = tiny
+    config = MistralConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=2, num_key_value_heads=1, sliding_window=4, pad_token_id=tok.pad_token_id)
+    model = MistralForCausalLM(config)
+    model.set_attn_implementation(packing.packed_attention("cpu"))
+    with pytest.raises(ConfigError, match="4-token sliding window.*train.batching=padded"):
+        packing.answer_only_loss(model, collator(tok, packed=True)(items))
+    assert torch.isfinite(packing.answer_only_loss(model, collator(tok, packed=False)(items))[0])

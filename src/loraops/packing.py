@@ -19,6 +19,8 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+from loraops.config import ConfigError
+
 VARLEN_SDPA = "loraops_varlen_sdpa"
 
 
@@ -57,7 +59,7 @@ def _check_supported(cu_seq_lens: Any, kwargs: dict[str, Any]) -> None:
     sliding window (Mistral, Gemma) shorter than the longest sequence, where it would change the result.
 
     Raises:
-        ValueError: naming the setting and the way out.
+        ConfigError: naming the setting and the way out (the CLI prints it and exits 2).
     """
     window, longest = kwargs.get("sliding_window"), kwargs.get("max_length_q")
     if window is not None and longest is None:
@@ -69,7 +71,7 @@ def _check_supported(cu_seq_lens: Any, kwargs: dict[str, Any]) -> None:
     elif window is not None and longest > window:
         problem = f"a {window}-token sliding window, shorter than a {longest}-token sequence"
     if problem:
-        raise ValueError(f"train.batching=packed: this model's attention uses {problem}, which packed rows "
+        raise ConfigError(f"train.batching=packed: this model's attention uses {problem}, which packed rows "
                          "support only with flash_attn installed on CUDA; set train.batching=padded")
 
 

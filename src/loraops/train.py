@@ -2,8 +2,8 @@
 
 Loss is on answer tokens only; validation loss drives early stopping and picks the best checkpoint.
 ``train.batching`` keeps compute off padding. ``packed`` (what ``auto`` picks) flattens each batch into
-one row with per-sequence position ids; attention runs per sequence (FlashAttention-2 varlen on CUDA,
-per-sequence SDPA elsewhere, see :mod:`loraops.packing`) and logits are computed only where the loss
+one row with per-sequence position ids; attention runs per sequence (variable-length FlashAttention on
+CUDA, per-sequence SDPA elsewhere, see :mod:`loraops.packing`) and logits are computed only where the loss
 is. The batches are the same random batches as ``padded``, so the loss is the same number.
 ``length_grouped`` lets Trainer's length-grouped sampler batch sequences of similar length instead.
 """
