@@ -12,15 +12,15 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-from prefect import flow, task
+from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import deployment, flow_run
+from prefect.states import Completed
 
-from loraops import lineage, pipeline, registry, tracking
-from loraops.cli import headline
+from loraops import lineage, pipeline, registry, tracking, validity
 from loraops.config import DataSection, EvalSection, LoraSection, ModelSection, Params, RegistrySection, TrainSection
 from loraops.model import base_location
-from loraops.report import flat_metrics
+from loraops.report import flat_metrics, headline, outcome, version_description
 from loraops.train import ADAPTER_DIR, TRAIN_LOG
 
 REPO = Path(".")  # the project checkout the flow was started in; MLflow's local store lives here
@@ -45,6 +45,12 @@ IO_RETRIES = {"retries": 3, "retry_delay_seconds": [2, 5, 10], "retry_condition_
 @task(name="params")
 def resolve_params(work: Path, params_file: str, overrides: list[str]) -> Params:
     return pipeline.write_params(params_file, overrides, work)
+
+
+@task(name="metric-check")
+def metric_check(params: Params) -> dict[str, Any]:
+    """The gate metric must order graded Korean answers correctly before any training is spent on it."""
+    return validity.check_gate(params)
 
 
 @task(name="prepare")
@@ -74,7 +80,7 @@ def log_run(work: Path, run_id: str) -> dict[str, Any]:
 
 
 @task(name="register", **IO_RETRIES)
-def register(work: Path, params: Params, run_id: str, allow_dirty: bool) -> dict[str, Any]:
+def register(work: Path, params: Params, run_id: str, allow_dirty: bool, summary: dict[str, Any]) -> dict[str, Any]:
     location = base_location(params.model, work)
     card = lineage.card(params, work, location, work / ADAPTER_DIR, run_id,
                         {"id": flow_run.id, "deployment": deployment.name})
@@ -82,7 +88,8 @@ def register(work: Path, params: Params, run_id: str, allow_dirty: bool) -> dict
     with mlflow.start_run(run_id=run_id):
         mlflow.set_tags(lineage.card_tags(card))
         mlflow.log_dict(card, "lineage.json")
-    return registry.register(params, run_id, work / ADAPTER_DIR, location, card["adapter_sha256"], card)
+    return registry.register(params, run_id, work / ADAPTER_DIR, location, card["adapter_sha256"], card,
+                             version_description(summary, params.registry.gate.metric, run_id))
 
 
 @task(name="gate")
@@ -128,6 +135,8 @@ def finetune(
 
 def _finetune(work: Path, params_file: str, overrides: list[str], allow_dirty: bool) -> dict[str, Any]:
     params = resolve_params(work, params_file, overrides)
+    if params.eval.self_test:
+        metric_check(params)
     pipeline.ensure_gpu_limit()
     uri = tracking.tracking_setup(REPO)
     experiment = tracking.experiment_for(params.registry.model_name, REPO)
@@ -141,7 +150,7 @@ def _finetune(work: Path, params_file: str, overrides: list[str], allow_dirty: b
     run_id = run.info.run_id
     try:
         summary = log_run(work, run_id)
-        registered = register(work, params, run_id, allow_dirty)
+        registered = register(work, params, run_id, allow_dirty, summary)
         decision = gate(params, registered["version"]) if params.registry.auto_promote else None
     except BaseException:
         mlflow.MlflowClient().set_terminated(run_id, "FAILED")
@@ -153,4 +162,11 @@ def _finetune(work: Path, params_file: str, overrides: list[str], allow_dirty: b
     text = headline(summary) + f"\nMLflow run {run_id}; registered {registered['name']} v{registered['version']}"
     if decision is not None:
         text += "\n" + registry.describe(decision)
-    return {"run_id": run_id, "version": registered["version"], "summary_text": text, "ran": ran}
+    name, message = outcome(summary, params.registry.gate.metric, decision)
+    text += f"\noutcome: {name}: {message}"
+    result = {"run_id": run_id, "version": registered["version"], "summary_text": text, "ran": ran, "outcome": name}
+    if name in ("Promoted", "Registered"):
+        get_run_logger().info("%s: %s", name, message)
+        return result
+    get_run_logger().warning("%s: %s", name, message)
+    return Completed(name=name, message=message, data=result)

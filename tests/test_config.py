@@ -74,3 +74,12 @@ def test_prefect_form_sections_become_overrides_only_where_changed(tmp_path):
     assert written.train.learning_rate == 1e-4
     text = (tmp_path / "params.yaml").read_text(encoding="utf-8")
     assert "learning_rate: 0.0001" in text and "# loraops parameters" in text  # comments kept
+
+
+def test_code_defaults_equal_params_yaml():
+    """One source of defaults: a key left out of params.yaml means the same as the file's value."""
+    from loraops.config import _flatten
+
+    code = _flatten(Params().model_dump(mode="json"))
+    assert code == _flatten(load_params(REPO / "params.yaml").model_dump(mode="json"))
+

@@ -19,12 +19,14 @@ POLICY = GatePolicy(metric="cosine", min_gain=0.01, max_category_regression=0.05
 
 def test_gain_promotes_with_reasons():
     d = decide(_table([0.8] * 6), _table([0.6] * 6), POLICY, "production v1")
-    assert d.promote and d.figures["gain"] == 0.2 and "≥ minimum" in d.reasons[0]
+    assert d.promote and d.figures["gain"] == 0.2 and "> minimum +0.0100" in d.reasons[0]
 
 
 def test_too_small_gain_is_refused():
     d = decide(_table([0.605] * 6), _table([0.6] * 6), POLICY, "production v1")
-    assert not d.promote and "below the minimum" in d.reasons[0]
+    assert not d.promote and "does not exceed the minimum" in d.reasons[0]
+    plain = POLICY.model_copy(update={"require_significance": False})
+    assert "is not above the minimum" in decide(_table([0.605] * 6), _table([0.6] * 6), plain, "p").reasons[0]
 
 
 def test_slice_regression_is_refused_even_with_overall_gain():
@@ -50,7 +52,7 @@ def test_only_shared_questions_count():
 def test_no_production_compares_with_base_and_significance():
     policy = POLICY.model_copy(update={"require_significance": True})
     noisy = decide(_table([0.7, 0.5, 0.7, 0.5, 0.62, 0.58]), _table([0.6] * 6), policy, "base model (no production yet)")
-    assert not noisy.promote and any("includes 0" in r for r in noisy.reasons)
+    assert not noisy.promote and any("not measurably better" in r for r in noisy.reasons)
     clear = decide(_table([0.8, 0.82, 0.79, 0.81, 0.8, 0.83]), _table([0.6] * 6), policy, "base model (no production yet)")
     assert clear.promote and clear.against.startswith("base model")
 
@@ -62,3 +64,30 @@ def test_rubric_minimum_applies_only_when_reviews_exist():
     low = decide(cand, ref, policy, "production v1", rubric=3.1)
     assert not low.promote and "rubric mean 3.10 is below the minimum 3.50" in low.reasons[-1]
     assert decide(cand, ref, policy, "production v1", rubric=4.0).promote
+
+
+DEFAULT = GatePolicy(metric="morph_f1", min_test_size=4)
+
+
+def test_default_gate_refuses_a_tie():
+    """A training that did nothing scores like its reference: the default gate must not promote it."""
+    d = decide(_table([0.5] * 30), _table([0.5] * 30), DEFAULT, "base model (no production yet)")
+    assert not d.promote and any("not measurably better" in r for r in d.reasons)
+
+
+def test_default_gate_refuses_noise_but_promotes_a_clear_gain():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    noise = rng.normal(0, 0.2, 30)
+    assert not decide(_table(list(0.5 + noise)), _table([0.5] * 30), DEFAULT, "p").promote
+    assert decide(_table(list(0.7 + noise / 4)), _table([0.5] * 30), DEFAULT, "p").promote
+
+
+def test_more_degenerate_answers_are_refused_even_with_a_gain():
+    cand = _table([0.9] * 10).assign(degenerate=[True] * 2 + [False] * 8)
+    ref = _table([0.5] * 10).assign(degenerate=False)
+    d = decide(cand, ref, DEFAULT, "production v1")
+    assert not d.promote and any(r.startswith("degenerate answers 20.0% vs 0.0%") for r in d.reasons)
+    assert d.figures["degenerate_rate"] == {"candidate": 0.2, "reference": 0.0}
+    assert decide(cand, ref.assign(degenerate=cand["degenerate"]), DEFAULT, "p").promote

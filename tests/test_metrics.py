@@ -1,4 +1,4 @@
-"""The metric pack on Korean probes, its self-test, empty answers, and a broken encoder."""
+"""The metric pack on Korean text: identity, NFC/NFD, empty and degenerate answers, morphemes, a broken encoder."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from loraops.config import EvalSection
-from loraops.metrics import MetricError, MetricPack, check, exact_match, self_test, token_f1
+from loraops.metrics import MetricError, MetricPack, exact_match, lcs_length, morph_f1, token_f1
 from loraops.report import compare, paired_bootstrap, summarize
 
 
@@ -44,10 +44,21 @@ def test_empty_answers_score_zero_without_crashing(pack):
     assert all(values == [0.0, 0.0, 0.0] for values in scores.values())
 
 
-def test_self_test_passes_and_reports_every_metric(pack):
-    rows = check(pack)
-    assert all(r["passed"] for r in rows)
-    assert {r["metric"] for r in rows} == set(pack.columns)
+def test_judge_scores_degenerate_answers_zero_and_says_why(pack):
+    loop = "벽지가 들뜨는 " * 8
+    scores, reasons = pack.judge([loop, "습기 때문에 벽지가 들뜹니다.", "\ufffd다 벽체\ufffd\ufffd 물을"], [KO, KO, KO])
+    assert reasons[0].startswith("repetition loop") and reasons[1] is None and reasons[2].startswith("undecodable")
+    assert pack.score([loop], [KO])["cosine"][0] > 0.5  # the bare metric rewards the loop ...
+    for column, values in scores.items():  # ... the judged score does not
+        assert values[0] == 0.0 and values[2] == 0.0, column
+    assert scores["morph_f1"][1] > 0.5
+
+
+def test_morphemes_drop_particles_and_endings(pack):
+    """Particles and endings differ between the two forms; the content morphemes are the same."""
+    assert pack._morph("벽지가 들뜹니다") == pack._morph("벽지는 들뜨고") == ["벽지", "들뜨"]
+    assert morph_f1(["a", "b", "b"], ["b", "c"]) == pytest.approx(2 * (1 / 3) * 0.5 / (1 / 3 + 0.5))
+    assert lcs_length(list("abcbdab"), list("bdcaba")) == 4
 
 
 def test_exact_match_and_token_f1():
@@ -60,18 +71,13 @@ def test_missing_encoder_names_the_key(tmp_path):
         MetricPack(EvalSection(metrics=["cosine"], cosine_model=str(tmp_path / "nope")))
 
 
-def test_broken_encoder_fails_the_self_test(tmp_path):
-    """A BERTScore layer that does not exist in the encoder must stop evaluation, never feed the gate."""
+def test_broken_encoder_is_not_valid_and_names_the_key():
+    """A BERTScore layer the encoder lacks must never feed the gate: validity measures it blind."""
+    from loraops.validity import measure, require_valid
+
+    cfg = EvalSection(metrics=["bertscore"], bertscore_layer=40)
     with pytest.raises(MetricError, match="eval.bertscore_model"):
-        check(MetricPack(EvalSection(metrics=["bertscore"], bertscore_layer=40)))
-
-
-def test_self_test_catches_a_degenerate_metric(pack, monkeypatch):
-    monkeypatch.setattr(pack, "score", lambda c, r: {col: [0.5] * len(c) for col in pack.columns})
-    rows = self_test(pack)
-    assert not any(r["passed"] for r in rows if r["probe"].startswith("identical"))
-    with pytest.raises(MetricError, match=r"self-test failed: bertscore_p on probe identical\[0\]"):
-        check(pack)
+        require_valid(measure(MetricPack(cfg), cfg), "bertscore_f1", cfg)
 
 
 def test_paired_bootstrap_fixed_seed():

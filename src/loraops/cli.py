@@ -16,7 +16,8 @@ from typing import Any, Callable, Optional
 
 import typer
 
-from loraops.config import ConfigError, Params, load_params
+from loraops.config import Params, load_params
+from loraops.errors import ConfigError, LoraopsError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Domain Q&A data → a gated, traceable LoRA adapter.")
 review_app = typer.Typer(no_args_is_help=True, help="Human rubric review of answers.")
@@ -27,13 +28,7 @@ SetOpt = typer.Option(None, "--set", help="Override a param: dotted.key=value (r
 
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
-    from loraops.metrics import MetricError
-    from loraops.model import ModelError
-    from loraops.readers import DataError
-    from loraops.pipeline import StageError
-    from loraops.registry import RegistryError
-
-    return (ConfigError, DataError, ModelError, MetricError, RegistryError, StageError)
+    return (LoraopsError,)
 
 
 def friendly(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -89,22 +84,45 @@ def train(params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt) -> None:
 @app.command()
 @friendly
 def evaluate(params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt,
-             self_test: bool = typer.Option(False, "--self-test", help="Only run the metric self-tests and print the probe table.")) -> None:
+             self_test: bool = typer.Option(False, "--self-test", help="Only measure metric validity on the Korean probes and print it.")) -> None:
     """Answer the test split with base and tuned models and score them → metrics/eval.json, reports/eval.md."""
     from loraops import evaluate as evaluate_stage
-    from loraops.metrics import MetricPack, self_test as probe
+    from loraops import validity
+    from loraops.metrics import MetricPack
     from loraops.utils import pick_device
 
     p = _params(params, set_)
     if self_test:
-        rows = probe(MetricPack(p.eval, device=pick_device(p.base.device)))
-        for row in rows:
-            typer.echo(f"{'PASS' if row['passed'] else 'FAIL'}  {row['metric']:<13} {row['probe']:<22} {row['value']:.6f}")
-        failed = sum(not r["passed"] for r in rows)
-        typer.echo(f"{len(rows) - failed} passed, {failed} failed")
-        raise typer.Exit(1 if failed else 0)
+        measured = validity.measure(MetricPack(p.eval, device=pick_device(p.base.device)), p.eval, p.base.seed)
+        typer.echo(validity.describe(measured))
+        gate = p.registry.gate.metric
+        typer.echo(f"thresholds: paraphrase>unrelated >= {p.eval.min_paraphrase_over_unrelated}, "
+                   f"real>garbage >= {p.eval.min_real_over_garbage}, identity = 1")
+        validity.require_valid(measured, gate, p.eval)
+        typer.echo(f"gate metric {gate} (registry.gate.metric) is valid")
+        return
+    from loraops.report import headline
+
     summary = evaluate_stage.run(p)
     typer.echo(headline(summary))
+
+
+@app.command()
+@friendly
+def score(pairs: Path = typer.Argument(..., help="CSV with columns reference, candidate (optional id, category)."),
+          out: Path = typer.Option(..., "--out", help="Where to write the scored CSV."),
+          as_json: bool = typer.Option(False, "--json", help="Print the means per metric as JSON."),
+          params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt) -> None:
+    """Score (reference, candidate) pairs with the metric pack, after the degenerate check → SCORES.csv."""
+    from loraops import score as scorer
+
+    result = scorer.run(_params(params, set_), pairs, out)
+    if as_json:
+        typer.echo(json.dumps(result, ensure_ascii=False, indent=2))
+        return
+    typer.echo(f"scored {result['n']} pairs ({result['degenerate']} degenerate) → {out}")
+    for metric, value in result["metrics"].items():
+        typer.echo(f"  {metric:<14}{value:.4f}")
 
 
 def _quiet_expected_tracebacks() -> None:
@@ -121,14 +139,6 @@ def _quiet_expected_tracebacks() -> None:
 
     for name in ("prefect.flow_runs", "prefect.task_runs"):
         logging.getLogger(name).addFilter(_Filter())
-
-
-def headline(summary: dict[str, Any]) -> str:
-    """Base vs tuned means, one line per metric."""
-    lines = [f"{'metric':<14}{'base':>9}{'tuned':>9}{'delta':>9}   95% CI of delta"]
-    for metric, s in summary["metrics"].items():
-        lines.append(f"{metric:<14}{s['base']:>9.4f}{s['tuned']:>9.4f}{s['delta']:>+9.4f}   [{s['ci95'][0]:+.4f}, {s['ci95'][1]:+.4f}]")
-    return "\n".join(lines)
 
 
 @app.command()
@@ -193,9 +203,12 @@ def ask(question: Optional[str] = typer.Argument(None),
         return
     if not question:
         raise ConfigError("ask needs a question, or --file")
-    for piece in serve.stream_answer(uri, question):
+    dropped: list[int] = []
+    for piece in serve.stream_answer(uri, question, dropped):
         typer.echo(piece, nl=False)
     typer.echo()
+    if dropped:
+        typer.secho(f"note: {sum(dropped)} undecodable character(s) were dropped from the answer", err=True, fg=typer.colors.YELLOW)
 
 
 @app.command()

@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from loraops.errors import ConfigError
 
 DEFAULT_PARAMS = Path("params.yaml")
 TINY_BASE = "tiny-ko"
@@ -23,8 +24,6 @@ CONTENT_POS = ("NNG", "NNP", "NR", "NP", "VV", "VA", "MAG", "XR", "SL", "SN", "S
 GATE_METRIC = "morph_f1"
 
 
-class ConfigError(ValueError):
-    """Invalid parameters; the message lists every problem, one per line, each naming its key."""
 
 
 class _Section(BaseModel):
@@ -192,8 +191,6 @@ class Params(_Section):
         if self.registry.gate.metric not in columns:
             raise ValueError(f"registry.gate.metric: {self.registry.gate.metric!r} is not computed by eval.metrics "
                              f"({', '.join(self.eval.metrics)}); choose one of {', '.join(columns)}")
-        if self.train.eval_steps > self.train.max_steps:
-            raise ValueError(f"train.eval_steps ({self.train.eval_steps}) must be <= train.max_steps ({self.train.max_steps})")
         return self
 
     def flat(self) -> dict[str, Any]:

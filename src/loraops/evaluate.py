@@ -7,6 +7,7 @@ padding over length-sorted prompts, greedy by default.
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,9 @@ import pandas as pd
 
 from loraops.config import EvalSection, Params
 from loraops.data import load_split
-from loraops.metrics import MetricPack, check
+from loraops.degenerate import clean
+from loraops.metrics import MetricPack
+from loraops.validity import measure, require_valid
 from loraops.model import ModelError, base_location, load_base, load_tokenizer
 from loraops.report import flat_metrics, markdown, plots, summarize
 from loraops.train import ADAPTER_DIR
@@ -77,32 +80,86 @@ def load_tuned(params: Params, adapter_dir: Path, device: str, root: Path = Path
 
 
 def score_table(rows: list[dict], base_answers: list[str], tuned_answers: list[str], pack: MetricPack) -> pd.DataFrame:
-    """The per-question table: question, reference, both answers and every score."""
+    """The per-question table: question, reference, both answers as a reader sees them, degenerate flags, scores.
+
+    Answers are judged as generated (undecodable bytes included, so they count against the model);
+    the table keeps them cleaned of U+FFFD, with the number of dropped characters.
+    """
     references = [r["answer"] for r in rows]
     table = pd.DataFrame({
         "id": [r["id"] for r in rows], "group": [r["group"] for r in rows], "category": [r["category"] for r in rows],
         "question": [r["question"] for r in rows], "reference": references,
-        "base_answer": base_answers, "tuned_answer": tuned_answers,
     })
     for prefix, answers in (("base", base_answers), ("tuned", tuned_answers)):
-        for column, values in pack.score(answers, references).items():
+        cleaned = [clean(a) for a in answers]
+        table[f"{prefix}_answer"] = [text for text, _ in cleaned]
+        table[f"{prefix}_dropped_chars"] = [dropped for _, dropped in cleaned]
+        scores, reasons = pack.judge(answers, references)
+        table[f"{prefix}_degenerate"] = [reason is not None for reason in reasons]
+        table[f"{prefix}_degenerate_reason"] = [reason or "" for reason in reasons]
+        for column, values in scores.items():
             table[f"{prefix}_{column}"] = values
     return table
 
 
-def select_rows(rows: list[dict], max_samples: int | None) -> list[dict]:
-    """The first ``max_samples`` test rows in id order (deterministic)."""
+def select_rows(rows: list[dict], max_samples: int | None, seed: int = 0) -> list[dict]:
+    """A seeded sample of whole source groups, stratified by category, of about ``max_samples`` test rows.
+
+    Every category gets a share of the sample proportional to its size and at least one group, so a
+    small sample still scores every category; paraphrases of one source row stay together.
+    """
     rows = sorted(rows, key=lambda r: r["id"])
-    return rows[:max_samples] if max_samples else rows
+    if not max_samples or max_samples >= len(rows):
+        return rows
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(str(row["group"]), []).append(row)
+    by_category: dict[str, list[list[dict]]] = {}
+    for members in groups.values():
+        by_category.setdefault(str(members[0]["category"]), []).append(members)
+    rng = random.Random(seed)
+    picked: list[dict] = []
+    for category, quota in _quotas({c: sum(map(len, g)) for c, g in by_category.items()}, max_samples).items():
+        taken = 0
+        for members in rng.sample(by_category[category], len(by_category[category])):
+            if taken >= quota:
+                break
+            picked += members
+            taken += len(members)
+    return sorted(picked, key=lambda r: r["id"])
+
+
+def _quotas(sizes: dict[str, int], total: int) -> dict[str, int]:
+    """Rows per category: proportional (largest remainder), at least 1 each."""
+    whole = sum(sizes.values())
+    exact = {c: total * n / whole for c, n in sorted(sizes.items())}
+    quotas = {c: max(1, int(v)) for c, v in exact.items()}
+    for c in sorted(exact, key=lambda c: exact[c] - int(exact[c]), reverse=True)[: max(0, total - sum(quotas.values()))]:
+        quotas[c] += 1
+    return quotas
+
+
+def degenerate_summary(table: pd.DataFrame) -> dict[str, Any]:
+    """Per model: how many answers were flagged degenerate, their share, and how often each reason came up."""
+    out = {}
+    for model in ("base", "tuned"):
+        reasons = table[f"{model}_degenerate_reason"][table[f"{model}_degenerate"]]
+        kinds = reasons.str.split(":").str[0].value_counts().sort_index()
+        out[model] = {"count": int(len(reasons)), "rate": round(len(reasons) / max(len(table), 1), 6),
+                      "reasons": {str(k): int(v) for k, v in kinds.items()}}
+    return out
 
 
 def run(params: Params, root: Path = Path("."), self_test: bool | None = None) -> dict[str, Any]:
     """Generate, score and write ``metrics/eval.json``, ``reports/eval.md``, the table and the plots."""
     device = pick_device(params.base.device)
     pack = MetricPack(params.eval, device=device)
+    validity = None
     if params.eval.self_test if self_test is None else self_test:
-        check(pack)
-    rows = select_rows(load_split("test", root), params.eval.max_samples)
+        validity = measure(pack, params.eval, params.base.seed)
+        require_valid(validity, params.registry.gate.metric, params.eval)
+    test_rows = load_split("test", root)
+    rows = select_rows(test_rows, params.eval.max_samples, params.base.seed)
     model, tokenizer = load_tuned(params, root / ADAPTER_DIR, device, root)
     prompts = [r["prompt"] for r in rows]
     tuned = generate(model, tokenizer, prompts, params.eval, device)
@@ -114,6 +171,11 @@ def run(params: Params, root: Path = Path("."), self_test: bool | None = None) -
     slice_columns = ["category"] + [c for c in params.data.attribute_columns if c in table]
     summary = summarize(table, pack.columns, slice_columns, params.eval.bootstrap_samples, params.base.seed,
                         params.eval.min_slice_size)
+    summary["degenerate"] = degenerate_summary(table)
+    summary["sample"] = {"n": len(rows), "of": len(test_rows), "seed": params.base.seed,
+                         "stratified_by": "category, whole source groups" if len(rows) < len(test_rows) else None}
+    if validity is not None:
+        summary["validity"] = {r["metric"]: r for r in validity.table.to_dict("records")}
     primary = params.registry.gate.metric if params.registry.gate.metric in pack.columns else pack.columns[0]
     (root / TABLE).parent.mkdir(parents=True, exist_ok=True)
     atomic_write(root / TABLE, table.to_csv(index=False))

@@ -30,15 +30,18 @@ def decide(candidate: pd.DataFrame, reference: pd.DataFrame, policy: GatePolicy,
            samples: int = 1000, seed: int = 0, min_slice: int = 5, rubric: float | None = None) -> Decision:
     """Compare candidate and reference scores question by question.
 
-    Both tables have columns ``question``, ``reference``, ``category`` and ``score`` (the primary metric).
-    Rows are matched on (question, reference). The candidate passes when there are at least
-    ``min_test_size`` shared questions, the mean gain is at least ``min_gain``, no category of at least
-    ``min_slice`` questions drops by more than ``max_category_regression``, and — when required — the
-    bootstrap 95% interval of the gain excludes zero; when ``min_rubric_mean`` is set and the candidate
-    has human reviews (``rubric``, the tuned answers' mean 1–5), that mean must reach it.
+    Both tables have columns ``question``, ``reference``, ``category``, ``score`` (the primary metric)
+    and optionally ``degenerate``. Rows are matched on (question, reference). The candidate passes when
+    there are at least ``min_test_size`` shared questions; the gain exceeds ``min_gain`` — its bootstrap
+    95% lower bound when ``require_significance`` (the default), else its mean, so a tie never passes;
+    no category of at least ``min_slice`` questions drops by more than ``max_category_regression``; its
+    share of degenerate answers is not higher than the reference's by more than
+    ``max_degenerate_increase``; and, when ``min_rubric_mean`` is set and the candidate has human reviews
+    (``rubric``, the tuned answers' mean 1–5), that mean reaches it.
     """
-    merged = candidate[KEY + ["category", "score"]].merge(
-        reference[KEY + ["score"]], on=KEY, suffixes=("_candidate", "_reference"))
+    candidate, reference = _with_flags(candidate), _with_flags(reference)
+    merged = candidate[KEY + ["category", "score", "degenerate"]].merge(
+        reference[KEY + ["score", "degenerate"]], on=KEY, suffixes=("_candidate", "_reference"))
     merged = merged.drop_duplicates(subset=KEY)
     deltas = (merged["score_candidate"] - merged["score_reference"]).to_numpy(dtype=float)
     figures: dict[str, Any] = {"metric": policy.metric, "shared_questions": int(len(merged))}
@@ -53,11 +56,27 @@ def decide(candidate: pd.DataFrame, reference: pd.DataFrame, policy: GatePolicy,
                    gain=round(gain, 6), ci95=[round(low, 6), round(high, 6)],
                    wins=int((deltas > 1e-9).sum()), losses=int((deltas < -1e-9).sum()))
     ok = True
-    if gain < policy.min_gain:
+    if policy.require_significance:
+        if low <= policy.min_gain:
+            ok = False
+            reasons.append(f"mean {policy.metric} gain {gain:+.4f}, 95% interval [{low:+.4f}, {high:+.4f}]: its lower end "
+                           f"does not exceed the minimum {policy.min_gain:+.4f} (not measurably better)")
+        else:
+            reasons.append(f"mean {policy.metric} gain {gain:+.4f}, 95% interval [{low:+.4f}, {high:+.4f}] > minimum "
+                           f"{policy.min_gain:+.4f}")
+    elif gain <= policy.min_gain:
         ok = False
-        reasons.append(f"mean {policy.metric} gain {gain:+.4f} is below the minimum {policy.min_gain:+.4f}")
+        reasons.append(f"mean {policy.metric} gain {gain:+.4f} is not above the minimum {policy.min_gain:+.4f}")
     else:
-        reasons.append(f"mean {policy.metric} gain {gain:+.4f} ≥ minimum {policy.min_gain:+.4f}")
+        reasons.append(f"mean {policy.metric} gain {gain:+.4f} > minimum {policy.min_gain:+.4f} (significance not required)")
+    rates = (float(merged["degenerate_candidate"].mean()), float(merged["degenerate_reference"].mean()))
+    figures["degenerate_rate"] = {"candidate": round(rates[0], 6), "reference": round(rates[1], 6)}
+    if rates[0] > rates[1] + policy.max_degenerate_increase + 1e-12:
+        ok = False
+        reasons.append(f"degenerate answers {rates[0]:.1%} vs {rates[1]:.1%} for {against} (allowed increase "
+                       f"{policy.max_degenerate_increase:.1%})")
+    else:
+        reasons.append(f"degenerate answers {rates[0]:.1%} vs {rates[1]:.1%} for {against}")
     slices = {}
     for category, part in merged.groupby("category", sort=True):
         change = float((part["score_candidate"] - part["score_reference"]).mean())
@@ -67,12 +86,6 @@ def decide(candidate: pd.DataFrame, reference: pd.DataFrame, policy: GatePolicy,
             reasons.append(f"category {category!s} regresses by {-change:.4f} (> {policy.max_category_regression}) "
                            f"on {len(part)} questions")
     figures["categories"] = slices
-    if policy.require_significance:
-        if low <= 0:
-            ok = False
-            reasons.append(f"95% interval of the gain [{low:+.4f}, {high:+.4f}] includes 0 (require_significance)")
-        else:
-            reasons.append(f"95% interval of the gain [{low:+.4f}, {high:+.4f}] excludes 0")
     if policy.min_rubric_mean is not None:
         if rubric is None:
             reasons.append("no rubric reviews for the candidate; the rubric check does not apply")
@@ -84,9 +97,18 @@ def decide(candidate: pd.DataFrame, reference: pd.DataFrame, policy: GatePolicy,
     return Decision(ok, reasons, against, figures)
 
 
+def _with_flags(table: pd.DataFrame) -> pd.DataFrame:
+    return table if "degenerate" in table.columns else table.assign(degenerate=False)
+
+
 def scores_from_table(table: pd.DataFrame, column: str) -> pd.DataFrame:
-    """Reduce an eval table to the gate's columns using ``column`` as the score."""
+    """Reduce an eval table to the gate's columns using ``column`` (``base_<m>`` or ``tuned_<m>``) as the score.
+
+    The model's degenerate flags come along when the table has them (tables older than the check have none).
+    """
     if column not in table.columns:
         raise KeyError(column)
+    flags = f"{column.split('_', 1)[0]}_degenerate"
+    degenerate = table[flags].astype(str).str.lower().eq("true") if flags in table.columns else False
     return pd.DataFrame({"question": table["question"], "reference": table["reference"],
-                         "category": table["category"], "score": table[column].astype(float)})
+                         "category": table["category"], "score": table[column].astype(float), "degenerate": degenerate})

@@ -16,6 +16,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
 
+from loraops.errors import MetricError
 from loraops.config import BUNDLED_ENCODER, EvalSection
 from loraops.degenerate import detect
 
@@ -25,8 +26,6 @@ SIMILARITY = {"bertscore": ["bertscore_p", "bertscore_r", "bertscore_f1"], "cosi
 ENCODER_KEYS = {"bertscore": "eval.bertscore_model", "cosine": "eval.cosine_model"}
 
 
-class MetricError(RuntimeError):
-    """A metric cannot be built or failed its self-test; the message names the key or the probe."""
 
 
 def resolve_encoder(name: str) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from loraops.errors import ModelError
 from loraops.config import TINY_BASE, ModelSection, TinyBase
 from loraops.utils import atomic_dir, write_json
 
@@ -18,8 +19,6 @@ TINY_BASE_DIR = Path("models/base")
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
 
 
-class ModelError(RuntimeError):
-    """The base model or adapter cannot be loaded or used as configured."""
 
 
 def base_location(cfg: ModelSection, root: Path = Path(".")) -> str:

@@ -11,14 +11,13 @@ import sys
 from pathlib import Path
 from typing import Any, Iterator
 
+from loraops.errors import StageError
 from loraops.config import DEFAULT_PARAMS, ConfigError, Params, load_params, parse_override
-from loraops.registry import RegistryError
+from loraops.errors import RegistryError
 
 STAGES = ("prepare", "train", "evaluate")
 
 
-class StageError(RuntimeError):
-    """A DVC stage failed; its command already printed why."""
 
 
 def write_params(params_file: str, overrides: list[str], root: Path = Path(".")) -> Params:

@@ -14,13 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from loraops.errors import DataError
 from loraops.config import DataSection
 
 _TEXT_SUFFIXES = {".csv", ".tsv", ".jsonl", ".json"}
 
 
-class DataError(ValueError):
-    """Unusable input data; the message names the file and the row, line or column."""
 
 
 @dataclass(frozen=True)

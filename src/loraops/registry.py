@@ -18,6 +18,7 @@ import mlflow
 import pandas as pd
 from mlflow.exceptions import MlflowException
 
+from loraops.errors import RegistryError
 from loraops.config import Params
 from loraops.gate import Decision, decide, scores_from_table
 from loraops.tracking import experiment_for, tracking_setup
@@ -26,8 +27,6 @@ HISTORY_TAG = "loraops.production_history"
 SHA_TAG = "loraops.adapter_sha256"
 
 
-class RegistryError(RuntimeError):
-    """Unknown model/version/alias, missing lineage, or a refused registry operation."""
 
 
 def _client() -> mlflow.MlflowClient:
@@ -46,7 +45,7 @@ def actor() -> str:
 
 
 def register(params: Params, run_id: str, adapter_dir: Path, base_location: str, adapter_sha: str,
-             lineage: dict[str, Any]) -> dict[str, Any]:
+             lineage: dict[str, Any], description: str | None = None) -> dict[str, Any]:
     """Log the pyfunc model in ``run_id``, register a version, tag it with the lineage, alias it ``candidate``.
 
     An adapter already registered under the same sha256 is not registered again; the candidate alias
@@ -76,6 +75,8 @@ def register(params: Params, run_id: str, adapter_dir: Path, base_location: str,
             code_paths=[str(Path(loraops.__file__).parent)], pip_requirements=_requirements(),
         )
     version = mlflow.register_model(info.model_uri, name, tags={SHA_TAG: adapter_sha, **_lineage_tags(lineage)})
+    if description:
+        client.update_model_version(name, version.version, description=description)
     client.set_registered_model_alias(name, "candidate", version.version)
     return {"name": name, "version": str(version.version), "reused": False}
 
@@ -142,41 +143,65 @@ def eval_table(client: mlflow.MlflowClient, mv: Any) -> pd.DataFrame:
     return eval_table_of_run(mv.run_id)
 
 
+PROMOTE_WAIT_SECONDS = float(os.environ.get("LORAOPS_PROMOTE_WAIT_SECONDS", "300"))
+
+
 @contextlib.contextmanager
-def _lock(name: str) -> Iterator[None]:
-    """One alias move per model at a time (a lock file beside the local store).
+def _lock(name: str, timeout: float | None = None) -> Iterator[None]:
+    """One promote/rollback per model at a time; a second one waits its turn.
+
+    On this host an OS file lock (released by the kernel when its holder dies, so never stale); with a
+    shared Prefect server (``PREFECT_API_URL`` set, team mode) also a leased slot of the global
+    concurrency limit ``promote-<name>``, which serialises promotions across hosts.
 
     Raises:
-        RegistryError: when another live process holds the lock.
+        RegistryError: when the lock is not free within ``timeout`` seconds (default 300), naming its holder.
     """
+    from filelock import FileLock, Timeout
+
+    from loraops.utils import atomic_write
+
+    timeout = PROMOTE_WAIT_SECONDS if timeout is None else timeout
     path = Path("mlruns/.locks") / f"{name}.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
-    for _ in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            break
-        except FileExistsError:
-            holder = json.loads(path.read_text() or "{}")
-            if _alive(holder.get("pid", -1)):
-                raise RegistryError(f"another promote/rollback of {name!r} is in progress (pid {holder['pid']} since "
-                                    f"{holder.get('since')}); try again when it finishes") from None
-            path.unlink(missing_ok=True)  # stale: its process is gone
-    else:  # pragma: no cover - raced twice
-        raise RegistryError(f"could not take the promotion lock {path}")
-    with os.fdopen(fd, "w") as fh:
-        json.dump({"pid": os.getpid(), "since": time.strftime("%Y-%m-%dT%H:%M:%S")}, fh)
+    holder = path.with_suffix(".holder.json")
     try:
-        yield
+        local = FileLock(str(path), timeout=timeout)
+        local.acquire()
+    except Timeout:
+        raise RegistryError(f"another promote/rollback of {name!r} is in progress ({_holder(holder)}); "
+                            f"waited {timeout:g}s, try again when it finishes") from None
+    try:
+        atomic_write(holder, json.dumps({"pid": os.getpid(), "by": actor(), "since": time.strftime("%Y-%m-%dT%H:%M:%S")}))
+        with _shared_lock(name, timeout):
+            yield
     finally:
-        path.unlink(missing_ok=True)
+        holder.unlink(missing_ok=True)
+        local.release()
 
 
-def _alive(pid: int) -> bool:
+def _holder(path: Path) -> str:
     try:
-        os.kill(pid, 0)
-    except (OSError, ValueError):
-        return False
-    return True
+        info = json.loads(path.read_text(encoding="utf-8"))
+        return f"pid {info['pid']}, {info['by']}, since {info['since']}"
+    except (OSError, ValueError, KeyError):  # gone or unreadable: the lock itself is what counts
+        return "holder unknown"
+
+
+@contextlib.contextmanager
+def _shared_lock(name: str, timeout: float) -> Iterator[None]:
+    if not os.environ.get("PREFECT_API_URL"):
+        yield
+        return
+    from loraops.concurrency import ensure_limit, slot
+
+    limit = f"promote-{name}"
+    ensure_limit(limit, 1)
+    try:
+        with slot(limit, timeout_seconds=timeout, lease_duration=120):
+            yield
+    except TimeoutError:
+        raise RegistryError(f"another promote/rollback of {name!r} holds the Prefect limit {limit}; waited {timeout:g}s") from None
 
 
 def _reference_scores(client: mlflow.MlflowClient, name: str, candidate: pd.DataFrame, params: Params,
@@ -238,8 +263,23 @@ def promote(name: str, version: str | None, params: Params, force: bool = False,
             _move_production(client, name, target, previous)
         result = {"name": name, "version": target, "previous": previous, "promoted": moved,
                   "forced": force and not decision.promote, "reason": reason, "decision": decision.to_dict()}
-        audit(client, name, "promote" if moved else "refuse", previous, target if moved else previous, result)
+        record_verdict(client, name, target, result)
+        audit(client, name, "promote" if moved else "refuse", previous, target, result)
         return result
+
+
+def record_verdict(client: mlflow.MlflowClient, name: str, version: str, result: dict[str, Any]) -> None:
+    """Put the gate's decision and its reasons on the judged version: tags and its description."""
+    verdict = "forced" if result["forced"] else ("promoted" if result["promoted"] else "refused")
+    decision = result["decision"]
+    client.set_model_version_tag(name, version, "gate.verdict", verdict)
+    client.set_model_version_tag(name, version, "gate.against", decision["against"])
+    client.set_model_version_tag(name, version, "gate.reasons", json.dumps(decision["reasons"], ensure_ascii=False)[:4900])
+    mv = client.get_model_version(name, version)
+    head = (mv.description or "").split("\n\n## Gate", 1)[0]
+    lines = [f"## Gate: {verdict.upper()} vs {decision['against']} ({time.strftime('%Y-%m-%d %H:%M')})", ""]
+    lines += [f"- {reason}" for reason in decision["reasons"]]
+    client.update_model_version(name, version, description=(head + "\n\n" if head else "") + "\n".join(lines))
 
 
 def rollback(name: str, params: Params) -> dict[str, Any]:
@@ -286,16 +326,23 @@ def audit(client: mlflow.MlflowClient, name: str, action: str, from_version: str
     """Record an alias decision as version tags and as a run in the ``<name>-audit`` experiment."""
     when = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     entry = {"when": when, "by": actor(), "action": action, "from": from_version, "to": to_version, **record}
-    target = to_version or record.get("version")
-    if target:
-        client.set_model_version_tag(name, target, f"audit.{int(time.time() * 1000)}", json.dumps(
+    if to_version:
+        client.set_model_version_tag(name, to_version, f"audit.{int(time.time() * 1000)}", json.dumps(
             {k: entry[k] for k in ("when", "by", "action", "from", "to")}, ensure_ascii=False))
     experiment = experiment_for(f"{name}-audit")
-    with mlflow.start_run(experiment_id=experiment, run_name=f"{action} v{from_version}→v{to_version}", nested=mlflow.active_run() is not None):
+    with mlflow.start_run(experiment_id=experiment, run_name=audit_name(action, from_version, to_version),
+                          nested=mlflow.active_run() is not None):
         mlflow.set_tags({"loraops.action": action, "loraops.by": entry["by"], "loraops.model": name})
         mlflow.log_params({"action": action, "from_version": str(from_version), "to_version": str(to_version),
                            "forced": str(record.get("forced", False)), "reason": str(record.get("reason"))})
         mlflow.log_dict(entry, "audit.json")
+
+
+def audit_name(action: str, from_version: str | None, to_version: str | None) -> str:
+    """The audit run's name: ``promote v1→v2``, ``refuse v3 (production v2)``, ``rollback v2→v1``."""
+    if action == "refuse":
+        return f"refuse v{to_version} (production {'v' + from_version if from_version else 'none: the base model'})"
+    return f"{action} v{from_version or '-'}→v{to_version}"
 
 
 def audit_trail(name: str) -> list[dict[str, Any]]:

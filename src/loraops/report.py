@@ -62,12 +62,63 @@ def flat_metrics(summary: dict[str, Any]) -> dict[str, float]:
         for key in ("base", "tuned", "delta", "wins", "ties", "losses"):
             flat[f"eval/{metric}/{key}"] = stats[key]
         flat[f"eval/{metric}/delta_ci_low"], flat[f"eval/{metric}/delta_ci_high"] = stats["ci95"]
+    for model, stats in summary.get("degenerate", {}).items():
+        flat[f"eval/degenerate/{model}"], flat[f"eval/degenerate_rate/{model}"] = stats["count"], stats["rate"]
+    for metric, row in summary.get("validity", {}).items():
+        flat[f"validity/{metric}/paraphrase_over_unrelated"] = row["paraphrase>unrelated"]
+        flat[f"validity/{metric}/real_over_garbage"] = row["real>garbage"]
     for column, groups in summary["slices"].items():
         for value, stats in groups.items():
             for metric in summary["metrics"]:
                 for key in ("base", "tuned", "delta"):
                     flat[f"slice/{column}/{value}/{metric}/{key}"] = stats[metric][key]
     return flat
+
+
+def headline(summary: dict[str, Any]) -> str:
+    """Base vs tuned means, one line per metric, then the degenerate counts."""
+    validity = summary.get("validity", {})
+    lines = [f"{'metric':<14}{'base':>9}{'tuned':>9}{'delta':>9}   95% CI of delta"]
+    for metric, s in summary["metrics"].items():
+        note = "   (not valid on Korean)" if metric in validity and not validity[metric]["valid"] else ""
+        lines.append(f"{metric:<14}{s['base']:>9.4f}{s['tuned']:>9.4f}{s['delta']:>+9.4f}   "
+                     f"[{s['ci95'][0]:+.4f}, {s['ci95'][1]:+.4f}]{note}")
+    degenerate = summary.get("degenerate")
+    if degenerate:
+        lines.append(f"degenerate answers: base {degenerate['base']['count']}/{summary['n']}, "
+                     f"tuned {degenerate['tuned']['count']}/{summary['n']} (scored 0)")
+    return "\n".join(lines)
+
+
+def outcome(summary: dict[str, Any], primary: str, gate: dict[str, Any] | None) -> tuple[str, str]:
+    """The run's outcome as a Prefect state name and a one-line message.
+
+    ``Worse than base`` when the tuned model scores below its base on the gate metric or answers
+    degenerately more often; else ``Refused`` when the gate refused; else ``Promoted`` or ``Registered``.
+    """
+    stats = summary["metrics"][primary]
+    degenerate = summary.get("degenerate", {})
+    rates = [degenerate.get(m, {}).get("rate", 0.0) for m in ("base", "tuned")]
+    figures = f"{primary} base {stats['base']:.4f} → tuned {stats['tuned']:.4f} ({stats['delta']:+.4f})"
+    if stats["delta"] < 0 or rates[1] > rates[0]:
+        return "Worse than base", f"the tuned model is worse than its base: {figures}; degenerate {rates[0]:.1%} → {rates[1]:.1%}"
+    if gate is not None and not gate["promoted"]:
+        return "Refused", f"the gate refused v{gate['version']} vs {gate['decision']['against']}: {figures}"
+    if gate is not None:
+        return "Promoted", f"v{gate['version']} promoted to production: {figures}"
+    return "Registered", f"registered (registry.auto_promote is off): {figures}"
+
+
+def version_description(summary: dict[str, Any], primary: str, run_id: str) -> str:
+    """The model version's description: what the adapter scored, from which run."""
+    stats = summary["metrics"][primary]
+    degenerate = summary.get("degenerate", {})
+    lines = [f"LoRA adapter from MLflow run {run_id}.", "",
+             f"Gate metric **{primary}**: base {stats['base']:.4f} → tuned {stats['tuned']:.4f} "
+             f"(Δ {stats['delta']:+.4f}, 95% CI [{stats['ci95'][0]:+.4f}, {stats['ci95'][1]:+.4f}]) on {summary['n']} test questions."]
+    if degenerate:
+        lines.append(f"Degenerate answers: base {degenerate['base']['count']}, tuned {degenerate['tuned']['count']}.")
+    return "\n".join(lines)
 
 
 def _cell(text: str, width: int = 80) -> str:
@@ -77,12 +128,19 @@ def _cell(text: str, width: int = 80) -> str:
 
 def markdown(summary: dict[str, Any], table: pd.DataFrame, primary: str, top: int = 10) -> str:
     """``reports/eval.md``: headline, slices, intervals, biggest wins and losses."""
-    lines = ["# Evaluation: base vs tuned", "", f"Test questions: {summary['n']}; empty answers — base "
-             f"{summary['empty_answers']['base']}, tuned {summary['empty_answers']['tuned']}.", "",
-             "| metric | base | tuned | Δ (tuned − base) | 95% CI of Δ | wins / ties / losses |", "|---|---|---|---|---|---|"]
+    validity = summary.get("validity", {})
+    lines = ["# Evaluation: base vs tuned", "", _sample_line(summary), "", *_degenerate_lines(summary), "",
+             f"Gate metric: **{primary}**.", "",
+             "| metric | base | tuned | Δ (tuned − base) | 95% CI of Δ | wins / ties / losses | valid on Korean probes |",
+             "|---|---|---|---|---|---|---|"]
     for metric, s in summary["metrics"].items():
+        v = validity.get(metric)
+        verdict = "—" if v is None else ("yes" if v["valid"] else f"**no** (paraphrase>unrelated {v['paraphrase>unrelated']:.2f})")
         lines.append(f"| {metric} | {s['base']:.4f} | {s['tuned']:.4f} | {s['delta']:+.4f} | "
-                     f"[{s['ci95'][0]:+.4f}, {s['ci95'][1]:+.4f}] | {s['wins']} / {s['ties']} / {s['losses']} |")
+                     f"[{s['ci95'][0]:+.4f}, {s['ci95'][1]:+.4f}] | {s['wins']} / {s['ties']} / {s['losses']} | {verdict} |")
+    if validity and not all(v["valid"] for v in validity.values()):
+        lines += ["", "Metrics marked **no** do not order graded Korean answers reliably (`loraops evaluate --self-test`); "
+                  "read their figures as noise."]
     for column, groups in summary["slices"].items():
         lines += ["", f"## By {column} ({primary})", "", "| value | n | base | tuned | Δ | note |", "|---|---|---|---|---|---|"]
         for value, s in groups.items():
@@ -90,13 +148,30 @@ def markdown(summary: dict[str, Any], table: pd.DataFrame, primary: str, top: in
             lines.append(f"| {value} | {s['n']} | {s[primary]['base']:.4f} | {s[primary]['tuned']:.4f} | "
                          f"{s[primary]['delta']:+.4f} | {note} |")
     delta = table[f"tuned_{primary}"] - table[f"base_{primary}"]
-    for title, order in (("wins", delta.sort_values(ascending=False)), ("losses", delta.sort_values())):
+    for title, order in (("wins", delta[delta > 0].sort_values(ascending=False)), ("losses", delta[delta < 0].sort_values())):
         lines += ["", f"## Top {top} {title} ({primary})", "", "| Δ | question | reference | base | tuned |", "|---|---|---|---|---|"]
         for index in order.index[:top]:
             row = table.loc[index]
             lines.append(f"| {delta[index]:+.3f} | {_cell(row['question'])} | {_cell(row['reference'])} | "
                          f"{_cell(row['base_answer'])} | {_cell(row['tuned_answer'])} |")
     return "\n".join(lines) + "\n"
+
+
+def _sample_line(summary: dict[str, Any]) -> str:
+    sample = summary.get("sample") or {"n": summary["n"], "of": summary["n"]}
+    if sample["n"] < sample["of"]:
+        return (f"Test questions: {sample['n']}, a seeded sample (seed {sample['seed']}) of {sample['of']}, "
+                f"stratified by {sample['stratified_by']}.")
+    return f"Test questions: {summary['n']} (the whole test split)."
+
+
+def _degenerate_lines(summary: dict[str, Any]) -> list[str]:
+    """How many answers were degenerate (scored 0) per model, and why."""
+    lines = []
+    for model, stats in summary.get("degenerate", {}).items():
+        why = ", ".join(f"{k} {v}" for k, v in stats["reasons"].items()) or "none"
+        lines.append(f"- {model}: {stats['count']} degenerate answers ({stats['rate']:.1%}) scored 0 — {why}")
+    return lines
 
 
 def plots(summary: dict[str, Any], table: pd.DataFrame, primary: str, out_dir: Path) -> list[Path]:

@@ -9,11 +9,13 @@ prompt template and the decoding settings. `predict` answers a list of questions
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any, Iterator
 
 import mlflow.pyfunc
 
+_log = logging.getLogger("loraops.serve")
 BUNDLE_LIMIT_BYTES = 200 * 1024 * 1024  # local bases under this size travel inside the model
 
 
@@ -56,7 +58,19 @@ class LoraQAModel(mlflow.pyfunc.PythonModel):
     def predict(self, context: Any, model_input: Any, params: dict | None = None) -> list[str]:
         from loraops.evaluate import generate
 
-        return generate(self.model, self.tokenizer, self._prompts(model_input), self.eval_cfg, self.device, progress=False)
+        answers = generate(self.model, self.tokenizer, self._prompts(model_input), self.eval_cfg, self.device, progress=False)
+        return clean_answers(answers)
+
+
+def clean_answers(answers: list[str]) -> list[str]:
+    """Answers without undecodable characters (U+FFFD); a warning says how many were dropped."""
+    from loraops.degenerate import clean
+
+    cleaned = [clean(a) for a in answers]
+    dropped = sum(n for _, n in cleaned)
+    if dropped:
+        _log.warning("dropped %d undecodable character(s) from %d answer(s)", dropped, sum(n > 0 for _, n in cleaned))
+    return [text for text, _ in cleaned]
 
 
 class _Defaults(dict):
@@ -97,8 +111,22 @@ def load(uri: str) -> Any:
         raise RegistryError(f"{uri}: {exc.message.splitlines()[0]}") from None
 
 
-def stream_answer(uri: str, question: str) -> Iterator[str]:
-    """Yield the answer to one question piece by piece as tokens are generated."""
+def stream_answer(uri: str, question: str, dropped: list[int] | None = None) -> Iterator[str]:
+    """Yield the answer to one question piece by piece as tokens are generated, without U+FFFD.
+
+    ``dropped``, when given, receives the number of undecodable characters left out.
+    """
+    from loraops.degenerate import clean
+
+    for piece in _raw_stream(uri, question):
+        text, lost = clean(piece)
+        if dropped is not None and lost:
+            dropped.append(lost)
+        if text:
+            yield text
+
+
+def _raw_stream(uri: str, question: str) -> Iterator[str]:
     from threading import Thread
 
     import torch
@@ -145,7 +173,7 @@ def answer_file(uri: str, path: Path, out: Path) -> Path:
     size = 32
     for start in tqdm(range(0, len(frame), size), desc="answer"):
         answers.extend(model.predict(frame.iloc[start: start + size]))
-    frame["answer"] = answers
+    frame["answer"] = answers  # predict() already dropped undecodable characters
     out.parent.mkdir(parents=True, exist_ok=True)
     frame.to_csv(out, index=False)
     return out

