@@ -83,3 +83,16 @@ def test_code_defaults_equal_params_yaml():
     code = _flatten(Params().model_dump(mode="json"))
     assert code == _flatten(load_params(REPO / "params.yaml").model_dump(mode="json"))
 
+
+
+def test_dvc_code_deps_are_the_import_closure_of_each_stage():
+    """dvc.yaml lists exactly the loraops modules `loraops <stage>` imports, so no code change skips a stage."""
+    from loraops.codedeps import stage_files
+
+    dvc = yaml.safe_load((REPO / "dvc.yaml").read_text(encoding="utf-8"))
+    for name, stage in dvc["stages"].items():
+        listed = sorted(d for d in stage["deps"] if d.startswith("src/loraops/") and d.endswith(".py"))
+        assert listed == stage_files(name), f"dvc.yaml stage {name}: update its deps to loraops.codedeps.stage_files"
+    assert {"src/loraops/utils.py", "src/loraops/cli.py"} <= set(stage_files("prepare"))
+    assert {"src/loraops/data.py", "src/loraops/train.py", "src/loraops/packing.py"} <= set(stage_files("evaluate"))
+    assert "src/loraops/registry.py" not in stage_files("evaluate")  # other commands' imports do not count

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
+import mlflow
+import pandas as pd
 import pytest
 
-from conftest import REPO
+from helpers import REPO
 from loraops import registry
 from loraops.config import load_params
 
@@ -19,22 +23,75 @@ def store(tmp_path, monkeypatch):
     return tmp_path
 
 
-def test_a_second_promote_of_the_same_model_is_refused_while_one_runs(store):
+def test_a_second_promote_waits_then_times_out_naming_the_holder(store):
     with registry._lock("m"):
-        with pytest.raises(registry.RegistryError, match=r"another promote/rollback of 'm' is in progress \(pid \d+"):
-            with registry._lock("m"):
+        with pytest.raises(registry.RegistryError, match=r"another promote/rollback of 'm' is in progress \(pid \d+, user:"):
+            with registry._lock("m", timeout=0.2):
                 pass
-    with registry._lock("m"):  # released afterwards
+    with registry._lock("m", timeout=0.2):  # released afterwards
         pass
 
 
-def test_a_stale_lock_of_a_dead_process_is_taken_over(store):
-    path = store / "mlruns/.locks/m.lock"
-    path.parent.mkdir(parents=True)
-    path.write_text(json.dumps({"pid": 2 ** 22 + 12345, "since": "earlier"}))
-    with registry._lock("m"):
-        assert json.loads(path.read_text())["pid"] == os.getpid()
-    assert not path.exists()
+def test_a_lock_of_a_dead_process_is_free_and_a_torn_holder_file_is_no_crash(store):
+    """The OS releases a dead holder's lock; a half-written holder file is reported, never parsed into a crash."""
+    code = "import os; from loraops import registry; registry._lock('m').__enter__(); os._exit(0)"
+    subprocess.run([sys.executable, "-c", code], cwd=store, check=True)
+    (store / "mlruns/.locks/m.holder.json").write_text('{"pid": 12', encoding="utf-8")
+    with registry._lock("m", timeout=2):
+        assert json.loads((store / "mlruns/.locks/m.holder.json").read_text())["pid"] == os.getpid()
+
+
+class _Echo(mlflow.pyfunc.PythonModel):
+    def predict(self, context, model_input, params=None):
+        return list(model_input)
+
+
+def _register(store, name: str, tuned: float, base: float = 0.3, n: int = 30) -> str:
+    """A registered version whose run carries an eval table (no training needed to judge it)."""
+    from loraops.tracking import experiment_for, tracking_setup
+
+    tracking_setup(store)
+    table = pd.DataFrame({"question": [f"q{i}" for i in range(n)], "reference": [f"r{i}" for i in range(n)],
+                          "category": ["a", "b", "c"] * (n // 3), "base_morph_f1": [base] * n,
+                          "tuned_morph_f1": [tuned + 0.01 * (i % 3) for i in range(n)],
+                          "base_degenerate": [False] * n, "tuned_degenerate": [False] * n})
+    with mlflow.start_run(experiment_id=experiment_for(name, store)) as run:
+        mlflow.log_text(table.to_csv(index=False), "eval/eval_questions.csv")
+        info = mlflow.pyfunc.log_model(name="model", python_model=_Echo(), pip_requirements=["mlflow"])
+    return str(mlflow.register_model(info.model_uri, name).version)
+
+
+def test_a_refusal_is_recorded_on_the_refused_candidate(store):
+    params = load_params(REPO / "params.yaml", ["registry.gate.min_test_size=5"])
+    assert registry.promote("m", _register(store, "m", 0.6), params)["promoted"]
+    worse = _register(store, "m", 0.4)
+    result = registry.promote("m", worse, params)
+    assert not result["promoted"]
+    client = mlflow.MlflowClient()
+    mv = client.get_model_version("m", worse)
+    assert mv.tags["gate.verdict"] == "refused" and mv.tags["gate.against"] == "production v1"
+    assert mv.description.startswith("## Gate: REFUSED vs production v1") and "not measurably better" in mv.description
+    assert any(k.startswith("audit.") for k in mv.tags) and not any(k.startswith("audit.") and "refuse" in v
+                                                                     for k, v in client.get_model_version("m", "1").tags.items())
+    names = [r.info.run_name for r in client.search_runs([client.get_experiment_by_name("m-audit").experiment_id],
+                                                         order_by=["attributes.start_time ASC"])]
+    assert names == ["promote v-→v1", "refuse v2 (production v1)"]
+
+
+def test_two_promotions_at_once_leave_one_consistent_production_and_two_audit_entries(store):
+    first, second = _register(store, "m", 0.6), _register(store, "m", 0.8)
+    cmd = [sys.executable, "-m", "loraops.cli", "promote", "m", "--params", str(REPO / "params.yaml"),
+           "--set", "registry.gate.min_test_size=5", "--version"]
+    procs = [subprocess.Popen([*cmd, v], cwd=store, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for v in (first, second)]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    assert all("Traceback" not in err for _, err in outputs), outputs
+    client = mlflow.MlflowClient()
+    assert str(client.get_model_version_by_alias("m", "production").version) == second  # whichever ran first
+    trail = registry.audit_trail("m")
+    assert len(trail) == 2 and sorted(t["to"] for t in trail) == sorted([first, second])
+    history = json.loads(client.get_registered_model("m").tags[registry.HISTORY_TAG])
+    assert history[-1] == second and len(history) == len(set(history))
 
 
 def test_unknown_model_and_force_without_reason(store):

