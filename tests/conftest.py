@@ -20,12 +20,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
 
-# Settings that keep a whole train + evaluate in seconds on two CPU cores.
+# Settings that keep a whole train + evaluate in seconds on two CPU cores, and still learn: 150 steps
+# take ~4 s and lift morph_f1 from 0 (the untrained base answers garbage) to ~0.12 with a 95% interval
+# above 0, so the default gate (significance required) promotes it; a run that learns nothing is refused.
 TINY = [
-    "model.tiny.layers=1", "model.tiny.hidden=32", "model.tiny.heads=2", "model.tiny.intermediate=64",
-    "model.tiny.vocab_size=400", "model.max_length=96", "lora.r=4", "lora.alpha=8",
-    "train.max_steps=6", "train.eval_steps=3", "train.batch_size=8", "train.logging_steps=2",
-    "eval.max_samples=30", "eval.max_new_tokens=8", "eval.bootstrap_samples=200",
+    "model.tiny.layers=1", "model.tiny.vocab_size=1000", "model.max_length=96", "lora.r=8", "lora.alpha=16",
+    "train.max_steps=150", "train.eval_steps=50", "train.learning_rate=0.005", "train.logging_steps=10",
+    "eval.max_samples=30", "eval.max_new_tokens=32", "eval.bootstrap_samples=200",
     "registry.gate.min_test_size=5",
 ]
 

@@ -66,17 +66,21 @@ def test_train_without_prepared_data_says_what_to_run(tmp_path):
 
 
 @pytest.mark.slow
-def test_evaluate_self_test_prints_probe_table():
+def test_evaluate_self_test_reports_the_english_encoder_not_valid_on_korean():
+    """The default pack: morph_f1 (the gate metric) valid, the bundled English encoder's cosine/BERTScore not."""
     result = loraops("evaluate", "--self-test")
     assert result.returncode == 0, result.stderr
-    assert "PASS  cosine" in result.stdout and "identical[0]" in result.stdout
-    assert "FAIL" not in result.stdout
-    assert result.stdout.strip().splitlines()[-1].endswith("passed, 0 failed")
+    rows = {line.split()[0]: line for line in result.stdout.splitlines()[2:] if line.split()}
+    assert rows["morph_f1"].endswith("valid") and "NOT VALID" not in rows["morph_f1"]
+    for metric in ("cosine", "bertscore_f1"):
+        assert rows[metric].endswith("NOT VALID for Korean"), rows[metric]
+    assert "gate metric morph_f1 (registry.gate.metric) is valid" in result.stdout
 
 
 @pytest.mark.slow
 def test_evaluate_with_missing_encoder_names_the_key(tmp_path):
-    result = loraops("evaluate", "--self-test", "--set", f"eval.cosine_model={tmp_path / 'gone'}", "--set", "eval.metrics=[cosine]")
+    result = loraops("evaluate", "--self-test", "--set", f"eval.cosine_model={tmp_path / 'gone'}", "--set", "eval.metrics=[cosine]",
+                     "--set", "registry.gate.metric=cosine")
     assert result.returncode == 2 and "eval.cosine_model: cannot load encoder" in result.stderr
 
 

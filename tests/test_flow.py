@@ -36,7 +36,9 @@ def test_finetune_registers_promotes_skips_and_serves(workspace):
     assert run.info.status == "FINISHED"
     assert run.data.tags["prefect.flow_run_id"] and run.data.tags["dvc.train"] == "ran"
     assert float(run.data.params["train.learning_rate"]) == 0.002
-    assert "eval/cosine/tuned" in run.data.metrics and "eval/bertscore_f1/delta" in run.data.metrics
+    assert "eval/cosine/tuned" in run.data.metrics and "eval/morph_f1/delta" in run.data.metrics
+    assert run.data.metrics["eval/degenerate/base"] > run.data.metrics["eval/degenerate/tuned"]
+    assert run.data.metrics["validity/morph_f1/paraphrase_over_unrelated"] >= 0.95
     curve = client.get_metric_history(run.info.run_id, "train/train_loss")
     assert len(curve) >= 2 and curve[0].step < curve[-1].step
     lineage = json.loads((workspace / "mlruns").joinpath("artifacts").exists() and
@@ -98,13 +100,19 @@ def test_finetune_registers_promotes_skips_and_serves(workspace):
 
 def test_promote_refuses_worse_and_rollback_restores(workspace):
     assert loraops("run").returncode == 0
-    worse = loraops("run", "--set", "train.learning_rate=1e-5", "--set", "registry.auto_promote=false")
+    worse = loraops("run", "--set", "train.learning_rate=1e-6")  # learns nothing: the default gate must refuse it
     assert worse.returncode == 0, worse.stderr[-3000:]
+    assert "outcome: Refused" in worse.stdout or "outcome: Worse than base" in worse.stdout, worse.stdout[-2000:]
+    assert "Finished in state Refused(" in worse.stdout + worse.stderr or \
+        "Finished in state Worse than base(" in worse.stdout + worse.stderr
+    mv = _client().get_model_version("interior-qa-lora", "2")
+    assert mv.tags["gate.verdict"] == "refused" and "## Gate: REFUSED vs production v1" in mv.description
+    assert "Gate metric **morph_f1**" in mv.description  # the headline scores, from registration
     refused = loraops("promote", "--json")
     assert refused.returncode == 1
     decision = json.loads(refused.stdout)
     assert decision["promoted"] is False and decision["version"] == "2" and decision["previous"] == "1"
-    assert any("below the minimum" in r or "regresses" in r for r in decision["decision"]["reasons"])
+    assert any("not measurably better" in r or "regresses" in r for r in decision["decision"]["reasons"])
 
     forced = loraops("promote", "--version", "2", "--force", "--reason", "test rollback path")
     assert forced.returncode == 0 and "FORCED" in forced.stdout
@@ -114,5 +122,6 @@ def test_promote_refuses_worse_and_rollback_restores(workspace):
     from loraops.registry import audit_trail
 
     actions = [(a["action"], a["from"], a["to"]) for a in audit_trail("interior-qa-lora")]
-    assert actions == [("promote", "None", "1"), ("refuse", "1", "1"), ("promote", "1", "2"), ("rollback", "2", "1")]
+    assert actions == [("promote", "None", "1"), ("refuse", "1", "2"), ("refuse", "1", "2"), ("promote", "1", "2"),
+                       ("rollback", "2", "1")]
     assert str(_client().get_model_version_by_alias("interior-qa-lora", "production").version) == "1"

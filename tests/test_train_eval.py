@@ -55,14 +55,34 @@ def test_labels_mask_the_prompt(trained):
 def test_evaluate_writes_report_table_and_metrics(trained):
     params, root, _ = trained
     summary = evaluate.run(params, root)
-    assert summary["n"] == params.eval.max_samples
-    assert set(summary["metrics"]) == {"bertscore_p", "bertscore_r", "bertscore_f1", "cosine", "chrf", "rouge_l",
-                                       "exact_match", "token_f1"}
-    assert (root / "reports/eval.md").read_text(encoding="utf-8").startswith("# Evaluation: base vs tuned")
+    total = len(data.load_split("test", root))
+    assert summary["sample"] == {"n": summary["n"], "of": total, "seed": 42, "stratified_by": "category, whole source groups"}
+    assert params.eval.max_samples <= summary["n"] < total
+    assert set(summary["metrics"]) == {"morph_f1", "morph_rouge_l", "bertscore_p", "bertscore_r", "bertscore_f1", "cosine",
+                                       "chrf", "rouge_l", "exact_match", "token_f1"}
+    report = (root / "reports/eval.md").read_text(encoding="utf-8")
+    assert report.startswith("# Evaluation: base vs tuned") and f"a seeded sample (seed 42) of {total}" in report
     assert (root / "reports/plots/score_hist.png").exists()
     table = evaluate.read_table(root)
-    assert {"question", "reference", "base_answer", "tuned_answer", "tuned_cosine"} <= set(table.columns)
-    assert set(summary["slices"]["category"]) == set(table["category"])
+    assert {"question", "reference", "base_answer", "tuned_answer", "tuned_cosine", "base_degenerate"} <= set(table.columns)
+    assert set(summary["slices"]["category"]) == set(table["category"]) == {r["category"] for r in data.load_split("test", root)}
+    assert "\ufffd" not in report and not table["base_answer"].str.contains("\ufffd").any()
+    # the untrained base writes garbage, which scores 0; the tuned adapter learned something measurable
+    assert summary["degenerate"]["base"]["rate"] > 0.5 > summary["degenerate"]["tuned"]["rate"]
+    assert summary["metrics"]["morph_f1"]["ci95"][0] > 0
+    assert summary["validity"]["morph_f1"]["valid"] and not summary["validity"]["cosine"]["valid"]
+
+
+def test_training_lowers_the_validation_loss(trained):
+    """A training that does nothing must fail here: the validation loss falls well below its first value."""
+    import math
+
+    params, root, figures = trained
+    rows = [line.split(",") for line in (root / "metrics/train_log.csv").read_text().splitlines()[1:]]
+    val = [float(r[2]) for r in rows if r[2]]
+    assert len(val) >= 2 and val == sorted(val, reverse=True)  # every evaluation better than the one before
+    # an untrained model's loss is about ln(vocabulary): learning must take it far below that
+    assert figures["best_val_loss"] < 0.5 * math.log(params.model.tiny.vocab_size)
 
 
 def test_base_answers_equal_a_freshly_loaded_base(trained):
