@@ -30,7 +30,7 @@ def test_train_under_accelerate_ddp_on_cpu(tmp_path):
     out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.count("trained 6 steps") == 1  # the main process alone reports and writes
+    assert out.stdout.count("trained 150 steps") == 1  # the main process alone reports and writes
     figures = json.loads((tmp_path / "metrics/train.json").read_text())
     assert figures["processes"] == 2
     assert (tmp_path / "models/adapter/adapter_model.safetensors").exists()

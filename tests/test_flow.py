@@ -35,7 +35,7 @@ def test_finetune_registers_promotes_skips_and_serves(workspace):
     (run,) = client.search_runs([experiment.experiment_id])
     assert run.info.status == "FINISHED"
     assert run.data.tags["prefect.flow_run_id"] and run.data.tags["dvc.train"] == "ran"
-    assert float(run.data.params["train.learning_rate"]) == 0.002
+    assert float(run.data.params["train.learning_rate"]) == 0.005
     assert "eval/cosine/tuned" in run.data.metrics and "eval/morph_f1/delta" in run.data.metrics
     assert run.data.metrics["eval/degenerate/base"] > run.data.metrics["eval/degenerate/tuned"]
     assert run.data.metrics["validity/morph_f1/paraphrase_over_unrelated"] >= 0.95
