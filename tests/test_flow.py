@@ -44,7 +44,7 @@ def test_finetune_registers_promotes_skips_and_serves(workspace):
     lineage = json.loads((workspace / "mlruns").joinpath("artifacts").exists() and
                          open(client.download_artifacts(run.info.run_id, "lineage.json")).read())
     assert lineage["git_commit"] and lineage["git_dirty"] is False and lineage["mlflow_run_id"] == run.info.run_id
-    assert lineage["base_revision"].startswith("sha256:") and lineage["params"]["lora"]["r"] == 4
+    assert lineage["base_revision"].startswith("sha256:") and lineage["params"]["lora"]["r"] == 8
     required = {"git_commit", "git_dirty", "dvc_lock_md5", "data_md5", "params", "base_model", "base_revision",
                 "tokenizer_sha256", "adapter_sha256", "seed", "versions", "device", "prefect_flow_run_id",
                 "prefect_deployment", "mlflow_run_id"}
