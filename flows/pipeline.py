@@ -58,15 +58,19 @@ def prepare_stage(work: Path) -> bool:
     return pipeline.reproduce_stage("prepare", work)
 
 
+def _gpu() -> object:
+    return pipeline.gpu_slot(get_run_logger().warning, {"type": "flow_run", "id": str(flow_run.id)})
+
+
 @task(name="train")
 def train_stage(work: Path) -> bool:
-    with pipeline.gpu_slot():
+    with _gpu():
         return pipeline.reproduce_stage("train", work)
 
 
 @task(name="evaluate")
 def evaluate_stage(work: Path) -> bool:
-    with pipeline.gpu_slot():
+    with _gpu():
         return pipeline.reproduce_stage("evaluate", work)
 
 

@@ -51,6 +51,9 @@ def prefect_defaults() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    from loraops.concurrency import local_defaults
+
+    local_defaults()
 
 
 def _params(path: Path, overrides: Optional[list[str]]) -> Params:

@@ -1,12 +1,35 @@
 """Prefect global concurrency limits that loraops takes: ``gpu`` for training and generation, and one
 ``promote-<model>`` per registered model so alias moves are serialised across hosts in team mode.
 
-Slots are leased: a holder that dies stops renewing its lease and the server frees the slot.
+Slots are leased: the holder renews its lease while it runs; when it dies the lease expires and the
+slot is freed. A Prefect server does that with its repossessor service, which Prefect does not run in
+the ephemeral (local) mode `loraops run` uses, and whose default lease storage lives in the memory of
+one process. So in local mode loraops keeps leases on disk (Prefect's filesystem lease storage, shared
+by every local run) and, while it waits for a slot, frees the slots whose holder is gone: expired
+leases, and slots the database counts but no lease accounts for (a run killed under the old storage).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+import os
+import time
+from typing import Any, Callable, Iterator
+
+FILESYSTEM_LEASES = "prefect.server.concurrency.lease_storage.filesystem"
+WAIT_STEP_SECONDS = float(os.environ.get("LORAOPS_SLOT_WAIT_STEP_SECONDS", "15"))
+LEASE_SECONDS = max(60.0, float(os.environ.get("LORAOPS_SLOT_LEASE_SECONDS", "60")))  # Prefect's minimum is 60
+
+
+def local_mode() -> bool:
+    """No Prefect server configured: each process runs Prefect's ephemeral API over one local database."""
+    return not os.environ.get("PREFECT_API_URL")
+
+
+def local_defaults() -> None:
+    """Leases on disk in local mode, so a crashed run's lease outlives it and can expire (set before Prefect starts)."""
+    if local_mode():
+        os.environ.setdefault("PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE", FILESYSTEM_LEASES)
 
 
 def ensure_limit(name: str, slots: int) -> int:
@@ -26,8 +49,95 @@ def ensure_limit(name: str, slots: int) -> int:
             return slots
 
 
-def slot(name: str, timeout_seconds: float | None = None, lease_duration: float = 600) -> Any:
+def slot(name: str, timeout_seconds: float | None = None, lease_duration: float = LEASE_SECONDS,
+         holder: dict[str, Any] | None = None) -> Any:
     """Hold one leased slot of the limit ``name`` (which must exist)."""
     from prefect.concurrency.sync import concurrency
+    from prefect.types._concurrency import ConcurrencyLeaseHolder
 
-    return concurrency(name, occupy=1, timeout_seconds=timeout_seconds, lease_duration=lease_duration, strict=True)
+    return concurrency(name, occupy=1, timeout_seconds=timeout_seconds, lease_duration=lease_duration, strict=True,
+                       holder=ConcurrencyLeaseHolder(**holder) if holder else None)
+
+
+@contextlib.contextmanager
+def waiting_slot(name: str, say: Callable[[str], None], holder: dict[str, Any] | None = None) -> Iterator[None]:
+    """Hold a slot of ``name``; while waiting, say who holds it and, in local mode, free slots of dead holders."""
+    waited = 0.0
+    with contextlib.ExitStack() as stack:
+        while True:
+            if local_mode():
+                freed = reclaim(name)
+                if freed:
+                    say(f"freed {freed} slot(s) of the Prefect concurrency limit {name!r} whose holder is gone")
+            try:
+                stack.enter_context(slot(name, timeout_seconds=WAIT_STEP_SECONDS, holder=holder))
+                break
+            except TimeoutError:
+                waited += WAIT_STEP_SECONDS
+                say(f"waiting {waited:.0f}s for the Prefect concurrency limit {name!r}: {describe_holders(name)}")
+        yield
+
+
+def reclaim(name: str) -> int:
+    """Local mode: free the slots of ``name`` whose holder is gone; return how many."""
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    return run_coro_as_sync(_reclaim(name)) or 0
+
+
+async def _reclaim(name: str) -> int:
+    from datetime import datetime, timezone
+
+    from prefect.server.concurrency.lease_storage import get_concurrency_lease_storage
+    from prefect.server.database import provide_database_interface
+    from prefect.server.models.concurrency_limits_v2 import bulk_decrement_active_slots, read_concurrency_limit
+    from prefect.server.services.repossessor import revoke_expired_lease
+
+    db, storage = provide_database_interface(), get_concurrency_lease_storage()
+    for lease_id in await storage.read_expired_lease_ids():
+        await revoke_expired_lease(lease_id, db=db, lease_storage=storage)
+    now = datetime.now(timezone.utc)
+    async with db.session_context(begin_transaction=True) as session:
+        limit = await read_concurrency_limit(session, name=name)
+        if limit is None or not limit.active_slots:
+            return 0
+        held = 0
+        for lease_id in await storage.read_active_lease_ids(limit=1000):
+            lease = await storage.read_lease(lease_id)
+            if lease and limit.id in lease.resource_ids and lease.expiration > now and lease.metadata:
+                held += lease.metadata.slots
+        orphans = limit.active_slots - held
+        if orphans > 0:
+            await bulk_decrement_active_slots(session=session, concurrency_limit_ids=[limit.id], slots=orphans)
+        return max(orphans, 0)
+
+
+def describe_holders(name: str) -> str:
+    """Who holds the slots of ``name`` and since when (from the lease storage when it is reachable)."""
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    if not local_mode():
+        return "held by another run (see the Prefect UI → Concurrency)"
+    try:
+        return run_coro_as_sync(_describe(name)) or "held"
+    except Exception as exc:  # describing is best effort; the wait goes on either way
+        return f"held (holder unknown: {type(exc).__name__})"
+
+
+async def _describe(name: str) -> str:
+    from prefect.server.concurrency.lease_storage import get_concurrency_lease_storage
+    from prefect.server.database import provide_database_interface
+    from prefect.server.models.concurrency_limits_v2 import read_concurrency_limit
+
+    db, storage = provide_database_interface(), get_concurrency_lease_storage()
+    async with db.session_context() as session:
+        limit = await read_concurrency_limit(session, name=name)
+    if limit is None:
+        return "no such limit"
+    parts = []
+    for lease_id in await storage.read_active_lease_ids(limit=1000):
+        lease = await storage.read_lease(lease_id)
+        if lease and limit.id in lease.resource_ids and lease.metadata:
+            who = f"{lease.metadata.holder.type} {lease.metadata.holder.id}" if lease.metadata.holder else "a run"
+            parts.append(f"{who} since {lease.created_at:%Y-%m-%d %H:%M:%S} UTC (lease until {lease.expiration:%H:%M:%S})")
+    return f"{limit.active_slots}/{limit.limit} slot(s) held by " + ("; ".join(parts) or "holders without a lease")

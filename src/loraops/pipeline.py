@@ -72,23 +72,19 @@ GPU_LIMIT = "gpu"
 
 def ensure_gpu_limit(slots: int | None = None) -> int:
     """Create the Prefect global concurrency limit ``gpu`` if missing (slots from LORAOPS_GPU_SLOTS, default 1)."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from loraops.concurrency import ensure_limit
 
-    slots = slots or int(os.environ.get("LORAOPS_GPU_SLOTS", "1"))
-    with get_client(sync_client=True) as client:
-        try:
-            return client.read_global_concurrency_limit_by_name(GPU_LIMIT).limit
-        except Exception:  # ObjectNotFound: create it
-            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=GPU_LIMIT, limit=slots))
-            return slots
+    return ensure_limit(GPU_LIMIT, slots or int(os.environ.get("LORAOPS_GPU_SLOTS", "1")))
 
 
-def gpu_slot() -> Any:
-    """Hold one slot of the ``gpu`` limit: training and generation of concurrent runs take turns."""
-    from prefect.concurrency.sync import concurrency
+def gpu_slot(say: Any = print, holder: dict[str, Any] | None = None) -> Any:
+    """Hold one leased slot of the ``gpu`` limit: training and generation of concurrent runs take turns.
 
-    return concurrency(GPU_LIMIT, occupy=1, lease_duration=600)
+    While waiting it says who holds the slot and since when; in local mode it frees slots of dead holders.
+    """
+    from loraops.concurrency import waiting_slot
+
+    return waiting_slot(GPU_LIMIT, say, holder)
 
 
 @contextlib.contextmanager

@@ -1,0 +1,74 @@
+"""No concurrency slot outlives its holder: a run killed while holding `gpu` does not hang the next one.
+
+Real processes on Prefect's ephemeral API (local mode, as `loraops run` uses it), killed with SIGKILL.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import uuid
+
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+HOLD = """
+import sys, time, uuid
+from loraops import pipeline
+from loraops.cli import prefect_defaults
+prefect_defaults()
+pipeline.ensure_gpu_limit()
+with pipeline.gpu_slot(print, {"type": "flow_run", "id": sys.argv[1]}):
+    print("HELD", flush=True)
+    time.sleep(600)
+"""
+TAKE = """
+from loraops import pipeline
+from loraops.cli import prefect_defaults
+prefect_defaults()
+pipeline.ensure_gpu_limit()
+with pipeline.gpu_slot(lambda m: print(m, flush=True)):
+    print("ACQUIRED", flush=True)
+"""
+
+
+def _env(home, **extra):
+    env = {**os.environ, "PREFECT_HOME": str(home), "LORAOPS_SLOT_LEASE_SECONDS": "60",
+           "LORAOPS_SLOT_WAIT_STEP_SECONDS": "3", **extra}
+    env.pop("PREFECT_API_URL", None)
+    return env
+
+
+def _hold_then_kill(home, **extra) -> str:
+    holder = str(uuid.uuid4())
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, holder], env=_env(home, **extra), stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    for line in proc.stdout:  # ends at EOF if the holder failed
+        if line.strip() == "HELD":
+            break
+    assert proc.poll() is None, "the holder never took the slot"
+    os.killpg(proc.pid, signal.SIGKILL)  # the holder and its ephemeral server die without any cleanup
+    proc.wait()
+    return holder
+
+
+def test_a_killed_holders_slot_is_freed_and_the_wait_is_explained(tmp_path):
+    holder = _hold_then_kill(tmp_path)
+    take = subprocess.run([sys.executable, "-c", TAKE], env=_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert take.returncode == 0, take.stderr[-2000:]
+    assert "ACQUIRED" in take.stdout
+    # the lease had not expired when the next run started: it says who holds the slot and since when,
+    # then frees the slot once the lease (60 s, never renewed by the dead holder) has expired
+    assert f"held by flow_run {holder} since" in take.stdout, take.stdout
+    assert take.stdout.index("waiting") < take.stdout.index("ACQUIRED")
+
+
+def test_a_slot_leaked_without_any_lease_is_freed(tmp_path):
+    """A run killed under Prefect's in-memory lease storage leaves a counted slot and no lease at all."""
+    _hold_then_kill(tmp_path, PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE="prefect.server.concurrency.lease_storage.memory")
+    take = subprocess.run([sys.executable, "-c", TAKE], env=_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert take.returncode == 0 and "ACQUIRED" in take.stdout, take.stderr[-2000:]
+    assert "freed 1 slot(s) of the Prefect concurrency limit 'gpu' whose holder is gone" in take.stdout
