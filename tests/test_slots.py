@@ -72,3 +72,34 @@ def test_a_slot_leaked_without_any_lease_is_freed(tmp_path):
     take = subprocess.run([sys.executable, "-c", TAKE], env=_env(tmp_path), capture_output=True, text=True, timeout=300)
     assert take.returncode == 0 and "ACQUIRED" in take.stdout, take.stderr[-2000:]
     assert "freed 1 slot(s) of the Prefect concurrency limit 'gpu' whose holder is gone" in take.stdout
+
+
+def test_sigterm_ends_a_waiting_run_cleanly(workspace):
+    """A `loraops run` waiting for the gpu slot says so, and SIGTERM ends it: exit 130, its MLflow run closed."""
+    env = _env(workspace.parent / "prefect-home")
+    hold = subprocess.Popen([sys.executable, "-c", HOLD, str(uuid.uuid4())], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    try:
+        assert hold.stdout.readline().strip() == "HELD"
+        run = subprocess.Popen([sys.executable, "-m", "loraops.cli", "run"], cwd=workspace, env=env, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        seen = []
+        for line in run.stdout:
+            seen.append(line)
+            if "waiting" in line and "'gpu'" in line:
+                break
+        assert run.poll() is None, "".join(seen)[-3000:]
+        run.send_signal(signal.SIGTERM)
+        rest, _ = run.communicate(timeout=120)
+        assert run.returncode == 130, "".join(seen)[-2000:] + rest[-2000:]
+        assert "stopped (SIGTERM)" in rest
+    finally:
+        os.killpg(hold.pid, signal.SIGKILL)
+    import mlflow
+
+    from loraops.tracking import tracking_setup
+
+    tracking_setup(workspace)
+    client = mlflow.MlflowClient()
+    (mlflow_run,) = client.search_runs([client.get_experiment_by_name("interior-qa-lora").experiment_id])
+    assert mlflow_run.info.status in ("KILLED", "FAILED")

@@ -7,6 +7,7 @@ without a traceback; a promotion the gate refuses prints the reasons and exits 1
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -155,8 +156,32 @@ def run(params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt,
     from flows.pipeline import finetune
 
     _quiet_expected_tracebacks()
-    result = finetune(params_file=str(params), overrides=list(set_ or []), allow_dirty=allow_dirty)
+    _terminate_cleanly()
+    try:
+        result = finetune(params_file=str(params), overrides=list(set_ or []), allow_dirty=allow_dirty)
+    except KeyboardInterrupt as stop:
+        typer.secho(f"stopped ({stop or 'interrupted'}): the MLflow run is closed and the gpu slot released",
+                    err=True, fg=typer.colors.YELLOW)
+        raise typer.Exit(130) from None
     typer.echo(result["summary_text"])
+
+
+def _terminate_cleanly() -> None:
+    """SIGTERM ends `loraops run` as Ctrl-C does: the running stage is stopped, context managers release the
+    gpu slot, the flow's crash hooks mark its MLflow run KILLED. (Python's default SIGTERM skips all that.)"""
+    import signal
+
+    def stop(signum: int, _frame: Any) -> None:
+        import psutil
+
+        for child in psutil.Process().children(recursive=True):  # the DVC stage's `loraops train`, not Prefect's server
+            with contextlib.suppress(psutil.Error):
+                command = " ".join(child.cmdline())
+                if "loraops" in command and "uvicorn" not in command and "prefect" not in command:
+                    child.terminate()
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, stop)
 
 
 @app.command()
