@@ -55,7 +55,7 @@ def _register(store, name: str, tuned: float, base: float = 0.3, n: int = 30) ->
                           "category": ["a", "b", "c"] * (n // 3), "base_morph_f1": [base] * n,
                           "tuned_morph_f1": [tuned + 0.01 * (i % 3) for i in range(n)],
                           "base_degenerate": [False] * n, "tuned_degenerate": [False] * n})
-    with mlflow.start_run(experiment_id=experiment_for(name, store)) as run:
+    with mlflow.start_run(experiment_id=experiment_for(name, store)):
         mlflow.log_text(table.to_csv(index=False), "eval/eval_questions.csv")
         info = mlflow.pyfunc.log_model(name="model", python_model=_Echo(), pip_requirements=["mlflow"])
     return str(mlflow.register_model(info.model_uri, name).version)

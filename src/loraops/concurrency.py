@@ -12,9 +12,14 @@ leases, and slots the database counts but no lease accounts for (a run killed un
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import time
+from pathlib import Path
 from typing import Any, Callable, Iterator
+
+from loraops.errors import RegistryError
+from loraops.utils import atomic_write
 
 FILESYSTEM_LEASES = "prefect.server.concurrency.lease_storage.filesystem"
 WAIT_STEP_SECONDS = float(os.environ.get("LORAOPS_SLOT_WAIT_STEP_SECONDS", "15"))
@@ -141,3 +146,60 @@ async def _describe(name: str) -> str:
             who = f"{lease.metadata.holder.type} {lease.metadata.holder.id}" if lease.metadata.holder else "a run"
             parts.append(f"{who} since {lease.created_at:%Y-%m-%d %H:%M:%S} UTC (lease until {lease.expiration:%H:%M:%S})")
     return f"{limit.active_slots}/{limit.limit} slot(s) held by " + ("; ".join(parts) or "holders without a lease")
+
+
+PROMOTE_WAIT_SECONDS = float(os.environ.get("LORAOPS_PROMOTE_WAIT_SECONDS", "300"))
+
+
+@contextlib.contextmanager
+def promotion_lock(name: str, who: str, timeout: float | None = None) -> Iterator[None]:
+    """One promote/rollback per model at a time; a second one waits its turn.
+
+    On this host an OS file lock (released by the kernel when its holder dies, so never stale); with a
+    shared Prefect server (``PREFECT_API_URL`` set, team mode) also a leased slot of the global
+    concurrency limit ``promote-<name>``, which serialises promotions across hosts.
+
+    Raises:
+        RegistryError: when the lock is not free within ``timeout`` seconds (default 300), naming its holder.
+    """
+    from filelock import FileLock, Timeout
+
+    timeout = PROMOTE_WAIT_SECONDS if timeout is None else timeout
+    path = Path("mlruns/.locks") / f"{name}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    holder = path.with_suffix(".holder.json")
+    try:
+        local = FileLock(str(path), timeout=timeout)
+        local.acquire()
+    except Timeout:
+        raise RegistryError(f"another promote/rollback of {name!r} is in progress ({_holder(holder)}); "
+                            f"waited {timeout:g}s, try again when it finishes") from None
+    try:
+        atomic_write(holder, json.dumps({"pid": os.getpid(), "by": who, "since": time.strftime("%Y-%m-%dT%H:%M:%S")}))
+        with _shared_lock(name, timeout):
+            yield
+    finally:
+        holder.unlink(missing_ok=True)
+        local.release()
+
+
+def _holder(path: Path) -> str:
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+        return f"pid {info['pid']}, {info['by']}, since {info['since']}"
+    except (OSError, ValueError, KeyError):  # gone or unreadable: the lock itself is what counts
+        return "holder unknown"
+
+
+@contextlib.contextmanager
+def _shared_lock(name: str, timeout: float) -> Iterator[None]:
+    if not os.environ.get("PREFECT_API_URL"):
+        yield
+        return
+    limit = f"promote-{name}"
+    ensure_limit(limit, 1)
+    try:
+        with slot(limit, timeout_seconds=timeout, lease_duration=120):
+            yield
+    except TimeoutError:
+        raise RegistryError(f"another promote/rollback of {name!r} holds the Prefect limit {limit}; waited {timeout:g}s") from None

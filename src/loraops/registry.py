@@ -9,10 +9,9 @@ from __future__ import annotations
 import contextlib
 import getpass
 import json
-import os
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import mlflow
 import pandas as pd
@@ -143,65 +142,11 @@ def eval_table(client: mlflow.MlflowClient, mv: Any) -> pd.DataFrame:
     return eval_table_of_run(mv.run_id)
 
 
-PROMOTE_WAIT_SECONDS = float(os.environ.get("LORAOPS_PROMOTE_WAIT_SECONDS", "300"))
+def _lock(name: str, timeout: float | None = None) -> Any:
+    """One promote/rollback per model at a time (see `loraops.concurrency.promotion_lock`)."""
+    from loraops.concurrency import promotion_lock
 
-
-@contextlib.contextmanager
-def _lock(name: str, timeout: float | None = None) -> Iterator[None]:
-    """One promote/rollback per model at a time; a second one waits its turn.
-
-    On this host an OS file lock (released by the kernel when its holder dies, so never stale); with a
-    shared Prefect server (``PREFECT_API_URL`` set, team mode) also a leased slot of the global
-    concurrency limit ``promote-<name>``, which serialises promotions across hosts.
-
-    Raises:
-        RegistryError: when the lock is not free within ``timeout`` seconds (default 300), naming its holder.
-    """
-    from filelock import FileLock, Timeout
-
-    from loraops.utils import atomic_write
-
-    timeout = PROMOTE_WAIT_SECONDS if timeout is None else timeout
-    path = Path("mlruns/.locks") / f"{name}.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    holder = path.with_suffix(".holder.json")
-    try:
-        local = FileLock(str(path), timeout=timeout)
-        local.acquire()
-    except Timeout:
-        raise RegistryError(f"another promote/rollback of {name!r} is in progress ({_holder(holder)}); "
-                            f"waited {timeout:g}s, try again when it finishes") from None
-    try:
-        atomic_write(holder, json.dumps({"pid": os.getpid(), "by": actor(), "since": time.strftime("%Y-%m-%dT%H:%M:%S")}))
-        with _shared_lock(name, timeout):
-            yield
-    finally:
-        holder.unlink(missing_ok=True)
-        local.release()
-
-
-def _holder(path: Path) -> str:
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-        return f"pid {info['pid']}, {info['by']}, since {info['since']}"
-    except (OSError, ValueError, KeyError):  # gone or unreadable: the lock itself is what counts
-        return "holder unknown"
-
-
-@contextlib.contextmanager
-def _shared_lock(name: str, timeout: float) -> Iterator[None]:
-    if not os.environ.get("PREFECT_API_URL"):
-        yield
-        return
-    from loraops.concurrency import ensure_limit, slot
-
-    limit = f"promote-{name}"
-    ensure_limit(limit, 1)
-    try:
-        with slot(limit, timeout_seconds=timeout, lease_duration=120):
-            yield
-    except TimeoutError:
-        raise RegistryError(f"another promote/rollback of {name!r} holds the Prefect limit {limit}; waited {timeout:g}s") from None
+    return promotion_lock(name, actor(), timeout)
 
 
 def _reference_scores(client: mlflow.MlflowClient, name: str, candidate: pd.DataFrame, params: Params,
