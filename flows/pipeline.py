@@ -169,8 +169,6 @@ def _finetune(work: Path, params_file: str, overrides: list[str], allow_dirty: b
     name, message = outcome(summary, params.registry.gate.metric, decision)
     text += f"\noutcome: {name}: {message}"
     result = {"run_id": run_id, "version": registered["version"], "summary_text": text, "ran": ran, "outcome": name}
-    if name in ("Promoted", "Registered"):
-        get_run_logger().info("%s: %s", name, message)
-        return result
-    get_run_logger().warning("%s: %s", name, message)
-    return Completed(name=name, message=message, data=result)
+    log = get_run_logger().info if name in ("Promoted", "Registered") else get_run_logger().warning
+    log("%s: %s", name, message)
+    return Completed(name=name, message=message, data=result)  # the run's state says what happened
