@@ -96,3 +96,14 @@ def test_a_gate_metric_that_is_not_computed_is_a_config_error():
 
     with pytest.raises(ConfigError, match=r"registry.gate.metric: 'cosine' is not computed by eval.metrics \(chrf\)"):
         load_params(REPO / "params.yaml", ["eval.metrics=[chrf]", "registry.gate.metric=cosine"])
+
+
+@pytest.mark.integration
+def test_run_stops_before_training_when_the_gate_metric_is_blind(workspace):
+    result = subprocess.run([sys.executable, "-m", "loraops.cli", "run", "--set", "eval.metrics=[exact_match,morph_f1]",
+                             "--set", "registry.gate.metric=exact_match"], cwd=workspace, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "registry.gate.metric: 'exact_match' is not valid on the Korean probes" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (workspace / "data/prepared").exists() and not (workspace / "models").exists()  # nothing ran

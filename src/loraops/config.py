@@ -129,6 +129,9 @@ class EvalSection(_Section):
     metrics: list[Literal["bertscore", "cosine", "chrf", "rouge_l", "morph_f1", "morph_rouge_l", "exact_match", "token_f1"]] = Field(
         default_factory=lambda: list(DEFAULT_METRICS),
         description="Metrics computed per answer; `loraops evaluate --self-test` says which are valid on Korean.")
+    morph_analyzer: Literal["kiwi-cong", "kiwi-cong-global"] = Field(
+        "kiwi-cong", description="Korean morphological analyser for morph_f1/morph_rouge_l: kiwipiepy with its CoNg model "
+                                 "(cong-global: the model with wider context).")
     morph_pos: list[str] = Field(
         default_factory=lambda: list(CONTENT_POS),
         description="kiwipiepy POS tag prefixes kept by morph_f1/morph_rouge_l (content morphemes; particles and endings dropped).")

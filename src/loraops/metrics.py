@@ -73,10 +73,10 @@ def family_of(column: str) -> str | None:
 class Morphemes:
     """Content morphemes of Korean text from kiwipiepy, with the POS tags kept set in ``eval.morph_pos``."""
 
-    def __init__(self, pos: list[str]):
+    def __init__(self, pos: list[str], analyzer: str = "kiwi-cong"):
         from kiwipiepy import Kiwi
 
-        self._kiwi, self._pos = Kiwi(), tuple(pos)
+        self._kiwi, self._pos = Kiwi(model_type=analyzer.removeprefix("kiwi-")), tuple(pos)
         self._cache: dict[str, list[str]] = {}
 
     def __call__(self, text: str) -> list[str]:
@@ -131,7 +131,7 @@ class MetricPack:
 
             self._rouge = rouge_scorer.RougeScorer(["rougeL"], tokenizer=_CharTokenizer())
         if {"morph_f1", "morph_rouge_l"} & set(self.names):
-            self._morph = Morphemes(cfg.morph_pos)
+            self._morph = Morphemes(cfg.morph_pos, cfg.morph_analyzer)
 
     @property
     def columns(self) -> list[str]:

@@ -186,12 +186,17 @@ def require_valid(validity: Validity, metric: str, cfg: EvalSection) -> None:
         return
     family = family_of(metric) or metric
     encoder = f" ({ENCODER_KEYS[family]}={getattr(cfg, ENCODER_KEYS[family].split('.')[1])!r})" if family in ENCODER_KEYS else ""
-    raise MetricError(
-        f"registry.gate.metric: {metric!r}{encoder} is not valid on the Korean probes: it orders a paraphrase above an "
-        f"unrelated answer {row['paraphrase>unrelated']:.1%} of the time (needs {cfg.min_paraphrase_over_unrelated:.0%}) "
-        f"and real answers above garbage or empty ones {row['real>garbage']:.1%} (needs {cfg.min_real_over_garbage:.0%}); "
-        f"identity {row['identity']:.0%}. Run `loraops evaluate --self-test` and pick a valid metric"
-    )
+    failures = []
+    if row["paraphrase>unrelated"] < cfg.min_paraphrase_over_unrelated:
+        failures.append(f"it orders a paraphrase above an unrelated answer {row['paraphrase>unrelated']:.1%} of the time "
+                        f"(eval.min_paraphrase_over_unrelated: {cfg.min_paraphrase_over_unrelated:.0%})")
+    if row["real>garbage"] < cfg.min_real_over_garbage:
+        failures.append(f"it orders on-topic answers above garbage or empty ones {row['real>garbage']:.1%} of the time "
+                        f"(eval.min_real_over_garbage: {cfg.min_real_over_garbage:.0%})")
+    if row["identity"] < 1:
+        failures.append(f"identical texts score 1 (and NFC = NFD) for only {row['identity']:.0%} of the references")
+    raise MetricError(f"registry.gate.metric: {metric!r}{encoder} is not valid on the Korean probes: " + "; ".join(failures)
+                      + ". Run `loraops evaluate --self-test` and pick a valid metric")
 
 
 def describe(validity: Validity) -> str:
