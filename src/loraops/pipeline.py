@@ -179,15 +179,19 @@ def summary_markdown(params: Params, summary: dict[str, Any], run_id: str, track
     return "\n".join(lines) + "\n"
 
 
-def top_losses(root: Path, metric: str, n: int = 10) -> list[dict[str, Any]]:
-    """The ``n`` questions where tuned lost most to base on ``metric`` (for a Prefect table artifact)."""
+def top_losses(root: Path, metric: str, n: int = 10, width: int = 120) -> list[dict[str, Any]]:
+    """The ``n`` questions where tuned lost most to base on ``metric`` (for a Prefect table artifact).
+
+    Only real losses, one row per question (its worst reference), answers cut to ``width`` characters.
+    """
     from loraops.evaluate import read_table
 
     table = read_table(root)
     table["delta"] = table[f"tuned_{metric}"] - table[f"base_{metric}"]
-    worst = table.sort_values("delta").head(n)
-    return [{"delta": round(float(r["delta"]), 4), "question": r["question"], "reference": r["reference"],
-             "base": r["base_answer"], "tuned": r["tuned_answer"]} for _, r in worst.iterrows()]
+    worst = table[table["delta"] < 0].sort_values("delta").drop_duplicates("question").head(n)
+    cut = lambda text: text if len(text) <= width else text[: width - 1] + "…"  # noqa: E731
+    return [{"delta": round(float(r["delta"]), 4), "question": cut(r["question"]), "base": cut(r["base_answer"]),
+             "tuned": cut(r["tuned_answer"])} for _, r in worst.iterrows()]
 
 
 __all__ = ["write_params", "reproduce_stage", "check_clean", "summary_markdown", "top_losses", "load_params", "ConfigError"]

@@ -309,7 +309,8 @@ def describe(result: dict[str, Any]) -> str:
     if result.get("forced"):
         verdict = f"FORCED ({result['reason']})"
     d = result["decision"]
-    lines = [f"{verdict}: {result['name']} v{result['version']} vs {d['against']} (production was v{result['previous']})"]
+    was = f"production was v{result['previous']}" if result["previous"] else "no production yet"
+    lines = [f"{verdict}: {result['name']} v{result['version']} vs {d['against']} ({was})"]
     lines += [f"  - {reason}" for reason in d["reasons"]]
     return "\n".join(lines)
 

@@ -1,0 +1,33 @@
+"""What the report, the Prefect artifacts and the CLI headline show of an evaluation."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from loraops.pipeline import top_losses
+from loraops.report import outcome
+
+
+def test_biggest_losses_are_real_losses_one_row_per_question_and_readable(tmp_path):
+    rows = [("q1", 0.9, 0.2), ("q1", 0.8, 0.1), ("q2", 0.1, 0.7), ("q3", 0.5, 0.4)]
+    table = pd.DataFrame({"question": [q for q, *_ in rows], "reference": ["r"] * 4,
+                          "base_answer": ["벽지 " * 80] * 4, "tuned_answer": ["t"] * 4,
+                          "base_morph_f1": [b for _, b, _ in rows], "tuned_morph_f1": [t for *_, t in rows]})
+    (tmp_path / "reports").mkdir()
+    table.to_csv(tmp_path / "reports/eval_questions.csv", index=False)
+    losses = top_losses(tmp_path, "morph_f1")
+    assert [(r["question"], r["delta"]) for r in losses] == [("q1", -0.7), ("q3", -0.1)]
+    assert list(losses[0]) == ["delta", "question", "base", "tuned"] and len(losses[0]["base"]) == 120
+
+
+def test_outcome_names_what_happened():
+    summary = {"metrics": {"m": {"base": 0.3, "tuned": 0.2, "delta": -0.1}},
+               "degenerate": {"base": {"rate": 0.0}, "tuned": {"rate": 0.0}}}
+    assert outcome(summary, "m", None)[0] == "Worse than base"
+    summary["metrics"]["m"].update(tuned=0.5, delta=0.2)
+    refused = {"promoted": False, "version": "3", "decision": {"against": "production v2"}}
+    assert outcome(summary, "m", refused)[0] == "Refused"
+    assert outcome(summary, "m", {**refused, "promoted": True})[0] == "Promoted"
+    assert outcome(summary, "m", None)[0] == "Registered"
+    summary["degenerate"]["tuned"]["rate"] = 0.1  # better mean, but more garbage than its base
+    assert outcome(summary, "m", None)[0] == "Worse than base"
