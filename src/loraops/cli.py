@@ -97,7 +97,7 @@ def evaluate(params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt,
 
     p = _params(params, set_)
     if self_test:
-        measured = validity.measure(MetricPack(p.eval, device=pick_device(p.base.device)), p.eval, p.base.seed)
+        measured = validity.measure(MetricPack(p.eval, device=pick_device(p.base.device)), p.eval)
         typer.echo(validity.describe(measured))
         gate = p.registry.gate.metric
         typer.echo(f"thresholds: paraphrase>unrelated >= {p.eval.min_paraphrase_over_unrelated}, "

@@ -156,7 +156,7 @@ def run(params: Params, root: Path = Path("."), self_test: bool | None = None) -
     pack = MetricPack(params.eval, device=device)
     validity = None
     if params.eval.self_test if self_test is None else self_test:
-        validity = measure(pack, params.eval, params.base.seed)
+        validity = measure(pack, params.eval)
         require_valid(validity, params.registry.gate.metric, params.eval)
     test_rows = load_split("test", root)
     rows = select_rows(test_rows, params.eval.max_samples, params.base.seed)

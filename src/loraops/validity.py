@@ -37,7 +37,7 @@ ORDERS = (
     ("real>garbage", ON_TOPIC, ("garbage", "empty"), True),
     ("unrelated>garbage", ("unrelated",), ("garbage", "empty"), True),
 )
-UNRELATED_PER_REFERENCE = 10
+PROBE_SEED = 0  # the garbage is drawn once, the same for every run: the probe set is fixed, its figures too
 _RARE = "넀톛뷁햏똠쌰뙇놬뜳쨖"  # syllables outside KS X 1001, as byte-level noise decodes
 
 
@@ -67,20 +67,10 @@ def _garbage(reference: str, salad_words: list[str], rng: random.Random) -> list
     return [loop, fffd, broken, noise, salad]
 
 
-def _spread(entries: list[dict], k: int, rng: random.Random) -> list[dict]:
-    """``k`` entries spread over their categories (round robin over shuffled categories)."""
-    by_category: dict[str, list[dict]] = {}
-    for entry in entries:
-        by_category.setdefault(entry["category"], []).append(entry)
-    pools = [rng.sample(v, len(v)) for _, v in sorted(by_category.items())]
-    picked = [pool[i] for i in range(max(map(len, pools))) for pool in pools if i < len(pool)]
-    return picked[:k]
-
-
-def builtin_pairs(seed: int = 0) -> pd.DataFrame:
-    """The built-in probe set as (reference, candidate, tier, category) rows."""
+def builtin_pairs() -> pd.DataFrame:
+    """The built-in probe set as (reference, candidate, tier, category) rows; every other-category reference is unrelated."""
     entries = [json.loads(line) for line in BUILTIN.read_text(encoding="utf-8").splitlines() if line.strip()]
-    rng = random.Random(seed)
+    rng = random.Random(PROBE_SEED)
     rows = []
     for entry in entries:
         ref, cat = entry["reference"], entry["category"]
@@ -88,7 +78,7 @@ def builtin_pairs(seed: int = 0) -> pd.DataFrame:
         salad_words = [w for e in others for w in e["reference"].split()]
         rows.append((ref, entry["paraphrase"], "paraphrase", cat))
         rows.append((ref, entry["same_topic"], "same_topic", cat))
-        rows += [(ref, e["reference"], "unrelated", cat) for e in _spread(others, UNRELATED_PER_REFERENCE, rng)]
+        rows += [(ref, e["reference"], "unrelated", cat) for e in others]
         rows += [(ref, g, "garbage", cat) for g in _garbage(ref, salad_words, rng)]
         rows += [(ref, "", "empty", cat), (ref, " . ", "empty", cat)]
     return pd.DataFrame(rows, columns=["reference", "candidate", "tier", "category"])
@@ -122,9 +112,9 @@ def read_pairs(path: Path) -> pd.DataFrame:
     return frame[["reference", "candidate", "tier", "category"]]
 
 
-def probe_pairs(cfg: EvalSection, seed: int = 0) -> pd.DataFrame:
+def probe_pairs(cfg: EvalSection) -> pd.DataFrame:
     """The built-in pairs plus the user's (``eval.probe_path``)."""
-    frames = [builtin_pairs(seed)]
+    frames = [builtin_pairs()]
     if cfg.probe_path:
         frames.append(read_pairs(Path(cfg.probe_path)))
     return pd.concat(frames, ignore_index=True)
@@ -148,9 +138,9 @@ def _accuracy(scores: pd.Series, pairs: pd.DataFrame, better: tuple[str, ...], w
     return correct / total if total else float("nan")
 
 
-def measure(pack: MetricPack, cfg: EvalSection, seed: int = 0) -> Validity:
+def measure(pack: MetricPack, cfg: EvalSection) -> Validity:
     """Order the probe tiers with every metric of ``pack``; decide which metrics are valid."""
-    pairs = probe_pairs(cfg, seed)
+    pairs = probe_pairs(cfg)
     refs, cands = list(pairs["reference"]), list(pairs["candidate"])
     raw = pack.score(cands, refs)
     flagged = [detect(c, r) is not None for c, r in zip(cands, refs)]
@@ -221,6 +211,6 @@ def check_gate(params: Any) -> dict[str, Any]:
 
     metric = params.registry.gate.metric
     cfg = params.eval.model_copy(update={"metrics": [family_of(metric)]})
-    measured = measure(MetricPack(cfg, device=pick_device(params.base.device)), cfg, params.base.seed)
+    measured = measure(MetricPack(cfg, device=pick_device(params.base.device)), cfg)
     require_valid(measured, metric, params.eval)
     return measured.of(metric)
