@@ -167,9 +167,16 @@ def summary_markdown(params: Params, summary: dict[str, Any], run_id: str, track
              f"MLflow run {link}; experiment `{params.registry.model_name}`.", "",
              "| stage | " + " | ".join(STAGES) + " |", "|---|" + "---|" * len(STAGES),
              "| ran | " + " | ".join("yes" if ran[s] else "skipped (unchanged)" for s in STAGES) + " |", "",
-             "| metric | base | tuned | Δ | 95% CI |", "|---|---|---|---|---|"]
+             "| metric | base | tuned | Δ | 95% CI | valid on Korean |", "|---|---|---|---|---|---|"]
+    validity = summary.get("validity", {})
     for metric, s in summary["metrics"].items():
-        lines.append(f"| {metric} | {s['base']:.4f} | {s['tuned']:.4f} | {s['delta']:+.4f} | [{s['ci95'][0]:+.4f}, {s['ci95'][1]:+.4f}] |")
+        valid = "—" if metric not in validity else ("yes" if validity[metric]["valid"] else "no")
+        lines.append(f"| {metric} | {s['base']:.4f} | {s['tuned']:.4f} | {s['delta']:+.4f} | "
+                     f"[{s['ci95'][0]:+.4f}, {s['ci95'][1]:+.4f}] | {valid} |")
+    degenerate = summary.get("degenerate")
+    if degenerate:
+        lines += ["", f"Degenerate answers (scored 0): base {degenerate['base']['count']}, tuned "
+                      f"{degenerate['tuned']['count']} of {summary['n']}; gate metric `{params.registry.gate.metric}`."]
     reused = " (same adapter as an existing version)" if registered.get("reused") else ""
     lines += ["", f"Registered `{registered['name']}` version {registered['version']}{reused}, alias `candidate`."]
     if gate is not None:
