@@ -107,3 +107,14 @@ def test_run_stops_before_training_when_the_gate_metric_is_blind(workspace):
     assert "registry.gate.metric: 'exact_match' is not valid on the Korean probes" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (workspace / "data/prepared").exists() and not (workspace / "models").exists()  # nothing ran
+
+
+def test_check_before_training_loads_every_encoder_and_reads_the_probe_file(tmp_path):
+    from loraops.validity import check_gate
+
+    broken = load_params(REPO / "params.yaml", [f"eval.cosine_model={tmp_path / 'gone'}"])
+    with pytest.raises(MetricError, match="eval.cosine_model: cannot load encoder"):
+        check_gate(broken)  # the gate metric is morph_f1, but the run would fail at evaluate, after training
+    (tmp_path / "p.csv").write_text("reference,candidate\na,b\n", encoding="utf-8")
+    with pytest.raises(ProbeError, match=r"p.csv: missing column\(s\) tier"):
+        check_gate(load_params(REPO / "params.yaml", [f"eval.probe_path={tmp_path / 'p.csv'}"]))

@@ -202,15 +202,21 @@ def describe(validity: Validity) -> str:
 
 
 def check_gate(params: Any) -> dict[str, Any]:
-    """Measure only the gate metric on the probes and stop when it is not valid (cheap: before training).
+    """Before training: every configured encoder loads, the probe file reads, and the gate metric is valid.
+
+    Only the gate metric is measured here (cheap); `evaluate` measures them all.
 
     Raises:
-        MetricError: naming ``registry.gate.metric`` and the figures, as `require_valid`.
+        MetricError: an encoder that cannot load (naming its key), a bad probe file (naming file and row), or
+            a gate metric that is not valid (naming ``registry.gate.metric`` and the figures).
     """
     from loraops.utils import pick_device
 
-    metric = params.registry.gate.metric
+    metric, device = params.registry.gate.metric, pick_device(params.base.device)
+    MetricPack(params.eval, device=device)  # every configured encoder must load now, not after training
+    if params.eval.probe_path:
+        read_pairs(Path(params.eval.probe_path))
     cfg = params.eval.model_copy(update={"metrics": [family_of(metric)]})
-    measured = measure(MetricPack(cfg, device=pick_device(params.base.device)), cfg)
+    measured = measure(MetricPack(cfg, device=device), cfg)
     require_valid(measured, metric, params.eval)
     return measured.of(metric)
