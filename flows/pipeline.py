@@ -120,7 +120,7 @@ def finetune(
     overrides: list[str] | None = None,
     allow_dirty: bool = False,
     isolate: bool | None = None,
-) -> dict[str, Any]:
+) -> Any:
     """Fine-tune, evaluate and register a LoRA adapter; promote it when the gate passes and auto_promote is on.
 
     The sections mirror params.yaml (a deployment's defaults are its current values); a value that differs
@@ -137,7 +137,7 @@ def finetune(
         return _finetune(Path(work), params_file, form + list(overrides or []), allow_dirty)
 
 
-def _finetune(work: Path, params_file: str, overrides: list[str], allow_dirty: bool) -> dict[str, Any]:
+def _finetune(work: Path, params_file: str, overrides: list[str], allow_dirty: bool) -> Any:
     params = resolve_params(work, params_file, overrides)
     if params.eval.self_test:
         metric_check(params)
@@ -169,6 +169,6 @@ def _finetune(work: Path, params_file: str, overrides: list[str], allow_dirty: b
     name, message = outcome(summary, params.registry.gate.metric, decision)
     text += f"\noutcome: {name}: {message}"
     result = {"run_id": run_id, "version": registered["version"], "summary_text": text, "ran": ran, "outcome": name}
-    log = get_run_logger().info if name in ("Promoted", "Registered") else get_run_logger().warning
+    log = get_run_logger().info if name in ("Promoted", "Registered", "Unchanged") else get_run_logger().warning
     log("%s: %s", name, message)
     return Completed(name=name, message=message, data=result)  # the run's state says what happened

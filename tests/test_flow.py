@@ -58,6 +58,7 @@ def test_finetune_registers_promotes_skips_and_serves(workspace):
 
     again = loraops("run")
     assert again.returncode == 0, again.stderr[-3000:]
+    assert "Finished in state Unchanged(" in again.stdout + again.stderr
     runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"])
     assert runs[0].data.tags["dvc.train"] == "skipped" and runs[0].data.tags["dvc.evaluate"] == "skipped"
     assert len(client.search_model_versions("name = 'interior-qa-lora'")) == 1  # same adapter: not registered twice

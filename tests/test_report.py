@@ -29,5 +29,6 @@ def test_outcome_names_what_happened():
     assert outcome(summary, "m", refused)[0] == "Refused"
     assert outcome(summary, "m", {**refused, "promoted": True})[0] == "Promoted"
     assert outcome(summary, "m", None)[0] == "Registered"
+    assert outcome(summary, "m", {**refused, "promoted": True, "previous": "3"})[0] == "Unchanged"
     summary["degenerate"]["tuned"]["rate"] = 0.1  # better mean, but more garbage than its base
     assert outcome(summary, "m", None)[0] == "Worse than base"

@@ -94,7 +94,8 @@ def outcome(summary: dict[str, Any], primary: str, gate: dict[str, Any] | None) 
     """The run's outcome as a Prefect state name and a one-line message.
 
     ``Worse than base`` when the tuned model scores below its base on the gate metric or answers
-    degenerately more often; else ``Refused`` when the gate refused; else ``Promoted`` or ``Registered``.
+    degenerately more often; else ``Unchanged`` when the candidate already is production (a no-op rerun),
+    ``Refused`` when the gate refused, else ``Promoted`` or ``Registered``.
     """
     stats = summary["metrics"][primary]
     degenerate = summary.get("degenerate", {})
@@ -102,6 +103,8 @@ def outcome(summary: dict[str, Any], primary: str, gate: dict[str, Any] | None) 
     figures = f"{primary} base {stats['base']:.4f} → tuned {stats['tuned']:.4f} ({stats['delta']:+.4f})"
     if stats["delta"] < 0 or rates[1] > rates[0]:
         return "Worse than base", f"the tuned model is worse than its base: {figures}; degenerate {rates[0]:.1%} → {rates[1]:.1%}"
+    if gate is not None and gate.get("previous") == gate["version"]:
+        return "Unchanged", f"v{gate['version']} is already production; nothing moved: {figures}"
     if gate is not None and not gate["promoted"]:
         return "Refused", f"the gate refused v{gate['version']} vs {gate['decision']['against']}: {figures}"
     if gate is not None:
