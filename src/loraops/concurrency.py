@@ -6,7 +6,8 @@ slot is freed. A Prefect server does that with its repossessor service, which Pr
 the ephemeral (local) mode `loraops run` uses, and whose default lease storage lives in the memory of
 one process. So in local mode loraops keeps leases on disk (Prefect's filesystem lease storage, shared
 by every local run) and, while it waits for a slot, frees the slots whose holder is gone: expired
-leases, and slots the database counts but no lease accounts for (a run killed under the old storage).
+leases at once, and slots the database counts but no lease accounts for (a run killed under the old
+storage) once they stay unaccounted for across two checks, so a run taking its slot right now is spared.
 """
 
 from __future__ import annotations
@@ -67,11 +68,11 @@ def slot(name: str, timeout_seconds: float | None = None, lease_duration: float 
 @contextlib.contextmanager
 def waiting_slot(name: str, say: Callable[[str], None], holder: dict[str, Any] | None = None) -> Iterator[None]:
     """Hold a slot of ``name``; while waiting, say who holds it and, in local mode, free slots of dead holders."""
-    waited = 0.0
+    waited, suspects = 0.0, 0
     with contextlib.ExitStack() as stack:
         while True:
             if local_mode():
-                freed = reclaim(name)
+                suspects, freed = reclaim(name, suspects)
                 if freed:
                     say(f"freed {freed} slot(s) of the Prefect concurrency limit {name!r} whose holder is gone")
             try:
@@ -83,14 +84,19 @@ def waiting_slot(name: str, say: Callable[[str], None], holder: dict[str, Any] |
         yield
 
 
-def reclaim(name: str) -> int:
-    """Local mode: free the slots of ``name`` whose holder is gone; return how many."""
+def reclaim(name: str, suspects: int = 0) -> tuple[int, int]:
+    """Local mode: free the slots of ``name`` whose holder is gone.
+
+    Expired leases are revoked at once. A slot the database counts but no lease accounts for may belong
+    to a run that is taking it this very moment (its lease not yet written), so it is freed only when it
+    was already unaccounted for at the previous check (``suspects``). Returns (unaccounted now, freed).
+    """
     from prefect.utilities.asyncutils import run_coro_as_sync
 
-    return run_coro_as_sync(_reclaim(name)) or 0
+    return run_coro_as_sync(_reclaim(name, suspects)) or (0, 0)
 
 
-async def _reclaim(name: str) -> int:
+async def _reclaim(name: str, suspects: int) -> tuple[int, int]:
     from datetime import datetime, timezone
 
     from prefect.server.concurrency.lease_storage import get_concurrency_lease_storage
@@ -105,16 +111,17 @@ async def _reclaim(name: str) -> int:
     async with db.session_context(begin_transaction=True) as session:
         limit = await read_concurrency_limit(session, name=name)
         if limit is None or not limit.active_slots:
-            return 0
+            return 0, 0
         held = 0
         for lease_id in await storage.read_active_lease_ids(limit=1000):
             lease = await storage.read_lease(lease_id)
             if lease and limit.id in lease.resource_ids and lease.expiration > now and lease.metadata:
                 held += lease.metadata.slots
-        orphans = limit.active_slots - held
-        if orphans > 0:
-            await bulk_decrement_active_slots(session=session, concurrency_limit_ids=[limit.id], slots=orphans)
-        return max(orphans, 0)
+        orphans = max(limit.active_slots - held, 0)
+        freed = min(orphans, suspects)
+        if freed:
+            await bulk_decrement_active_slots(session=session, concurrency_limit_ids=[limit.id], slots=freed)
+        return orphans - freed, freed
 
 
 def describe_holders(name: str) -> str:
