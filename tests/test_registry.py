@@ -46,18 +46,30 @@ class _Echo(mlflow.pyfunc.PythonModel):
         return list(model_input)
 
 
-def _register(store, name: str, tuned: float, base: float = 0.3, n: int = 30) -> str:
+class _Garbage(mlflow.pyfunc.PythonModel):
+    """A version that answers as an untrained model does: fragments of real words around U+FFFD."""
+
+    def answer_raw(self, model_input):
+        return ["벽지\ufffd\ufffd가 들\ufffd뜨는 습\ufffd기" for _ in range(len(model_input))]
+
+    def predict(self, context, model_input, params=None):
+        return [a.replace("\ufffd", "") for a in self.answer_raw(model_input)]
+
+
+def _register(store, name: str, tuned: float, base: float = 0.3, n: int = 30, prefix: str = "q",
+              model: mlflow.pyfunc.PythonModel | None = None) -> str:
     """A registered version whose run carries an eval table (no training needed to judge it)."""
     from loraops.tracking import experiment_for, tracking_setup
 
     tracking_setup(store)
-    table = pd.DataFrame({"question": [f"q{i}" for i in range(n)], "reference": [f"r{i}" for i in range(n)],
+    table = pd.DataFrame({"question": [f"{prefix}{i}" for i in range(n)],
+                          "reference": ["벽지가 들뜨는 원인은 습기입니다."] * n,
                           "category": ["a", "b", "c"] * (n // 3), "base_morph_f1": [base] * n,
                           "tuned_morph_f1": [tuned + 0.01 * (i % 3) for i in range(n)],
                           "base_degenerate": [False] * n, "tuned_degenerate": [False] * n})
     with mlflow.start_run(experiment_id=experiment_for(name, store)):
         mlflow.log_text(table.to_csv(index=False), "eval/eval_questions.csv")
-        info = mlflow.pyfunc.log_model(name="model", python_model=_Echo(), pip_requirements=["mlflow"])
+        info = mlflow.pyfunc.log_model(name="model", python_model=model or _Echo(), pip_requirements=["mlflow"])
     return str(mlflow.register_model(info.model_uri, name).version)
 
 
@@ -76,6 +88,19 @@ def test_a_refusal_is_recorded_on_the_refused_candidate(store):
     names = [r.info.run_name for r in client.search_runs([client.get_experiment_by_name("m-audit").experiment_id],
                                                          order_by=["attributes.start_time ASC"])]
     assert names == ["promote v-→v1", "refuse v2 (production v1)"]
+
+
+def test_production_re_evaluated_on_new_questions_is_judged_like_the_candidate(store):
+    """Production answering garbage on the candidate's new questions scores 0 there and counts as degenerate,
+    as it would in evaluate; its cleaned answers would otherwise score like real text."""
+    params = load_params(REPO / "params.yaml", ["registry.gate.min_test_size=5"])
+    assert registry.promote("m", _register(store, "m", 0.6, model=_Garbage()), params)["promoted"]
+    candidate = _register(store, "m", 0.5, prefix="new")  # questions production's eval table does not have
+    result = registry.promote("m", candidate, params)
+    decision = result["decision"]
+    assert decision["against"] == "production v1 (re-evaluated)"
+    assert decision["figures"]["reference"] == 0.0 and decision["figures"]["degenerate_rate"]["reference"] == 1.0
+    assert result["promoted"]
 
 
 def test_two_promotions_at_once_leave_one_consistent_production_and_two_audit_entries(store):

@@ -21,10 +21,12 @@ def test_biggest_losses_are_real_losses_one_row_per_question_and_readable(tmp_pa
 
 
 def test_outcome_names_what_happened():
-    summary = {"metrics": {"m": {"base": 0.3, "tuned": 0.2, "delta": -0.1}},
+    summary = {"metrics": {"m": {"base": 0.3, "tuned": 0.2, "delta": -0.1, "ci95": [-0.15, -0.05]}},
                "degenerate": {"base": {"rate": 0.0}, "tuned": {"rate": 0.0}}}
     assert outcome(summary, "m", None)[0] == "Worse than base"
-    summary["metrics"]["m"].update(tuned=0.5, delta=0.2)
+    summary["metrics"]["m"].update(tuned=0.299, delta=-0.001, ci95=[-0.02, 0.018])  # noise, not measurably worse
+    assert outcome(summary, "m", None)[0] == "Registered"
+    summary["metrics"]["m"].update(tuned=0.5, delta=0.2, ci95=[0.1, 0.3])
     refused = {"promoted": False, "version": "3", "decision": {"against": "production v2"}}
     assert outcome(summary, "m", refused)[0] == "Refused"
     assert outcome(summary, "m", {**refused, "promoted": True})[0] == "Promoted"

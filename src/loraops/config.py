@@ -28,8 +28,6 @@ SIMILARITY = {"bertscore": ["bertscore_p", "bertscore_r", "bertscore_f1"], "cosi
 """The score columns each ``eval.metrics`` entry produces (the names in ``metrics/eval.json``)."""
 
 
-
-
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 

@@ -16,13 +16,11 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
 
-from loraops.errors import MetricError
 from loraops.config import BUNDLED_ENCODER, SIMILARITY, EvalSection
 from loraops.degenerate import detect
+from loraops.errors import MetricError
 
 ENCODER_KEYS = {"bertscore": "eval.bertscore_model", "cosine": "eval.cosine_model"}
-
-
 
 
 def resolve_encoder(name: str) -> str:

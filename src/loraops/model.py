@@ -19,8 +19,6 @@ TINY_BASE_DIR = Path("models/base")
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
 
 
-
-
 def base_location(cfg: ModelSection, root: Path = Path(".")) -> str:
     """Where the base model lives: the built tiny base's directory, a local path, or a hub id."""
     if cfg.base == TINY_BASE:

@@ -18,8 +18,6 @@ from loraops.errors import RegistryError
 STAGES = ("prepare", "train", "evaluate")
 
 
-
-
 def write_params(params_file: str, overrides: list[str], root: Path = Path(".")) -> Params:
     """Validate, then record the run's params in ``params.yaml`` for DVC (as ``dvc exp run -S`` does).
 

@@ -20,8 +20,6 @@ from loraops.config import DataSection
 _TEXT_SUFFIXES = {".csv", ".tsv", ".jsonl", ".json"}
 
 
-
-
 @dataclass(frozen=True)
 class QARecord:
     """One question-answer pair and where it came from."""

@@ -17,8 +17,8 @@ import mlflow
 import pandas as pd
 from mlflow.exceptions import MlflowException
 
-from loraops.errors import RegistryError
 from loraops.config import Params
+from loraops.errors import RegistryError
 from loraops.gate import Decision, decide, scores_from_table
 from loraops.tracking import experiment_for, tracking_setup
 
@@ -164,17 +164,22 @@ def _reference_scores(client: mlflow.MlflowClient, name: str, candidate: pd.Data
 
 
 def _rescore(uri: str, candidate: pd.DataFrame, params: Params, metric: str) -> pd.DataFrame:
-    """Answer the candidate's test questions with another registered version and score them."""
-    from loraops.metrics import SIMILARITY, MetricPack
+    """Answer the candidate's test questions with another registered version and judge them as evaluate does.
+
+    The answers are judged as generated (undecodable characters included) and degenerate ones score 0,
+    so production is held to the same standard as the candidate.
+    """
+    from loraops.metrics import MetricPack, family_of
     from loraops.serve import load
 
-    family = next(name for name, cols in SIMILARITY.items() if metric in cols)
     unique = candidate.drop_duplicates(subset=["question"])
-    answers = dict(zip(unique["question"], load(uri).predict(unique[["question", "category"]])))
-    pack = MetricPack(params.eval.model_copy(update={"metrics": [family]}))
-    scores = pack.score([answers[q] for q in candidate["question"]], list(candidate["reference"]))
+    model = load(uri).unwrap_python_model()
+    answers = dict(zip(unique["question"], model.answer_raw(unique[["question", "category"]])))
+    pack = MetricPack(params.eval.model_copy(update={"metrics": [family_of(metric)]}))
+    scores, reasons = pack.judge([answers[q] for q in candidate["question"]], list(candidate["reference"]))
     frame = candidate[["question", "reference", "category"]].copy()
     frame["score"] = scores[metric]
+    frame["degenerate"] = [reason is not None for reason in reasons]
     return frame
 
 

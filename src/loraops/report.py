@@ -93,15 +93,15 @@ def headline(summary: dict[str, Any]) -> str:
 def outcome(summary: dict[str, Any], primary: str, gate: dict[str, Any] | None) -> tuple[str, str]:
     """The run's outcome as a Prefect state name and a one-line message.
 
-    ``Worse than base`` when the tuned model scores below its base on the gate metric or answers
-    degenerately more often; else ``Unchanged`` when the candidate already is production (a no-op rerun),
+    ``Worse than base`` when the tuned model scores measurably below its base on the gate metric (the
+    95% interval of the change lies below 0) or answers degenerately more often; else ``Unchanged`` when the candidate already is production (a no-op rerun),
     ``Refused`` when the gate refused, else ``Promoted`` or ``Registered``.
     """
     stats = summary["metrics"][primary]
     degenerate = summary.get("degenerate", {})
     rates = [degenerate.get(m, {}).get("rate", 0.0) for m in ("base", "tuned")]
     figures = f"{primary} base {stats['base']:.4f} → tuned {stats['tuned']:.4f} ({stats['delta']:+.4f})"
-    if stats["delta"] < 0 or rates[1] > rates[0]:
+    if stats["ci95"][1] < 0 or rates[1] > rates[0]:
         return "Worse than base", f"the tuned model is worse than its base: {figures}; degenerate {rates[0]:.1%} → {rates[1]:.1%}"
     if gate is not None and gate.get("previous") == gate["version"]:
         return "Unchanged", f"v{gate['version']} is already production; nothing moved: {figures}"

@@ -55,11 +55,14 @@ class LoraQAModel(mlflow.pyfunc.PythonModel):
         template = self.spec["template"]
         return [template.format_map(_Defaults(r)) for r in records]
 
-    def predict(self, context: Any, model_input: Any, params: dict | None = None) -> list[str]:
+    def answer_raw(self, model_input: Any) -> list[str]:
+        """Answers exactly as generated, undecodable characters included (what the gate judges)."""
         from loraops.evaluate import generate
 
-        answers = generate(self.model, self.tokenizer, self._prompts(model_input), self.eval_cfg, self.device, progress=False)
-        return clean_answers(answers)
+        return generate(self.model, self.tokenizer, self._prompts(model_input), self.eval_cfg, self.device, progress=False)
+
+    def predict(self, context: Any, model_input: Any, params: dict | None = None) -> list[str]:
+        return clean_answers(self.answer_raw(model_input))
 
 
 def clean_answers(answers: list[str]) -> list[str]:
