@@ -26,10 +26,10 @@ run: data
 	HF_HUB_OFFLINE=$${HF_HUB_OFFLINE:-1} loraops run
 
 test: data
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not gpu"
 
 test-fast: data
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow and not integration"
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
 ui-mlflow: install
 	mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --host 127.0.0.1 --port 5000

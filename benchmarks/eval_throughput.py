@@ -37,11 +37,11 @@ def _timed(fn, *args, **kwargs):
 
 def _random_base(name: str, root: Path, device: str) -> str:
     """``name``'s shape with random weights and a tokenizer learned from the prepared splits."""
-    from loraops import data
+    from loraops import prepare
     from loraops.config import TinyBase
     from loraops.model import train_tokenizer
 
-    texts = [r["prompt"] + r["answer"] for r in data.load_split("train", root)]
+    texts = [r["prompt"] + r["answer"] for r in prepare.load_split("train", root)]
     train_tokenizer(texts, TinyBase().vocab_size).save_pretrained(root / "tokenizer")
     return architectures.build(name, root / "tokenizer", root / name, device)
 
@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
 
-    from loraops import data, evaluate, train
+    from loraops import evaluate, prepare, train
+    from loraops.paths import ADAPTER_DIR
     from loraops.config import load_params
     from loraops.metrics import MetricPack
     from loraops.utils import pick_device
@@ -78,15 +79,15 @@ def main(argv: list[str] | None = None) -> None:
         overrides = [f"data.path={ROOT / 'data/raw/interior_qa.csv'}", "train.max_steps=60",
                      f"eval.max_new_tokens={a.max_new_tokens}", f"eval.batch_size={a.batch_size}"]
         params = load_params(ROOT / "params.yaml", overrides)
-        data.run(params, root)
+        prepare.run(params, root)
         if a.arch:
             params = load_params(ROOT / "params.yaml", overrides + [f"model.base={_random_base(a.arch, root, device)}",
                                                                     "lora.modules_to_save=[]"])
-            _untrained_adapter(params, root / train.ADAPTER_DIR, device)
+            _untrained_adapter(params, root / ADAPTER_DIR, device)
         else:
             train.run(params, root)
-        model, tok = evaluate.load_tuned(params, root / train.ADAPTER_DIR, device, root)
-        rows = data.load_split("test", root) + data.load_split("validation", root)
+        model, tok = evaluate.load_tuned(params, root / ADAPTER_DIR, device, root)
+        rows = prepare.load_split("test", root) + prepare.load_split("validation", root)
         prompts = sorted({r["prompt"] for r in rows})[: a.questions]
         one = params.eval.model_copy(update={"batch_size": 1})
         evaluate.generate(model, tok, prompts[:2], params.eval, device, progress=False)  # warm-up

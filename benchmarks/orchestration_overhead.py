@@ -38,9 +38,10 @@ def _timed_cli(cwd: Path, *args: str) -> tuple[float, list[str]]:
 
 def main(argv: list[str] | None = None) -> None:
     argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args(argv)
-    from loraops import data, evaluate, train
+    from loraops import evaluate, prepare, train
     from loraops.config import load_params
-    from loraops.pipeline import STAGES, isolated_workspace
+    from loraops.paths import STAGES
+    from loraops.workspace import isolated_workspace
 
     params = load_params(ROOT / "params.yaml", CONFIG)
     with isolated_workspace(ROOT, f"bench-{os.getpid()}", params.data.path) as ws:
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
             (root / "data/raw").mkdir(parents=True)
             (root / params.data.path).write_bytes((ws / params.data.path).read_bytes())
             start = time.perf_counter()
-            data.run(params, root)
+            prepare.run(params, root)
             train.run(params, root)
             evaluate.run(params, root)
             direct = time.perf_counter() - start

@@ -76,7 +76,7 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def _setup(a: argparse.Namespace, work: Path) -> tuple[str, list[dict]]:
     """Prepared rows and a base model dir (built once, shared by both arms)."""
-    from loraops import data
+    from loraops import prepare
     from loraops.config import TinyBase, load_params
     from loraops.model import build_tiny_base
 
@@ -84,8 +84,8 @@ def _setup(a: argparse.Namespace, work: Path) -> tuple[str, list[dict]]:
         rows = _read_split(a.split)
     else:
         params = load_params(ROOT / "params.yaml", [f"data.path={ROOT / 'data/raw/interior_qa.csv'}"])
-        data.run(params, work)
-        rows = data.load_split("train", work)
+        prepare.run(params, work)
+        rows = prepare.load_split("train", work)
     base, texts = a.base, [r["prompt"] + r["answer"] for r in rows]
     if a.arch:
         from loraops.model import train_tokenizer

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from prefect import serve
 
-from flows.pipeline import finetune
-from flows.promote import promote, rollback
-from flows.reproduce import reproduce
-from loraops import pipeline
+from loraops import concurrency
 from loraops.config import load_params
+from loraops.flows.finetune import finetune
+from loraops.flows.promote import promote, rollback
+from loraops.flows.reproduce import reproduce
 
 
 def deployments(params_file: str = "params.yaml") -> list:
@@ -27,5 +27,5 @@ def deployments(params_file: str = "params.yaml") -> list:
 
 def serve_all(params_file: str = "params.yaml", limit: int | None = None) -> None:
     """Create the `gpu` concurrency limit if needed, then serve the deployments until interrupted."""
-    pipeline.ensure_gpu_limit()
+    concurrency.ensure_gpu_limit()
     serve(*deployments(params_file), limit=limit)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from helpers import REPO
 
 LORAOPS = [sys.executable, "-m", "loraops.cli"]
 

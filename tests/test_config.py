@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from conftest import REPO
+from helpers import REPO
 from loraops.config import ConfigError, Params, load_params, parse_override
 
 
@@ -61,7 +61,7 @@ def test_dvc_stages_match_cli_commands_and_params_sections():
 
 
 def test_prefect_form_sections_become_overrides_only_where_changed(tmp_path):
-    from loraops.pipeline import section_overrides, write_params
+    from loraops.workspace import section_overrides, write_params
 
     (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text(encoding="utf-8"), encoding="utf-8")
     current = load_params(tmp_path / "params.yaml")
@@ -78,10 +78,10 @@ def test_prefect_form_sections_become_overrides_only_where_changed(tmp_path):
 
 def test_code_defaults_equal_params_yaml():
     """One source of defaults: a key left out of params.yaml means the same as the file's value."""
-    from loraops.config import _flatten
+    from loraops.config import flatten
 
-    code = _flatten(Params().model_dump(mode="json"))
-    assert code == _flatten(load_params(REPO / "params.yaml").model_dump(mode="json"))
+    code = flatten(Params().model_dump(mode="json"))
+    assert code == flatten(load_params(REPO / "params.yaml").model_dump(mode="json"))
 
 
 
@@ -93,6 +93,28 @@ def test_dvc_code_deps_are_the_import_closure_of_each_stage():
     for name, stage in dvc["stages"].items():
         listed = sorted(d for d in stage["deps"] if d.startswith("src/loraops/") and d.endswith(".py"))
         assert listed == stage_files(name), f"dvc.yaml stage {name}: update its deps to loraops.codedeps.stage_files"
-    assert {"src/loraops/utils.py", "src/loraops/cli.py"} <= set(stage_files("prepare"))
-    assert {"src/loraops/data.py", "src/loraops/train.py", "src/loraops/packing.py"} <= set(stage_files("evaluate"))
+    assert {"src/loraops/utils.py", "src/loraops/cli/stages.py", "src/loraops/cli/__init__.py"} <= set(stage_files("prepare"))
+    assert {"src/loraops/prepare.py", "src/loraops/model.py", "src/loraops/metrics.py"} <= set(stage_files("evaluate"))
     assert "src/loraops/registry.py" not in stage_files("evaluate")  # other commands' imports do not count
+    assert "src/loraops/train.py" not in stage_files("evaluate")
+
+
+@pytest.mark.parametrize("override,key", [
+    ("train.eval_steps=1000", "train.eval_steps"),
+    ("train.logging_steps=5000", "train.logging_steps"),
+    ("registry.gate.metric=cosine", "registry.gate.metric"),
+    ("eval.max_samples=5", "eval.max_samples"),
+    ("data.template={tone} {question}", "data.template"),
+    ("train.quantization=4bit", "train.quantization"),
+])
+def test_cross_field_checks_fail_at_load_naming_the_key(override, key):
+    extra = ["base.device=cpu"] if key == "train.quantization" else []
+    metrics = ["eval.metrics=[morph_f1]"] if key == "registry.gate.metric" else []
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_params(REPO / "params.yaml", [override, *extra, *metrics])
+
+
+def test_template_attribute_fields_pass_the_cross_check():
+    params = load_params(REPO / "params.yaml", ["data.attribute_columns=[target_age]",
+                                                "data.template=[{target_age}] {category} {question}"])
+    assert params.data.attribute_columns == ["target_age"]

@@ -7,8 +7,8 @@ import unicodedata
 
 import pytest
 
-from conftest import REPO
-from loraops import data
+from helpers import REPO
+from loraops import prepare
 from loraops.config import DataSection, load_params
 from loraops.readers import DataError, read_records
 
@@ -46,8 +46,22 @@ def test_sample_dataset_shape():
 def test_other_formats(tmp_path, fmt, name, content, expected):
     path = tmp_path / name
     path.write_text(content, encoding="utf-8")
-    records, _ = read_records(path, DataSection(format=fmt))
+    category = "category" if "category" in content else None
+    records, _ = read_records(path, DataSection(format=fmt, category_column=category))
     assert len(records) == expected and records[0].answer
+
+
+@pytest.mark.parametrize("fmt,name,content", [
+    ("qa", "d.csv", "question,answer,categroy\n질문?,답,c\n"),
+    ("alpaca", "d.jsonl", '{"instruction": "설명해", "output": "답", "kind": "c"}\n'),
+    ("wide", "d.csv", "id,질문_1,cat,답변_1\nA1,질문?,c,답\n"),
+])
+def test_missing_category_column_is_an_error_naming_the_key(tmp_path, fmt, name, content):
+    """A misspelt category column would silently make one category "all" and an unstratified split."""
+    path = tmp_path / name
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(DataError, match="data.category_column 'category' is not a column.*null for no categories"):
+        read_records(path, DataSection(format=fmt))
 
 
 def test_parquet_qa(tmp_path):
@@ -55,7 +69,7 @@ def test_parquet_qa(tmp_path):
 
     path = tmp_path / "d.parquet"
     pd.DataFrame({"q": ["질문?"], "a": ["답"]}).to_parquet(path)
-    records, _ = read_records(path, DataSection(format="qa", question_column="q", answer_column="a"))
+    records, _ = read_records(path, DataSection(format="qa", question_column="q", answer_column="a", category_column=None))
     assert records[0].question == "질문?" and records[0].category == "all"
 
 
@@ -67,17 +81,17 @@ def test_awkward_but_valid_input(tmp_path):
     path.write_bytes(b"\xef\xbb\xbf" + (WIDE_HEADER.replace("\n", "\r\n") + body).encode("utf-8"))
     records, encoding = read_records(path, DataSection())
     assert encoding == "utf-8" and len(records) == 4
-    cleaned, report = data.clean(records, DataSection(max_answer_chars=100))
+    cleaned, report = prepare.clean(records, DataSection(max_answer_chars=100))
     assert cleaned[0].question == "벽지가 들떠요?"  # NFC
     assert "여러 줄\n답변입니다." in {r.answer for r in cleaned}
     assert report["truncated"] == 2 and max(len(r.answer) for r in cleaned) == 100
-    dropped, report = data.clean(records, DataSection(max_answer_chars=100, length_policy="drop"))
+    dropped, report = prepare.clean(records, DataSection(max_answer_chars=100, length_policy="drop"))
     assert report["dropped_long"] == 2 and len(dropped) == 2
 
 
-def test_no_category_column_means_one_category(tmp_path):
+def test_category_column_null_means_one_category(tmp_path):
     path = _wide(tmp_path, "A1,질문?,,답\n", header="id,질문_1,질문_2,답변_1\n")
-    records, _ = read_records(path, DataSection())
+    records, _ = read_records(path, DataSection(category_column=None))
     assert records[0].category == "all"
 
 
@@ -127,8 +141,8 @@ def test_bad_files(tmp_path):
 def test_split_keeps_groups_together_and_is_deterministic():
     params = load_params(REPO / "params.yaml")
     records, _ = read_records(REPO / "data/raw/interior_qa.csv", params.data)
-    rows, _ = data.prepare(records, params.data, seed=7)
-    again, _ = data.prepare(records, params.data, seed=7)
+    rows, _ = prepare.build_splits(records, params.data, seed=7)
+    again, _ = prepare.build_splits(records, params.data, seed=7)
     assert rows == again
     owners = {}
     for split, items in rows.items():
@@ -142,25 +156,25 @@ def test_split_keeps_groups_together_and_is_deterministic():
 def test_template_with_attribute_and_unknown_field(tmp_path):
     path = tmp_path / "d.csv"
     path.write_text("question,answer,age\n" + "".join(f"질문 {i}?,답 {i},20대\n" for i in range(12)), encoding="utf-8")
-    cfg = DataSection(format="qa", attribute_columns=["age"], template="[{age}] {question}\n")
+    cfg = DataSection(format="qa", category_column=None, attribute_columns=["age"], template="[{age}] {question}\n")
     records, _ = read_records(path, cfg)
-    rows, _ = data.prepare(records, cfg, seed=1)
+    rows, _ = prepare.build_splits(records, cfg, seed=1)
     assert rows["train"][0]["prompt"].startswith("[20대] ")
     with pytest.raises(DataError, match=r"data.template uses \{tone\}"):
-        data.prepare(records, DataSection(format="qa", template="{tone} {question}"), seed=1)
+        prepare.build_splits(records, DataSection(format="qa", template="{tone} {question}"), seed=1)
 
 
 def test_run_writes_nothing_on_failure(tmp_path):
     params = load_params(REPO / "params.yaml", [f"data.path={tmp_path / 'bad.csv'}"])
     (tmp_path / "bad.csv").write_text(WIDE_HEADER + "A1,질문?,,c,,\n", encoding="utf-8")
     with pytest.raises(DataError):
-        data.run(params, root=tmp_path)
+        prepare.run(params, root=tmp_path)
     assert not (tmp_path / "data").exists()
 
 
 def test_run_writes_splits_and_card(tmp_path):
     params = load_params(REPO / "params.yaml", [f"data.path={REPO / 'data/raw/interior_qa.csv'}"])
-    card = data.run(params, root=tmp_path)
+    card = prepare.run(params, root=tmp_path)
     out = tmp_path / "data/prepared"
     assert sorted(p.name for p in out.iterdir()) == ["card.json", "test.jsonl", "train.jsonl", "validation.jsonl"]
     first = json.loads((out / "test.jsonl").read_text(encoding="utf-8").splitlines()[0])

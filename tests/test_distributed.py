@@ -11,17 +11,17 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, tiny_overrides
+from helpers import REPO, tiny_overrides
 
 pytestmark = pytest.mark.slow
 
 
 def test_train_under_accelerate_ddp_on_cpu(tmp_path):
-    from loraops import data
+    from loraops import prepare
     from loraops.config import load_params
 
     overrides = tiny_overrides(f"data.path={REPO / 'data/raw/interior_qa.csv'}")
-    data.run(load_params(REPO / "params.yaml", overrides), tmp_path)
+    prepare.run(load_params(REPO / "params.yaml", overrides), tmp_path)
     sets = [arg for kv in overrides for arg in ("--set", kv)]
     cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--num_processes", "2", "--num_machines", "1",
            # --multi_gpu selects accelerate's torch.distributed launcher; without CUDA it runs gloo on the CPU

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from loraops.pipeline import top_losses
+from loraops.report import top_losses
 from loraops.report import outcome
 
 

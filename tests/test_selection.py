@@ -35,14 +35,14 @@ def test_qlora_and_bf16_train_on_cuda(tmp_path):
 
     if not torch.cuda.is_available() or importlib.util.find_spec("bitsandbytes") is None:
         pytest.skip("needs a CUDA GPU and bitsandbytes")
-    from conftest import REPO, tiny_overrides
-    from loraops import data, train
+    from helpers import REPO, tiny_overrides
+    from loraops import prepare, train
     from loraops.config import load_params
 
     for quantization in ("none", "4bit"):
         params = load_params(REPO / "params.yaml", tiny_overrides(
             f"data.path={REPO / 'data/raw/interior_qa.csv'}", "base.device=cuda", f"train.quantization={quantization}",
             "lora.modules_to_save=[]"))
-        data.run(params, tmp_path)
+        prepare.run(params, tmp_path)
         figures = train.run(params, tmp_path)
         assert figures["device"] == "cuda" and (tmp_path / "models/adapter/adapter_model.safetensors").exists()

@@ -17,20 +17,20 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 HOLD = """
 import sys, time, uuid
-from loraops import pipeline
-from loraops.cli import prefect_defaults
+from loraops import concurrency
+from loraops.cli.flows import prefect_defaults
 prefect_defaults()
-pipeline.ensure_gpu_limit()
-with pipeline.gpu_slot(print, {"type": "flow_run", "id": sys.argv[1]}):
+concurrency.ensure_gpu_limit()
+with concurrency.gpu_slot(print, {"type": "flow_run", "id": sys.argv[1]}):
     print("HELD", flush=True)
     time.sleep(600)
 """
 TAKE = """
-from loraops import pipeline
-from loraops.cli import prefect_defaults
+from loraops import concurrency
+from loraops.cli.flows import prefect_defaults
 prefect_defaults()
-pipeline.ensure_gpu_limit()
-with pipeline.gpu_slot(lambda m: print(m, flush=True)):
+concurrency.ensure_gpu_limit()
+with concurrency.gpu_slot(lambda m: print(m, flush=True)):
     print("ACQUIRED", flush=True)
 """
 

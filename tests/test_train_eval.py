@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from conftest import REPO
-from loraops import data, evaluate, train
+from helpers import REPO
+from loraops import evaluate, prepare, train
 from loraops.config import load_params
 from loraops.model import ModelError, load_base, load_tokenizer
 from loraops.train import tokenize_pair
@@ -18,11 +18,11 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    from conftest import tiny_overrides
+    from helpers import tiny_overrides
 
     root = tmp_path_factory.mktemp("stage")
     params = load_params(REPO / "params.yaml", tiny_overrides(f"data.path={REPO / 'data/raw/interior_qa.csv'}"))
-    data.run(params, root)
+    prepare.run(params, root)
     figures = train.run(params, root)
     return params, root, figures
 
@@ -39,7 +39,7 @@ def test_adapter_saved_as_safetensors_with_curves(trained):
 
 def test_training_is_bit_identical_on_cpu(trained, tmp_path):
     params, root, figures = trained
-    data.run(params, tmp_path)
+    prepare.run(params, tmp_path)
     assert train.run(params, tmp_path)["adapter_sha256"] == figures["adapter_sha256"]
 
 
@@ -55,7 +55,7 @@ def test_labels_mask_the_prompt(trained):
 def test_evaluate_writes_report_table_and_metrics(trained):
     params, root, _ = trained
     summary = evaluate.run(params, root)
-    total = len(data.load_split("test", root))
+    total = len(prepare.load_split("test", root))
     assert summary["sample"] == {"n": summary["n"], "of": total, "seed": 42, "stratified_by": "category, whole source groups"}
     assert params.eval.max_samples <= summary["n"] < total
     assert set(summary["metrics"]) == {"morph_f1", "morph_rouge_l", "bertscore_p", "bertscore_r", "bertscore_f1", "cosine",
@@ -65,7 +65,7 @@ def test_evaluate_writes_report_table_and_metrics(trained):
     assert (root / "reports/plots/score_hist.png").exists()
     table = evaluate.read_table(root)
     assert {"question", "reference", "base_answer", "tuned_answer", "tuned_cosine", "base_degenerate"} <= set(table.columns)
-    assert set(summary["slices"]["category"]) == set(table["category"]) == {r["category"] for r in data.load_split("test", root)}
+    assert set(summary["slices"]["category"]) == set(table["category"]) == {r["category"] for r in prepare.load_split("test", root)}
     assert "\ufffd" not in report and not table["base_answer"].str.contains("\ufffd").any()
     # the untrained base writes garbage, which scores 0; the tuned adapter learned something measurable
     assert summary["degenerate"]["base"]["rate"] > 0.5 > summary["degenerate"]["tuned"]["rate"]
@@ -89,7 +89,7 @@ def test_base_answers_equal_a_freshly_loaded_base(trained):
     """Disabling the adapter (evaluate's base path) must answer exactly as the untouched base model."""
     params, root, _ = trained
     model, tok = evaluate.load_tuned(params, root / "models/adapter", "cpu", root)
-    prompts = [r["prompt"] for r in data.load_split("test", root)[:4]]
+    prompts = [r["prompt"] for r in prepare.load_split("test", root)[:4]]
     with model.disable_adapter():
         via_adapter = evaluate.generate(model, tok, prompts, params.eval, "cpu", progress=False)
     fresh = load_base(str(root / "models/base"), params.model, "cpu")
@@ -99,7 +99,7 @@ def test_base_answers_equal_a_freshly_loaded_base(trained):
 def test_batched_generation_equals_one_at_a_time(trained):
     params, root, _ = trained
     model, tok = evaluate.load_tuned(params, root / "models/adapter", "cpu", root)
-    prompts = sorted({r["prompt"] for r in data.load_split("test", root)})[:5]
+    prompts = sorted({r["prompt"] for r in prepare.load_split("test", root)})[:5]
     batched = evaluate.generate(model, tok, prompts, params.eval, "cpu", progress=False)
     single = evaluate.generate(model, tok, prompts, params.eval.model_copy(update={"batch_size": 1}), "cpu", progress=False)
     assert batched == single

@@ -11,30 +11,52 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).parent
-STAGE_MODULES = {"prepare": "data", "train": "train", "evaluate": "evaluate"}
-"""The module holding each DVC stage's logic (``cmd: loraops <stage>`` calls the CLI command of that name)."""
+CLI_MODULE = "cli.stages"
+"""The CLI module holding the stages' commands (``cmd: loraops <stage>`` in dvc.yaml)."""
+
+
+def _file(module: str) -> Path:
+    """``cli.stages`` → ``cli/stages.py``; a package → its ``__init__.py``."""
+    path = PACKAGE.joinpath(*module.split("."))
+    return path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+
+
+def _with_parents(module: str) -> set[str]:
+    """Importing ``cli.stages`` runs ``cli/__init__.py`` first."""
+    parts = module.split(".")
+    return {".".join(parts[:i]) for i in range(1, len(parts) + 1)}
 
 
 def _imports(tree: ast.AST) -> set[str]:
-    """loraops modules named by the import statements anywhere under ``tree``."""
-    found = set()
+    """loraops modules named by the import statements anywhere under ``tree`` (dotted, relative to the package)."""
+    found: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "loraops":
-            if node.module == "loraops":  # from loraops import data, train
-                found |= {alias.name for alias in node.names if (PACKAGE / f"{alias.name}.py").exists()}
-            else:
-                found.add(node.module.split(".")[1])
+            inner = node.module.split(".", 1)[1] if "." in node.module else ""
+            if inner:
+                found |= _with_parents(inner)
+            for alias in node.names:  # from loraops import prepare / from loraops.cli import stages
+                candidate = f"{inner}.{alias.name}" if inner else alias.name
+                if _file(candidate).exists():
+                    found |= _with_parents(candidate)
         elif isinstance(node, ast.Import):
-            found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("loraops.")}
+            found |= {m for a in node.names if a.name.startswith("loraops.") for m in _with_parents(a.name.split(".", 1)[1])}
     return found
 
 
 def _parse(module: str) -> ast.Module:
-    return ast.parse((PACKAGE / f"{module}.py").read_text(encoding="utf-8"))
+    return ast.parse(_file(module).read_text(encoding="utf-8"))
+
+
+def _top_imports(module: str) -> set[str]:
+    return {m for node in _parse(module).body if isinstance(node, (ast.Import, ast.ImportFrom)) for m in _imports(node)}
 
 
 def closure(roots: set[str]) -> set[str]:
-    """``roots`` and every loraops module they import, directly or not."""
+    """``roots`` and every loraops module they import, directly or not.
+
+    In the CLI package only module-level imports count: a command's body runs only for that command.
+    """
     seen: set[str] = set()
     todo = list(roots)
     while todo:
@@ -42,21 +64,19 @@ def closure(roots: set[str]) -> set[str]:
         if module in seen:
             continue
         seen.add(module)
-        todo += sorted(_imports(_parse(module)) - seen)
+        found = _top_imports(module) if module.split(".")[0] == "cli" else _imports(_parse(module))
+        todo += sorted(found - seen)
     return seen
 
 
 def stage_modules(stage: str) -> set[str]:
-    """What ``loraops <stage>`` imports: the CLI's module-level imports, its command, the stage module."""
-    cli = _parse("cli")
-    top = {n for n in cli.body if isinstance(n, (ast.Import, ast.ImportFrom))}
-    command = next(n for n in cli.body if isinstance(n, ast.FunctionDef) and n.name == stage)
-    roots = {"__init__", STAGE_MODULES[stage]} | _imports(command)
-    for node in top:
-        roots |= _imports(node)
-    return closure(roots) | {"cli"}  # cli's other commands' imports do not run for this stage
+    """What ``loraops <stage>`` imports: the CLI package's top-level imports (every command module is imported to
+    register its commands, but only their module-level imports run), the stage command's body, the stage module."""
+    command = next(n for n in _parse(CLI_MODULE).body if isinstance(n, ast.FunctionDef) and n.name == stage)
+    return closure({"cli", stage} | _imports(command)) | {"__init__"}
 
 
 def stage_files(stage: str, prefix: str = "src/loraops") -> list[str]:
     """The stage's code dependencies as ``dvc.yaml`` lists them."""
-    return sorted(f"{prefix}/{m}.py" for m in stage_modules(stage))
+    return sorted(f"{prefix}/{_file(m).relative_to(PACKAGE).as_posix()}" if m != "__init__" else f"{prefix}/__init__.py"
+                  for m in stage_modules(stage))

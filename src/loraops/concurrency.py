@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from loraops.errors import RegistryError
+from loraops.paths import LOCKS_DIR
 from loraops.utils import atomic_write
 
 FILESYSTEM_LEASES = "prefect.server.concurrency.lease_storage.filesystem"
@@ -172,7 +173,7 @@ def promotion_lock(name: str, who: str, timeout: float | None = None) -> Iterato
     from filelock import FileLock, Timeout
 
     timeout = PROMOTE_WAIT_SECONDS if timeout is None else timeout
-    path = Path("mlruns/.locks") / f"{name}.lock"
+    path = LOCKS_DIR / f"{name}.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
     holder = path.with_suffix(".holder.json")
     try:
@@ -210,3 +211,19 @@ def _shared_lock(name: str, timeout: float) -> Iterator[None]:
             yield
     except TimeoutError:
         raise RegistryError(f"another promote/rollback of {name!r} holds the Prefect limit {limit}; waited {timeout:g}s") from None
+
+
+GPU_LIMIT = "gpu"
+
+
+def ensure_gpu_limit(slots: int | None = None) -> int:
+    """Create the Prefect global concurrency limit ``gpu`` if missing (slots from LORAOPS_GPU_SLOTS, default 1)."""
+    return ensure_limit(GPU_LIMIT, slots or int(os.environ.get("LORAOPS_GPU_SLOTS", "1")))
+
+
+def gpu_slot(say: Any = print, holder: dict[str, Any] | None = None) -> Any:
+    """Hold one leased slot of the ``gpu`` limit: training and generation of concurrent runs take turns.
+
+    While waiting it says who holds the slot and since when; in local mode it frees slots of dead holders.
+    """
+    return waiting_slot(GPU_LIMIT, say, holder)

@@ -190,23 +190,47 @@ class Params(_Section):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Params":
+        """Settings that are valid alone but not together, found at load instead of after training."""
+        import string
+
+        problems = []
         columns = [col for name in self.eval.metrics for col in SIMILARITY[name]]
         if self.registry.gate.metric not in columns:
-            raise ValueError(f"registry.gate.metric: {self.registry.gate.metric!r} is not computed by eval.metrics "
-                             f"({', '.join(self.eval.metrics)}); choose one of {', '.join(columns)}")
+            problems.append(f"registry.gate.metric: {self.registry.gate.metric!r} is not computed by eval.metrics "
+                            f"({', '.join(self.eval.metrics)}); choose one of {', '.join(columns)}")
+        for key in ("eval_steps", "logging_steps"):
+            if getattr(self.train, key) > self.train.max_steps:
+                problems.append(f"train.{key}: {getattr(self.train, key)} is more than train.max_steps "
+                                f"({self.train.max_steps}), so it would never happen")
+        if self.train.quantization == "4bit" and self.base.device == "cpu":
+            problems.append("train.quantization: 4bit (QLoRA) needs CUDA, but base.device is cpu")
+        if self.eval.max_samples is not None and self.eval.max_samples < self.registry.gate.min_test_size:
+            problems.append(f"eval.max_samples: {self.eval.max_samples} is below registry.gate.min_test_size "
+                            f"({self.registry.gate.min_test_size}), so the gate could never decide")
+        try:
+            fields = {name for _, name, _, _ in string.Formatter().parse(self.data.template) if name}
+        except ValueError as exc:
+            problems.append(f"data.template: not a valid template ({exc})")
+        else:
+            unknown = sorted(fields - {"question", "category", *self.data.attribute_columns})
+            if unknown:
+                problems.append(f"data.template: unknown field(s) {', '.join('{' + u + '}' for u in unknown)}; "
+                                "use {question}, {category} or a column listed in data.attribute_columns")
+        if problems:
+            raise ValueError("\n  ".join(problems))
         return self
 
     def flat(self) -> dict[str, Any]:
         """Return the params as ``{dotted.key: value}``, lists rendered as text (for MLflow)."""
-        return _flatten(self.model_dump(mode="json"))
+        return flatten(self.model_dump(mode="json"))
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in tree.items():
         dotted = f"{prefix}{key}"
         if isinstance(value, dict):
-            out.update(_flatten(value, dotted + "."))
+            out.update(flatten(value, dotted + "."))
         else:
             out[dotted] = value
     return out

@@ -14,19 +14,15 @@ from typing import Any
 import pandas as pd
 
 from loraops.config import EvalSection, Params
-from loraops.data import load_split
+from loraops.prepare import load_split
 from loraops.degenerate import clean
 from loraops.metrics import MetricPack
 from loraops.validity import measure, require_valid
 from loraops.model import ModelError, base_location, load_base, load_tokenizer
 from loraops.report import flat_metrics, markdown, plots, summarize
-from loraops.train import ADAPTER_DIR
-from loraops.utils import atomic_write, pick_device, write_json
+from loraops.paths import ADAPTER_DIR, EVAL_METRICS, EVAL_REPORT, EVAL_TABLE, PLOTS_DIR
+from loraops.utils import atomic_write, pick_device, progress_lines, say, write_json
 
-EVAL_METRICS = Path("metrics/eval.json")
-REPORT = Path("reports/eval.md")
-TABLE = Path("reports/eval_questions.csv")
-PLOTS_DIR = Path("reports/plots")
 
 
 def clean_answer(text: str, stop_strings: list[str]) -> str:
@@ -38,7 +34,7 @@ def clean_answer(text: str, stop_strings: list[str]) -> str:
 
 
 def generate(model: Any, tokenizer: Any, prompts: list[str], cfg: EvalSection, device: str,
-             progress: bool = True) -> list[str]:
+             progress: bool = True, label: str = "generate") -> list[str]:
     """Greedy answers for ``prompts``, batched over length-sorted, left-padded prompts; input order kept.
 
     Each distinct prompt is generated once (a wide-format question has several reference answers).
@@ -51,7 +47,10 @@ def generate(model: Any, tokenizer: Any, prompts: list[str], cfg: EvalSection, d
     bos = tokenizer.bos_token or ""
     model.eval()
     batches = [unique[i: i + cfg.batch_size] for i in range(0, len(unique), cfg.batch_size)]
-    for batch in tqdm(batches, desc="generate", disable=not progress, leave=False):
+    lines = progress and progress_lines()
+    for number, batch in enumerate(tqdm(batches, desc=label, disable=not progress or lines, leave=False), start=1):
+        if lines:
+            say(f"{label}: batch {number}/{len(batches)} ({min(number * cfg.batch_size, len(unique))}/{len(unique)} questions)")
         texts = [bos + prompt for prompt in batch]
         enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
         with torch.inference_mode():
@@ -156,15 +155,17 @@ def run(params: Params, root: Path = Path("."), self_test: bool | None = None) -
     pack = MetricPack(params.eval, device=device)
     validity = None
     if params.eval.self_test if self_test is None else self_test:
+        say("measuring metric validity on the Korean probes (eval.self_test)")
         validity = measure(pack, params.eval)
         require_valid(validity, params.registry.gate.metric, params.eval)
     test_rows = load_split("test", root)
     rows = select_rows(test_rows, params.eval.max_samples, params.base.seed)
     model, tokenizer = load_tuned(params, root / ADAPTER_DIR, device, root)
     prompts = [r["prompt"] for r in rows]
-    tuned = generate(model, tokenizer, prompts, params.eval, device)
+    tuned = generate(model, tokenizer, prompts, params.eval, device, label="tuned answers")
     with model.disable_adapter():
-        base = generate(model, tokenizer, prompts, params.eval, device)
+        base = generate(model, tokenizer, prompts, params.eval, device, label="base answers")
+    say(f"scoring {len(rows)} base and tuned answers with {', '.join(params.eval.metrics)}")
     table = score_table(rows, base, tuned, pack)
     for column in params.data.attribute_columns:
         table[column] = [r.get("attributes", {}).get(column, "") for r in rows]
@@ -177,17 +178,17 @@ def run(params: Params, root: Path = Path("."), self_test: bool | None = None) -
     if validity is not None:
         summary["validity"] = {r["metric"]: r for r in validity.table.to_dict("records")}
     primary = params.registry.gate.metric if params.registry.gate.metric in pack.columns else pack.columns[0]
-    (root / TABLE).parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(root / TABLE, table.to_csv(index=False))
+    (root / EVAL_TABLE).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(root / EVAL_TABLE, table.to_csv(index=False))
     plots(summary, table, primary, root / PLOTS_DIR)
-    atomic_write(root / REPORT, markdown(summary, table, primary))
+    atomic_write(root / EVAL_REPORT, markdown(summary, table, primary))
     write_json(root / EVAL_METRICS, summary)
     return summary
 
 
 def read_table(root: Path = Path(".")) -> pd.DataFrame:
     """The per-question table of the last evaluate."""
-    return pd.read_csv(root / TABLE, keep_default_na=False)
+    return pd.read_csv(root / EVAL_TABLE, keep_default_na=False)
 
 
 __all__ = ["run", "generate", "score_table", "flat_metrics", "read_table", "clean_answer"]

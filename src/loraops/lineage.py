@@ -11,11 +11,12 @@ from pathlib import Path
 from typing import Any
 
 from loraops.config import Params
+from loraops.paths import DVC_LOCK, PARAMS, PREPARED_DIR, RUN_OUTPUTS
 from loraops.utils import sha256_dir
 
-# Files whose content the card records itself (params resolved, dvc.lock digest), so changing them
-# through `--set` or `dvc repro` does not make the tree count as dirty.
-_RECORDED = {"params.yaml", "dvc.lock"}
+# Files whose content the card records itself (params resolved, dvc.lock digest) and the metrics and plots
+# a run rewrites (git keeps them for `dvc exp show`), so `--set` or `dvc repro` does not make the tree dirty.
+_RECORDED = {str(PARAMS), str(DVC_LOCK), *(str(path) for path in RUN_OUTPUTS)}
 PACKAGES = ("torch", "transformers", "peft", "datasets", "mlflow", "prefect", "dvc", "bert-score", "sentence-transformers")
 
 
@@ -75,7 +76,7 @@ def card(params: Params, root: Path, base_location: str, adapter_dir: Path, mlfl
          flow_run: dict[str, Any] | None = None) -> dict[str, Any]:
     """Build the lineage card for the current workspace."""
     data_files = {}
-    for path in [root / params.data.path, *sorted((root / "data/prepared").glob("*"))]:
+    for path in [root / params.data.path, *sorted((root / PREPARED_DIR).glob("*"))]:
         if path.is_file():
             key = params.data.path if path == root / params.data.path else str(path.relative_to(root))
             data_files[key] = _md5(path)

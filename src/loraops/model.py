@@ -13,16 +13,16 @@ from typing import Any
 
 from loraops.errors import ModelError
 from loraops.config import TINY_BASE, ModelSection, TinyBase
+from loraops.paths import BASE_DIR
 from loraops.utils import atomic_dir, write_json
 
-TINY_BASE_DIR = Path("models/base")
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
 
 
 def base_location(cfg: ModelSection, root: Path = Path(".")) -> str:
     """Where the base model lives: the built tiny base's directory, a local path, or a hub id."""
     if cfg.base == TINY_BASE:
-        return str(root / TINY_BASE_DIR)
+        return str(root / BASE_DIR)
     local = root / cfg.base
     return str(local) if local.exists() else cfg.base
 

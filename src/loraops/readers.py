@@ -110,7 +110,7 @@ def _rows_json(path: Path, text: str) -> list[tuple[int, Any]]:
     return [(index, item) for index, item in enumerate(data, start=1)]
 
 
-def _table(path: Path, cfg: DataSection) -> tuple[list[str], list[tuple[int, dict[str, str]]], str, str]:
+def read_rows(path: Path, cfg: DataSection) -> tuple[list[str], list[tuple[int, dict[str, str]]], str, str]:
     """Read a tabular file (CSV/TSV, JSONL of objects, Parquet) → header, (row number, row), unit, encoding."""
     if path.suffix == ".parquet":
         import pandas as pd
@@ -141,17 +141,25 @@ def _require(path: Path, header: list[str], needed: list[str]) -> None:
 
 
 def _category(row: dict[str, str], cfg: DataSection, header: list[str]) -> str:
-    if cfg.category_column and cfg.category_column in header:
+    if cfg.category_column:
         return row.get(cfg.category_column, "").strip() or "unknown"
     return "all"
 
 
+def _require_category(path: Path, cfg: DataSection, keys: list[str] | set[str]) -> None:
+    """A configured category column must exist: a misspelt one would silently make one category and an unstratified split."""
+    if cfg.category_column and cfg.category_column not in keys:
+        raise DataError(f"{path}: data.category_column {cfg.category_column!r} is not a column; found "
+                        f"{', '.join(sorted(map(str, keys))) or 'none'} (set data.category_column: null for no categories)")
+
+
 def read_wide(path: Path, cfg: DataSection) -> tuple[list[QARecord], str]:
     """Competition wide format: ``id, 질문_1, 질문_2, category, 답변_1 … 답변_5`` → phrasing × answer pairs."""
-    header, rows, unit, used = _table(path, cfg)
+    header, rows, unit, used = read_rows(path, cfg)
     questions = sorted(c for c in header if c.startswith(cfg.question_prefix))
     answers = sorted(c for c in header if c.startswith(cfg.answer_prefix))
     _require(path, header, [cfg.id_column or "id"])
+    _require_category(path, cfg, header)
     for found, prefix, key in ((questions, cfg.question_prefix, "question_prefix"), (answers, cfg.answer_prefix, "answer_prefix")):
         if not found:
             raise DataError(f"{path}: missing column(s) {prefix}1, {prefix}2, … (data.{key}); found {', '.join(header)}")
@@ -183,8 +191,9 @@ def read_wide(path: Path, cfg: DataSection) -> tuple[list[QARecord], str]:
 
 def read_qa(path: Path, cfg: DataSection) -> tuple[list[QARecord], str]:
     """Long table, one pair a row. Rows sharing an id (or, without ids, a question) form one group."""
-    header, rows, unit, used = _table(path, cfg)
+    header, rows, unit, used = read_rows(path, cfg)
     _require(path, header, [cfg.question_column, cfg.answer_column, *cfg.attribute_columns])
+    _require_category(path, cfg, header)
     if not rows:
         raise DataError(f"{path}: header only, no data rows")
     use_ids = bool(cfg.id_column and cfg.id_column in header)
@@ -207,6 +216,7 @@ def read_alpaca(path: Path, cfg: DataSection) -> tuple[list[QARecord], str]:
     items = _rows_json(path, text)
     if not items:
         raise DataError(f"{path}: no records")
+    _require_category(path, cfg, {key for _, item in items if isinstance(item, dict) for key in item})
     records = []
     for number, item in items:
         if not isinstance(item, dict) or "instruction" not in item or "output" not in item:
@@ -225,8 +235,10 @@ def read_chat(path: Path, cfg: DataSection) -> tuple[list[QARecord], str]:
     Earlier turns are not carried into the prompt: the records are single-turn Q&A.
     """
     text, used = decode(path, path.read_bytes(), cfg.encoding)
+    lines = _rows_jsonl(path, text)
+    _require_category(path, cfg, {key for _, item in lines if isinstance(item, dict) for key in item})
     records = []
-    for number, item in _rows_jsonl(path, text):
+    for number, item in lines:
         messages = item.get("messages") if isinstance(item, dict) else None
         if not isinstance(messages, list):
             raise DataError(f"{path}: line {number}: expected an object with a 'messages' list")

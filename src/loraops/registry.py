@@ -314,8 +314,10 @@ def describe(result: dict[str, Any]) -> str:
     if result.get("forced"):
         verdict = f"FORCED ({result['reason']})"
     d = result["decision"]
-    was = f"production was v{result['previous']}" if result["previous"] else "no production yet"
-    lines = [f"{verdict}: {result['name']} v{result['version']} vs {d['against']} ({was})"]
+    was = f" (production was v{result['previous']})" if result["previous"] else ""
+    if not result["previous"] and "no production yet" not in d["against"]:
+        was = " (no production yet)"
+    lines = [f"{verdict}: {result['name']} v{result['version']} vs {d['against']}{was}"]
     lines += [f"  - {reason}" for reason in d["reasons"]]
     return "\n".join(lines)
 

@@ -8,6 +8,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from loraops.config import Params
+from loraops.paths import EVAL_TABLE, STAGES
+
 
 def paired_bootstrap(deltas: np.ndarray, samples: int, seed: int) -> tuple[float, float]:
     """Seeded percentile bootstrap 95% interval of the mean of paired deltas."""
@@ -210,3 +213,45 @@ def plots(summary: dict[str, Any], table: pd.DataFrame, primary: str, out_dir: P
         fig.savefig(written[-1], dpi=100)
         plt.close(fig)
     return written
+
+
+def summary_markdown(params: Params, summary: dict[str, Any], run_id: str, tracking_uri: str,
+                     registered: dict[str, Any], gate: dict[str, Any] | None, ran: dict[str, bool],
+                     experiment_id: str = "0") -> str:
+    """The Prefect markdown artifact: headline scores, stages run, registration and gate decision."""
+    link = f"[`{run_id}`]({tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id})" \
+        if tracking_uri.startswith("http") else f"`{run_id}` (store {tracking_uri}; open it with `make ui-mlflow`)"
+    lines = [f"# finetune: {params.registry.model_name} v{registered['version']}", "",
+             f"MLflow run {link}; experiment `{params.registry.model_name}`.", "",
+             "| stage | " + " | ".join(STAGES) + " |", "|---|" + "---|" * len(STAGES),
+             "| ran | " + " | ".join("yes" if ran[s] else "skipped (unchanged)" for s in STAGES) + " |", "",
+             "| metric | base | tuned | Δ | 95% CI | valid on Korean |", "|---|---|---|---|---|---|"]
+    validity = summary.get("validity", {})
+    for metric, s in summary["metrics"].items():
+        valid = "—" if metric not in validity else ("yes" if validity[metric]["valid"] else "no")
+        lines.append(f"| {metric} | {s['base']:.4f} | {s['tuned']:.4f} | {s['delta']:+.4f} | "
+                     f"[{s['ci95'][0]:+.4f}, {s['ci95'][1]:+.4f}] | {valid} |")
+    degenerate = summary.get("degenerate")
+    if degenerate:
+        lines += ["", f"Degenerate answers (scored 0): base {degenerate['base']['count']}, tuned "
+                      f"{degenerate['tuned']['count']} of {summary['n']}; gate metric `{params.registry.gate.metric}`."]
+    reused = " (same adapter as an existing version)" if registered.get("reused") else ""
+    lines += ["", f"Registered `{registered['name']}` version {registered['version']}{reused}, alias `candidate`."]
+    if gate is not None:
+        verdict = "promoted to `production`" if gate["promoted"] else "not promoted"
+        lines += ["", f"Gate vs {gate['decision']['against']}: **{verdict}**", ""]
+        lines += [f"- {reason}" for reason in gate["decision"]["reasons"]]
+    return "\n".join(lines) + "\n"
+
+
+def top_losses(root: Path, metric: str, n: int = 10, width: int = 120) -> list[dict[str, Any]]:
+    """The ``n`` questions where tuned lost most to base on ``metric`` (for a Prefect table artifact).
+
+    Only real losses, one row per question (its worst reference), answers cut to ``width`` characters.
+    """
+    table = pd.read_csv(root / EVAL_TABLE, keep_default_na=False)
+    table["delta"] = table[f"tuned_{metric}"] - table[f"base_{metric}"]
+    worst = table[table["delta"] < 0].sort_values("delta").drop_duplicates("question").head(n)
+    cut = lambda text: text if len(text) <= width else text[: width - 1] + "…"  # noqa: E731
+    return [{"delta": round(float(r["delta"]), 4), "question": cut(r["question"]), "base": cut(r["base_answer"]),
+             "tuned": cut(r["tuned_answer"])} for _, r in worst.iterrows()]

@@ -21,6 +21,7 @@ import yaml
 from mlflow.exceptions import MlflowException
 
 from loraops.config import Params
+from loraops.paths import EVAL_METRICS, TRAIN_METRICS
 from loraops.registry import RegistryError, _client, resolve, run_artifact
 
 
@@ -107,8 +108,8 @@ def reproduce(ref: str, params: Params, repo: Path = Path(".")) -> dict[str, Any
         env = {**os.environ, "PYTHONPATH": str(tree / "src")}
         for stage in ("prepare", "train", "evaluate"):
             _sh([sys.executable, "-m", "loraops.cli", stage], tree, env=env, what=f"stage {stage}")
-        new_sha = json.loads((tree / "metrics/train.json").read_text())["adapter_sha256"]
-        summary = json.loads((tree / "metrics/eval.json").read_text(encoding="utf-8"))
+        new_sha = json.loads((tree / TRAIN_METRICS).read_text())["adapter_sha256"]
+        summary = json.loads((tree / EVAL_METRICS).read_text(encoding="utf-8"))
     finally:
         subprocess.run(["git", "worktree", "remove", "--force", str(where / "tree")], cwd=repo, capture_output=True)
         shutil.rmtree(where, ignore_errors=True)

@@ -105,7 +105,8 @@ def load(uri: str) -> Any:
     """Load a registered model, turning MLflow's not-found errors into RegistryError."""
     from mlflow.exceptions import MlflowException
 
-    from loraops.registry import RegistryError, tracking_setup
+    from loraops.errors import RegistryError
+    from loraops.tracking import tracking_setup
 
     tracking_setup()
     try:
@@ -156,8 +157,8 @@ def _raw_stream(uri: str, question: str) -> Iterator[str]:
         thread.join()
 
 
-def answer_file(uri: str, path: Path, out: Path) -> Path:
-    """Answer every question of a CSV/JSONL file (column ``question``) in batches; write a CSV."""
+def answer_file(uri: str, path: Path, out: Path, column: str = "question") -> Path:
+    """Answer every question of a CSV/JSONL file (its ``column``) in batches; write it back with ``answer`` added."""
     import pandas as pd
     from tqdm.auto import tqdm
 
@@ -169,13 +170,15 @@ def answer_file(uri: str, path: Path, out: Path) -> Path:
         frame = pd.read_json(path, lines=True) if path.suffix == ".jsonl" else pd.read_csv(path, keep_default_na=False)
     except (ValueError, UnicodeDecodeError) as exc:  # pandas' parser errors are ValueErrors
         raise DataError(f"{path}: not a readable {path.suffix or 'CSV'} file: {exc}") from None
-    if "question" not in frame.columns:
-        raise DataError(f"{path}: missing column question; found {', '.join(map(str, frame.columns))}")
+    if column not in frame.columns:
+        raise DataError(f"{path}: missing question column {column!r} (--question-column); "
+                        f"found {', '.join(map(str, frame.columns))}")
     model = load(uri)
+    questions = frame[column].astype(str).tolist()
     answers: list[str] = []
     size = 32
-    for start in tqdm(range(0, len(frame), size), desc="answer"):
-        answers.extend(model.predict(frame.iloc[start: start + size]))
+    for start in tqdm(range(0, len(questions), size), desc="answer"):
+        answers.extend(model.predict(questions[start: start + size]))
     frame["answer"] = answers  # predict() already dropped undecodable characters
     out.parent.mkdir(parents=True, exist_ok=True)
     frame.to_csv(out, index=False)

@@ -13,8 +13,9 @@ import mlflow
 import mlflow.exceptions
 from mlflow.entities import Metric
 
-DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
-ARTIFACT_ROOT = "mlruns/artifacts"
+from loraops.paths import (DATA_CARD, EVAL_METRICS, EVAL_REPORT, EVAL_TABLE, LOCKS_DIR, MLFLOW_ARTIFACTS, MLFLOW_DB,
+                           MLRUNS, PLOTS_DIR, TRAIN_LOG, TRAIN_METRICS)
+
 _BATCH = 900  # MLflow accepts up to 1000 metrics per log_batch
 _USER_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
 
@@ -27,11 +28,39 @@ def tracking_setup(root: Path = Path(".")) -> str:
     """
     uri = _USER_TRACKING_URI
     if not uri:
-        (root / "mlruns").mkdir(exist_ok=True)
-        uri = f"sqlite:///{(root / 'mlruns' / 'mlflow.db').resolve()}"
+        (root / MLRUNS).mkdir(exist_ok=True)
+        uri = f"sqlite:///{(root / MLFLOW_DB).resolve()}"
+        _create_store_once(uri, root)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     return uri
+
+
+_READY: set[str] = set()
+
+
+def _create_store_once(uri: str, root: Path) -> None:
+    """Create and migrate the local sqlite store under a file lock, once per process.
+
+    MLflow creates its tables on first use; several processes doing that at once (three runs started
+    together from the Prefect UI) race in alembic and fail. Under the lock the first one creates the
+    store and the others find it ready.
+    """
+    if uri in _READY:
+        return
+    from filelock import FileLock
+    from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore as RegistryStore
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    (root / LOCKS_DIR).mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root / LOCKS_DIR / "store.lock"), timeout=600):
+        SqlAlchemyStore(uri, (root / MLFLOW_ARTIFACTS).resolve().as_uri())
+        RegistryStore(uri)
+    _READY.add(uri)
+
+
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+"""Marks an experiment as model training, so the MLflow 3 UI opens on its runs, not on the GenAI traces page."""
 
 
 def experiment_for(model_name: str, root: Path = Path(".")) -> str:
@@ -39,12 +68,14 @@ def experiment_for(model_name: str, root: Path = Path(".")) -> str:
     client = mlflow.MlflowClient()
     found = client.get_experiment_by_name(model_name)
     if found is not None:
+        if found.tags.get("mlflow.experimentKind") != EXPERIMENT_KIND["mlflow.experimentKind"]:
+            client.set_experiment_tag(found.experiment_id, *next(iter(EXPERIMENT_KIND.items())))
         return found.experiment_id
     location = None
     if mlflow.get_tracking_uri().startswith("sqlite:"):
-        location = (root / ARTIFACT_ROOT).resolve().as_uri()
+        location = (root / MLFLOW_ARTIFACTS).resolve().as_uri()
     try:
-        return client.create_experiment(model_name, artifact_location=location)
+        return client.create_experiment(model_name, artifact_location=location, tags=EXPERIMENT_KIND)
     except mlflow.exceptions.MlflowException as exc:
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
@@ -105,14 +136,13 @@ def log_eval(run_id: str, root: Path, flat: dict[str, float]) -> None:
     import pandas as pd
 
     log_metrics_batch(run_id, flat)
-    table = pd.read_csv(root / "reports/eval_questions.csv", keep_default_na=False)
+    table = pd.read_csv(root / EVAL_TABLE, keep_default_na=False)
     mlflow.log_table(table, artifact_file="eval/questions.json")
-    mlflow.log_artifact(str(root / "reports/eval_questions.csv"), "eval")
-    mlflow.log_artifact(str(root / "reports/eval.md"), "eval")
-    mlflow.log_artifact(str(root / "metrics/eval.json"), "eval")
-    for png in sorted((root / "reports/plots").glob("*.png")):
+    for path in (EVAL_TABLE, EVAL_REPORT, EVAL_METRICS):
+        mlflow.log_artifact(str(root / path), "eval")
+    for png in sorted((root / PLOTS_DIR).glob("*.png")):
         mlflow.log_artifact(str(png), "eval/plots")
-    for name in ("data/prepared/card.json", "metrics/train.json", "metrics/train_log.csv"):
+    for name in (DATA_CARD, TRAIN_METRICS, TRAIN_LOG):
         if (root / name).exists():
             mlflow.log_artifact(str(root / name), "stages")
     _loss_plot(root)
@@ -125,7 +155,7 @@ def _loss_plot(root: Path) -> None:
     import matplotlib.pyplot as plt
     import pandas as pd
 
-    path = root / "metrics/train_log.csv"
+    path = root / TRAIN_LOG
     if not path.exists():
         return
     log = pd.read_csv(path)

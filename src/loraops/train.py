@@ -18,14 +18,11 @@ from typing import Any
 
 from loraops import packing
 from loraops.config import LoraSection, Params, TrainSection
-from loraops.data import load_split
+from loraops.prepare import load_split
 from loraops.model import TINY_BASE, base_location, build_tiny_base, load_base, load_tokenizer
-from loraops.utils import atomic_dir, pick_device, sha256_dir, write_json
+from loraops.paths import ADAPTER_DIR, CHECKPOINT_DIR, TRAIN_LOG, TRAIN_METRICS
+from loraops.utils import atomic_dir, pick_device, progress_lines, say, sha256_dir, write_json
 
-ADAPTER_DIR = Path("models/adapter")
-CHECKPOINT_DIR = Path("models/checkpoints")
-TRAIN_METRICS = Path("metrics/train.json")
-TRAIN_LOG = Path("metrics/train_log.csv")
 
 
 def tokenize_pair(tokenizer: Any, prompt: str, answer: str, max_length: int) -> dict[str, list[int]]:
@@ -112,8 +109,22 @@ def training_args(cfg: TrainSection, seed: int, device: str, out_dir: Path, has_
         remove_unused_columns=False,
         train_sampling_strategy="group_by_length" if batching == "length_grouped" else "random",
         report_to="none",
-        disable_tqdm=False,
+        disable_tqdm=progress_lines(),
     )
+
+
+def _progress_callback() -> Any:
+    """A line per logging step (step, loss, learning rate) and per evaluation, for logs that are not terminals."""
+    from transformers import TrainerCallback
+
+    class LineProgress(TrainerCallback):
+        def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any) -> None:
+            logs = logs or {}
+            shown = [f"{key} {logs[key]:.4g}" for key in ("loss", "eval_loss", "learning_rate", "grad_norm") if key in logs]
+            if shown:
+                say(f"train step {state.global_step}/{state.max_steps}: " + ", ".join(shown))
+
+    return LineProgress()
 
 
 def _history_rows(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -180,7 +191,18 @@ def fit(params: Params, train_rows: list[dict], val_rows: list[dict], base: str,
 
     train_set, val_set = encode(train_rows), (encode(val_rows) if val_rows else None)
     callbacks = [EarlyStoppingCallback(cfg.early_stopping_patience)] if val_set is not None and cfg.early_stopping_patience else []
+    if progress_lines():
+        callbacks.append(_progress_callback())
+    cut = sum(len(tokenize_pair(tokenizer, r["prompt"], r["answer"], 10**9)["input_ids"]) > params.model.max_length
+              for r in train_rows)
+    if cut:
+        say(f"note: {cut} of {len(train_rows)} training pairs are longer than model.max_length={params.model.max_length} "
+            "tokens and are cut (the end of their answers is not learned)")
     trainer = make_trainer(model, tokenizer, cfg, params.base.seed, device, work_dir, train_set, val_set, batching, callbacks)
+    if progress_lines():
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)  # its raw dicts repeat what LineProgress says
     started, started_at = time.perf_counter(), time.time()
     result = trainer.train()
     seconds = time.perf_counter() - started
@@ -201,6 +223,7 @@ def fit(params: Params, train_rows: list[dict], val_rows: list[dict], base: str,
         "torch_threads": torch.get_num_threads(),
     }
     figures["answer_tokens_per_epoch"] = tokens
+    figures["pairs_cut_by_max_length"] = cut
     figures["batching"] = batching
     return {"model": trainer.model, "tokenizer": tokenizer, "history": history, "figures": figures}
 
@@ -240,7 +263,11 @@ def ensure_base(params: Params, root: Path = Path(".")) -> str:
     location = base_location(params.model, root)
     if params.model.base == TINY_BASE:
         texts = [f"{r['prompt']}{r['answer']}" for r in load_split("train", root)]
+        say(f"building the tiny base (tokenizer + {params.model.tiny.layers}-layer Llama) from {len(texts)} training "
+            f"texts → {location}")
+        started = time.perf_counter()
         build_tiny_base(texts, params.model.tiny, params.base.seed, Path(location))
+        say(f"tiny base ready in {time.perf_counter() - started:.1f}s")
     return location
 
 

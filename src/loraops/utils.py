@@ -78,3 +78,15 @@ def pick_device(requested: str) -> str:
     if requested == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return requested
+
+
+def progress_lines() -> bool:
+    """Report progress as plain lines (a DVC stage under a flow, a pipe, a log) rather than redrawn bars."""
+    import sys
+
+    return os.environ.get("LORAOPS_PROGRESS") == "lines" or not sys.stderr.isatty()
+
+
+def say(message: str) -> None:
+    """One progress line on stdout, flushed (a flow streams it into the Prefect run log)."""
+    print(message, flush=True)

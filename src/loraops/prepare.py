@@ -18,10 +18,9 @@ from typing import Any
 
 from loraops.config import DataSection, Params
 from loraops.readers import DataError, QARecord, read_records
+from loraops.paths import DATA_CARD, PREPARED_DIR, SPLITS, split
 from loraops.utils import atomic_dir
 
-PREPARED_DIR = Path("data/prepared")
-SPLITS = ("train", "validation", "test")
 _SPACES = re.compile(r"[ \t\u00a0\u3000]+")
 
 
@@ -132,7 +131,7 @@ def build_card(splits: dict[str, list[QARecord]], report: dict[str, int], source
     }
 
 
-def prepare(records: list[QARecord], cfg: DataSection, seed: int) -> tuple[dict[str, list[dict[str, Any]]], dict[str, Any]]:
+def build_splits(records: list[QARecord], cfg: DataSection, seed: int) -> tuple[dict[str, list[dict[str, Any]]], dict[str, Any]]:
     """Pure stage logic: clean, split and render; return the rows per split and the cleaning report."""
     cleaned, report = clean(records, cfg)
     splits = split_groups(cleaned, cfg, seed)
@@ -153,16 +152,16 @@ def run(params: Params, root: Path = Path(".")) -> dict[str, Any]:
     """Read ``data.path``, prepare it and write ``data/prepared`` atomically; return the card."""
     path = root / params.data.path if not Path(params.data.path).is_absolute() else Path(params.data.path)
     records, encoding = read_records(path, params.data)
-    rows, extra = prepare(records, params.data, params.base.seed)
+    rows, extra = build_splits(records, params.data, params.base.seed)
     source = {"path": params.data.path, "format": params.data.format, "encoding": encoding, "md5": _md5(path),
               "records_read": len(records)}
     card = build_card(extra["splits"], extra["report"], source)
     with atomic_dir(root / PREPARED_DIR) as tmp:
         for name in SPLITS:
-            with (tmp / f"{name}.jsonl").open("w", encoding="utf-8") as fh:
+            with (tmp / split(name).name).open("w", encoding="utf-8") as fh:
                 for row in rows[name]:
                     fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-        (tmp / "card.json").write_text(json.dumps(card, ensure_ascii=False, indent=2), encoding="utf-8")
+        (tmp / DATA_CARD.name).write_text(json.dumps(card, ensure_ascii=False, indent=2), encoding="utf-8")
     return card
 
 
@@ -172,7 +171,7 @@ def load_split(name: str, root: Path = Path(".")) -> list[dict[str, Any]]:
     Raises:
         DataError: when the split has not been prepared.
     """
-    path = root / PREPARED_DIR / f"{name}.jsonl"
+    path = root / split(name)
     if not path.exists():
         raise DataError(f"{path}: not found; run `loraops prepare` (or `dvc repro prepare`) first")
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

@@ -17,11 +17,11 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import deployment, flow_run
 from prefect.states import Completed
 
-from loraops import lineage, pipeline, registry, tracking, validity
-from loraops.config import DataSection, EvalSection, LoraSection, ModelSection, Params, RegistrySection, TrainSection
+from loraops import concurrency, lineage, registry, tracking, validity, workspace
+from loraops.config import load_params, DataSection, EvalSection, LoraSection, ModelSection, Params, RegistrySection, TrainSection
 from loraops.model import base_location
-from loraops.report import flat_metrics, headline, outcome, version_description
-from loraops.train import ADAPTER_DIR, TRAIN_LOG
+from loraops.paths import ADAPTER_DIR, EVAL_METRICS, TRAIN_LOG
+from loraops.report import flat_metrics, headline, outcome, summary_markdown, top_losses, version_description
 
 REPO = Path(".")  # the project checkout the flow was started in; MLflow's local store lives here
 
@@ -44,7 +44,7 @@ IO_RETRIES = {"retries": 3, "retry_delay_seconds": [2, 5, 10], "retry_condition_
 
 @task(name="params")
 def resolve_params(work: Path, params_file: str, overrides: list[str]) -> Params:
-    return pipeline.write_params(params_file, overrides, work)
+    return workspace.write_params(params_file, overrides, work)
 
 
 @task(name="metric-check")
@@ -53,30 +53,38 @@ def metric_check(params: Params) -> dict[str, Any]:
     return validity.check_gate(params)
 
 
-@task(name="prepare")
-def prepare_stage(work: Path) -> bool:
-    return pipeline.reproduce_stage("prepare", work)
+def _stage(stage: str, work: Path) -> bool:
+    log = get_run_logger()
+    ran = workspace.run_stage(stage, work, log.info)
+    log.info("DVC stage %s: %s", stage, "ran" if ran else "skipped (code, params and inputs unchanged)")
+    return ran
 
 
 def _gpu() -> object:
-    return pipeline.gpu_slot(get_run_logger().warning, {"type": "flow_run", "id": str(flow_run.id)})
+    return concurrency.gpu_slot(get_run_logger().warning, {"type": "flow_run", "id": str(flow_run.id)})
+
+
+@task(name="prepare")
+def prepare(work: Path, data_path: str) -> bool:
+    workspace.pull_inputs(work, data_path, get_run_logger().info)
+    return _stage("prepare", work)
 
 
 @task(name="train")
-def train_stage(work: Path) -> bool:
+def train(work: Path) -> bool:
     with _gpu():
-        return pipeline.reproduce_stage("train", work)
+        return _stage("train", work)
 
 
 @task(name="evaluate")
-def evaluate_stage(work: Path) -> bool:
+def evaluate(work: Path) -> bool:
     with _gpu():
-        return pipeline.reproduce_stage("evaluate", work)
+        return _stage("evaluate", work)
 
 
 @task(name="log-run", **IO_RETRIES)
 def log_run(work: Path, run_id: str) -> dict[str, Any]:
-    summary = json.loads((work / "metrics/eval.json").read_text(encoding="utf-8"))
+    summary = json.loads((work / EVAL_METRICS).read_text(encoding="utf-8"))
     with mlflow.start_run(run_id=run_id):
         tracking.log_curves(run_id, work / TRAIN_LOG)
         tracking.log_eval(run_id, work, flat_metrics(summary))
@@ -88,7 +96,7 @@ def register(work: Path, params: Params, run_id: str, allow_dirty: bool, summary
     location = base_location(params.model, work)
     card = lineage.card(params, work, location, work / ADAPTER_DIR, run_id,
                         {"id": flow_run.id, "deployment": deployment.name})
-    pipeline.check_clean(card, allow_dirty)
+    workspace.check_clean(card, allow_dirty)
     with mlflow.start_run(run_id=run_id):
         mlflow.set_tags(lineage.card_tags(card))
         mlflow.log_dict(card, "lineage.json")
@@ -99,6 +107,22 @@ def register(work: Path, params: Params, run_id: str, allow_dirty: bool, summary
 @task(name="gate")
 def gate(params: Params, version: str) -> dict[str, Any]:
     return registry.promote(params.registry.model_name, version, params)
+
+
+def _log_to_ui(text: str) -> None:
+    """Put the headline table and verdict in the run's Prefect log (the UI) without printing them twice in a terminal
+    (`loraops run` prints the same text itself when the flow returns)."""
+    import logging
+
+    from prefect.logging.handlers import APILogHandler
+
+    adapter = get_run_logger()
+    ui = logging.getLogger("loraops.flow-run-log")
+    if not ui.handlers:
+        ui.addHandler(APILogHandler())
+        ui.propagate = False
+        ui.setLevel(logging.INFO)
+    ui.info(text, extra=dict(adapter.extra))
 
 
 def _close_mlflow_runs(flow: Any, flow_run_: Any, state: Any) -> None:
@@ -130,18 +154,22 @@ def finetune(
     sections = {"data": data, "model": model, "lora": lora, "train": train, "eval": eval, "registry": registry}
     given = {k: v for k, v in sections.items() if v is not None}
     isolate = deployment.id is not None if isolate is None else isolate
-    data_path = data.path if data else pipeline.load_params(REPO / params_file, list(overrides or [])).data.path
-    with (pipeline.isolated_workspace(REPO, str(flow_run.id), data_path) if isolate else contextlib.nullcontext(REPO)) as work:
+    data_path = data.path if data else load_params(REPO / params_file, list(overrides or [])).data.path
+    with (workspace.isolated_workspace(REPO, str(flow_run.id), data_path) if isolate else contextlib.nullcontext(REPO)) as work:
         # form values that differ from the params file the run will use become overrides
-        form = pipeline.section_overrides(Path(work) / params_file, given)
+        form = workspace.section_overrides(Path(work) / params_file, given)
         return _finetune(Path(work), params_file, form + list(overrides or []), allow_dirty)
 
 
 def _finetune(work: Path, params_file: str, overrides: list[str], allow_dirty: bool) -> Any:
     params = resolve_params(work, params_file, overrides)
+    same = workspace.unchanged(work, params)
+    if same is not None:
+        get_run_logger().info(same)
+        return Completed(name="Unchanged", message=same, data={"summary_text": same, "outcome": "Unchanged"})
     if params.eval.self_test:
         metric_check(params)
-    pipeline.ensure_gpu_limit()
+    concurrency.ensure_gpu_limit()
     uri = tracking.tracking_setup(REPO)
     experiment = tracking.experiment_for(params.registry.model_name, REPO)
     tags = {"prefect.flow_run_id": str(flow_run.id), "prefect.flow_run_name": str(flow_run.name),
@@ -149,7 +177,9 @@ def _finetune(work: Path, params_file: str, overrides: list[str], allow_dirty: b
     with mlflow.start_run(experiment_id=experiment, run_name=tracking.run_name(params), tags=tags,
                           log_system_metrics=True) as run:
         tracking.log_params(params)
-        ran = {"prepare": prepare_stage(work), "train": train_stage(work), "evaluate": evaluate_stage(work)}
+        if uri.startswith("http"):
+            get_run_logger().info("MLflow run: %s/#/experiments/%s/runs/%s", uri.rstrip("/"), experiment, run.info.run_id)
+        ran = {"prepare": prepare(work, params.data.path), "train": train(work), "evaluate": evaluate(work)}
         mlflow.set_tags({f"dvc.{stage}": "ran" if did else "skipped" for stage, did in ran.items()})
     run_id = run.info.run_id
     try:
@@ -159,9 +189,9 @@ def _finetune(work: Path, params_file: str, overrides: list[str], allow_dirty: b
     except BaseException:
         mlflow.MlflowClient().set_terminated(run_id, "FAILED")
         raise
-    markdown = pipeline.summary_markdown(params, summary, run_id, uri, registered, decision, ran, experiment)
+    markdown = summary_markdown(params, summary, run_id, uri, registered, decision, ran, experiment)
     create_markdown_artifact(markdown, key="finetune-summary", description="base vs tuned, registration, gate")
-    create_table_artifact(pipeline.top_losses(work, params.registry.gate.metric), key="tuned-biggest-losses",
+    create_table_artifact(top_losses(work, params.registry.gate.metric), key="tuned-biggest-losses",
                           description="10 questions where tuned lost most to base")
     text = headline(summary) + f"\nMLflow run {run_id}; registered {registered['name']} v{registered['version']}"
     if decision is not None:
@@ -169,6 +199,7 @@ def _finetune(work: Path, params_file: str, overrides: list[str], allow_dirty: b
     name, message = outcome(summary, params.registry.gate.metric, decision)
     text += f"\noutcome: {name}: {message}"
     result = {"run_id": run_id, "version": registered["version"], "summary_text": text, "ran": ran, "outcome": name}
+    _log_to_ui(text)
     log = get_run_logger().info if name in ("Promoted", "Registered", "Unchanged") else get_run_logger().warning
     log("%s: %s", name, message)
     return Completed(name=name, message=message, data=result)  # the run's state says what happened

@@ -1,0 +1,110 @@
+"""The `loraops` command line (Typer), one module per command group; each command is a thin shell over library code.
+
+- ``stages``: the DVC stages ``prepare``, ``train``, ``evaluate`` and ``score`` (what ``dvc.yaml`` runs);
+- ``flows``: ``run`` and ``deploy`` (the Prefect flows), ``init-data``;
+- ``models``: ``promote``, ``rollback``, ``ask``, ``reproduce`` (the registry);
+- ``review``: the human rubric review sheets.
+
+Every command works from any directory of a project (the root is the nearest folder above with
+``params.yaml`` and ``dvc.yaml``, or ``--project`` / ``LORAOPS_PROJECT``), takes ``--params FILE`` and
+repeated ``--set dotted.key=value``. Expected failures (bad data, bad params, missing models or versions,
+a failed stage) print one message and exit 2, without a traceback; a refused promotion exits 1.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import typer
+
+from loraops.config import Params, load_params
+from loraops.errors import ConfigError, LoraopsError
+from loraops.paths import PARAMS
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Domain Q&A data → a gated, traceable LoRA adapter.")
+
+ParamsOpt = typer.Option(PARAMS, "--params", help="Params file (relative to where you are, else to the project root).")
+SetOpt = typer.Option(None, "--set", help="Override a param: dotted.key=value (repeatable).")
+
+_ORIGIN = [Path.cwd()]
+"""Where the command was started (set per invocation); file arguments are read relative to it."""
+
+
+def find_project(start: Path) -> Path | None:
+    """The nearest folder at or above ``start`` holding both ``params.yaml`` and ``dvc.yaml``."""
+    for folder in [start, *start.parents]:
+        if (folder / PARAMS).is_file() and (folder / "dvc.yaml").is_file():
+            return folder
+    return None
+
+
+def user_path(path: Path) -> Path:
+    """A path the user typed: relative to where the command started when it exists there, else to the project root."""
+    if path.is_absolute() or not (_ORIGIN[0] / path).exists():
+        return path
+    return (_ORIGIN[0] / path).resolve()
+
+
+@app.callback()
+def _project(project: Optional[Path] = typer.Option(
+        None, "--project", envvar="LORAOPS_PROJECT",
+        help="Project folder (params.yaml + dvc.yaml); default: the nearest one above the current directory.")) -> None:
+    """Run in the project root, with library noise a user cannot act on turned down."""
+    _ORIGIN[0] = Path.cwd()
+    root = find_project(project.resolve() if project else Path.cwd())
+    if root is None and project is not None:
+        typer.secho(f"error: {project}: no params.yaml and dvc.yaml here or above (--project / LORAOPS_PROJECT)",
+                    fg=typer.colors.RED, err=True)
+        raise typer.Exit(2)
+    if root is not None and root != Path.cwd():
+        os.chdir(root)
+    quiet_libraries()
+
+
+def quiet_libraries() -> None:
+    """Warnings and INFO lines from MLflow, transformers, Prefect's client and friends that say nothing to act on."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+    os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
+    if os.environ.get("LORAOPS_SHOW_WARNINGS"):
+        return
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    for name in ("mlflow", "alembic", "httpx", "transformers", "peft", "accelerate", "urllib3", "filelock"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def friendly(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn expected errors (every ``LoraopsError``) into one line on stderr and exit code 2."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except LoraopsError as exc:
+            typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def params_of(path: Path, overrides: Optional[list[str]]) -> Params:
+    """Load and validate the params file (typed by the user) with ``--set`` overrides."""
+    return load_params(user_path(path), overrides or [])
+
+
+from loraops.cli import flows, models, review, stages  # noqa: E402,F401 - registers the commands
+
+__all__ = ["app", "friendly", "params_of", "user_path", "ConfigError"]
+
+
+def main() -> None:  # pragma: no cover - console entry
+    app()

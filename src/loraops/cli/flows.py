@@ -1,0 +1,117 @@
+"""`loraops run | deploy | init-data`: the Prefect flows, and a params file for a new dataset."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from loraops.cli import ParamsOpt, SetOpt, app, friendly, params_of, user_path
+from loraops.errors import LoraopsError
+from loraops.paths import PARAMS
+
+
+def prefect_defaults() -> None:
+    """Offline-friendly Prefect settings unless the user set them: no telemetry, a patient ephemeral start."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    from loraops.concurrency import local_defaults
+
+    local_defaults()
+
+
+def _quiet_expected_tracebacks() -> None:
+    """Prefect logs every task failure with its traceback; for expected errors the message is enough."""
+    import logging
+
+    class _Filter(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            if record.exc_info and isinstance(record.exc_info[1], LoraopsError):
+                record.exc_info, record.exc_text = None, None
+            return True
+
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logging.getLogger(name).addFilter(_Filter())
+
+
+@app.command()
+@friendly
+def run(params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt,
+        allow_dirty: bool = typer.Option(False, "--allow-dirty", help="Register from uncommitted code (the diff is recorded).")) -> None:
+    """Run the whole finetune flow on Prefect (prepare → train → evaluate → register → gate).
+
+    The run's params are written to params.yaml for DVC (as `dvc exp run -S` does); when validation or a
+    stage fails, params.yaml is put back as it was. Nothing changed since the last registered run → "unchanged".
+    """
+    from loraops import workspace
+
+    path = user_path(params)
+    resolved = params_of(params, set_)  # refuse bad params before Prefect starts
+    if not set_ and path.resolve() == PARAMS.resolve():
+        same = workspace.unchanged(Path("."), resolved)
+        if same is not None:
+            typer.echo(same)
+            return
+    prefect_defaults()
+    from loraops.flows.finetune import finetune
+
+    _quiet_expected_tracebacks()
+    _terminate_cleanly()
+    with workspace.restored_on_failure(PARAMS):
+        try:
+            result = finetune(params_file=str(path), overrides=list(set_ or []), allow_dirty=allow_dirty)
+        except KeyboardInterrupt as stop:
+            typer.secho(f"stopped ({stop or 'interrupted'}): the MLflow run is closed and the gpu slot released",
+                        err=True, fg=typer.colors.YELLOW)
+            raise typer.Exit(130) from None
+    typer.echo(result["summary_text"])
+
+
+def _terminate_cleanly() -> None:
+    """SIGTERM ends `loraops run` as Ctrl-C does: the running stage is stopped, context managers release the
+    gpu slot, the flow's crash hooks mark its MLflow run KILLED. (Python's default SIGTERM skips all that.)"""
+    import signal
+
+    def stop(signum: int, _frame: Any) -> None:
+        import psutil
+
+        for child in psutil.Process().children(recursive=True):  # `dvc repro` and its `loraops train`, not Prefect's server
+            with contextlib.suppress(psutil.Error):
+                command = " ".join(child.cmdline())
+                if ("loraops" in command or "dvc" in command) and "uvicorn" not in command and "prefect" not in command:
+                    child.terminate()
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, stop)
+
+
+@app.command()
+@friendly
+def deploy(params: Path = ParamsOpt) -> None:
+    """Serve the Prefect deployments finetune/loraops, promote/loraops, rollback/loraops, reproduce/loraops."""
+    prefect_defaults()
+    from loraops.flows.deploy import serve_all
+
+    serve_all(str(user_path(params)))
+
+
+@app.command("init-data")
+@friendly
+def init_data(data: Path = typer.Argument(..., help="Your data file (CSV, TSV, JSONL, JSON or Parquet)."),
+              out: Optional[Path] = typer.Option(None, "--out", help="Params file to write (default configs/<data name>.yaml)."),
+              model_name: Optional[str] = typer.Option(None, "--model-name", help="registry.model_name (default <data name>-lora)."),
+              force: bool = typer.Option(False, "--force", help="Overwrite an existing params file."),
+              params: Path = ParamsOpt) -> None:
+    """Write a params file for a new dataset: format and question/answer/category columns guessed from the file."""
+    from loraops import datainit
+
+    source = user_path(data)
+    target = user_path(out.parent) / out.name if out else Path("configs") / f"{source.stem}.yaml"
+    written, guessed = datainit.write_params_for(source, target, params_of(params, None), model_name, force)
+    for key, value in guessed.items():
+        typer.echo(f"  {key}: {value}")
+    typer.echo(f"wrote {written}; check the guesses above, then: loraops run --params {written}")

@@ -1,0 +1,81 @@
+"""`loraops promote | rollback | ask | reproduce`: registered versions in MLflow."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from loraops.cli import ParamsOpt, SetOpt, app, friendly, params_of, user_path
+from loraops.errors import ConfigError
+
+
+@app.command()
+@friendly
+def promote(name: Optional[str] = typer.Argument(None, help="Registered model (default registry.model_name)."),
+            version: Optional[str] = typer.Option(None, "--version", help="Version to promote (default: the candidate alias)."),
+            force: bool = typer.Option(False, "--force", help="Promote even if the gate refuses."),
+            reason: Optional[str] = typer.Option(None, "--reason", help="Why, when forcing (recorded)."),
+            as_json: bool = typer.Option(False, "--json"),
+            params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt) -> None:
+    """Move alias production to a version, only through the gate."""
+    from loraops import registry
+
+    p = params_of(params, set_)
+    result = registry.promote(name or p.registry.model_name, version, p, force=force, reason=reason)
+    typer.echo(json.dumps(result, ensure_ascii=False, indent=2) if as_json else registry.describe(result))
+    if not result["promoted"]:
+        raise typer.Exit(1)
+
+
+@app.command()
+@friendly
+def rollback(name: Optional[str] = typer.Argument(None), params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt) -> None:
+    """Restore the previous production version (audited)."""
+    from loraops import registry
+
+    p = params_of(params, set_)
+    typer.echo(registry.describe(registry.rollback(name or p.registry.model_name, p)))
+
+
+@app.command()
+@friendly
+def ask(question: Optional[str] = typer.Argument(None),
+        model: Optional[str] = typer.Option(None, "--model", help="models:/<name>@<alias> or models:/<name>/<version>."),
+        file: Optional[Path] = typer.Option(None, "--file", help="CSV/JSONL of questions."),
+        question_column: str = typer.Option("question", "--question-column", help="The column of --file holding the questions."),
+        out: Optional[Path] = typer.Option(None, "--out", help="Where to write answers (CSV; default FILE.answers.csv)."),
+        params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt) -> None:
+    """Answer questions with a registered adapter (default: production)."""
+    from loraops import serve
+
+    p = params_of(params, set_)
+    uri = model or f"models:/{p.registry.model_name}@production"
+    if file is not None:
+        source = user_path(file)
+        target = user_path(out.parent) / out.name if out else source.with_name(source.stem + ".answers.csv")
+        typer.echo(f"wrote {serve.answer_file(uri, source, target, question_column)}")
+        return
+    if not question:
+        raise ConfigError("ask needs a question, or --file")
+    dropped: list[int] = []
+    for piece in serve.stream_answer(uri, question, dropped):
+        typer.echo(piece, nl=False)
+    typer.echo()
+    if dropped:
+        typer.secho(f"note: {sum(dropped)} undecodable character(s) were dropped from the answer", err=True, fg=typer.colors.YELLOW)
+
+
+@app.command()
+@friendly
+def reproduce(ref: str = typer.Argument(..., help="MLflow run id, models:/name/version or models:/name@alias."),
+              as_json: bool = typer.Option(False, "--json"), params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt) -> None:
+    """Rebuild a registered run's inputs in an isolated worktree, retrain, re-evaluate and compare."""
+    from loraops import reproduce as reproducer
+
+    report = reproducer.reproduce(ref, params_of(params, set_))
+    typer.echo(json.dumps(report, ensure_ascii=False, indent=2) if as_json else reproducer.describe(report))
+    if not report["reproduced"]:
+        raise typer.Exit(1)

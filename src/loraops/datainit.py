@@ -1,0 +1,91 @@
+"""`loraops init-data`: a params file for a new dataset, its format and columns guessed from the file.
+
+Per-dataset params files (``loraops run --params configs/<name>.yaml``) keep several datasets apart: each
+is complete, so switching datasets never inherits the previous one's column names.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from loraops.config import DataSection, Params, validate
+from loraops.errors import ConfigError, DataError
+from loraops.readers import read_rows
+
+QUESTION_NAMES = ("question", "질문", "q", "query", "prompt", "instruction", "input", "user", "문의", "질의")
+ANSWER_NAMES = ("answer", "답변", "a", "response", "output", "completion", "reply", "assistant", "응답", "정답")
+CATEGORY_NAMES = ("category", "카테고리", "분류", "type", "유형", "topic", "주제", "label")
+ID_NAMES = ("id", "group", "qid", "번호")
+
+
+def _pick(header: list[str], names: tuple[str, ...]) -> str | None:
+    lowered = {column.strip().lower(): column for column in header}
+    for name in names:
+        if name in lowered:
+            return lowered[name]
+    for name in names:  # a column that contains the name, e.g. "customer_question"
+        for low, column in lowered.items():
+            if len(name) > 1 and name in low:
+                return column
+    return None
+
+
+def guess(path: Path) -> dict[str, Any]:
+    """The ``data`` section values for ``path``: format, columns and prefixes that the readers need.
+
+    Raises:
+        DataError: the file cannot be read, or no question/answer columns can be told apart.
+    """
+    header, rows, _, _ = read_rows(path, DataSection(category_column=None))
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    out: dict[str, Any] = {"path": str(path)}
+    if "messages" in header:
+        return out | {"format": "chat", "category_column": _pick(header, CATEGORY_NAMES)}
+    if "instruction" in header and "output" in header:
+        return out | {"format": "alpaca", "category_column": _pick(header, CATEGORY_NAMES)}
+    for q_prefix, a_prefix in (("질문_", "답변_"), ("question_", "answer_"), ("q", "a")):
+        questions = [c for c in header if c.startswith(q_prefix) and c[len(q_prefix):].isdigit()]
+        answers = [c for c in header if c.startswith(a_prefix) and c[len(a_prefix):].isdigit()]
+        if questions and answers:
+            return out | {"format": "wide", "question_prefix": q_prefix, "answer_prefix": a_prefix,
+                          "id_column": _pick(header, ID_NAMES) or "id", "category_column": _pick(header, CATEGORY_NAMES)}
+    question, answer = _pick(header, QUESTION_NAMES), _pick(header, ANSWER_NAMES)
+    if not question or not answer or question == answer:
+        raise DataError(f"{path}: cannot tell the question and answer columns apart among {', '.join(header)}; "
+                        "write the params file by hand (data.question_column, data.answer_column)")
+    return out | {"format": "qa", "question_column": question, "answer_column": answer,
+                  "id_column": _pick(header, ID_NAMES), "category_column": _pick(header, CATEGORY_NAMES)}
+
+
+def write_params_for(data: Path, target: Path, current: Params, model_name: str | None,
+                     force: bool = False) -> tuple[Path, dict[str, Any]]:
+    """Write ``target``: the current params with the data section guessed for ``data`` and its own model name.
+
+    Raises:
+        ConfigError: ``target`` exists and ``force`` is off.
+    """
+    if not data.exists():
+        raise DataError(f"{data}: not found")
+    if target.exists() and not force:
+        raise ConfigError(f"{target} exists; pass --force to overwrite it or --out to write elsewhere")
+    guessed = guess(data)
+    try:
+        guessed["path"] = str(data.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        guessed["path"] = str(data.resolve())
+    tree = current.model_dump(mode="json")
+    tree["data"].update(guessed)
+    tree["data"]["attribute_columns"] = []
+    if guessed["format"] != "wide":
+        tree["data"]["template"] = DataSection().template
+    tree["registry"]["model_name"] = model_name or f"{data.stem}-lora"
+    params = validate(tree)  # the file written always loads
+    target.parent.mkdir(parents=True, exist_ok=True)
+    header = f"# params for {guessed['path']} (written by `loraops init-data`; review the data section)\n"
+    target.write_text(header + yaml.safe_dump(params.model_dump(mode="json"), allow_unicode=True, sort_keys=False),
+                      encoding="utf-8")
+    return target, {f"data.{k}": v for k, v in guessed.items()} | {"registry.model_name": tree["registry"]["model_name"]}

@@ -1,0 +1,62 @@
+"""Every file and folder the loop reads or writes, relative to the project root, named once.
+
+Stages, tracking, lineage, reproduce and the flows take their paths from here; ``dvc.yaml`` spells the
+same paths for DVC, and ``tests/test_paths.py`` checks that the two agree stage by stage.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+STAGES = ("prepare", "train", "evaluate")
+"""The DVC stages, in order; each is `src/loraops/<stage>.py`, `loraops <stage>` and a Prefect task of that name."""
+
+PARAMS = Path("params.yaml")
+DVC_LOCK = Path("dvc.lock")
+
+PREPARED_DIR = Path("data/prepared")
+SPLITS = ("train", "validation", "test")
+DATA_CARD = PREPARED_DIR / "card.json"
+
+BASE_DIR = Path("models/base")
+"""The tiny base built from the training corpus (``model.base: tiny-ko``); a hub base lives in the HF cache."""
+ADAPTER_DIR = Path("models/adapter")
+CHECKPOINT_DIR = Path("models/checkpoints")
+TRAIN_METRICS = Path("metrics/train.json")
+TRAIN_LOG = Path("metrics/train_log.csv")
+
+EVAL_METRICS = Path("metrics/eval.json")
+EVAL_REPORT = Path("reports/eval.md")
+EVAL_TABLE = Path("reports/eval_questions.csv")
+PLOTS_DIR = Path("reports/plots")
+
+MLRUNS = Path("mlruns")
+"""The default local MLflow store: ``mlruns/mlflow.db`` and its artifacts."""
+MLFLOW_DB = MLRUNS / "mlflow.db"
+MLFLOW_ARTIFACTS = MLRUNS / "artifacts"
+LOCKS_DIR = MLRUNS / ".locks"
+WORKSPACES_DIR = Path(".loraops/runs")
+"""Git worktrees of flow runs started from a deployment."""
+
+
+def split(name: str) -> Path:
+    """A prepared split: ``data/prepared/<name>.jsonl``."""
+    return PREPARED_DIR / f"{name}.jsonl"
+
+
+STAGE_OUTPUTS: dict[str, dict[str, list[Path]]] = {
+    "prepare": {"outs": [split(s) for s in SPLITS], "metrics": [DATA_CARD], "plots": []},
+    "train": {"outs": [BASE_DIR, ADAPTER_DIR], "metrics": [TRAIN_METRICS], "plots": [TRAIN_LOG]},
+    "evaluate": {"outs": [EVAL_TABLE, EVAL_REPORT, PLOTS_DIR], "metrics": [EVAL_METRICS], "plots": []},
+}
+"""What each DVC stage writes, by kind (``outs`` go to the DVC cache; ``metrics``/``plots`` are kept by git)."""
+
+STAGE_INPUTS: dict[str, list[Path]] = {
+    "prepare": [],  # plus ${data.path}
+    "train": [split("train"), split("validation")],
+    "evaluate": [BASE_DIR, ADAPTER_DIR, split("test")],
+}
+"""The stage outputs each DVC stage reads (besides its code, params and the raw data)."""
+
+RUN_OUTPUTS = [p for kinds in STAGE_OUTPUTS.values() for p in kinds["metrics"] + kinds["plots"]]
+"""Files a run rewrites that git tracks (``cache: false`` in dvc.yaml): not counted as uncommitted code."""

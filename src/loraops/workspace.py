@@ -1,0 +1,220 @@
+"""Where a flow run works and how it runs a DVC stage there: params written for DVC, git worktrees, `dvc repro`.
+
+The finetune flow (``loraops.flows.finetune``) is wiring only; these are the steps it wires, testable without Prefect.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from loraops.config import Params, dump_params, flatten, load_params, parse_override
+from loraops.errors import RegistryError, StageError
+from loraops.paths import DVC_LOCK, PARAMS, STAGES, TRAIN_METRICS, WORKSPACES_DIR
+
+def write_params(params_file: str, overrides: list[str], root: Path = Path(".")) -> Params:
+    """Validate, then record the run's params in ``params.yaml`` for DVC (as ``dvc exp run -S`` does).
+
+    Overrides are written key by key, keeping the file's comments; a different params file replaces it.
+    """
+    from dvc.utils.serialize import modify_yaml
+
+    params = load_params(root / params_file, overrides)
+    target = root / PARAMS
+    if (root / params_file).resolve() != target.resolve():
+        dump_params(params, target)
+        return params
+    if overrides:
+        with modify_yaml(target) as tree:
+            for text in overrides:
+                key, value = parse_override(text)
+                node = tree
+                *parents, leaf = key.split(".")
+                for part in parents:
+                    node = node.setdefault(part, {})
+                node[leaf] = value
+    return params
+
+
+def section_overrides(params_file: Path, sections: dict[str, Any]) -> list[str]:
+    """``dotted.key=value`` overrides for every form value that differs from the params file.
+
+    The Prefect form sends whole sections (pydantic models); only real changes become overrides, so a
+    run from the form records exactly what the user changed, like a CLI run with ``--set``.
+    """
+    import json
+
+    current = load_params(params_file).model_dump(mode="json")
+    out = []
+    for name, section in sections.items():
+        given = section.model_dump(mode="json") if hasattr(section, "model_dump") else dict(section)
+        before = flatten(current[name], f"{name}.")
+        for key, value in flatten(given, f"{name}.").items():
+            if before.get(key) != value:
+                out.append(f"{key}={json.dumps(value, ensure_ascii=False)}")
+    return out
+
+
+@contextlib.contextmanager
+def isolated_workspace(repo: Path, name: str, data_path: str) -> Iterator[Path]:
+    """A git worktree of HEAD for one flow run, sharing the repo's DVC cache; removed afterwards.
+
+    Concurrent runs each get their own params.yaml, dvc.lock and stage outputs; DVC's cache is shared,
+    so unchanged stages and data are not recomputed or copied twice.
+    """
+    import shutil
+
+    repo = repo.resolve()
+    tree = repo / WORKSPACES_DIR / name
+    tree.parent.mkdir(parents=True, exist_ok=True)
+    dvc = str(Path(sys.executable).parent / "dvc")
+
+    def sh(*cmd: str, cwd: Path = tree) -> None:
+        out = subprocess.run(list(cmd), cwd=cwd, capture_output=True, text=True)
+        if out.returncode != 0:
+            raise StageError(f"workspace {tree}: {' '.join(cmd[:3])} failed: {out.stderr.strip()[-500:]}")
+
+    sh("git", "worktree", "add", "--detach", str(tree), "HEAD", cwd=repo)
+    try:
+        sh(dvc, "cache", "dir", "--local", str(repo / ".dvc" / "cache"))
+        if (repo / "dvc-remote").is_dir():
+            sh(dvc, "remote", "modify", "--local", "sample", "url", str(repo / "dvc-remote"))
+        if (tree / f"{data_path}.dvc").exists():
+            sh(dvc, "pull", "-q", f"{data_path}.dvc")
+        elif not (tree / data_path).exists() and (repo / data_path).is_file():
+            (tree / data_path).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(repo / data_path, tree / data_path)  # an untracked local file the user pointed at
+        yield tree
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=repo, capture_output=True)
+        shutil.rmtree(tree, ignore_errors=True)
+
+
+def _stage_env(root: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    bindir = str(Path(sys.executable).parent)
+    if bindir not in env.get("PATH", "").split(os.pathsep):
+        env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
+    if (root / "src" / "loraops").is_dir():  # a workspace runs its own checkout's code
+        env["PYTHONPATH"] = str((root / "src").resolve())
+    env["LORAOPS_PROGRESS"] = "lines"  # progress as log lines (step, loss, lr; answers generated), not bars
+    return env
+
+
+def run_stage(stage: str, root: Path = Path("."), say: Callable[[str], Any] = print) -> bool:
+    """Run one DVC stage (and anything stale upstream) with `dvc repro`; return whether it ran.
+
+    DVC skips a stage whose code, params sections and inputs are unchanged (dvc.lock, run cache). Every
+    line DVC and the stage print goes to ``say`` (the Prefect run logger in a flow) as it comes.
+
+    Raises:
+        StageError: the stage failed; the message carries its error lines.
+    """
+    dvc = str(Path(sys.executable).parent / "dvc")
+    proc = subprocess.Popen([dvc, "repro", stage], cwd=root, env=_stage_env(root), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, encoding="utf-8", errors="replace", bufsize=1)
+    ran, errors = False, []
+    try:
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            line = raw.rstrip()
+            if not line.strip():
+                continue
+            ran = ran or f"Running stage '{stage}'" in line
+            if line.lower().startswith("error"):
+                errors.append(line)
+            say(line)
+        code = proc.wait()
+    except BaseException:  # interrupted: stop the stage too
+        proc.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=30)
+        raise
+    if code != 0:
+        detail = "; ".join(errors[-3:]) or f"dvc repro exited with {code}"
+        raise StageError(f"stage {stage} failed: {detail}")
+    return ran
+
+
+def pull_inputs(root: Path, data_path: str, say: Callable[[str], Any] = print) -> None:
+    """Fetch a DVC-tracked ``data.path`` that is not in the workspace (a fresh clone) from the DVC remote.
+
+    Raises:
+        StageError: the file is tracked but `dvc pull` could not bring it.
+    """
+    if (root / data_path).exists() or not (root / f"{data_path}.dvc").exists():
+        return
+    say(f"{data_path} is tracked by DVC but not here: dvc pull {data_path}.dvc")
+    dvc = str(Path(sys.executable).parent / "dvc")
+    out = subprocess.run([dvc, "pull", "-q", f"{data_path}.dvc"], cwd=root, capture_output=True, text=True)
+    if out.returncode != 0 or not (root / data_path).exists():
+        raise StageError(f"data.path {data_path}: tracked by DVC but `dvc pull` failed: {out.stderr.strip()[-400:]}")
+
+
+@contextlib.contextmanager
+def restored_on_failure(path: Path) -> Iterator[None]:
+    """Put ``path`` (params.yaml) back as it was when the block fails, so a failed run leaves no value behind."""
+    before = path.read_bytes() if path.exists() else None
+    try:
+        yield
+    except BaseException:
+        if before is not None and path.exists() and path.read_bytes() != before:
+            path.write_bytes(before)
+        raise
+
+
+def unchanged(root: Path, params: Params) -> str | None:
+    """Say so when a run would change nothing: every stage up to date and its adapter already registered and gated.
+
+    Returns the message for the user, or None when something changed (or was never registered).
+    """
+    import hashlib
+    import json
+
+    try:
+        sha = json.loads((root / TRAIN_METRICS).read_text(encoding="utf-8"))["adapter_sha256"]
+    except (OSError, ValueError, KeyError):
+        return None
+    from dvc.repo import Repo
+
+    with contextlib.chdir(root), Repo(".") as repo:
+        if repo.status(targets=list(STAGES)):
+            return None
+    lock = hashlib.md5((root / DVC_LOCK).read_bytes()).hexdigest()
+    import mlflow
+
+    from loraops.registry import SHA_TAG
+    from loraops.tracking import tracking_setup
+
+    tracking_setup(root)
+    client, name = mlflow.MlflowClient(), params.registry.model_name
+    try:
+        found = client.search_model_versions(f"name = '{name}' and tags.`{SHA_TAG}` = '{sha}'")
+    except mlflow.exceptions.MlflowException:
+        return None
+    same = [v for v in found if v.tags.get("lineage.dvc_lock_md5") == lock]
+    if not same or (params.registry.auto_promote and "gate.verdict" not in same[0].tags):
+        return None
+    version = same[0]
+    try:
+        production = f"v{client.get_model_version_by_alias(name, 'production').version}"
+    except mlflow.exceptions.MlflowException:
+        production = "no production yet"
+    verdict = version.tags.get("gate.verdict", "not gated (auto_promote off)")
+    return (f"unchanged: code, params and data are those of {name} v{version.version} (MLflow run {version.run_id}); "
+            f"nothing to run. Its gate verdict: {verdict}; production: {production}.")
+
+
+def check_clean(lineage: dict[str, Any], allow_dirty: bool) -> None:
+    """Refuse to register from a dirty tree unless allowed (the diff is then stored in the lineage card).
+
+    Raises:
+        RegistryError: when tracked files other than params.yaml/dvc.lock have uncommitted changes.
+    """
+    if lineage["git_dirty"] and not allow_dirty:
+        files = ", ".join(lineage["git_dirty_files"][:5])
+        raise RegistryError(f"refusing to register from a dirty tree ({files}); commit first or pass allow_dirty / --allow-dirty")

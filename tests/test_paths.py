@@ -1,0 +1,86 @@
+"""One catalogue of paths: dvc.yaml's outs, metrics, plots and deps are the ones loraops.paths names."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import yaml
+
+from helpers import REPO
+from loraops import paths
+
+
+def _names(entries: list) -> list[str]:
+    return [next(iter(e)) if isinstance(e, dict) else e for e in entries]
+
+
+def test_dvc_yaml_stage_outputs_are_the_catalogue():
+    dvc = yaml.safe_load((REPO / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
+    assert tuple(dvc) == paths.STAGES
+    for stage, kinds in paths.STAGE_OUTPUTS.items():
+        for kind in ("outs", "metrics", "plots"):
+            assert _names(dvc[stage].get(kind, [])) == [str(p) for p in kinds[kind]], f"{stage}.{kind}"
+        for name in _names(dvc[stage].get("metrics", [])) + _names(dvc[stage].get("plots", [])):
+            entry = next(e for e in dvc[stage].get("metrics", []) + dvc[stage].get("plots", [])
+                         if isinstance(e, dict) and name in e)
+            assert entry[name] == {"cache": False}, f"{name}: git keeps metrics and plots (dvc exp show reads them)"
+
+
+def test_dvc_yaml_data_deps_are_the_catalogue():
+    dvc = yaml.safe_load((REPO / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
+    for stage, inputs in paths.STAGE_INPUTS.items():
+        data_deps = [d for d in dvc[stage]["deps"] if not d.startswith(("src/", "${"))]
+        data_deps = [d for d in data_deps if not d.endswith(".jsonl") or d.startswith("data/")]
+        assert data_deps == [str(p) for p in inputs], stage
+
+
+def test_git_keeps_the_metrics_and_plots_dvc_does_not_cache():
+    ignored = (REPO / ".gitignore").read_text(encoding="utf-8")
+    import subprocess
+
+    for path in paths.RUN_OUTPUTS:
+        out = subprocess.run(["git", "check-ignore", "-q", str(path)], cwd=REPO)
+        assert out.returncode == 1, f"{path} is git-ignored, so no revision holds it for dvc exp show ({ignored!r})"
+
+
+def test_no_module_spells_a_catalogued_path():
+    """Stage, tracking, lineage and reproduce code take their paths from loraops.paths, not string literals."""
+    spelled = {str(p) for p in [*paths.RUN_OUTPUTS, paths.ADAPTER_DIR, paths.BASE_DIR, paths.CHECKPOINT_DIR,
+                                paths.EVAL_TABLE, paths.EVAL_REPORT, paths.PLOTS_DIR, paths.PREPARED_DIR]}
+    package = Path(paths.__file__).parent
+    for source in [*package.rglob("*.py"), *(REPO / "flows").glob("*.py")]:
+        if source.name == "paths.py":
+            continue
+        for node in ast.walk(ast.parse(source.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in spelled:
+                raise AssertionError(f"{source.relative_to(REPO)}:{node.lineno} spells {node.value!r}; use loraops.paths")
+
+
+def test_no_import_cycle_and_nothing_imports_upward():
+    """Module-level imports between loraops modules form no cycle; library code never imports the CLI or flows."""
+    package = Path(paths.__file__).parent
+    graph: dict[str, set[str]] = {}
+    modules = {p.relative_to(package).with_suffix("").as_posix().replace("/", ".").removesuffix(".__init__"): p
+               for p in package.rglob("*.py")}
+    modules |= {f"flows.{p.stem}".removesuffix(".__init__"): p for p in (REPO / "flows").glob("*.py")}
+    for name, source in modules.items():
+        found = set()
+        for node in ast.walk(ast.parse(source.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("loraops."):
+                found.add(node.module.split(".", 1)[1])
+            elif isinstance(node, ast.ImportFrom) and node.module == "loraops":
+                found |= {a.name for a in node.names}
+        graph[name] = {m for m in found if m in modules and m != name}
+        if not name.startswith(("cli", "flows")):
+            upward = {m for m in graph[name] if m.startswith(("cli", "flows"))}
+            assert not upward, f"{name} imports {upward}: library code must not import the CLI or the flows"
+
+    def visit(node: str, stack: list[str]) -> None:
+        if node in stack:
+            raise AssertionError("import cycle: " + " → ".join(stack[stack.index(node):] + [node]))
+        for nxt in graph.get(node, ()):
+            visit(nxt, stack + [node])
+
+    for name in graph:
+        visit(name, [])
