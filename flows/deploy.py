@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prefect import serve
 
-from loraops import concurrency
+from loraops import concurrency, form
 from loraops.config import load_params
 from loraops.flows.finetune import finetune
 from loraops.flows.promote import promote, rollback
@@ -13,9 +13,7 @@ from loraops.flows.reproduce import reproduce
 
 def deployments(params_file: str = "params.yaml") -> list:
     """The deployments; the finetune form defaults to the sections of the current params file."""
-    params = load_params(params_file)
-    defaults = {name: getattr(params, name).model_dump(mode="json")
-                for name in ("data", "model", "lora", "train", "eval", "registry")}
+    defaults = form.defaults(load_params(params_file)) | {"params_file": params_file}
     return [
         finetune.to_deployment(name="loraops", parameters=defaults, tags=["loraops"],
                                description="prepare → train → evaluate → register → gate"),

@@ -9,19 +9,20 @@ from __future__ import annotations
 import contextlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import mlflow
 from prefect import flow, get_run_logger, task
+from pydantic import Field
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import deployment, flow_run
 from prefect.states import Completed
 
-from loraops import concurrency, lineage, registry, tracking, validity, workspace
-from loraops.config import load_params, DataSection, EvalSection, LoraSection, ModelSection, Params, RegistrySection, TrainSection
+from loraops import concurrency, form, lineage, registry, tracking, validity, workspace
+from loraops.config import Params, load_params
 from loraops.model import base_location
 from loraops.paths import ADAPTER_DIR, EVAL_METRICS, TRAIN_LOG
-from loraops.report import flat_metrics, headline, outcome, summary_markdown, top_losses, version_description
+from loraops.report import details, flat_metrics, headline, outcome, summary_markdown, top_losses, version_description
 
 REPO = Path(".")  # the project checkout the flow was started in; MLflow's local store lives here
 
@@ -83,11 +84,11 @@ def evaluate(work: Path) -> bool:
 
 
 @task(name="log-run", **IO_RETRIES)
-def log_run(work: Path, run_id: str) -> dict[str, Any]:
+def log_run(work: Path, run_id: str, gate_metric: str) -> dict[str, Any]:
     summary = json.loads((work / EVAL_METRICS).read_text(encoding="utf-8"))
     with mlflow.start_run(run_id=run_id):
         tracking.log_curves(run_id, work / TRAIN_LOG)
-        tracking.log_eval(run_id, work, flat_metrics(summary))
+        tracking.log_eval(run_id, work, flat_metrics(summary, gate_metric), details(summary))
     return summary
 
 
@@ -101,7 +102,7 @@ def register(work: Path, params: Params, run_id: str, allow_dirty: bool, summary
         mlflow.set_tags(lineage.card_tags(card))
         mlflow.log_dict(card, "lineage.json")
     return registry.register(params, run_id, work / ADAPTER_DIR, location, card["adapter_sha256"], card,
-                             version_description(summary, params.registry.gate.metric, run_id))
+                             version_description(summary, params.registry.gate.metric, run_id, card))
 
 
 @task(name="gate")
@@ -131,34 +132,54 @@ def _close_mlflow_runs(flow: Any, flow_run_: Any, state: Any) -> None:
     tracking.close_runs_of(str(flow_run_.id), "KILLED" if state.is_cancelled() or state.is_cancelling() else "FAILED")
 
 
+_D = Params()  # the code defaults equal params.yaml's; a deployment's defaults are its params file's values
+DataGroup, ModelGroup, LoraGroup = form.GROUPS["data"], form.GROUPS["model"], form.GROUPS["lora"]
+TrainGroup, EvalGroup, RegistryGroup = form.GROUPS["train"], form.GROUPS["eval"], form.GROUPS["registry"]
+
+
 @flow(name="finetune", log_prints=True, validate_parameters=True,
       on_cancellation=[_close_mlflow_runs], on_crashed=[_close_mlflow_runs], on_failure=[_close_mlflow_runs])
 def finetune(
-    data: DataSection | None = None,
-    model: ModelSection | None = None,
-    lora: LoraSection | None = None,
-    train: TrainSection | None = None,
-    eval: EvalSection | None = None,  # noqa: A002 - the params.yaml section name
-    registry: RegistrySection | None = None,
-    params_file: str = "params.yaml",
-    overrides: list[str] | None = None,
-    allow_dirty: bool = False,
-    isolate: bool | None = None,
+    data_path: str = form.quick_field("data_path", _D.data.path),
+    data_format: Literal["wide", "qa", "alpaca", "chat"] = form.quick_field("data_format", _D.data.format),
+    base_model: str = form.quick_field("base_model", _D.model.base),
+    learning_rate: float = form.quick_field("learning_rate", _D.train.learning_rate),
+    max_steps: int = form.quick_field("max_steps", _D.train.max_steps),
+    lora_rank: int = form.quick_field("lora_rank", _D.lora.r),
+    eval_questions: int = form.quick_field("eval_questions", _D.eval.max_samples or 0),
+    model_name: str = form.quick_field("model_name", _D.registry.model_name),
+    auto_promote: bool = form.quick_field("auto_promote", _D.registry.auto_promote),
+    data: DataGroup = DataGroup(),  # type: ignore[valid-type]
+    model: ModelGroup = ModelGroup(),  # type: ignore[valid-type]
+    lora: LoraGroup = LoraGroup(),  # type: ignore[valid-type]
+    train: TrainGroup = TrainGroup(),  # type: ignore[valid-type]
+    eval: EvalGroup = EvalGroup(),  # type: ignore[valid-type]  # noqa: A002 - the params.yaml section name
+    registry: RegistryGroup = RegistryGroup(),  # type: ignore[valid-type]
+    params_file: str = Field("params.yaml", description="The params file the form's values are compared with "
+                                                        "(e.g. configs/<dataset>.yaml for another dataset)."),
+    overrides: list[str] = Field(default_factory=list, description="Extra dotted.key=value settings, applied last "
+                                                                    "(as `loraops run --set`)."),
+    allow_dirty: bool = Field(False, description="Register even if the code has uncommitted changes (the diff is "
+                                                 "stored in the lineage card)."),
+    isolate: bool = Field(True, description="Run in a fresh git worktree of the project, so runs started together "
+                                            "never share params, outputs or adapters."),
+    use_form: bool = Field(True, description="Apply the form's values; off = the params file and overrides only "
+                                             "(what `loraops run` does)."),
 ) -> Any:
     """Fine-tune, evaluate and register a LoRA adapter; promote it when the gate passes and auto_promote is on.
 
-    The sections mirror params.yaml (a deployment's defaults are its current values); a value that differs
-    from the file becomes a `--set`-style override, as do the entries of ``overrides``. ``isolate`` runs in
-    a fresh git worktree (default: yes when started from a deployment, no from `loraops run`).
+    The most-changed settings come first, then one group per params.yaml section. A value that differs from
+    the params file becomes a `--set`-style override, as do the entries of ``overrides``.
     """
-    sections = {"data": data, "model": model, "lora": lora, "train": train, "eval": eval, "registry": registry}
-    given = {k: v for k, v in sections.items() if v is not None}
-    isolate = deployment.id is not None if isolate is None else isolate
-    data_path = data.path if data else load_params(REPO / params_file, list(overrides or [])).data.path
-    with (workspace.isolated_workspace(REPO, str(flow_run.id), data_path) if isolate else contextlib.nullcontext(REPO)) as work:
-        # form values that differ from the params file the run will use become overrides
-        form = workspace.section_overrides(Path(work) / params_file, given)
-        return _finetune(Path(work), params_file, form + list(overrides or []), allow_dirty)
+    quick = {"data_path": data_path, "data_format": data_format, "base_model": base_model,
+             "learning_rate": learning_rate, "max_steps": max_steps, "lora_rank": lora_rank,
+             "eval_questions": eval_questions, "model_name": model_name, "auto_promote": auto_promote}
+    groups = {"data": data, "model": model, "lora": lora, "train": train, "eval": eval, "registry": registry}
+    extra = list(overrides or [])
+    data_file = data_path if use_form else load_params(REPO / params_file, extra).data.path
+    with (workspace.isolated_workspace(REPO, str(flow_run.id), data_file) if isolate else contextlib.nullcontext(REPO)) as work:
+        changed = form.overrides(load_params(Path(work) / params_file), quick, groups) if use_form else []
+        return _finetune(Path(work), params_file, changed + extra, allow_dirty)
 
 
 def _finetune(work: Path, params_file: str, overrides: list[str], allow_dirty: bool) -> Any:
@@ -172,7 +193,8 @@ def _finetune(work: Path, params_file: str, overrides: list[str], allow_dirty: b
     concurrency.ensure_gpu_limit()
     uri = tracking.tracking_setup(REPO)
     experiment = tracking.experiment_for(params.registry.model_name, REPO)
-    tags = {"prefect.flow_run_id": str(flow_run.id), "prefect.flow_run_name": str(flow_run.name),
+    tags = {"mlflow.source.name": "loraops finetune flow (flows/finetune.py)", "mlflow.source.type": "JOB",
+            "prefect.flow_run_id": str(flow_run.id), "prefect.flow_run_name": str(flow_run.name),
             "prefect.deployment": str(deployment.name), "loraops.workspace": str(work.resolve())}
     with mlflow.start_run(experiment_id=experiment, run_name=tracking.run_name(params), tags=tags,
                           log_system_metrics=True) as run:
@@ -183,7 +205,7 @@ def _finetune(work: Path, params_file: str, overrides: list[str], allow_dirty: b
         mlflow.set_tags({f"dvc.{stage}": "ran" if did else "skipped" for stage, did in ran.items()})
     run_id = run.info.run_id
     try:
-        summary = log_run(work, run_id)
+        summary = log_run(work, run_id, params.registry.gate.metric)
         registered = register(work, params, run_id, allow_dirty, summary)
         decision = gate(params, registered["version"]) if params.registry.auto_promote else None
     except BaseException:

@@ -6,17 +6,23 @@ from typing import Any
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
+from pydantic import Field
 
 from loraops import registry
 from loraops.config import load_params
 
 
 @flow(name="promote", log_prints=True)
-def promote(name: str | None = None, version: str | None = None, force: bool = False, reason: str | None = None,
-            params_file: str = "params.yaml") -> dict[str, Any]:
+def promote(
+    name: str = Field("", description="Registered model; empty = registry.model_name of the params file."),
+    version: str = Field("", description="Version number to promote; empty = the version holding alias candidate."),
+    force: bool = Field(False, description="Promote even if the gate refuses (needs a reason; audited)."),
+    reason: str = Field("", description="Why, when forcing; recorded in the audit trail."),
+    params_file: str = Field("params.yaml", description="Params file with the gate policy (registry.gate)."),
+) -> dict[str, Any]:
     """Move alias production to a version (default: candidate) only if the gate passes, or when forced with a reason."""
     params = load_params(params_file)
-    result = registry.promote(name or params.registry.model_name, version, params, force=force, reason=reason)
+    result = registry.promote(name or params.registry.model_name, version or None, params, force=force, reason=reason or None)
     text = registry.describe(result)
     create_markdown_artifact("```\n" + text + "\n```", key="promotion-decision")
     print(text)
@@ -24,7 +30,10 @@ def promote(name: str | None = None, version: str | None = None, force: bool = F
 
 
 @flow(name="rollback", log_prints=True)
-def rollback(name: str | None = None, params_file: str = "params.yaml") -> dict[str, Any]:
+def rollback(
+    name: str = Field("", description="Registered model; empty = registry.model_name of the params file."),
+    params_file: str = Field("params.yaml", description="Params file naming the registered model."),
+) -> dict[str, Any]:
     """Point production back at the previous production version (audited)."""
     params = load_params(params_file)
     result = registry.rollback(name or params.registry.model_name, params)

@@ -6,13 +6,17 @@ from typing import Any
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
+from pydantic import Field
 
 from loraops import reproduce as reproducer
 from loraops.config import load_params
 
 
 @flow(name="reproduce", log_prints=True)
-def reproduce(ref: str, params_file: str = "params.yaml") -> dict[str, Any]:
+def reproduce(
+    ref: str = Field(..., description="What to rebuild: an MLflow run id, models:/<name>/<version> or models:/<name>@<alias>."),
+    params_file: str = Field("params.yaml", description="Params file (registry.reproduce_tolerance for GPU runs)."),
+) -> dict[str, Any]:
     """Retrain and re-evaluate ``ref`` (run id, models:/name/version or models:/name@alias) in an isolated worktree."""
     report = reproducer.reproduce(ref, load_params(params_file))
     text = reproducer.describe(report)

@@ -60,20 +60,45 @@ def test_dvc_stages_match_cli_commands_and_params_sections():
             assert dep.startswith("${") or (REPO / dep).exists() or dep.startswith(("data/prepared", "models/")), dep
 
 
-def test_prefect_form_sections_become_overrides_only_where_changed(tmp_path):
-    from loraops.workspace import section_overrides, write_params
+def test_prefect_form_values_become_overrides_only_where_changed(tmp_path):
+    from loraops import form
+    from loraops.workspace import write_params
 
     (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text(encoding="utf-8"), encoding="utf-8")
     current = load_params(tmp_path / "params.yaml")
-    form = {"train": current.train.model_copy(update={"learning_rate": 1e-4}),
-            "registry": current.registry.model_copy(update={"gate": current.registry.gate.model_copy(update={"min_gain": 0.02})}),
-            "data": current.data}
-    overrides = section_overrides(tmp_path / "params.yaml", form)
-    assert overrides == ["train.learning_rate=0.0001", "registry.gate.min_gain=0.02"]
+    values = form.defaults(current)
+    assert form.overrides(current, {k: values[k] for k in form.QUICK}, {g: values[g] for g in form.GROUPS}) == []
+    assert values["data"]["template"] == "질문: {question}\\n답변: " and values["eval"]["stop_strings"] == ["\\n질문:"]
+    quick = {k: values[k] for k in form.QUICK} | {"learning_rate": 1e-4, "eval_questions": 40}
+    groups = {g: dict(values[g]) for g in form.GROUPS}
+    groups["registry"]["gate"] = dict(groups["registry"]["gate"], min_gain=0.02)
+    groups["data"]["template"] = "Q: {question}\\nA: "
+    overrides = form.overrides(current, quick, groups)
+    assert overrides == ['data.template="Q: {question}\\nA: "', "registry.gate.min_gain=0.02",
+                         "train.learning_rate=0.0001", "eval.max_samples=40"]
     written = write_params("params.yaml", overrides, tmp_path)
-    assert written.train.learning_rate == 1e-4
+    assert written.train.learning_rate == 1e-4 and written.data.template == "Q: {question}\nA: "
     text = (tmp_path / "params.yaml").read_text(encoding="utf-8")
     assert "learning_rate: 0.0001" in text and "# loraops parameters" in text  # comments kept
+
+
+def test_form_puts_the_common_settings_first_and_describes_every_field():
+    from loraops.flows.finetune import finetune
+
+    schema = finetune.parameters.model_dump()
+    order = list(schema["properties"])
+    assert order[:9] == ["data_path", "data_format", "base_model", "learning_rate", "max_steps", "lora_rank",
+                         "eval_questions", "model_name", "auto_promote"]
+    for name, prop in schema["properties"].items():
+        assert prop.get("description") or prop.get("$ref") or prop.get("allOf"), f"{name} has no description"
+    assert schema["properties"]["learning_rate"]["multipleOf"] <= 1e-6  # 0.003 is a valid input
+    definitions = schema.get("definitions") or schema.get("$defs")
+    train = next(v for k, v in definitions.items() if k.startswith("TrainSection"))
+    assert "learning_rate" not in train["properties"] and "max_steps" not in train["properties"]
+    for group in definitions.values():
+        for field, prop in group.get("properties", {}).items():
+            assert prop.get("description") or prop.get("$ref") or prop.get("allOf") or field in {"heads", "hidden",
+                   "intermediate", "layers", "vocab_size"}, f"{field} has no description"
 
 
 def test_code_defaults_equal_params_yaml():

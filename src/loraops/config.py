@@ -67,11 +67,11 @@ class DataSection(_Section):
 class TinyBase(_Section):
     """Shape of the built-in tiny Llama (`model.base: tiny-ko`)."""
 
-    layers: int = Field(2, gt=0)
-    hidden: int = Field(128, gt=0)
-    heads: int = Field(4, gt=0)
-    intermediate: int = Field(256, gt=0)
-    vocab_size: int = Field(4000, ge=300)
+    layers: int = Field(2, gt=0, description="Transformer layers.")
+    hidden: int = Field(128, gt=0, description="Hidden size.")
+    heads: int = Field(4, gt=0, description="Attention heads.")
+    intermediate: int = Field(256, gt=0, description="MLP inner size.")
+    vocab_size: int = Field(4000, ge=300, description="BPE vocabulary learned from the training texts.")
 
 
 class ModelSection(_Section):
@@ -89,7 +89,7 @@ class LoraSection(_Section):
 
     r: int = Field(16, gt=0, description="LoRA rank.")
     alpha: int = Field(32, gt=0, description="LoRA scaling numerator (alpha / r).")
-    dropout: float = Field(0.05, ge=0, lt=1)
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA path.")
     target_modules: str | list[str] = Field("all-linear", description="`all-linear` or a list of module names.")
     modules_to_save: list[str] = Field(default_factory=lambda: ["embed_tokens", "lm_head"], description="Modules trained in full, e.g. embed_tokens, lm_head.")
     use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
@@ -101,28 +101,28 @@ class TrainSection(_Section):
     learning_rate: float = Field(2e-3, gt=0, description="Peak learning rate.")
     max_steps: int = Field(300, gt=0, description="Optimiser steps; bounds a run.")
     batch_size: int = Field(16, gt=0, description="Sequences per device per step.")
-    gradient_accumulation: int = Field(1, gt=0)
-    warmup_ratio: float = Field(0.05, ge=0, lt=1)
-    scheduler: Literal["cosine", "linear", "constant_with_warmup"] = "cosine"
-    weight_decay: float = Field(0.0, ge=0)
+    gradient_accumulation: int = Field(1, gt=0, description="Batches summed per optimiser step.")
+    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Share of max_steps spent warming up the learning rate.")
+    scheduler: Literal["cosine", "linear", "constant_with_warmup"] = Field("cosine", description="Learning-rate schedule after warmup.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     eval_steps: int = Field(50, gt=0, description="Validate and checkpoint every this many steps.")
     early_stopping_patience: int = Field(3, ge=0, description="Evaluations without improvement before stopping; 0 = off.")
-    logging_steps: int = Field(10, gt=0)
+    logging_steps: int = Field(10, gt=0, description="Log loss and learning rate every this many steps.")
     batching: Literal["auto", "packed", "length_grouped", "padded"] = Field(
         "auto", description="auto = packed: padding-free rows, per-sequence attention, logits only on answer "
                             "tokens (same loss as padded); length_grouped groups paraphrases of one row together.")
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory (slower).")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on CUDA, fp32 on CPU.")
     quantization: Literal["none", "4bit"] = Field("none", description="4bit = QLoRA with bitsandbytes (CUDA only).")
-    dataloader_workers: int = Field(0, ge=0)
+    dataloader_workers: int = Field(0, ge=0, description="Data loading processes; 0 = in the training process.")
 
 
 class EvalSection(_Section):
     """Generation and scoring (stage `evaluate`)."""
 
     max_samples: int | None = Field(None, gt=0, description="Score at most this many test pairs (None = all).")
-    max_new_tokens: int = Field(64, gt=0)
-    batch_size: int = Field(32, gt=0)
+    max_new_tokens: int = Field(64, gt=0, description="Longest generated answer, in tokens.")
+    batch_size: int = Field(32, gt=0, description="Questions generated together.")
     stop_strings: list[str] = Field(default_factory=lambda: ["\n질문:"], description="Cut answers at these strings.")
     metrics: list[Literal["bertscore", "cosine", "chrf", "rouge_l", "morph_f1", "morph_rouge_l", "exact_match", "token_f1"]] = Field(
         default_factory=lambda: list(DEFAULT_METRICS),
@@ -142,9 +142,9 @@ class EvalSection(_Section):
     cosine_model: str = Field(BUNDLED_ENCODER, description="sentence-transformers encoder (hub id or path).")
     bertscore_model: str = Field(BUNDLED_ENCODER, description="BERTScore encoder (hub id or path).")
     bertscore_layer: int | None = Field(6, gt=0, description="BERTScore layer; None = bert-score's default for known models.")
-    bertscore_idf: bool = False
+    bertscore_idf: bool = Field(False, description="Weight BERTScore tokens by inverse document frequency.")
     bertscore_rescale: bool = Field(False, description="Rescale with bert-score's baseline (needs a baseline for the model).")
-    bootstrap_samples: int = Field(1000, ge=100)
+    bootstrap_samples: int = Field(1000, ge=100, description="Paired bootstrap resamples for the 95% intervals.")
     min_slice_size: int = Field(5, gt=0, description="Slices smaller than this are flagged as small.")
     self_test: bool = Field(True, description="Measure metric validity on the probes before scoring; the gate metric must pass.")
 

@@ -18,7 +18,7 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 
 from loraops.config import Params
-from loraops.errors import RegistryError
+from loraops.errors import LoraopsError, RegistryError
 from loraops.gate import Decision, decide, scores_from_table
 from loraops.tracking import experiment_for, tracking_setup
 
@@ -51,6 +51,7 @@ def register(params: Params, run_id: str, adapter_dir: Path, base_location: str,
     moves to the existing version.
     """
     from loraops import serve
+    from loraops.prepare import template_fields
     from loraops.utils import write_json
 
     client, name = _client(), params.registry.model_name
@@ -68,16 +69,33 @@ def register(params: Params, run_id: str, adapter_dir: Path, base_location: str,
         artifacts["base"] = base_location
     import loraops
 
+    example = _input_example(params, adapter_dir) if serve.should_bundle(base_location) else None
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
             name="model", python_model=serve.LoraQAModel(), artifacts=artifacts,
             code_paths=[str(Path(loraops.__file__).parent)], pip_requirements=_requirements(),
+            signature=serve.signature(template_fields(params.data.template)), input_example=example,
         )
     version = mlflow.register_model(info.model_uri, name, tags={SHA_TAG: adapter_sha, **_lineage_tags(lineage)})
     if description:
         client.update_model_version(name, version.version, description=description)
     client.set_registered_model_alias(name, "candidate", version.version)
     return {"name": name, "version": str(version.version), "reused": False}
+
+
+def _input_example(params: Params, adapter_dir: Path) -> Any:
+    """Two test questions as the model's input example (MLflow answers them once to check the model serves).
+
+    Only for bases small enough to travel inside the model: a hub base would be loaded in full just for that.
+    """
+    from loraops.prepare import load_split
+
+    root = adapter_dir.parent.parent
+    try:
+        questions = [row["question"] for row in load_split("test", root)[:2]]
+    except LoraopsError:
+        return None
+    return pd.DataFrame({"question": questions}) if questions else None
 
 
 def _requirements() -> list[str]:

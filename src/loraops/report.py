@@ -57,25 +57,40 @@ def summarize(table: pd.DataFrame, columns: list[str], slice_columns: list[str],
     return out
 
 
-def flat_metrics(summary: dict[str, Any]) -> dict[str, float]:
-    """Stable MLflow metric keys: ``eval/<metric>/<base|tuned|delta>`` and ``slice/<column>/<value>/<metric>/<...>``."""
-    flat: dict[str, float] = {"eval/n": summary["n"], "eval/empty/base": summary["empty_answers"]["base"],
-                              "eval/empty/tuned": summary["empty_answers"]["tuned"]}
-    for metric, stats in summary["metrics"].items():
-        for key in ("base", "tuned", "delta", "wins", "ties", "losses"):
-            flat[f"eval/{metric}/{key}"] = stats[key]
-        flat[f"eval/{metric}/delta_ci_low"], flat[f"eval/{metric}/delta_ci_high"] = stats["ci95"]
-    for model, stats in summary.get("degenerate", {}).items():
-        flat[f"eval/degenerate/{model}"], flat[f"eval/degenerate_rate/{model}"] = stats["count"], stats["rate"]
-    for metric, row in summary.get("validity", {}).items():
-        flat[f"validity/{metric}/paraphrase_over_unrelated"] = row["paraphrase>unrelated"]
-        flat[f"validity/{metric}/real_over_garbage"] = row["real>garbage"]
-    for column, groups in summary["slices"].items():
-        for value, stats in groups.items():
-            for metric in summary["metrics"]:
-                for key in ("base", "tuned", "delta"):
-                    flat[f"slice/{column}/{value}/{metric}/{key}"] = stats[metric][key]
+def flat_metrics(summary: dict[str, Any], gate_metric: str | None = None) -> dict[str, float]:
+    """The run's MLflow metrics: the headline first, then base/tuned/delta per metric.
+
+    - headline, unprefixed: the gate metric (tuned), its base value, gain and 95% interval, degenerate rates, n;
+    - ``eval/<metric>/<base|tuned|delta>`` for every metric.
+
+    Intervals, wins/ties/losses, slices and validity go to :func:`details` (a JSON artifact and a table),
+    so the MLflow charts open on the headline and the loss curves, not on a hundred single bars.
+    """
+    gate = gate_metric if gate_metric in summary["metrics"] else next(iter(summary["metrics"]))
+    stats = summary["metrics"][gate]
+    flat: dict[str, float] = {gate: stats["tuned"], f"{gate}_base": stats["base"], f"{gate}_delta": stats["delta"],
+                              f"{gate}_delta_ci_low": stats["ci95"][0], f"{gate}_delta_ci_high": stats["ci95"][1],
+                              "n_questions": summary["n"]}
+    for model, figures in summary.get("degenerate", {}).items():
+        flat["degenerate_rate" if model == "tuned" else f"degenerate_rate_{model}"] = figures["rate"]
+    for metric, figures in summary["metrics"].items():
+        for key in ("base", "tuned", "delta"):
+            flat[f"eval/{metric}/{key}"] = figures[key]
     return flat
+
+
+def details(summary: dict[str, Any]) -> tuple[dict[str, Any], pd.DataFrame]:
+    """What the headline leaves out: per metric intervals and wins/ties/losses, validity, degenerate reasons;
+    and one row per slice × metric (base, tuned, delta) for a table artifact."""
+    out = {"metrics": {m: {k: s[k] for k in ("ci95", "wins", "ties", "losses") if k in s}
+                       for m, s in summary["metrics"].items()},
+           "validity": summary.get("validity", {}), "degenerate": summary.get("degenerate", {}),
+           "empty_answers": summary.get("empty_answers", {}), "sample": summary.get("sample", {})}
+    rows = [{"slice": column, "value": value, "n": groups[value].get("n"), "metric": metric,
+             "base": stats[metric]["base"], "tuned": stats[metric]["tuned"], "delta": stats[metric]["delta"]}
+            for column, groups in summary["slices"].items() for value, stats in groups.items()
+            for metric in summary["metrics"] if metric in stats]
+    return out, pd.DataFrame(rows)
 
 
 def headline(summary: dict[str, Any]) -> str:
@@ -115,8 +130,8 @@ def outcome(summary: dict[str, Any], primary: str, gate: dict[str, Any] | None) 
     return "Registered", f"registered (registry.auto_promote is off): {figures}"
 
 
-def version_description(summary: dict[str, Any], primary: str, run_id: str) -> str:
-    """The model version's description: what the adapter scored, from which run."""
+def version_description(summary: dict[str, Any], primary: str, run_id: str, lineage: dict[str, Any] | None = None) -> str:
+    """The model version's description: what the adapter scored, from which run, made of what."""
     stats = summary["metrics"][primary]
     degenerate = summary.get("degenerate", {})
     lines = [f"LoRA adapter from MLflow run {run_id}.", "",
@@ -124,6 +139,12 @@ def version_description(summary: dict[str, Any], primary: str, run_id: str) -> s
              f"(Δ {stats['delta']:+.4f}, 95% CI [{stats['ci95'][0]:+.4f}, {stats['ci95'][1]:+.4f}]) on {summary['n']} test questions."]
     if degenerate:
         lines.append(f"Degenerate answers: base {degenerate['base']['count']}, tuned {degenerate['tuned']['count']}.")
+    if lineage:
+        commit = (lineage.get("git_commit") or "unknown")[:12] + (" + uncommitted diff" if lineage.get("git_dirty") else "")
+        data = ", ".join(f"`{path}` md5 {md5[:8]}" for path, md5 in list((lineage.get("data_md5") or {}).items())[:1])
+        lines += ["", f"Lineage: base `{lineage.get('base_model')}` ({str(lineage.get('base_revision'))[:19]}), "
+                      f"code {commit}, data {data or 'unknown'}, seed {lineage.get('seed')}; "
+                      "the full card is the run's `lineage.json`."]
     return "\n".join(lines)
 
 
@@ -180,11 +201,23 @@ def _degenerate_lines(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
-def plots(summary: dict[str, Any], table: pd.DataFrame, primary: str, out_dir: Path) -> list[Path]:
-    """PNG plots: score distributions base vs tuned, per-category deltas. Returns the files written."""
+def korean_font() -> None:
+    """Draw with NanumGothic, shipped in the PyPI package koreanize-matplotlib (offline), so Hangul labels render."""
+    from importlib.resources import files
+
     import matplotlib
+    from matplotlib import font_manager
 
     matplotlib.use("Agg")
+    if "NanumGothic" not in {f.name for f in font_manager.fontManager.ttflist}:
+        font_manager.fontManager.addfont(str(files("koreanize_matplotlib") / "fonts" / "NanumGothic.ttf"))
+    matplotlib.rcParams["font.family"] = "NanumGothic"
+    matplotlib.rcParams["axes.unicode_minus"] = False  # NanumGothic has no U+2212
+
+
+def plots(summary: dict[str, Any], table: pd.DataFrame, primary: str, out_dir: Path) -> list[Path]:
+    """PNG plots: score distributions base vs tuned, per-category deltas. Returns the files written."""
+    korean_font()
     import matplotlib.pyplot as plt
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -204,10 +237,9 @@ def plots(summary: dict[str, Any], table: pd.DataFrame, primary: str, out_dir: P
         fig, ax = plt.subplots(figsize=(6, 4))
         names = list(groups)
         ax.bar(range(len(names)), [groups[n][primary]["delta"] for n in names])
-        ax.set_xticks(range(len(names)), [f"slice {i}" for i in range(len(names))], rotation=0)
-        ax.set_ylabel(f"Δ {primary} (tuned − base)")
-        # Slices are numbered, not named: the default fonts have no Hangul; reports/eval.md maps them.
-        ax.set_title(f"per {column} (slice order as in reports/eval.md)", fontsize=9)
+        ax.set_xticks(range(len(names)), [f"{n} (n={groups[n]['n']})" for n in names], rotation=30, ha="right")
+        ax.set_ylabel(f"Δ {primary} (tuned - base)")
+        ax.set_title(f"{primary} gain per {column}", fontsize=10)
         fig.tight_layout()
         written.append(out_dir / f"delta_by_{column}.png")
         fig.savefig(written[-1], dpi=100)

@@ -19,6 +19,16 @@ _log = logging.getLogger("loraops.serve")
 BUNDLE_LIMIT_BYTES = 200 * 1024 * 1024  # local bases under this size travel inside the model
 
 
+def signature(template_fields: list[str]) -> Any:
+    """Question strings in (a ``question`` column; optional columns for the template's other fields), answers out."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    optional = [ColSpec("string", name, required=False) for name in template_fields if name != "question"]
+    return ModelSignature(inputs=Schema([ColSpec("string", "question"), *optional]),
+                          outputs=Schema([ColSpec("string")]))
+
+
 class LoraQAModel(mlflow.pyfunc.PythonModel):
     """Base + LoRA adapter answering domain questions."""
 

@@ -131,13 +131,17 @@ def log_curves(run_id: str, path: Path) -> int:
     return len(items)
 
 
-def log_eval(run_id: str, root: Path, flat: dict[str, float]) -> None:
-    """Eval metrics, the per-question table (``mlflow.log_table``), report, plots and cards."""
+def log_eval(run_id: str, root: Path, flat: dict[str, float], details: tuple[dict[str, Any], Any] | None = None) -> None:
+    """Headline metrics, the per-question table and the slices (``mlflow.log_table``), details, report, plots, cards."""
     import pandas as pd
 
     log_metrics_batch(run_id, flat)
     table = pd.read_csv(root / EVAL_TABLE, keep_default_na=False)
     mlflow.log_table(table, artifact_file="eval/questions.json")
+    if details is not None:
+        mlflow.log_dict(details[0], "eval/details.json")
+        if len(details[1]):
+            mlflow.log_table(details[1], artifact_file="eval/slices.json")
     for path in (EVAL_TABLE, EVAL_REPORT, EVAL_METRICS):
         mlflow.log_artifact(str(root / path), "eval")
     for png in sorted((root / PLOTS_DIR).glob("*.png")):
@@ -149,9 +153,9 @@ def log_eval(run_id: str, root: Path, flat: dict[str, float]) -> None:
 
 
 def _loss_plot(root: Path) -> None:
-    import matplotlib
+    from loraops.report import korean_font
 
-    matplotlib.use("Agg")
+    korean_font()
     import matplotlib.pyplot as plt
     import pandas as pd
 

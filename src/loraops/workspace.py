@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from loraops.config import Params, dump_params, flatten, load_params, parse_override
+from loraops.config import Params, dump_params, load_params, parse_override
 from loraops.errors import RegistryError, StageError
 from loraops.paths import DVC_LOCK, PARAMS, STAGES, TRAIN_METRICS, WORKSPACES_DIR
 
@@ -38,25 +38,6 @@ def write_params(params_file: str, overrides: list[str], root: Path = Path("."))
                     node = node.setdefault(part, {})
                 node[leaf] = value
     return params
-
-
-def section_overrides(params_file: Path, sections: dict[str, Any]) -> list[str]:
-    """``dotted.key=value`` overrides for every form value that differs from the params file.
-
-    The Prefect form sends whole sections (pydantic models); only real changes become overrides, so a
-    run from the form records exactly what the user changed, like a CLI run with ``--set``.
-    """
-    import json
-
-    current = load_params(params_file).model_dump(mode="json")
-    out = []
-    for name, section in sections.items():
-        given = section.model_dump(mode="json") if hasattr(section, "model_dump") else dict(section)
-        before = flatten(current[name], f"{name}.")
-        for key, value in flatten(given, f"{name}.").items():
-            if before.get(key) != value:
-                out.append(f"{key}={json.dumps(value, ensure_ascii=False)}")
-    return out
 
 
 @contextlib.contextmanager

@@ -63,7 +63,8 @@ def run(params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt,
     _terminate_cleanly()
     with workspace.restored_on_failure(PARAMS):
         try:
-            result = finetune(params_file=str(path), overrides=list(set_ or []), allow_dirty=allow_dirty)
+            result = finetune(params_file=str(path), overrides=list(set_ or []), allow_dirty=allow_dirty,
+                              isolate=False, use_form=False)
         except KeyboardInterrupt as stop:
             typer.secho(f"stopped ({stop or 'interrupted'}): the MLflow run is closed and the gpu slot released",
                         err=True, fg=typer.colors.YELLOW)
