@@ -156,8 +156,8 @@ def finetune(
     eval: EvalGroup = EvalGroup(),  # type: ignore[valid-type]  # noqa: A002 - the params.yaml section name
     registry: RegistryGroup = RegistryGroup(),  # type: ignore[valid-type]
     params_file: str = Field("params.yaml", description="The params file the form's values are compared with "
-                                                        "(e.g. configs/<dataset>.yaml for another dataset)."),
-    overrides: list[str] = Field(default_factory=list, description="Extra dotted.key=value settings, applied last "
+                                                        "(e.g. configs/DATASET.yaml for another dataset)."),
+    overrides: list[str] = Field([], description="Extra dotted.key=value settings, applied last "
                                                                     "(as `loraops run --set`)."),
     allow_dirty: bool = Field(False, description="Register even if the code has uncommitted changes (the diff is "
                                                  "stored in the lineage card)."),

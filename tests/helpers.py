@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import httpx
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -50,3 +57,58 @@ def make_workspace(dest: Path, overrides: list[str] | None = None) -> Path:
     _run(["git", "add", "-A"], dest)
     _run(["git", "commit", "-qm", "workspace"], dest)
     return dest
+
+
+# Servers the integration tests start on loopback and stop themselves
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, seconds: float = 120, proc: subprocess.Popen | None = None, log: Path | None = None) -> None:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{url}: server exited: {log.read_text()[-2000:] if log else ''}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"{url} did not answer within {seconds}s")
+
+
+def start_server(cmd: list[str], log: Path, cwd: Path, env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def trigger_finetune(api: str, learning_rate: float) -> str:
+    """What the UI's Run → Custom run does: read the deployment's defaults, change a field, create a flow run."""
+    dep = httpx.get(f"{api}/deployments/name/finetune/loraops", timeout=10).raise_for_status().json()
+    parameters = dep["parameters"]
+    parameters["learning_rate"] = learning_rate  # the form's first group: the settings people change most
+    run = httpx.post(f"{api}/deployments/{dep['id']}/create_flow_run", json={"parameters": parameters}, timeout=10)
+    return run.raise_for_status().json()["id"]
+
+
+def wait_flow_runs(api: str, ids: list[str], seconds: float) -> dict[str, dict]:
+    deadline, states = time.time() + seconds, {}
+    while time.time() < deadline:
+        states = {i: httpx.get(f"{api}/flow_runs/{i}", timeout=10).json() for i in ids}
+        if all(s["state_type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") for s in states.values()):
+            return states
+        time.sleep(3)
+    raise TimeoutError(f"flow runs not finished: { {i: s['state_type'] for i, s in states.items()} }")

@@ -91,7 +91,6 @@ def test_form_puts_the_common_settings_first_and_describes_every_field():
                          "eval_questions", "model_name", "auto_promote"]
     for name, prop in schema["properties"].items():
         assert prop.get("description") or prop.get("$ref") or prop.get("allOf"), f"{name} has no description"
-    assert schema["properties"]["learning_rate"]["multipleOf"] <= 1e-6  # 0.003 is a valid input
     definitions = schema.get("definitions") or schema.get("$defs")
     train = next(v for k, v in definitions.items() if k.startswith("TrainSection"))
     assert "learning_rate" not in train["properties"] and "max_steps" not in train["properties"]

@@ -9,8 +9,6 @@ from __future__ import annotations
 import glob
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,30 +18,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from helpers import make_workspace, tiny_overrides
+from helpers import (free_port, make_workspace, start_server, stop_server, tiny_overrides, trigger_finetune,
+                     wait_flow_runs, wait_http)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 BIN = Path(sys.executable).parent
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait(url: str, seconds: float = 120, proc: subprocess.Popen | None = None, log: Path | None = None) -> None:
-    deadline = time.time() + seconds
-    while time.time() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"{url}: server exited: {log.read_text()[-2000:] if log else ''}")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise TimeoutError(f"{url} did not answer within {seconds}s")
 
 
 def _pg_bin(name: str) -> str | None:
@@ -62,7 +41,7 @@ def postgres():
     if os.geteuid() == 0:  # initdb refuses to run as root
         shutil.chown(base, "postgres", "postgres")
         as_user = ["runuser", "-u", "postgres", "--"]
-    port = _port()
+    port = free_port()
     subprocess.run([*as_user, initdb, "-D", str(base / "data"), "-A", "trust", "-U", "postgres", "--no-sync"],
                    check=True, capture_output=True)
     subprocess.run([*as_user, pg_ctl, "-D", str(base / "data"), "-w", "-l", str(base / "log"), "-o",
@@ -77,67 +56,27 @@ def postgres():
         shutil.rmtree(base, ignore_errors=True)
 
 
-def _start(cmd: list[str], log: Path, cwd: Path, env: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    with pytest.raises(ProcessLookupError) if proc.poll() is not None else _noop():
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-
-
-class _noop:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 @pytest.fixture(scope="module")
 def servers(postgres, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("team")
-    mlflow_port, prefect_port = _port(), _port()
+    mlflow_port, prefect_port = free_port(), free_port()
     env = {**os.environ, "PREFECT_HOME": str(tmp / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "PREFECT_API_DATABASE_CONNECTION_URL": f"postgresql+asyncpg://{postgres}/prefect"}
     env.pop("PREFECT_API_URL", None)
     procs = [
-        _start([str(BIN / "mlflow"), "server", "--backend-store-uri", f"postgresql+psycopg2://{postgres}/mlflow",
+        start_server([str(BIN / "mlflow"), "server", "--backend-store-uri", f"postgresql+psycopg2://{postgres}/mlflow",
                 "--artifacts-destination", str(tmp / "artifacts"), "--host", "127.0.0.1", "--port", str(mlflow_port),
                 "--workers", "1"], tmp / "mlflow.log", tmp, env),
-        _start([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port)],
+        start_server([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port)],
                tmp / "prefect.log", tmp, env),
     ]
     try:
-        _wait(f"http://127.0.0.1:{mlflow_port}/health", 180, procs[0], tmp / "mlflow.log")
-        _wait(f"http://127.0.0.1:{prefect_port}/api/health", 180, procs[1], tmp / "prefect.log")
+        wait_http(f"http://127.0.0.1:{mlflow_port}/health", 180, procs[0], tmp / "mlflow.log")
+        wait_http(f"http://127.0.0.1:{prefect_port}/api/health", 180, procs[1], tmp / "prefect.log")
         yield {"mlflow": f"http://127.0.0.1:{mlflow_port}", "prefect": f"http://127.0.0.1:{prefect_port}/api", "tmp": tmp}
     finally:
         for proc in procs:
-            _stop(proc)
-
-
-def _trigger(api: str, learning_rate: float) -> str:
-    """What the UI's Run → Custom run does: read the deployment's defaults, change a field, create a flow run."""
-    dep = httpx.get(f"{api}/deployments/name/finetune/loraops", timeout=10).raise_for_status().json()
-    parameters = dep["parameters"]
-    parameters["train"]["learning_rate"] = learning_rate
-    run = httpx.post(f"{api}/deployments/{dep['id']}/create_flow_run", json={"parameters": parameters}, timeout=10)
-    return run.raise_for_status().json()["id"]
-
-
-def _wait_runs(api: str, ids: list[str], seconds: float) -> dict[str, dict]:
-    deadline, states = time.time() + seconds, {}
-    while time.time() < deadline:
-        states = {i: httpx.get(f"{api}/flow_runs/{i}", timeout=10).json() for i in ids}
-        if all(s["state_type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") for s in states.values()):
-            return states
-        time.sleep(3)
-    raise TimeoutError(f"flow runs not finished: { {i: s['state_type'] for i, s in states.items()} }")
+            stop_server(proc)
 
 
 def test_team_mode_three_concurrent_runs(servers, tmp_path):
@@ -146,7 +85,7 @@ def test_team_mode_three_concurrent_runs(servers, tmp_path):
     ws = make_workspace(tmp_path / "ws", tiny_overrides("registry.auto_promote=false"))
     env = {**os.environ, "MLFLOW_TRACKING_URI": servers["mlflow"], "PREFECT_API_URL": servers["prefect"],
            "PREFECT_HOME": str(servers["tmp"] / "client-home"), "LORAOPS_GPU_SLOTS": "1"}
-    deploy = _start([sys.executable, "-m", "loraops.cli", "deploy"], tmp_path / "deploy.log", ws, env)
+    deploy = start_server([sys.executable, "-m", "loraops.cli", "deploy"], tmp_path / "deploy.log", ws, env)
     api = servers["prefect"]
     try:
         deadline = time.time() + 120
@@ -157,11 +96,11 @@ def test_team_mode_three_concurrent_runs(servers, tmp_path):
         flows = {f["id"]: f["name"] for f in httpx.post(f"{api}/flows/filter", json={}, timeout=10).json()}
         assert names == {"loraops"} and set(flows.values()) == {"finetune", "promote", "rollback", "reproduce"}
         rates = [0.004, 0.002, 0.001]
-        ids = [_trigger(api, lr) for lr in rates]
-        states = _wait_runs(api, ids, 900)
+        ids = [trigger_finetune(api, lr) for lr in rates]
+        states = wait_flow_runs(api, ids, 900)
         assert all(s["state_type"] == "COMPLETED" for s in states.values()), (tmp_path / "deploy.log").read_text()[-4000:]
     finally:
-        _stop(deploy)
+        stop_server(deploy)
 
     assert httpx.post(f"{api}/v2/concurrency_limits/filter", json={}, timeout=10).json()[0]["name"] == "gpu"
     client = mlflow.MlflowClient(tracking_uri=servers["mlflow"], registry_uri=servers["mlflow"])

@@ -7,7 +7,6 @@ The flow's parameters are built here from the params model, so the form and ``pa
 - then one group per params section, without the quick fields, each described by its docstring;
 - line breaks in the prompt template and the stop strings are written ``\\n`` (the UI's text inputs are one
   line high, so a real line break hid everything after it);
-- decimal inputs accept any value (an HTML number input otherwise only accepts whole steps of 1).
 
 Form values that differ from the params file become ``--set``-style overrides, so a run from the UI records
 exactly what the user changed.
@@ -40,8 +39,6 @@ SECTIONS = {"data": DataSection, "model": ModelSection, "lora": LoraSection, "tr
             "eval": EvalSection, "registry": RegistrySection}
 ESCAPED = ("data.template", "eval.stop_strings")
 """Keys whose line breaks the form shows as ``\\n``."""
-ANY_DECIMAL = 1e-9
-"""``multipleOf`` for decimal inputs: the UI turns it into the input's step, and 0.003 is a whole number of steps."""
 
 
 def _escape(value: Any) -> Any:
@@ -56,14 +53,6 @@ def _unescape(value: Any) -> Any:
     return json.loads(f'"{value}"') if isinstance(value, str) and "\\" in value else value
 
 
-def _decimal_step(field: Any) -> Any:
-    if field.annotation is float or str(field.annotation) in ("float", "float | None"):
-        extra = dict(field.json_schema_extra or {})
-        extra.setdefault("multipleOf", ANY_DECIMAL)
-        field.json_schema_extra = extra
-    return field
-
-
 def _group(name: str, section: type[BaseModel]) -> type[BaseModel]:
     """The section as a form group: without the quick fields, escaped multi-line fields described as such."""
     quick = {key.split(".", 1)[1] for key, _ in QUICK.values() if key.startswith(f"{name}.")}
@@ -71,7 +60,7 @@ def _group(name: str, section: type[BaseModel]) -> type[BaseModel]:
     for field_name, info in section.model_fields.items():
         if field_name in quick:
             continue
-        info = _decimal_step(copy.copy(info))
+        info = copy.copy(info)
         if f"{name}.{field_name}" in ESCAPED:
             info.description = (info.description or "") + " Write a line break as \\n."
         fields[field_name] = (info.annotation, info)
@@ -118,11 +107,10 @@ def quick_field(field: str, default: Any) -> Any:
     key, description = QUICK[field]
     section, name = key.split(".", 1)
     info = SECTIONS[section].model_fields[name]
-    extra = {"multipleOf": ANY_DECIMAL} if isinstance(default, float) else None
     bounds = {k: getattr(m, k) for m in info.metadata for k in ("gt", "ge", "lt", "le") if getattr(m, k, None) is not None}
     if field == "eval_questions":
         bounds = {"ge": 0}
-    return Field(default, description=description, json_schema_extra=extra, **bounds)
+    return Field(default, description=description, **bounds)
 
 
 __all__ = ["QUICK", "GROUPS", "defaults", "overrides", "quick_field"]

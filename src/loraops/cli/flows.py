@@ -97,7 +97,10 @@ def deploy(params: Path = ParamsOpt) -> None:
     prefect_defaults()
     from loraops.flows.deploy import serve_all
 
-    serve_all(str(user_path(params)))
+    chosen = user_path(params)
+    with contextlib.suppress(ValueError):
+        chosen = chosen.resolve().relative_to(Path.cwd())  # the form shows the project-relative name
+    serve_all(str(chosen))
 
 
 @app.command("init-data")
