@@ -106,7 +106,7 @@ def test_run_stops_before_training_when_the_gate_metric_is_blind(workspace):
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
     assert "registry.gate.metric: 'exact_match' is not valid on the Korean probes" in result.stderr
     assert "Traceback" not in result.stderr
-    assert not (workspace / "data/prepared").exists() and not (workspace / "models").exists()  # nothing ran
+    assert not (workspace / "data/prepared/train.jsonl").exists() and not (workspace / "models").exists()  # nothing ran
 
 
 def test_check_before_training_loads_every_encoder_and_reads_the_probe_file(tmp_path):

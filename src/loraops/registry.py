@@ -88,14 +88,20 @@ def _input_example(params: Params, adapter_dir: Path) -> Any:
 
     Only for bases small enough to travel inside the model: a hub base would be loaded in full just for that.
     """
-    from loraops.prepare import load_split
+    from loraops.prepare import load_split, template_fields
 
     root = adapter_dir.parent.parent
     try:
-        questions = [row["question"] for row in load_split("test", root)[:2]]
+        rows = load_split("test", root)[:2]
     except LoraopsError:
         return None
-    return pd.DataFrame({"question": questions}) if questions else None
+    others = [f for f in dict.fromkeys(template_fields(params.data.template)) if f != "question"]
+    if not rows:
+        return None
+    if not others:
+        return [row["question"] for row in rows]
+    return pd.DataFrame([{"question": row["question"],
+                          **{f: str(row.get(f, row.get("attributes", {}).get(f, ""))) for f in others}} for row in rows])
 
 
 def _requirements() -> list[str]:

@@ -20,13 +20,21 @@ BUNDLE_LIMIT_BYTES = 200 * 1024 * 1024  # local bases under this size travel ins
 
 
 def signature(template_fields: list[str]) -> Any:
-    """Question strings in (a ``question`` column; optional columns for the template's other fields), answers out."""
+    """Question strings in, answer strings out.
+
+    A template that uses only ``{question}`` takes a list of questions (or a one-column table); one that also
+    uses ``{category}`` or attribute columns takes a table with a ``question`` column and optional columns for
+    the other fields (MLflow checks inputs against this before ``predict``).
+    """
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
 
-    optional = [ColSpec("string", name, required=False) for name in template_fields if name != "question"]
-    return ModelSignature(inputs=Schema([ColSpec("string", "question"), *optional]),
-                          outputs=Schema([ColSpec("string")]))
+    others = [name for name in dict.fromkeys(template_fields) if name != "question"]
+    if not others:
+        inputs = Schema([ColSpec("string")])
+    else:
+        inputs = Schema([ColSpec("string", "question"), *(ColSpec("string", name, required=False) for name in others)])
+    return ModelSignature(inputs=inputs, outputs=Schema([ColSpec("string")]))
 
 
 class LoraQAModel(mlflow.pyfunc.PythonModel):
@@ -57,9 +65,10 @@ class LoraQAModel(mlflow.pyfunc.PythonModel):
         if isinstance(model_input, str):
             records = [{"question": model_input}]
         elif isinstance(model_input, pd.DataFrame):
-            if "question" not in model_input.columns:
+            if "question" not in model_input.columns and len(model_input.columns) != 1:
                 raise ValueError(f"input DataFrame needs a 'question' column; got {list(model_input.columns)}")
-            records = model_input.astype(str).to_dict("records")
+            frame = model_input if "question" in model_input.columns else model_input.set_axis(["question"], axis=1)
+            records = frame.astype(str).to_dict("records")
         else:
             records = [{"question": str(q)} for q in model_input]
         template = self.spec["template"]
