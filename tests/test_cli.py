@@ -95,3 +95,78 @@ def test_promote_unknown_model_is_a_clear_error(tmp_path, monkeypatch):
                             cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and "no registered model 'no-such-model'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def _mini_project(root: Path) -> Path:
+    """params.yaml, dvc.yaml and the sample data: enough for `loraops prepare`."""
+    root.mkdir(parents=True)
+    for name in ("params.yaml", "dvc.yaml", "data/raw/interior_qa.csv"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes((REPO / name).read_bytes())
+    return root
+
+
+def test_commands_run_at_the_project_root_from_any_subfolder_or_with_project(tmp_path):
+    project = _mini_project(tmp_path / "proj")
+    deep = project / "notebooks" / "week1"
+    deep.mkdir(parents=True)
+    assert loraops("prepare", cwd=deep).returncode == 0
+    assert (project / "data/prepared/train.jsonl").exists() and not (deep / "data").exists()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (project / "data/prepared/train.jsonl").unlink()
+    assert loraops("--project", str(project), "prepare", cwd=elsewhere).returncode == 0
+    assert (project / "data/prepared/train.jsonl").exists()
+    missing = loraops("--project", str(elsewhere), "prepare", cwd=elsewhere)
+    assert missing.returncode == 2 and "no params.yaml and dvc.yaml here or above" in missing.stderr
+
+
+def test_init_data_guesses_format_and_columns_and_writes_a_loadable_params_file(tmp_path):
+    from loraops.config import load_params
+
+    project = _mini_project(tmp_path / "proj")
+    data = project / "data/raw/tickets.csv"
+    data.write_text("번호,유형,문의내용,답변\n" + "".join(f"{i},도배,질문 {i}?,답 {i}\n" for i in range(30)), encoding="utf-8")
+    result = loraops("init-data", "data/raw/tickets.csv", cwd=project)
+    assert result.returncode == 0, result.stderr
+    assert "data.format: qa" in result.stdout and "data.question_column: 문의내용" in result.stdout
+    params = load_params(project / "configs/tickets.yaml")
+    assert (params.data.path, params.data.answer_column, params.data.category_column) == ("data/raw/tickets.csv", "답변", "유형")
+    assert params.data.id_column == "번호" and params.registry.model_name == "tickets-lora"
+    assert loraops("prepare", "--params", "configs/tickets.yaml", cwd=project).returncode == 0
+    again = loraops("init-data", "data/raw/tickets.csv", cwd=project)
+    assert again.returncode == 2 and "exists; pass --force" in again.stderr
+    unclear = project / "x.csv"
+    unclear.write_text("a,b\n1,2\n", encoding="utf-8")
+    refused = loraops("init-data", "x.csv", cwd=project)
+    assert refused.returncode == 2 and "cannot tell the question and answer columns apart" in refused.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_run_from_an_installed_wheel_pointed_at_the_project(tmp_path):
+    """`loraops run` from a wheel (its flows inside the package), started outside the project with --project."""
+    from helpers import make_workspace, tiny_overrides
+
+    wheel_dir, site = tmp_path / "dist", tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheel_dir),
+                    str(REPO)], check=True, capture_output=True, timeout=300)
+    (wheel,) = wheel_dir.glob("loraops-*.whl")
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(wheel)],
+                   check=True, capture_output=True, timeout=300)
+    assert (site / "loraops" / "flows" / "finetune.py").exists()
+    project = make_workspace(tmp_path / "ws", tiny_overrides("eval.self_test=false"))
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    import os
+
+    env = {**os.environ, "PYTHONPATH": str(site), "HF_HUB_OFFLINE": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    probe = subprocess.run([sys.executable, "-c", "import loraops.flows.finetune as f; print(f.__file__)"], env=env,
+                           cwd=outside, capture_output=True, text=True, check=True)
+    assert probe.stdout.strip().startswith(str(site))
+    result = subprocess.run([sys.executable, "-m", "loraops.cli", "--project", str(project), "run"], env=env, cwd=outside,
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "registered interior-qa-lora v1" in result.stdout
+    assert (project / "mlruns" / "mlflow.db").exists() and not (outside / "mlruns").exists()

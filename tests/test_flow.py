@@ -106,6 +106,14 @@ def test_finetune_registers_promotes_skips_and_serves(workspace):
 
     answers = pd.read_csv(workspace / "answers.csv", keep_default_na=False)
     assert list(answers.columns) == ["question", "answer"] and answers.loc[0, "answer"] == asked.stdout.strip()
+    tickets = workspace / "tickets.csv"
+    tickets.write_text(f"번호,문의내용\n1,{question}\n", encoding="utf-8")
+    named = loraops("ask", "--file", str(tickets), "--question-column", "문의내용")
+    assert named.returncode == 0, named.stderr[-2000:]
+    assert pd.read_csv(workspace / "tickets.answers.csv", keep_default_na=False).loc[0, "answer"] == asked.stdout.strip()
+    wrong = loraops("ask", "--file", str(tickets))
+    assert wrong.returncode == 2 and "missing question column 'question' (--question-column)" in wrong.stderr
+    assert "Lineage: base `tiny-ko`" in client.get_model_version("interior-qa-lora", "1").description
 
 
 def test_promote_refuses_worse_and_rollback_restores(workspace):

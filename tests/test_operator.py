@@ -133,8 +133,8 @@ def test_dvc_exp_show_compares_main_and_every_experiment(tmp_path):
                              capture_output=True, text=True, timeout=900)
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     shown = subprocess.run([dvc, "exp", "show", "--json"], cwd=ws, capture_output=True, text=True, check=True)
-    revisions = json.loads(shown.stdout)
-    main = revisions[0]
+    revisions = json.loads(shown.stdout)  # the workspace first, then the commits with their experiments
+    main = next(r for r in revisions if r["name"] == "main")
     assert main["data"]["metrics"]["metrics/eval.json"]["data"]["metrics"]["morph_f1"]["tuned"] >= 0
     experiments = [e for e in main["experiments"] or [] for e in e["revs"]]
     rates = sorted(e["data"]["params"]["params.yaml"]["data"]["train"]["learning_rate"] for e in experiments)

@@ -100,6 +100,7 @@ def test_a_gate_metric_that_is_not_computed_is_a_config_error():
 
 @pytest.mark.integration
 def test_run_stops_before_training_when_the_gate_metric_is_blind(workspace):
+    before = (workspace / "params.yaml").read_text(encoding="utf-8")
     result = subprocess.run([sys.executable, "-m", "loraops.cli", "run", "--set", "eval.metrics=[exact_match,morph_f1]",
                              "--set", "registry.gate.metric=exact_match"], cwd=workspace, capture_output=True, text=True,
                             timeout=600)
@@ -107,6 +108,7 @@ def test_run_stops_before_training_when_the_gate_metric_is_blind(workspace):
     assert "registry.gate.metric: 'exact_match' is not valid on the Korean probes" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (workspace / "data/prepared/train.jsonl").exists() and not (workspace / "models").exists()  # nothing ran
+    assert (workspace / "params.yaml").read_text(encoding="utf-8") == before  # the failed run's --set values are gone
 
 
 def test_check_before_training_loads_every_encoder_and_reads_the_probe_file(tmp_path):

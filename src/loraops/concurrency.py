@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -67,8 +68,24 @@ def slot(name: str, timeout_seconds: float | None = None, lease_duration: float 
 
 
 @contextlib.contextmanager
+class _ExpectedTimeouts(logging.Filter):
+    """Prefect logs an ERROR each time a bounded slot acquisition times out; waiting_slot expects that and says
+    "waiting Ns … held by …" instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        return not ("ConcurrencySlotAcquisition" in text and "TimeoutError" in text)
+
+
+def _quiet_expected_timeouts() -> None:
+    log = logging.getLogger("prefect._internal.concurrency")
+    if not any(isinstance(f, _ExpectedTimeouts) for f in log.filters):
+        log.addFilter(_ExpectedTimeouts())
+
+
 def waiting_slot(name: str, say: Callable[[str], None], holder: dict[str, Any] | None = None) -> Iterator[None]:
     """Hold a slot of ``name``; while waiting, say who holds it and, in local mode, free slots of dead holders."""
+    _quiet_expected_timeouts()
     waited, suspects = 0.0, 0
     with contextlib.ExitStack() as stack:
         while True:

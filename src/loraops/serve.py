@@ -80,7 +80,8 @@ class LoraQAModel(mlflow.pyfunc.PythonModel):
 
         return generate(self.model, self.tokenizer, self._prompts(model_input), self.eval_cfg, self.device, progress=False)
 
-    def predict(self, context: Any, model_input: Any, params: dict | None = None) -> list[str]:
+    def predict(self, context, model_input, params=None):  # noqa: ANN001,ANN201 - MLflow reads hints as an input schema
+        """Answers without undecodable characters, for a list of questions or a table (see :func:`signature`)."""
         return clean_answers(self.answer_raw(model_input))
 
 
