@@ -193,8 +193,10 @@ def _finetune(work: Path, params_file: str, overrides: list[str], allow_dirty: b
     concurrency.ensure_gpu_limit()
     uri = tracking.tracking_setup(REPO)
     experiment = tracking.experiment_for(params.registry.model_name, REPO)
+    for orphan in tracking.close_orphans(experiment):
+        get_run_logger().warning("MLflow run %s was left RUNNING by a process that died; marked KILLED", orphan)
     tags = {"mlflow.source.name": "loraops finetune flow (flows/finetune.py)", "mlflow.source.type": "JOB",
-            "prefect.flow_run_id": str(flow_run.id), "prefect.flow_run_name": str(flow_run.name),
+            **tracking.owner_tags(), "prefect.flow_run_id": str(flow_run.id), "prefect.flow_run_name": str(flow_run.name),
             "prefect.deployment": str(deployment.name), "loraops.workspace": str(work.resolve())}
     with mlflow.start_run(experiment_id=experiment, run_name=tracking.run_name(params), tags=tags,
                           log_system_metrics=True) as run:

@@ -112,3 +112,56 @@ def test_qlora_on_cpu_is_a_clear_error(tiny_params):
 
 def test_stop_strings_cut_answers():
     assert evaluate.clean_answer(" 습기입니다.\n질문: 다음", ["\n질문:"]) == "습기입니다."
+
+
+@pytest.mark.slow
+def test_training_killed_mid_run_resumes_from_its_checkpoint_bit_identical(tmp_path):
+    """SIGKILL after a checkpoint, then `loraops train` again: it says it resumes and ends with the very adapter an
+    uninterrupted run makes (RNG states and data order restored); changed params start fresh and say why."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from helpers import make_workspace, tiny_overrides
+
+    ws = make_workspace(tmp_path / "ws", tiny_overrides("train.max_steps=250", "train.eval_steps=50",
+                                                        "train.early_stopping_patience=0"))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    train = [sys.executable, "-m", "loraops.cli", "train"]
+    subprocess.run([sys.executable, "-m", "loraops.cli", "prepare"], cwd=ws, env=env, check=True, capture_output=True)
+    whole = subprocess.run(train, cwd=ws, env=env, capture_output=True, text=True, timeout=600)
+    assert whole.returncode == 0 and "training from scratch: no checkpoint" in whole.stdout, whole.stderr[-2000:]
+    expected = json.loads((ws / "metrics/train.json").read_text())["adapter_sha256"]
+    assert not (ws / "models/checkpoints").exists()  # a finished training leaves nothing to resume
+
+    killed = subprocess.Popen(train, cwd=ws, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = ws / "models/checkpoints/checkpoint-100"
+    deadline = time.time() + 300
+    while not ((checkpoint / "trainer_state.json").exists() and (checkpoint / "rng_state.pth").exists()):
+        assert killed.poll() is None and time.time() < deadline, "training ended before its checkpoint-100"
+        time.sleep(0.05)
+    time.sleep(0.5)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+
+    resumed = subprocess.run(train, cwd=ws, env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming from checkpoint-" in resumed.stdout, resumed.stdout[-2000:]
+    figures = json.loads((ws / "metrics/train.json").read_text())
+    assert figures["resumed_from"].startswith("checkpoint-") and figures["steps"] == 250
+    assert figures["adapter_sha256"] == expected
+
+    again = subprocess.Popen(train, cwd=ws, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not (checkpoint / "rng_state.pth").exists():
+        assert again.poll() is None
+        time.sleep(0.05)
+    time.sleep(0.5)
+    again.send_signal(signal.SIGKILL)
+    again.wait()
+    changed = subprocess.run([*train, "--set", "train.learning_rate=0.004"], cwd=ws, env=env, capture_output=True,
+                             text=True, timeout=600)
+    assert changed.returncode == 0 and "training from scratch: params changed since the checkpoint: train.learning_rate" \
+        in changed.stdout, changed.stdout[-2000:]

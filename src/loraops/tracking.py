@@ -94,6 +94,41 @@ def close_runs_of(flow_run_id: str, status: str) -> int:
     return closed
 
 
+def owner_tags() -> dict[str, str]:
+    """Which process owns a run (host, pid and the pid's start time), so a later run can tell a dead owner."""
+    import socket
+
+    import psutil
+
+    me = psutil.Process()
+    return {"loraops.host": socket.gethostname(), "loraops.pid": str(me.pid), "loraops.pid_started": f"{me.create_time():.3f}"}
+
+
+def close_orphans(experiment_id: str) -> list[str]:
+    """Mark KILLED the RUNNING runs whose owning process on this host is gone (a SIGKILL, an OOM kill, a reboot).
+
+    Runs owned by another host are left alone: their owner may be alive. Returns the closed run ids.
+    """
+    import socket
+
+    import psutil
+
+    client, host, closed = mlflow.MlflowClient(), socket.gethostname(), []
+    for run in client.search_runs([experiment_id], "attributes.status = 'RUNNING'"):
+        tags = run.data.tags
+        if tags.get("loraops.host") != host or "loraops.pid" not in tags:
+            continue
+        try:
+            alive = abs(psutil.Process(int(tags["loraops.pid"])).create_time() - float(tags["loraops.pid_started"])) < 1
+        except (psutil.Error, ValueError):
+            alive = False
+        if not alive:
+            client.set_tag(run.info.run_id, "loraops.closed_because", "its process died without closing it")
+            client.set_terminated(run.info.run_id, "KILLED")
+            closed.append(run.info.run_id)
+    return closed
+
+
 def run_name(params: Any) -> str:
     """A readable run name: base, learning rate, rank, steps and a timestamp."""
     base = Path(params.model.base).name or params.model.base

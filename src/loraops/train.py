@@ -174,8 +174,10 @@ def make_trainer(model: Any, tokenizer: Any, cfg: TrainSection, seed: int, devic
     )
 
 
-def fit(params: Params, train_rows: list[dict], val_rows: list[dict], base: str, device: str, work_dir: Path) -> dict[str, Any]:
-    """Train an adapter; return the trained peft model, tokenizer, log history and figures."""
+def fit(params: Params, train_rows: list[dict], val_rows: list[dict], base: str, device: str, work_dir: Path,
+        resume_from: Path | None = None) -> dict[str, Any]:
+    """Train an adapter (continuing ``resume_from``, a Trainer checkpoint, when given); return the trained peft
+    model, tokenizer, log history and figures."""
     import torch
     from datasets import Dataset
     from transformers import EarlyStoppingCallback, set_seed
@@ -204,7 +206,7 @@ def fit(params: Params, train_rows: list[dict], val_rows: list[dict], base: str,
 
         trainer.remove_callback(PrinterCallback)  # its raw dicts repeat what LineProgress says
     started, started_at = time.perf_counter(), time.time()
-    result = trainer.train()
+    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     seconds = time.perf_counter() - started
     tokens = sum(sum(1 for t in ids if t != -100) for ids in train_set["labels"])
     history = _history_rows(trainer.state.log_history)
@@ -248,6 +250,46 @@ def _sort_target_modules(path: Path) -> None:
         path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
+IDENTITY_FILE = "identity.json"
+"""What a checkpoint folder was trained on: params sections, data digests, process count."""
+
+
+def training_identity(params: Params, train_rows: list[dict], val_rows: list[dict], processes: int) -> dict[str, Any]:
+    """Everything that must match for a checkpoint to continue this training exactly."""
+    import hashlib
+    import json
+
+    digest = lambda rows: hashlib.sha256(json.dumps(rows, ensure_ascii=False, sort_keys=True).encode()).hexdigest()  # noqa: E731
+    return {"params": {s: getattr(params, s).model_dump(mode="json") for s in ("base", "model", "lora", "train")},
+            "train_sha256": digest(train_rows), "validation_sha256": digest(val_rows), "processes": processes}
+
+
+def resumable(work_dir: Path, identity: dict[str, Any]) -> tuple[Path | None, str]:
+    """The latest checkpoint an interrupted run of the same training left, or None and why it cannot be used."""
+    import json
+
+    checkpoints = sorted(work_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]) if p.name.split("-")[1].isdigit() else -1)
+    complete = [c for c in checkpoints if (c / "trainer_state.json").exists() and (c / "rng_state.pth").exists()]
+    if not complete:
+        return None, "no checkpoint of an interrupted run in " + str(work_dir)
+    try:
+        before = json.loads((work_dir / IDENTITY_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None, f"{work_dir} has checkpoints but no record of what they were trained on"
+    if before.get("processes") != identity["processes"]:
+        return None, f"the checkpoint was trained on {before.get('processes')} process(es), this run has {identity['processes']}"
+    for key in ("train_sha256", "validation_sha256"):
+        if before.get(key) != identity[key]:
+            return None, f"the {key.split('_')[0]} split changed since the checkpoint"
+    from loraops.config import flatten
+
+    old, new = flatten(before.get("params", {})), flatten(identity["params"])
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    if changed:
+        return None, "params changed since the checkpoint: " + ", ".join(changed[:5])
+    return complete[-1], ""
+
+
 def _write_history(path: Path, history: list[dict[str, Any]]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -283,15 +325,24 @@ def run(params: Params, root: Path = Path(".")) -> dict[str, Any]:
     state = PartialState(cpu=device == "cpu")  # cpu=True: torchrun/accelerate workers without CUDA use gloo
     train_rows, val_rows = load_split("train", root), load_split("validation", root)
     work_dir = root / CHECKPOINT_DIR
+    identity = training_identity(params, train_rows, val_rows, state.num_processes)
+    resume, why = resumable(work_dir, identity)
     if state.is_main_process:
+        say(f"resuming from {resume.name} (an interrupted run with the same params and data left it)" if resume
+            else f"training from scratch: {why}")
         ensure_base(params, root)
-        shutil.rmtree(work_dir, ignore_errors=True)
+        if resume is None:
+            shutil.rmtree(work_dir, ignore_errors=True)
+            work_dir.mkdir(parents=True, exist_ok=True)
+            write_json(work_dir / IDENTITY_FILE, identity)
     state.wait_for_everyone()
-    out = fit(params, train_rows, val_rows, base_location(params.model, root), device, work_dir)
+    out = fit(params, train_rows, val_rows, base_location(params.model, root), device, work_dir, resume)
     out["figures"]["processes"] = state.num_processes
+    out["figures"]["resumed_from"] = resume.name if resume else None
     if state.is_main_process:
         out["figures"]["adapter_sha256"] = save_adapter(out["model"], out["tokenizer"], root / ADAPTER_DIR)
         _write_history(root / TRAIN_LOG, out["history"])
         write_json(root / TRAIN_METRICS, out["figures"])
+        shutil.rmtree(work_dir, ignore_errors=True)  # finished: nothing to resume, and no optimizer state left on disk
     state.wait_for_everyone()
     return out["figures"]
