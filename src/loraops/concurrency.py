@@ -67,7 +67,6 @@ def slot(name: str, timeout_seconds: float | None = None, lease_duration: float 
                        holder=ConcurrencyLeaseHolder(**holder) if holder else None)
 
 
-@contextlib.contextmanager
 class _ExpectedTimeouts(logging.Filter):
     """Prefect logs an ERROR each time a bounded slot acquisition times out; waiting_slot expects that and says
     "waiting Ns … held by …" instead."""
@@ -83,6 +82,7 @@ def _quiet_expected_timeouts() -> None:
         log.addFilter(_ExpectedTimeouts())
 
 
+@contextlib.contextmanager
 def waiting_slot(name: str, say: Callable[[str], None], holder: dict[str, Any] | None = None) -> Iterator[None]:
     """Hold a slot of ``name``; while waiting, say who holds it and, in local mode, free slots of dead holders."""
     _quiet_expected_timeouts()
