@@ -13,16 +13,17 @@ from typing import Any, Literal
 
 import mlflow
 from prefect import flow, get_run_logger, task
-from pydantic import Field
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import deployment, flow_run
 from prefect.states import Completed
+from pydantic import Field
 
 from loraops import concurrency, form, lineage, registry, tracking, validity, workspace
 from loraops.config import Params, load_params
 from loraops.model import base_location
 from loraops.paths import ADAPTER_DIR, EVAL_METRICS, TRAIN_LOG
 from loraops.report import details, flat_metrics, headline, outcome, summary_markdown, top_losses, version_description
+from loraops.secrets import redact_text
 
 REPO = Path(".")  # the project checkout the flow was started in; MLflow's local store lives here
 
@@ -123,7 +124,7 @@ def _log_to_ui(text: str) -> None:
         ui.addHandler(APILogHandler())
         ui.propagate = False
         ui.setLevel(logging.INFO)
-    ui.info(text, extra=dict(adapter.extra))
+    ui.info(redact_text(text), extra=dict(adapter.extra))
 
 
 def _close_mlflow_runs(flow: Any, flow_run_: Any, state: Any) -> None:

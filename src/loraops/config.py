@@ -303,10 +303,18 @@ def validate(tree: dict[str, Any]) -> Params:
         ConfigError: listing every invalid or unknown key.
     """
     try:
-        return Params.model_validate(tree)
+        params = Params.model_validate(tree)
     except ValidationError as exc:
         lines = [_format_error(err) for err in exc.errors()]
         raise ConfigError("invalid parameters:\n  " + "\n  ".join(lines)) from None
+    from loraops.secrets import find_secret
+
+    leaked = find_secret(params.model_dump(mode="json"))
+    if leaked:
+        raise ConfigError(f"{leaked}: looks like a secret (a token, a password in a URL, or the value of an environment "
+                          "variable named like a secret); params are recorded in git, MLflow and Prefect, so keep it in "
+                          "the environment (e.g. HF_TOKEN) instead")
+    return params
 
 
 def read_tree(path: Path) -> dict[str, Any]:

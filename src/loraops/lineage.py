@@ -12,6 +12,7 @@ from typing import Any
 
 from loraops.config import Params
 from loraops.paths import DVC_LOCK, PARAMS, PREPARED_DIR, RUN_OUTPUTS
+from loraops.secrets import redact
 from loraops.utils import sha256_dir
 
 # Files whose content the card records itself (params resolved, dvc.lock digest) and the metrics and plots
@@ -81,7 +82,7 @@ def card(params: Params, root: Path, base_location: str, adapter_dir: Path, mlfl
             key = params.data.path if path == root / params.data.path else str(path.relative_to(root))
             data_files[key] = _md5(path)
     lock = root / "dvc.lock"
-    return {
+    return redact({
         **git_state(root),
         "dvc_lock_md5": _md5(lock) if lock.exists() else None,
         "data_md5": data_files,
@@ -94,7 +95,7 @@ def card(params: Params, root: Path, base_location: str, adapter_dir: Path, mlfl
         "prefect_flow_run_id": (flow_run or {}).get("id"),
         "prefect_deployment": (flow_run or {}).get("deployment"),
         "mlflow_run_id": mlflow_run_id,
-    }
+    })
 
 
 def card_tags(lineage: dict[str, Any]) -> dict[str, str]:

@@ -137,9 +137,11 @@ def run_name(params: Any) -> str:
 
 def log_params(params: Any) -> None:
     """Flattened dotted params (``train.learning_rate``), long values as text."""
+    from loraops.secrets import redact
+
     flat = {key: json.dumps(value, ensure_ascii=False) if isinstance(value, (list, dict)) else value
             for key, value in params.flat().items()}
-    mlflow.log_params(flat)
+    mlflow.log_params(redact(flat))
 
 
 def log_metrics_batch(run_id: str, values: dict[str, float], step: int = 0) -> None:

@@ -15,6 +15,8 @@ from typing import Any, Callable, Iterator
 from loraops.config import Params, dump_params, load_params, parse_override
 from loraops.errors import RegistryError, StageError
 from loraops.paths import DVC_LOCK, PARAMS, STAGES, TRAIN_METRICS, WORKSPACES_DIR
+from loraops.secrets import redact_text
+
 
 def write_params(params_file: str, overrides: list[str], root: Path = Path(".")) -> Params:
     """Validate, then record the run's params in ``params.yaml`` for DVC (as ``dvc exp run -S`` does).
@@ -108,7 +110,7 @@ def run_stage(stage: str, root: Path = Path("."), say: Callable[[str], Any] = pr
             ran = ran or f"Running stage '{stage}'" in line
             if line.lower().startswith("error"):
                 errors.append(line)
-            say(line)
+            say(redact_text(line))
         code = proc.wait()
     except BaseException:  # interrupted: stop the stage too
         proc.terminate()
