@@ -72,7 +72,7 @@ def register(params: Params, run_id: str, adapter_dir: Path, base_location: str,
     example = _input_example(params, adapter_dir) if serve.should_bundle(base_location) else None
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
-            name="model", python_model=serve.LoraQAModel(), artifacts=artifacts,
+            name="model", python_model=str(Path(serve.__file__).with_name("pyfunc_model.py")), artifacts=artifacts,
             code_paths=[str(Path(loraops.__file__).parent)], pip_requirements=_requirements(),
             signature=serve.signature(template_fields(params.data.template)), input_example=example,
         )
