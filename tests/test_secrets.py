@@ -29,8 +29,9 @@ def test_redaction_masks_values_token_shapes_url_passwords_and_secret_fields(mon
     text = f"using {PASSWORD} and {OPENAI} via https://bot:{PASSWORD}x@mlflow.example/ and hf_{'a' * 30}"
     masked = redact_text(text)
     assert PASSWORD not in masked and OPENAI not in masked and "hf_aaaa" not in masked and masked.count(MASK) == 4
-    card = redact({"git_diff": f"+KEY = '{OPENAI}'", "nested": [{"api_key": "plain"}], "seed": 42, "path": "data/raw/x.csv"})
-    assert card == {"git_diff": f"+KEY = '{MASK}'", "nested": [{"api_key": MASK}], "seed": 42, "path": "data/raw/x.csv"}
+    card = {"git_diff": f"+KEY = '{OPENAI}'", "nested": [{"api_key": "plain", "hf_token": "x"}], "seed": 42,
+            "eval": {"max_new_tokens": 64}, "tokenizer_sha256": "ab12", "path": "data/raw/x.csv"}
+    assert redact(card) == {**card, "git_diff": f"+KEY = '{MASK}'", "nested": [{"api_key": MASK, "hf_token": MASK}]}
 
 
 @pytest.mark.parametrize("override", [f"model.base=https://user:{PASSWORD}@hub.example/m", f"model.revision={HF}",
@@ -69,3 +70,11 @@ def test_no_marker_secret_reaches_mlflow_prefect_or_the_lineage(tmp_path):
     assert searched > 20
     for text in (result.stdout, result.stderr, (ws / "dvc.lock").read_text()):
         assert not [m for m in markers if m.decode() in text]
+
+
+def test_redaction_leaves_ordinary_params_alone():
+    """The lineage card's params are what `loraops reproduce` rebuilds from: nothing in them may be masked."""
+    from loraops.config import Params
+
+    tree = Params().model_dump(mode="json")
+    assert redact(tree) == tree

@@ -15,7 +15,10 @@ import re
 from typing import Any
 
 SECRET_NAME = re.compile(r"token|secret|passw(or)?d|api[_-]?key|access[_-]?key|credential|private[_-]?key|auth", re.I)
-"""Environment variable and field names whose values are secrets."""
+"""Environment variable names whose values are secrets (values shorter than MIN_SECRET_LENGTH are ignored)."""
+SECRET_FIELD = re.compile(r"(^|[_.-])(token|secret|passw(or)?d|api[_-]?key|access[_-]?key|credentials?|private[_-]?key)$",
+                          re.I)
+"""Field names whose string values are secrets (``hf_token``, ``api_key``; not ``max_new_tokens``)."""
 TOKEN_SHAPES = re.compile(r"\b(hf_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9_-]{20,}|gh[pousr]_[A-Za-z0-9]{20,}|AKIA[0-9A-Z]{16}"
                           r"|xox[baprs]-[A-Za-z0-9-]{10,})\b")
 """Well-known token formats: Hugging Face, OpenAI, GitHub, AWS access key ids, Slack."""
@@ -43,7 +46,7 @@ def redact(obj: Any, values: list[str] | None = None) -> Any:
     """A copy of ``obj`` (dicts, lists, strings) with secrets masked; a field named like a secret is masked whole."""
     values = secret_values() if values is None else values
     if isinstance(obj, dict):
-        return {k: (MASK if isinstance(k, str) and SECRET_NAME.search(k) and v not in (None, "", False)
+        return {k: (MASK if isinstance(k, str) and SECRET_FIELD.search(k) and isinstance(v, str) and v
                     else redact(v, values)) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return type(obj)(redact(v, values) for v in obj)
