@@ -42,4 +42,6 @@ def test_run_killed_mid_training_resumes_closes_its_mlflow_run_and_frees_the_slo
     assert "was left RUNNING by a process that died; marked KILLED" in out
     assert "registered interior-qa-lora v1" in second.stdout
     with sqlite3.connect(ws / "mlruns/mlflow.db") as db:
-        assert sorted(s for (s,) in db.execute("select status from runs")) == ["FINISHED", "KILLED"]
+        statuses = db.execute("select r.status from runs r join experiments e on e.experiment_id = r.experiment_id "
+                              "where e.name = 'interior-qa-lora' order by r.start_time").fetchall()
+    assert statuses == [("KILLED",), ("FINISHED",)]  # the killed run closed, the resumed one finished
