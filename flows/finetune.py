@@ -159,7 +159,7 @@ def finetune(
     params_file: str = Field("params.yaml", description="The params file the form's values are compared with "
                                                         "(e.g. configs/DATASET.yaml for another dataset)."),
     overrides: list[str] = Field([], description="Extra dotted.key=value settings, applied last "
-                                                                    "(as `loraops run --set`)."),
+                                                 "(as `loraops run --set`)."),
     allow_dirty: bool = Field(False, description="Register even if the code has uncommitted changes (the diff is "
                                                  "stored in the lineage card)."),
     isolate: bool = Field(True, description="Run in a fresh git worktree of the project, so runs started together "

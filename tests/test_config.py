@@ -142,3 +142,10 @@ def test_template_attribute_fields_pass_the_cross_check():
     params = load_params(REPO / "params.yaml", ["data.attribute_columns=[target_age]",
                                                 "data.template=[{target_age}] {category} {question}"])
     assert params.data.attribute_columns == ["target_age"]
+
+
+@pytest.mark.parametrize("text", ["질문: {question}\n답변: ", "\n질문:", 'say "hi" \\d \\ end', "tab\there\\n literal"])
+def test_form_line_break_escapes_round_trip(text):
+    from loraops.form import _escape, _unescape
+
+    assert "\n" not in _escape(text) and _unescape(_escape(text)) == text

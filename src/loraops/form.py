@@ -47,10 +47,24 @@ def _escape(value: Any) -> Any:
     return value.replace("\\", "\\\\").replace("\n", "\\n").replace("\t", "\\t") if isinstance(value, str) else value
 
 
+_ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}
+
+
 def _unescape(value: Any) -> Any:
+    """Undo :func:`_escape`: ``\\n`` → line break, ``\\t`` → tab, ``\\\\`` → backslash; anything else stays."""
     if isinstance(value, list):
         return [_unescape(v) for v in value]
-    return json.loads(f'"{value}"') if isinstance(value, str) and "\\" in value else value
+    if not isinstance(value, str):
+        return value
+    out, i = [], 0
+    while i < len(value):
+        if value[i] == "\\" and i + 1 < len(value) and value[i + 1] in _ESCAPES:
+            out.append(_ESCAPES[value[i + 1]])
+            i += 2
+        else:
+            out.append(value[i])
+            i += 1
+    return "".join(out)
 
 
 def _group(name: str, section: type[BaseModel]) -> type[BaseModel]:
