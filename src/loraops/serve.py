@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
 import mlflow.pyfunc
 
 _log = logging.getLogger("loraops.serve")
+# predict has no type hints on purpose: the model's signature (signature()) is the schema, not MLflow's hint reader
+warnings.filterwarnings("ignore", message="Add type hints to the `predict` method", category=UserWarning)
 BUNDLE_LIMIT_BYTES = 200 * 1024 * 1024  # local bases under this size travel inside the model
 
 
