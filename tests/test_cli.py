@@ -140,6 +140,11 @@ def test_init_data_guesses_format_and_columns_and_writes_a_loadable_params_file(
     unclear.write_text("a,b\n1,2\n", encoding="utf-8")
     refused = loraops("init-data", "x.csv", cwd=project)
     assert refused.returncode == 2 and "cannot tell the question and answer columns apart" in refused.stderr
+    (project / "sheet.xlsx").write_bytes(b"PK")
+    for name, message in (("data", "data: not a file"), ("sheet.xlsx", "unsupported file type '.xlsx'"),
+                          ("gone.csv", "gone.csv: not found")):
+        bad = loraops("init-data", name, "--out", f"configs/{name}.yaml", cwd=project)
+        assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
 
 
 @pytest.mark.slow

@@ -20,7 +20,8 @@ PASSWORD = "loraops-Marker3-pw"
 
 
 def test_secret_values_come_from_variables_named_like_secrets():
-    env = {"HF_TOKEN": HF, "MLFLOW_TRACKING_PASSWORD": PASSWORD, "TOKENIZERS_PARALLELISM": "false", "HOME": "/root"}
+    env = {"HF_TOKEN": HF, "MLFLOW_TRACKING_PASSWORD": PASSWORD, "TOKENIZERS_PARALLELISM": "false-ish",
+           "SSH_AUTH_SOCK": "/tmp/ssh-XXXX/agent.1", "GOOGLE_APPLICATION_CREDENTIALS": "/etc/gcp.json", "HOME": "/root"}
     assert secret_values(env) == sorted([HF, PASSWORD], key=len, reverse=True)
 
 

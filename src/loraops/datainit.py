@@ -13,7 +13,7 @@ import yaml
 
 from loraops.config import DataSection, Params, validate
 from loraops.errors import ConfigError, DataError
-from loraops.readers import read_rows
+from loraops.readers import SUFFIXES, read_rows
 
 QUESTION_NAMES = ("question", "질문", "q", "query", "prompt", "instruction", "input", "user", "문의", "질의")
 ANSWER_NAMES = ("answer", "답변", "a", "response", "output", "completion", "reply", "assistant", "응답", "정답")
@@ -39,6 +39,10 @@ def guess(path: Path) -> dict[str, Any]:
     Raises:
         DataError: the file cannot be read, or no question/answer columns can be told apart.
     """
+    if not path.is_file():
+        raise DataError(f"{path}: not a file")
+    if path.suffix not in SUFFIXES:
+        raise DataError(f"{path}: unsupported file type {path.suffix!r}; use {', '.join(sorted(SUFFIXES))}")
     header, rows, _, _ = read_rows(path, DataSection(category_column=None))
     if not rows:
         raise DataError(f"{path}: no rows")

@@ -18,6 +18,7 @@ from loraops.errors import DataError
 from loraops.config import DataSection
 
 _TEXT_SUFFIXES = {".csv", ".tsv", ".jsonl", ".json"}
+SUFFIXES = _TEXT_SUFFIXES | {".parquet"}
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,9 @@ import os
 import re
 from typing import Any
 
-SECRET_NAME = re.compile(r"token|secret|passw(or)?d|api[_-]?key|access[_-]?key|credential|private[_-]?key|auth", re.I)
-"""Environment variable names whose values are secrets (values shorter than MIN_SECRET_LENGTH are ignored)."""
+SECRET_NAME = re.compile(r"(^|_)(TOKEN|SECRET|PASSWORD|PASSWD|API_?KEY|ACCESS_?KEY|SECRET_?KEY|PRIVATE_?KEY)(_|$)", re.I)
+"""Environment variable names whose values are secrets: ``HF_TOKEN``, ``OPENAI_API_KEY``, ``MLFLOW_TRACKING_PASSWORD``,
+``AWS_SECRET_ACCESS_KEY`` (not ``TOKENIZERS_PARALLELISM`` or ``SSH_AUTH_SOCK``, whose values are no secrets)."""
 SECRET_FIELD = re.compile(r"(^|[_.-])(token|secret|passw(or)?d|api[_-]?key|access[_-]?key|credentials?|private[_-]?key)$",
                           re.I)
 """Field names whose string values are secrets (``hf_token``, ``api_key``; not ``max_new_tokens``)."""

@@ -66,9 +66,8 @@ def isolated_workspace(repo: Path, name: str, data_path: str) -> Iterator[Path]:
         sh(dvc, "cache", "dir", "--local", str(repo / ".dvc" / "cache"))
         if (repo / "dvc-remote").is_dir():
             sh(dvc, "remote", "modify", "--local", "sample", "url", str(repo / "dvc-remote"))
-        if (tree / f"{data_path}.dvc").exists():
-            sh(dvc, "pull", "-q", f"{data_path}.dvc")
-        elif not (tree / data_path).exists() and (repo / data_path).is_file():
+        pull_inputs(tree, data_path, lambda _: None)
+        if not (tree / data_path).exists() and (repo / data_path).is_file():
             (tree / data_path).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(repo / data_path, tree / data_path)  # an untracked local file the user pointed at
         yield tree
@@ -162,11 +161,15 @@ def unchanged(root: Path, params: Params) -> str | None:
         sha = json.loads((root / TRAIN_METRICS).read_text(encoding="utf-8"))["adapter_sha256"]
     except (OSError, ValueError, KeyError):
         return None
+    from dvc.exceptions import DvcException
     from dvc.repo import Repo
 
-    with contextlib.chdir(root), Repo(".") as repo:
-        if repo.status(targets=list(STAGES)):
-            return None
+    try:
+        with contextlib.chdir(root), Repo(".") as repo:
+            if repo.status(targets=list(STAGES)):
+                return None
+    except DvcException:  # not a DVC project, a broken dvc.yaml: the run itself will say what is wrong
+        return None
     lock = hashlib.md5((root / DVC_LOCK).read_bytes()).hexdigest()
     import mlflow
 
