@@ -32,6 +32,7 @@ test-fast: data
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
 ui-mlflow: install
+	@echo "MLflow UI: http://127.0.0.1:5000/#/experiments?workflowType=machine_learning (the model-training view)"
 	mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --host 127.0.0.1 --port 5000
 
 ui-prefect: install

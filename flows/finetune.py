@@ -203,7 +203,7 @@ def _finetune(work: Path, params_file: str, overrides: list[str], allow_dirty: b
                           log_system_metrics=True) as run:
         tracking.log_params(params)
         if uri.startswith("http"):
-            get_run_logger().info("MLflow run: %s/#/experiments/%s/runs/%s", uri.rstrip("/"), experiment, run.info.run_id)
+            get_run_logger().info("MLflow run: %s/#/experiments/%s/runs/%s?workflowType=machine_learning", uri.rstrip("/"), experiment, run.info.run_id)
         ran = {"prepare": prepare(work, params.data.path), "train": train(work), "evaluate": evaluate(work)}
         mlflow.set_tags({f"dvc.{stage}": "ran" if did else "skipped" for stage, did in ran.items()})
     run_id = run.info.run_id

@@ -38,10 +38,11 @@ def test_finetune_registers_promotes_skips_and_serves(workspace):
     assert run.info.status == "FINISHED"
     assert run.data.tags["prefect.flow_run_id"] and run.data.tags["dvc.train"] == "ran"
     assert float(run.data.params["train.learning_rate"]) == 0.005
-    assert "eval/cosine/tuned" in run.data.metrics and "eval/morph_f1/delta" in run.data.metrics
-    assert run.data.metrics["morph_f1"] == run.data.metrics["eval/morph_f1/tuned"]  # the headline, unprefixed
-    assert run.data.metrics["degenerate_rate_base"] > run.data.metrics["degenerate_rate"]
-    assert not [k for k in run.data.metrics if k.startswith(("slice/", "validity/"))]  # in details, not 100 charts
+    assert "tuned/cosine" in run.data.metrics and "vs_base/morph_f1" in run.data.metrics
+    assert run.data.metrics["gate/morph_f1"] == run.data.metrics["tuned/morph_f1"]  # the headline section
+    assert run.data.metrics["gate/degenerate_rate_base"] > run.data.metrics["gate/degenerate_rate"]
+    sections = sorted({k.split("/")[0] for k in run.data.metrics} - {"system"})
+    assert sections == ["gate", "train", "tuned", "vs_base"]  # MLflow orders chart sections by name: headline, curves
     details = json.load(open(client.download_artifacts(run.info.run_id, "eval/details.json")))
     assert details["validity"]["morph_f1"]["paraphrase>unrelated"] >= 0.95
     assert run.data.tags["mlflow.source.name"].startswith("loraops finetune flow")
@@ -87,7 +88,7 @@ def test_finetune_registers_promotes_skips_and_serves(workspace):
     assert reproduced.returncode == 0, reproduced.stderr[-3000:]
     report = json.loads(reproduced.stdout)
     assert report["identical"] is True and report["original_sha256"] == report["reproduced_sha256"]
-    assert report["metrics"]["eval/cosine/tuned"]["difference"] == 0
+    assert report["metrics"]["tuned/cosine"]["difference"] == 0
 
     missing = loraops("reproduce", "models:/interior-qa-lora@nope")
     assert missing.returncode == 2 and "model 'interior-qa-lora' has no alias @nope" in missing.stderr

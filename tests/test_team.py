@@ -120,8 +120,8 @@ def test_team_mode_three_concurrent_runs(servers, tmp_path):
     assert {r.data.tags["prefect.flow_run_id"] for r in runs} == set(ids)
     assert len({r.data.tags["lineage.adapter_sha256"] for r in runs}) == 3
     assert all(r.data.tags["lineage.prefect_deployment"] == "loraops" for r in runs)
-    keys = [sorted(k for k in r.data.metrics if k.startswith("eval/")) for r in runs]
-    assert keys[0] == keys[1] == keys[2] and "eval/cosine/tuned" in keys[0]
+    keys = [sorted(k for k in r.data.metrics if k.startswith(("gate/", "tuned/"))) for r in runs]
+    assert keys[0] == keys[1] == keys[2] and "tuned/cosine" in keys[0]
     versions = client.search_model_versions("name = 'interior-qa-lora'")
     assert len(versions) == 3
     assert not list((ws / ".loraops" / "runs").glob("*"))  # workspaces removed

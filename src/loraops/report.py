@@ -58,31 +58,31 @@ def summarize(table: pd.DataFrame, columns: list[str], slice_columns: list[str],
 
 
 def flat_metrics(summary: dict[str, Any], gate_metric: str | None = None) -> dict[str, float]:
-    """The run's MLflow metrics: the headline first, then base/tuned/delta per metric.
+    """The run's MLflow metrics, in chart sections that MLflow orders by name:
 
-    - headline, unprefixed: the gate metric (tuned), its base value, gain and 95% interval, degenerate rates, n;
-    - ``eval/<metric>/<base|tuned|delta>`` for every metric.
+    - ``gate/``: the gate metric (tuned), its base value, gain and 95% interval, degenerate rates, n;
+    - ``train/`` (logged by tracking.log_curves): the loss and learning-rate curves;
+    - ``tuned/<metric>`` and ``vs_base/<metric>`` (the gain) for every metric.
 
-    Intervals, wins/ties/losses, slices and validity go to :func:`details` (a JSON artifact and a table),
-    so the MLflow charts open on the headline and the loss curves, not on a hundred single bars.
+    Base values, intervals, wins/ties/losses, slices and validity go to :func:`details` (a JSON artifact
+    and a table), so the charts open on the headline and the curves, not on a hundred single bars.
     """
     gate = gate_metric if gate_metric in summary["metrics"] else next(iter(summary["metrics"]))
     stats = summary["metrics"][gate]
-    flat: dict[str, float] = {gate: stats["tuned"], f"{gate}_base": stats["base"], f"{gate}_delta": stats["delta"],
-                              f"{gate}_delta_ci_low": stats["ci95"][0], f"{gate}_delta_ci_high": stats["ci95"][1],
-                              "n_questions": summary["n"]}
+    flat: dict[str, float] = {f"gate/{gate}": stats["tuned"], f"gate/{gate}_base": stats["base"],
+                              f"gate/{gate}_delta": stats["delta"], f"gate/{gate}_delta_ci_low": stats["ci95"][0],
+                              f"gate/{gate}_delta_ci_high": stats["ci95"][1], "gate/n_questions": summary["n"]}
     for model, figures in summary.get("degenerate", {}).items():
-        flat["degenerate_rate" if model == "tuned" else f"degenerate_rate_{model}"] = figures["rate"]
+        flat["gate/degenerate_rate" if model == "tuned" else f"gate/degenerate_rate_{model}"] = figures["rate"]
     for metric, figures in summary["metrics"].items():
-        for key in ("base", "tuned", "delta"):
-            flat[f"eval/{metric}/{key}"] = figures[key]
+        flat[f"tuned/{metric}"], flat[f"vs_base/{metric}"] = figures["tuned"], figures["delta"]
     return flat
 
 
 def details(summary: dict[str, Any]) -> tuple[dict[str, Any], pd.DataFrame]:
     """What the headline leaves out: per metric intervals and wins/ties/losses, validity, degenerate reasons;
     and one row per slice × metric (base, tuned, delta) for a table artifact."""
-    out = {"metrics": {m: {k: s[k] for k in ("ci95", "wins", "ties", "losses") if k in s}
+    out = {"metrics": {m: {k: s[k] for k in ("base", "tuned", "delta", "ci95", "wins", "ties", "losses") if k in s}
                        for m, s in summary["metrics"].items()},
            "validity": summary.get("validity", {}), "degenerate": summary.get("degenerate", {}),
            "empty_answers": summary.get("empty_answers", {}), "sample": summary.get("sample", {})}
@@ -251,7 +251,7 @@ def summary_markdown(params: Params, summary: dict[str, Any], run_id: str, track
                      registered: dict[str, Any], gate: dict[str, Any] | None, ran: dict[str, bool],
                      experiment_id: str = "0") -> str:
     """The Prefect markdown artifact: headline scores, stages run, registration and gate decision."""
-    link = f"[`{run_id}`]({tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id})" \
+    link = f"[`{run_id}`]({tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning)" \
         if tracking_uri.startswith("http") else f"`{run_id}` (store {tracking_uri}; open it with `make ui-mlflow`)"
     lines = [f"# finetune: {params.registry.model_name} v{registered['version']}", "",
              f"MLflow run {link}; experiment `{params.registry.model_name}`.", "",

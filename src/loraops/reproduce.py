@@ -57,7 +57,7 @@ def _lineage(run_id: str) -> dict[str, Any]:
 
 def _original_metrics(run_id: str) -> dict[str, float]:
     metrics = _client().get_run(run_id).data.metrics
-    return {k: v for k, v in metrics.items() if k.startswith("eval/") and k.endswith(("/base", "/tuned", "/delta"))}
+    return {k: v for k, v in metrics.items() if k.startswith(("gate/", "tuned/", "vs_base/"))}
 
 
 def _sh(cmd: list[str], cwd: Path, env: dict[str, str] | None = None, what: str = "") -> str:
@@ -140,6 +140,6 @@ def describe(report: dict[str, Any]) -> str:
              f"  adapter tensors identical: {report['identical']} ({report['original_sha256'][:12]} vs {report['reproduced_sha256'][:12]})",
              f"  largest metric difference: {report['max_metric_difference']:.3g}"]
     for key, m in report["metrics"].items():
-        if key.endswith("/tuned"):
+        if key.startswith("tuned/"):
             lines.append(f"  {key:<28} {m['original']:.6f} → {m['reproduced']:.6f}  ({m['difference']:+.2g})")
     return "\n".join(lines)
