@@ -338,6 +338,8 @@ def describe(result: dict[str, Any]) -> str:
     if result.get("forced"):
         verdict = f"FORCED ({result['reason']})"
     d = result["decision"]
+    if result["promoted"] and str(result["previous"]) == str(result["version"]):
+        return f"UNCHANGED: {result['name']} v{result['version']} already is production; nothing moved"
     was = f" (production was v{result['previous']})" if result["previous"] else ""
     if not result["previous"] and "no production yet" not in d["against"]:
         was = " (no production yet)"
