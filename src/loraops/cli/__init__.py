@@ -3,7 +3,8 @@
 - ``stages``: the DVC stages ``prepare``, ``train``, ``evaluate`` and ``score`` (what ``dvc.yaml`` runs);
 - ``flows``: ``run`` and ``deploy`` (the Prefect flows), ``init-data``;
 - ``models``: ``promote``, ``rollback``, ``ask``, ``reproduce`` (the registry);
-- ``review``: the human rubric review sheets.
+- ``review``: the human rubric review sheets;
+- ``serving``: ``serve`` (OpenAI-compatible API), ``demo`` (Gradio comparison + ratings), ``export``.
 
 Every command works from any directory of a project (the root is the nearest folder above with
 ``params.yaml`` and ``dvc.yaml``, or ``--project`` / ``LORAOPS_PROJECT``), takes ``--params FILE`` and
@@ -102,7 +103,7 @@ def params_of(path: Path, overrides: Optional[list[str]]) -> Params:
     return load_params(user_path(path), overrides or [])
 
 
-from loraops.cli import flows, models, review, stages  # noqa: E402,F401 - registers the commands
+from loraops.cli import flows, models, review, serving, stages  # noqa: E402,F401 - registers the commands
 
 __all__ = ["app", "friendly", "params_of", "user_path", "ConfigError"]
 

@@ -1,0 +1,583 @@
+"""`loraops serve`: an OpenAI-compatible API over one base model and the registered adapters, side by side.
+
+- ``GET /v1/models`` lists ``base``, ``<name>@<alias>`` and ``<name>/<version>`` of the served registered
+  models, read from the MLflow registry on every call (an alias moved by ``promote`` is served at once).
+- ``POST /v1/chat/completions`` answers the last user message through the version's prompt template,
+  exactly as ``loraops ask`` and the pyfunc model do (same prompt, greedy by default, same stop strings,
+  undecodable characters dropped); template fields other than ``question`` come from ``metadata``.
+  ``POST /v1/completions`` continues a raw prompt. Both stream as server-sent events ending in ``[DONE]``.
+- One base model is in memory; every requested version's adapter is loaded next to it (peft named
+  adapters) and a worker thread micro-batches waiting requests, adapters mixed in one batch
+  (peft's ``adapter_names``), each row stopping on its own ``max_tokens``, stop strings or end of text.
+- Errors have OpenAI's shape: unknown model 404, bad body 400, ``max_tokens`` over the limit 400, a full
+  queue 429, a missing or wrong key 401 when ``LORAOPS_API_KEY`` is set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import queue
+import tempfile
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from loraops.errors import LoraopsError
+
+_log = logging.getLogger("loraops.api")
+BASE = "base"
+PEFT_BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
+
+
+class ApiError(LoraopsError):
+    """An error answered to the client in OpenAI's shape."""
+
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+# ---------------------------------------------------------------- what is served: the registry's versions
+
+
+@dataclass(frozen=True)
+class Version:
+    """One registered version, downloaded: its adapter, prompt template and decoding settings."""
+
+    name: str
+    number: str
+    adapter_dir: str
+    spec: dict[str, Any]
+    base_dir: str | None  # the bundled base, when the version carries one
+
+    @property
+    def adapter_name(self) -> str:
+        return f"{self.name}/v{self.number}"
+
+
+def base_identity(spec: dict[str, Any], base_dir: str | None) -> str:
+    """What must match for two versions to share one base: configured id, revision, and a bundled base's files."""
+    parts = [str(spec["base"].get("configured")), str(spec["base"].get("revision"))]
+    if base_dir:
+        for fname in ("config.json", "loraops_base.json"):
+            path = Path(base_dir) / fname
+            if path.exists():
+                parts.append(hashlib.sha256(path.read_bytes()).hexdigest())
+    return "|".join(parts)
+
+
+class Catalog:
+    """The served registered models, resolved through MLflow on each request; versions downloaded once."""
+
+    def __init__(self, names: list[str], cache_dir: Path) -> None:
+        from loraops.registry import _client
+
+        self.names, self.cache_dir = names, cache_dir
+        self.client = _client()
+        self._downloaded: dict[tuple[str, str], Version] = {}
+        self._lock = threading.Lock()
+
+    def entries(self) -> list[dict[str, Any]]:
+        """``/v1/models`` data: base, every alias and every version of the served models."""
+        from loraops.registry import _versions
+
+        created = int(time.time())
+        out = [{"id": BASE, "object": "model", "created": created, "owned_by": "loraops"}]
+        for name in self.names:
+            try:
+                model = self.client.get_registered_model(name)
+            except Exception:  # noqa: BLE001 - a name with no versions yet lists nothing
+                continue
+            for alias, number in sorted((model.aliases or {}).items()):
+                out.append({"id": f"{name}@{alias}", "object": "model", "created": created, "owned_by": "loraops",
+                            "parent": BASE, "root": f"{name}/{number}"})
+            for mv in _versions(self.client, name):
+                out.append({"id": f"{name}/{mv.version}", "object": "model", "created": int(mv.creation_timestamp / 1000),
+                            "owned_by": "loraops", "parent": BASE, "root": f"{name}/{mv.version}"})
+        return out
+
+    def resolve(self, model_id: str) -> Version | None:
+        """``base`` → None; ``name@alias``, ``name/version`` or a bare ``name`` (= ``@production``) → its Version.
+
+        Raises:
+            ApiError: 404 for a model, alias or version that is not served.
+        """
+        from loraops.registry import RegistryError, resolve
+
+        if model_id == BASE:
+            return None
+        name, number, alias = model_id, None, None
+        if "@" in model_id:
+            name, alias = model_id.split("@", 1)
+        elif "/" in model_id:
+            name, number = model_id.rsplit("/", 1)
+        else:
+            alias = "production"
+        if name not in self.names:
+            raise ApiError(404, f"The model `{model_id}` does not exist; served: base, "
+                           + ", ".join(f"{n}@production, {n}@candidate, {n}/<version>" for n in self.names),
+                           param="model", code="model_not_found")
+        try:
+            mv = resolve(self.client, name, version=number, alias=alias)
+        except RegistryError as exc:
+            raise ApiError(404, f"The model `{model_id}` does not exist: {exc}", param="model", code="model_not_found") from None
+        return self.download(name, str(mv.version))
+
+    def download(self, name: str, number: str) -> Version:
+        """A version's files, downloaded once (registered versions never change)."""
+        import mlflow
+        from mlflow.models import Model
+
+        with self._lock:
+            if (name, number) in self._downloaded:
+                return self._downloaded[(name, number)]
+            target = self.cache_dir / name / number
+            target.mkdir(parents=True, exist_ok=True)
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{number}", dst_path=str(target)))
+            files = Model.load(str(local)).flavors["python_function"].get("artifacts", {})
+            path = {key: str(local / value["path"]) for key, value in files.items()}
+            if "adapter" not in path or "spec" not in path:
+                raise ApiError(400, f"{name}/{number} is not a loraops adapter model (no adapter/spec artifacts)",
+                               param="model", code="not_an_adapter")
+            spec = json.loads(Path(path["spec"]).read_text(encoding="utf-8"))
+            version = Version(name, number, path["adapter"], spec, path.get("base"))
+            self._downloaded[(name, number)] = version
+            return version
+
+    def startup_version(self) -> Version | None:
+        """The version whose base the server loads: the first served model's production, else its newest version."""
+        from loraops.registry import _versions
+
+        for name in self.names:
+            try:
+                aliases = self.client.get_registered_model(name).aliases or {}
+            except Exception:  # noqa: BLE001
+                continue
+            number = aliases.get("production") or next((str(v.version) for v in reversed(_versions(self.client, name))), None)
+            if number:
+                return self.download(name, str(number))
+        return None
+
+
+# ---------------------------------------------------------------- generation: one base, adapters, micro-batches
+
+
+@dataclass
+class Job:
+    """One request waiting for, or being answered in, a batch; the worker pushes events to ``events``."""
+
+    prompt: str
+    version: Version | None
+    max_tokens: int
+    stops: list[str]
+    temperature: float
+    top_p: float
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue
+    cancelled: bool = False
+    sent: str = ""
+    text: str = ""
+    tokens: int = 0
+    prompt_tokens: int = 0
+    finish: str | None = None
+
+    def push(self, *event: Any) -> None:
+        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+
+class QueueFull(Exception):
+    pass
+
+
+@dataclass
+class Engine:
+    """The base model with adapters loaded side by side, answering jobs in micro-batches on one worker thread."""
+
+    base_location: str
+    model_cfg: Any
+    tokenizer_location: str
+    identity: str
+    max_batch: int = 16
+    window_s: float = 0.01
+    queue_size: int = 64
+    max_adapters: int = 8
+    device: str = "cpu"
+    _queue: "queue.Queue[Job]" = field(init=False)
+    _loaded: "OrderedDict[str, Version]" = field(init=False, default_factory=OrderedDict)
+
+    def __post_init__(self) -> None:
+        from loraops.model import load_base, load_tokenizer
+
+        dtype = "bf16" if self.device == "cuda" else "fp32"
+        self.model = load_base(self.base_location, self.model_cfg, self.device, dtype=dtype).eval()
+        self.tokenizer = load_tokenizer(self.tokenizer_location, self.model_cfg)
+        self.context = int(getattr(self.model.config, "max_position_embeddings", 0) or 0)
+        self._queue = queue.Queue(maxsize=self.queue_size)
+        self._thread = threading.Thread(target=self._work, name="loraops-generate", daemon=True)
+        self._thread.start()
+
+    # -- intake
+    def waiting(self) -> int:
+        return self._queue.qsize()
+
+    def loaded(self) -> list[str]:
+        return list(self._loaded)
+
+    def count_tokens(self, prompt: str) -> int:
+        return len(self.tokenizer((self.tokenizer.bos_token or "") + prompt, add_special_tokens=False)["input_ids"])
+
+    def submit(self, job: Job) -> None:
+        if job.version is not None and job.version.spec and base_identity(job.version.spec, job.version.base_dir) != self.identity:
+            raise ApiError(400, f"{job.version.name}/{job.version.number} was trained on base "
+                           f"{job.version.spec['base'].get('configured')!r}, not on the base this server holds "
+                           f"({self.model_cfg.base!r}); serve it from its own `loraops serve`",
+                           param="model", code="base_mismatch")
+        try:
+            self._queue.put_nowait(job)
+        except queue.Full:
+            raise QueueFull() from None
+
+    # -- worker
+    def _work(self) -> None:
+        while True:
+            jobs = [self._queue.get()]
+            deadline = time.monotonic() + self.window_s
+            while len(jobs) < self.max_batch:
+                try:
+                    jobs.append(self._queue.get(timeout=max(0.0, deadline - time.monotonic())))
+                except queue.Empty:
+                    break
+            jobs = [j for j in jobs if not j.cancelled]
+            groups: dict[tuple[float, float], list[Job]] = {}
+            for job in jobs:
+                groups.setdefault((job.temperature, job.top_p if job.temperature else 1.0), []).append(job)
+            for (temperature, top_p), group in groups.items():
+                try:
+                    self._generate(group, temperature, top_p)
+                except Exception as exc:  # noqa: BLE001 - one failed batch answers its requests with 500, the server lives
+                    _log.exception("generation failed")
+                    for job in group:
+                        job.push("error", f"generation failed: {exc}")
+
+    def _ensure_adapters(self, versions: list[Version]) -> None:
+        from peft import PeftModel
+
+        for version in versions:
+            if version.adapter_name in self._loaded:
+                self._loaded.move_to_end(version.adapter_name)
+                continue
+            needed = {v.adapter_name for v in versions}
+            while len(self._loaded) >= self.max_adapters:
+                old = next((n for n in self._loaded if n not in needed), None)
+                if old is None:
+                    break
+                self.model.delete_adapter(old)
+                del self._loaded[old]
+            if isinstance(self.model, PeftModel):
+                self.model.load_adapter(version.adapter_dir, adapter_name=version.adapter_name)
+            else:
+                self.model = PeftModel.from_pretrained(self.model, version.adapter_dir, adapter_name=version.adapter_name).eval()
+            self.model.to(self.device)
+            self._loaded[version.adapter_name] = version
+            _log.info("loaded adapter %s", version.adapter_name)
+
+    def _generate(self, jobs: list[Job], temperature: float, top_p: float) -> None:
+        import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        self._ensure_adapters([j.version for j in jobs if j.version is not None])
+        tok = self.tokenizer
+        enc = tok([(tok.bos_token or "") + j.prompt for j in jobs], return_tensors="pt", padding=True,
+                  add_special_tokens=False).to(self.device)
+        width = enc["input_ids"].shape[1]
+        for job, mask in zip(jobs, enc["attention_mask"]):
+            job.prompt_tokens = int(mask.sum())
+        eos = tok.eos_token_id
+
+        class _Rows(StoppingCriteria):
+            """Per row: decode the new tokens, stream what is final, stop on its own limits."""
+
+            def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+                done = []
+                for row, job in enumerate(jobs):
+                    if job.finish is None:
+                        _advance(job, input_ids[row, width:].tolist(), tok, eos)
+                    done.append(job.finish is not None or job.cancelled)
+                return torch.tensor(done, device=input_ids.device)
+
+        kwargs: dict[str, Any] = {}
+        if hasattr(self.model, "peft_config"):
+            kwargs["adapter_names"] = [j.version.adapter_name if j.version else PEFT_BASE for j in jobs]
+        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
+        with torch.inference_mode():
+            out = self.model.generate(**enc, max_new_tokens=max(j.max_tokens for j in jobs), num_beams=1,
+                                      stopping_criteria=StoppingCriteriaList([_Rows()]), pad_token_id=tok.pad_token_id,
+                                      eos_token_id=eos, **sampling, **kwargs)
+        for row, job in enumerate(jobs):
+            if job.finish is None:
+                _advance(job, out[row, width:].tolist(), tok, eos, final=True)
+            job.push("done", job.finish, {"prompt_tokens": job.prompt_tokens, "completion_tokens": job.tokens,
+                                          "total_tokens": job.prompt_tokens + job.tokens})
+
+
+def _advance(job: Job, tokens: list[int], tok: Any, eos: int | None, final: bool = False) -> None:
+    """Take a row's new tokens: settle its text, push the part no later token can change, note why it ended."""
+    from loraops.degenerate import clean
+    from loraops.evaluate import clean_answer
+
+    if eos is not None and eos in tokens:
+        tokens, job.finish = tokens[: tokens.index(eos)], "stop"
+    if len(tokens) >= job.max_tokens:
+        tokens = tokens[: job.max_tokens]
+        job.finish = job.finish or "length"
+    raw = tok.decode(tokens, skip_special_tokens=True)
+    job.tokens = len(tokens)
+    if any(s and s in raw for s in job.stops):
+        job.finish = "stop"
+    if final and job.finish is None:
+        job.finish = "length"
+    if job.finish is not None:
+        text = clean(clean_answer(raw, job.stops))[0]
+    else:  # hold back what may still change: a torn character, trailing spaces, the start of a stop string
+        text = raw.lstrip().rstrip("\ufffd").rstrip()
+        for stop in job.stops:
+            for size in range(min(len(stop), len(text)), 0, -1):
+                if text.endswith(stop[:size]):
+                    text = text[:-size].rstrip()
+                    break
+        text = clean(text)[0]
+    if text.startswith(job.sent) and len(text) > len(job.sent):
+        job.push("delta", text[len(job.sent):])
+        job.sent = text
+    job.text = text
+
+
+# ---------------------------------------------------------------- the HTTP API
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field(min_length=1)
+    max_tokens: Optional[int] = Field(None, ge=1)
+    max_completion_tokens: Optional[int] = Field(None, ge=1)
+    temperature: Optional[float] = Field(None, ge=0, le=2)
+    top_p: Optional[float] = Field(None, gt=0, le=1)
+    stop: Union[str, list[str], None] = None
+    stream: bool = False
+    n: int = Field(1, ge=1, le=1)
+    metadata: Optional[dict[str, str]] = None
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Union[str, list[dict[str, Any]], None] = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(str(part.get("text", "")) for part in self.content if part.get("type") == "text")
+        return self.content or ""
+
+
+class ChatBody(_Body):
+    messages: list[_Message] = Field(min_length=1)
+
+
+class CompletionBody(_Body):
+    prompt: Union[str, list[str]]
+
+
+@dataclass
+class Settings:
+    names: list[str]
+    default_template: str
+    default_generation: dict[str, Any]
+    max_tokens_limit: int = 1024
+    api_key: str | None = None
+
+
+def create_app(catalog: Catalog, engine: Engine, settings: Settings) -> Any:
+    """The FastAPI app: routes, OpenAI-shaped errors, optional bearer key."""
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, StreamingResponse
+    from starlette.concurrency import run_in_threadpool
+    from starlette.exceptions import HTTPException
+
+    app = FastAPI(title="loraops", description="OpenAI-compatible API over the registered LoRA adapters")
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid body"}
+        param = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
+        return JSONResponse(ApiError(400, f"{param or 'body'}: {first.get('msg')}", param=param).body(), status_code=400)
+
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, exc: HTTPException) -> JSONResponse:
+        return JSONResponse(ApiError(exc.status_code, str(exc.detail)).body(), status_code=exc.status_code)
+
+    @app.middleware("http")
+    async def _key(request: Request, call_next: Any) -> Any:
+        if settings.api_key and request.url.path.startswith("/v1/"):
+            given = request.headers.get("authorization", "")
+            if given != f"Bearer {settings.api_key}":
+                return JSONResponse(ApiError(401, "Incorrect API key provided (Authorization: Bearer $LORAOPS_API_KEY)",
+                                             code="invalid_api_key").body(), status_code=401)
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "queued": engine.waiting(), "adapters": engine.loaded()}
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": await run_in_threadpool(catalog.entries)}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> dict[str, Any]:
+        for entry in await run_in_threadpool(catalog.entries):
+            if entry["id"] == model_id:
+                return entry
+        raise ApiError(404, f"The model `{model_id}` does not exist", param="model", code="model_not_found")
+
+    async def _answer(body: _Body, prompt: str, version: Version | None, kind: str) -> Any:
+        generation = version.spec["generation"] if version else settings.default_generation
+        limit = body.max_completion_tokens or body.max_tokens
+        if limit is not None and limit > settings.max_tokens_limit:
+            raise ApiError(400, f"max_tokens is {limit}; this server allows at most {settings.max_tokens_limit} "
+                           "(loraops serve --max-tokens-limit)", param="max_tokens", code="max_tokens_too_large")
+        max_tokens = limit or int(generation["max_new_tokens"])
+        prompt_tokens = engine.count_tokens(prompt)
+        if engine.context and prompt_tokens + max_tokens > engine.context:
+            raise ApiError(400, f"This model's maximum context length is {engine.context} tokens; the prompt has "
+                           f"{prompt_tokens} and max_tokens asks for {max_tokens}", param="max_tokens",
+                           code="context_length_exceeded")
+        stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        if len(stops) > 4:
+            raise ApiError(400, "stop: at most 4 sequences", param="stop")
+        loop = asyncio.get_running_loop()
+        job = Job(prompt=prompt, version=version, max_tokens=max_tokens, stops=[*generation.get("stop_strings", []), *stops],
+                  temperature=body.temperature or 0.0, top_p=body.top_p or 1.0, loop=loop, events=asyncio.Queue())
+        try:
+            engine.submit(job)
+        except QueueFull:
+            raise ApiError(429, f"The server is busy: {engine.waiting()} requests are waiting; retry shortly",
+                           kind="rate_limit_error", code="queue_full") from None
+        made, ident = int(time.time()), f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        if body.stream:
+            return StreamingResponse(_sse(job, body.model, kind, made, ident), media_type="text/event-stream")
+        try:
+            while True:
+                event = await job.events.get()
+                if event[0] == "error":
+                    raise ApiError(500, event[1], kind="server_error")
+                if event[0] == "done":
+                    break
+        except asyncio.CancelledError:
+            job.cancelled = True
+            raise
+        finish, usage = event[1], event[2]
+        choice = ({"index": 0, "message": {"role": "assistant", "content": job.text}, "logprobs": None, "finish_reason": finish}
+                  if kind == "chat" else {"index": 0, "text": job.text, "logprobs": None, "finish_reason": finish})
+        return {"id": ident, "object": "chat.completion" if kind == "chat" else "text_completion", "created": made,
+                "model": body.model, "choices": [choice], "usage": usage}
+
+    async def _sse(job: Job, model_id: str, kind: str, made: int, ident: str) -> Any:
+        obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+
+        def chunk(delta: str | None, finish: str | None, first: bool = False) -> str:
+            if kind == "chat":
+                body = {"role": "assistant", "content": ""} if first else ({"content": delta} if delta is not None else {})
+                choice = {"index": 0, "delta": body, "logprobs": None, "finish_reason": finish}
+            else:
+                choice = {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish}
+            return "data: " + json.dumps({"id": ident, "object": obj, "created": made, "model": model_id,
+                                          "choices": [choice]}, ensure_ascii=False) + "\n\n"
+
+        try:
+            if kind == "chat":
+                yield chunk(None, None, first=True)
+            while True:
+                event = await job.events.get()
+                if event[0] == "delta":
+                    yield chunk(event[1], None)
+                elif event[0] == "error":
+                    yield "data: " + json.dumps(ApiError(500, event[1], kind="server_error").body()) + "\n\n"
+                    break
+                else:
+                    yield chunk(None, event[1])
+                    break
+            yield "data: [DONE]\n\n"
+        finally:
+            job.cancelled = job.finish is None
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatBody) -> Any:
+        version = await run_in_threadpool(catalog.resolve, body.model)
+        users = [m for m in body.messages if m.role == "user"]
+        if not users or not users[-1].text().strip():
+            raise ApiError(400, "messages: needs a user message with text (the question)", param="messages")
+        template = version.spec["template"] if version else settings.default_template
+        fields = {**(body.metadata or {}), "question": users[-1].text()}
+        return await _answer(body, template.format_map(_Blank(fields)), version, "chat")
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionBody) -> Any:
+        if isinstance(body.prompt, list) and len(body.prompt) != 1:
+            raise ApiError(400, "prompt: one prompt per request", param="prompt")
+        prompt = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
+        version = await run_in_threadpool(catalog.resolve, body.model)
+        return await _answer(body, prompt, version, "completion")
+
+    return app
+
+
+class _Blank(dict):
+    def __missing__(self, key: str) -> str:
+        return ""
+
+
+def build(params: Any, names: list[str], max_batch: int = 16, queue_size: int = 64, max_tokens_limit: int = 1024,
+          cache_dir: Path | None = None) -> Any:
+    """Catalog + engine + app for the served models; the base is the startup version's (else ``model.base``)."""
+    from loraops.config import ModelSection
+    from loraops.model import base_location
+    from loraops.utils import pick_device
+
+    catalog = Catalog(names, cache_dir or Path(tempfile.mkdtemp(prefix="loraops-serve-")))
+    first = catalog.startup_version()
+    if first is not None:
+        spec = first.spec
+        cfg = ModelSection(base=spec["base"].get("configured") or spec["base"]["id"], revision=spec["base"].get("revision"),
+                           trust_remote_code=spec["base"].get("trust_remote_code", False))
+        location, tokenizer = first.base_dir or spec["base"]["id"], first.adapter_dir
+        identity = base_identity(spec, first.base_dir)
+    else:
+        cfg, location = params.model, base_location(params.model)
+        tokenizer, identity = location, base_identity({"base": {"configured": params.model.base, "revision": params.model.revision}},
+                                                      location if Path(location).is_dir() else None)
+    engine = Engine(location, cfg, tokenizer, identity, max_batch=max_batch, queue_size=queue_size, device=pick_device("auto"))
+    generation = {"max_new_tokens": params.eval.max_new_tokens, "stop_strings": params.eval.stop_strings}
+    settings = Settings(names, params.data.template, generation, max_tokens_limit, os.environ.get("LORAOPS_API_KEY") or None)
+    return create_app(catalog, engine, settings), engine, first
+
