@@ -34,3 +34,20 @@ def workspace(tmp_path, monkeypatch):
     monkeypatch.chdir(root)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # mlflow exports the last URI it was given
     return root
+
+
+@pytest.fixture(scope="session")
+def served_project(tmp_path_factory):
+    """A project with two registered versions (tests only read it): v1 `production`, v2 `candidate` (not promoted).
+
+    Shared by the serving, demo and export tests: one pair of tiny training runs for all of them.
+    """
+    import subprocess
+
+    root = make_workspace(tmp_path_factory.mktemp("served") / "ws", tiny_overrides())
+    env = {**os.environ, "LORAOPS_API_KEY": ""}
+    for extra in ([], ["--set", "train.learning_rate=0.003", "--set", "registry.auto_promote=false"]):
+        done = subprocess.run([sys.executable, "-m", "loraops.cli", "run", *extra], cwd=root, env=env,
+                              capture_output=True, text=True)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return root

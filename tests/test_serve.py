@@ -1,0 +1,153 @@
+"""`loraops serve` on loopback, called with the official `openai` client: models, chat, completions, streaming,
+OpenAI-shaped errors, answers equal to the registered pyfunc model's, alias moves without a restart,
+concurrent requests batched to the same answers, API key and a full queue."""
+
+from __future__ import annotations
+
+import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+
+import httpx
+import openai
+import pytest
+
+from helpers import free_port, start_server, stop_server, wait_http
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+NAME = "interior-qa-lora"
+QUESTIONS = ["벽지에 곰팡이가 생기는 원인은 무엇인가요?", "장판이 들뜨면 어떻게 해야 하나요?",
+             "도배 후 벽지가 우는 이유는?", "타일 줄눈이 검게 변했어요.", "실크벽지와 합지벽지의 차이는?",
+             "결로를 막으려면 어떻게 하나요?", "몰딩 틈이 벌어졌어요.", "욕실 실리콘에 곰팡이가 폈어요."]
+
+
+@contextmanager
+def _server(root, *args, key: str = ""):
+    port = free_port()
+    log = root.parent / f"serve-{port}.log"
+    proc = start_server([sys.executable, "-m", "loraops.cli", "serve", "--port", str(port), *args], log, root,
+                        {**os.environ, "LORAOPS_API_KEY": key})
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", 180, proc, log)
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        stop_server(proc)
+
+
+@pytest.fixture(scope="module")
+def server(served_project):
+    with _server(served_project) as url:
+        yield url
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server, api_key="unused", max_retries=0, timeout=120)
+
+
+def _chat(client, model: str, question: str, **kwargs) -> str:
+    out = client.chat.completions.create(model=model, messages=[{"role": "user", "content": question}], **kwargs)
+    return out.choices[0].message.content
+
+
+def test_models_list_base_aliases_and_versions(client):
+    ids = {m.id for m in client.models.list()}
+    assert {"base", f"{NAME}@production", f"{NAME}@candidate", f"{NAME}/1", f"{NAME}/2"} <= ids
+    assert client.models.retrieve(f"{NAME}@production").root == f"{NAME}/1"
+
+
+def test_chat_answers_equal_the_registered_pyfunc_models(client, served_project, monkeypatch):
+    import mlflow
+
+    from loraops.tracking import tracking_setup
+
+    monkeypatch.chdir(served_project)
+    tracking_setup(served_project)
+    for alias, version in (("production", "1"), ("candidate", "2")):
+        expected = mlflow.pyfunc.load_model(f"models:/{NAME}@{alias}").predict(QUESTIONS[:3])
+        assert [_chat(client, f"{NAME}@{alias}", q) for q in QUESTIONS[:3]] == expected
+        assert _chat(client, f"{NAME}/{version}", QUESTIONS[0]) == expected[0]
+    assert _chat(client, f"{NAME}@production", QUESTIONS[0]) != _chat(client, "base", QUESTIONS[0])
+
+
+def test_stream_is_server_sent_events_ending_in_done_and_adds_up_to_the_answer(client, server):
+    whole = _chat(client, f"{NAME}@production", QUESTIONS[1])
+    pieces = [c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model=f"{NAME}@production", messages=[{"role": "user", "content": QUESTIONS[1]}], stream=True)]
+    assert "".join(pieces) == whole and len([p for p in pieces if p]) > 1
+    with httpx.stream("POST", f"{server}/chat/completions", timeout=60, json={
+            "model": "base", "stream": True, "max_tokens": 4, "messages": [{"role": "user", "content": QUESTIONS[1]}]}) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in r.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]" and all(line.startswith("data: ") for line in lines)
+
+
+def test_completions_continue_a_raw_prompt_within_max_tokens(client):
+    out = client.completions.create(model=f"{NAME}@production", prompt=f"질문: {QUESTIONS[0]}\n답변: ", max_tokens=5)
+    assert out.usage.completion_tokens <= 5 and out.choices[0].finish_reason in ("length", "stop")
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model=f"{NAME}@production", prompt=f"질문: {QUESTIONS[0]}\n답변: ", max_tokens=5, stream=True))
+    assert streamed == out.choices[0].text
+
+
+def test_unknown_models_and_bad_bodies_get_openai_errors(client, server):
+    with pytest.raises(openai.NotFoundError) as err:
+        _chat(client, "no-such-model@production", "질문")
+    assert err.value.code == "model_not_found"
+    with pytest.raises(openai.NotFoundError):
+        _chat(client, f"{NAME}/99", "질문")
+    with pytest.raises(openai.BadRequestError) as err:
+        _chat(client, f"{NAME}@production", "질문", max_tokens=100_000)
+    assert err.value.code == "max_tokens_too_large"
+    for body in ({"model": "base"}, {"model": "base", "messages": []}, {"model": "base", "messages": [{"role": "user"}]},
+                 {"model": "base", "messages": [{"role": "user", "content": "q"}], "temperature": 5}):
+        r = httpx.post(f"{server}/chat/completions", json=body, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error", (body, r.text)
+    r = httpx.post(f"{server}/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "error" in r.json()
+
+
+def test_concurrent_requests_are_batched_to_the_same_answers(client):
+    one_by_one = [_chat(client, f"{NAME}@production", q) for q in QUESTIONS]
+    mixed = [(f"{NAME}@production" if i % 2 else f"{NAME}@candidate", q) for i, q in enumerate(QUESTIONS)]
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(lambda q: _chat(client, f"{NAME}@production", q), QUESTIONS))
+        mixed_answers = list(pool.map(lambda mq: _chat(client, *mq), mixed))
+    assert together == one_by_one
+    assert [a for (m, _), a in zip(mixed, mixed_answers) if m.endswith("production")] == one_by_one[1::2]
+
+
+def test_an_alias_move_is_served_without_a_restart(client, served_project, monkeypatch):
+    import mlflow
+
+    from loraops.tracking import tracking_setup
+
+    monkeypatch.chdir(served_project)
+    tracking_setup(served_project)
+    registry = mlflow.MlflowClient()
+    v2 = _chat(client, f"{NAME}/2", QUESTIONS[2])
+    registry.set_registered_model_alias(NAME, "production", "2")
+    try:
+        assert _chat(client, f"{NAME}@production", QUESTIONS[2]) == v2
+        assert client.models.retrieve(f"{NAME}@production").root == f"{NAME}/2"
+    finally:
+        registry.set_registered_model_alias(NAME, "production", "1")
+
+
+def test_api_key_and_a_full_queue(served_project):
+    with _server(served_project, "--queue-size", "1", "--max-batch", "1", key="s3cret") as url:
+        with pytest.raises(openai.AuthenticationError):
+            _chat(openai.OpenAI(base_url=url, api_key="wrong", max_retries=0), "base", "질문")
+        keyed = openai.OpenAI(base_url=url, api_key="s3cret", max_retries=0, timeout=120)
+
+        def ask(q: str) -> str:
+            try:
+                return _chat(keyed, f"{NAME}@production", q, max_tokens=32)
+            except openai.RateLimitError as exc:
+                assert exc.code == "queue_full"
+                return "429"
+
+        with ThreadPoolExecutor(16) as pool:
+            answers = list(pool.map(ask, QUESTIONS * 2))
+        assert "429" in answers and any(a != "429" for a in answers)
