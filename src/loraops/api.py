@@ -28,7 +28,7 @@ import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Callable, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -139,24 +139,16 @@ class Catalog:
 
     def download(self, name: str, number: str) -> Version:
         """A version's files, downloaded once (registered versions never change)."""
-        import mlflow
-        from mlflow.models import Model
+        from loraops.serve import model_files
 
         with self._lock:
-            if (name, number) in self._downloaded:
-                return self._downloaded[(name, number)]
-            target = self.cache_dir / name / number
-            target.mkdir(parents=True, exist_ok=True)
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{number}", dst_path=str(target)))
-            files = Model.load(str(local)).flavors["python_function"].get("artifacts", {})
-            path = {key: str(local / value["path"]) for key, value in files.items()}
-            if "adapter" not in path or "spec" not in path:
-                raise ApiError(400, f"{name}/{number} is not a loraops adapter model (no adapter/spec artifacts)",
-                               param="model", code="not_an_adapter")
-            spec = json.loads(Path(path["spec"]).read_text(encoding="utf-8"))
-            version = Version(name, number, path["adapter"], spec, path.get("base"))
-            self._downloaded[(name, number)] = version
-            return version
+            if (name, number) not in self._downloaded:
+                try:
+                    files = model_files(name, number, self.cache_dir / name / number)
+                except LoraopsError as exc:
+                    raise ApiError(400, str(exc), param="model", code="not_an_adapter") from None
+                self._downloaded[(name, number)] = Version(name, number, files["adapter"], files["spec"], files.get("base"))
+            return self._downloaded[(name, number)]
 
     def startup_version(self) -> Version | None:
         """The version whose base the server loads: the first served model's production, else its newest version."""
@@ -178,7 +170,7 @@ class Catalog:
 
 @dataclass
 class Job:
-    """One request waiting for, or being answered in, a batch; the worker pushes events to ``events``."""
+    """One request waiting for, or being answered in, a batch; the worker pushes its events to ``sink``."""
 
     prompt: str
     version: Version | None
@@ -186,8 +178,7 @@ class Job:
     stops: list[str]
     temperature: float
     top_p: float
-    loop: asyncio.AbstractEventLoop
-    events: asyncio.Queue
+    sink: Callable[[tuple], None]  # receives ("delta", text), ("done", finish, usage) or ("error", message)
     cancelled: bool = False
     sent: str = ""
     text: str = ""
@@ -196,7 +187,7 @@ class Job:
     finish: str | None = None
 
     def push(self, *event: Any) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        self.sink(event)
 
 
 class QueueFull(Exception):
@@ -250,6 +241,18 @@ class Engine:
             self._queue.put_nowait(job)
         except queue.Full:
             raise QueueFull() from None
+
+    def answer(self, prompt: str, version: Version | None, max_tokens: int, stops: list[str]) -> str:
+        """Greedy answer for one prompt, waiting for its batch (for in-process callers such as the demo)."""
+        box: "queue.Queue[tuple]" = queue.Queue()
+        job = Job(prompt=prompt, version=version, max_tokens=max_tokens, stops=stops, temperature=0.0, top_p=1.0, sink=box.put)
+        self.submit(job)
+        while True:
+            event = box.get()
+            if event[0] == "error":
+                raise LoraopsError(event[1])
+            if event[0] == "done":
+                return job.text
 
     # -- worker
     def _work(self) -> None:
@@ -411,6 +414,14 @@ class Settings:
     max_tokens_limit: int = 1024
     api_key: str | None = None
 
+    def prompt(self, version: Version | None, question: str, fields: dict[str, str] | None = None) -> str:
+        """The question through the version's template (the project's for ``base``); absent fields render empty."""
+        template = version.spec["template"] if version else self.default_template
+        return template.format_map(_Blank({**(fields or {}), "question": question}))
+
+    def generation(self, version: Version | None) -> dict[str, Any]:
+        return version.spec["generation"] if version else self.default_generation
+
 
 def create_app(catalog: Catalog, engine: Engine, settings: Settings) -> Any:
     """The FastAPI app: routes, OpenAI-shaped errors, optional bearer key."""
@@ -461,7 +472,7 @@ def create_app(catalog: Catalog, engine: Engine, settings: Settings) -> Any:
         raise ApiError(404, f"The model `{model_id}` does not exist", param="model", code="model_not_found")
 
     async def _answer(body: _Body, prompt: str, version: Version | None, kind: str) -> Any:
-        generation = version.spec["generation"] if version else settings.default_generation
+        generation = settings.generation(version)
         limit = body.max_completion_tokens or body.max_tokens
         if limit is not None and limit > settings.max_tokens_limit:
             raise ApiError(400, f"max_tokens is {limit}; this server allows at most {settings.max_tokens_limit} "
@@ -475,9 +486,10 @@ def create_app(catalog: Catalog, engine: Engine, settings: Settings) -> Any:
         stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         if len(stops) > 4:
             raise ApiError(400, "stop: at most 4 sequences", param="stop")
-        loop = asyncio.get_running_loop()
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
         job = Job(prompt=prompt, version=version, max_tokens=max_tokens, stops=[*generation.get("stop_strings", []), *stops],
-                  temperature=body.temperature or 0.0, top_p=body.top_p or 1.0, loop=loop, events=asyncio.Queue())
+                  temperature=body.temperature or 0.0, top_p=body.top_p or 1.0,
+                  sink=lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
         try:
             engine.submit(job)
         except QueueFull:
@@ -485,10 +497,10 @@ def create_app(catalog: Catalog, engine: Engine, settings: Settings) -> Any:
                            kind="rate_limit_error", code="queue_full") from None
         made, ident = int(time.time()), f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         if body.stream:
-            return StreamingResponse(_sse(job, body.model, kind, made, ident), media_type="text/event-stream")
+            return StreamingResponse(_sse(job, events, body.model, kind, made, ident), media_type="text/event-stream")
         try:
             while True:
-                event = await job.events.get()
+                event = await events.get()
                 if event[0] == "error":
                     raise ApiError(500, event[1], kind="server_error")
                 if event[0] == "done":
@@ -502,7 +514,7 @@ def create_app(catalog: Catalog, engine: Engine, settings: Settings) -> Any:
         return {"id": ident, "object": "chat.completion" if kind == "chat" else "text_completion", "created": made,
                 "model": body.model, "choices": [choice], "usage": usage}
 
-    async def _sse(job: Job, model_id: str, kind: str, made: int, ident: str) -> Any:
+    async def _sse(job: Job, events: asyncio.Queue, model_id: str, kind: str, made: int, ident: str) -> Any:
         obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
 
         def chunk(delta: str | None, finish: str | None, first: bool = False) -> str:
@@ -518,7 +530,7 @@ def create_app(catalog: Catalog, engine: Engine, settings: Settings) -> Any:
             if kind == "chat":
                 yield chunk(None, None, first=True)
             while True:
-                event = await job.events.get()
+                event = await events.get()
                 if event[0] == "delta":
                     yield chunk(event[1], None)
                 elif event[0] == "error":
@@ -537,9 +549,7 @@ def create_app(catalog: Catalog, engine: Engine, settings: Settings) -> Any:
         users = [m for m in body.messages if m.role == "user"]
         if not users or not users[-1].text().strip():
             raise ApiError(400, "messages: needs a user message with text (the question)", param="messages")
-        template = version.spec["template"] if version else settings.default_template
-        fields = {**(body.metadata or {}), "question": users[-1].text()}
-        return await _answer(body, template.format_map(_Blank(fields)), version, "chat")
+        return await _answer(body, settings.prompt(version, users[-1].text(), body.metadata), version, "chat")
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody) -> Any:
@@ -557,9 +567,9 @@ class _Blank(dict):
         return ""
 
 
-def build(params: Any, names: list[str], max_batch: int = 16, queue_size: int = 64, max_tokens_limit: int = 1024,
-          cache_dir: Path | None = None) -> Any:
-    """Catalog + engine + app for the served models; the base is the startup version's (else ``model.base``)."""
+def open_engine(params: Any, names: list[str], max_batch: int = 16, queue_size: int = 64, max_tokens_limit: int = 1024,
+                cache_dir: Path | None = None) -> tuple[Catalog, Engine, Settings, Version | None]:
+    """Catalog, engine and settings for the served models; the base is the startup version's (else ``model.base``)."""
     from loraops.config import ModelSection
     from loraops.model import base_location
     from loraops.utils import pick_device
@@ -579,5 +589,4 @@ def build(params: Any, names: list[str], max_batch: int = 16, queue_size: int = 
     engine = Engine(location, cfg, tokenizer, identity, max_batch=max_batch, queue_size=queue_size, device=pick_device("auto"))
     generation = {"max_new_tokens": params.eval.max_new_tokens, "stop_strings": params.eval.stop_strings}
     settings = Settings(names, params.data.template, generation, max_tokens_limit, os.environ.get("LORAOPS_API_KEY") or None)
-    return create_app(catalog, engine, settings), engine, first
-
+    return catalog, engine, settings, first

@@ -5,6 +5,9 @@ id) with empty ``relevance``, ``accuracy`` and ``completeness`` columns (1–5);
 MLflow run. `import` validates the filled CSV and logs per-criterion means per model to that run
 (``review/<criterion>/<base|tuned>``); the gate reads ``review/mean/tuned`` when
 ``registry.gate.min_rubric_mean`` is set.
+
+Every rated item, from a sheet or from the demo (``loraops demo``), is kept in the run's ``review/items.json``
+(keyed, so importing a sheet twice counts it once); the means are always over all of them.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from loraops.registry import RegistryError, _client, eval_table_of_run, run_arti
 from loraops.tracking import log_metrics_batch
 
 CRITERIA = ("relevance", "accuracy", "completeness")
+ITEMS = "review/items.json"
 COLUMNS = ["item_id", "run_id", "category", "question", "reference", "answer", *CRITERIA]
 
 
@@ -92,21 +96,42 @@ def parse(path: Path, key_for: Any) -> tuple[str, list[dict[str, Any]]]:
             if value not in {"1", "2", "3", "4", "5"}:
                 raise DataError(f"{path}: line {line}: {criterion} must be an integer 1–5, got {value!r}")
             scores[criterion] = int(value)
-        items.append({**key[row["item_id"]], **scores})
+        items.append({**key[row["item_id"]], **scores, "key": f"sheet:{row['item_id']}", "source": "sheet"})
     if not items:
         raise DataError(f"{path}: no reviewed rows")
     return run_ids.pop(), items
 
 
 def means(items: list[dict[str, Any]]) -> dict[str, float]:
-    """``review/<criterion>/<model>`` and ``review/mean/<model>`` means, and the count."""
+    """``review/<criterion>/<model>`` and ``review/mean/<model>`` over the fully scored items, their count, and
+    ``review/thumbs_up/<model>`` (share of thumbs up) where thumbs were given."""
     frame = pd.DataFrame(items)
-    out: dict[str, float] = {"review/n": float(len(frame))}
-    for model, part in frame.groupby("model"):
+    for column in (*CRITERIA, "thumb"):
+        if column not in frame:
+            frame[column] = None
+    scored = frame.dropna(subset=list(CRITERIA))
+    out: dict[str, float] = {"review/n": float(len(scored))}
+    for model, part in scored.groupby("model"):
         for criterion in CRITERIA:
-            out[f"review/{criterion}/{model}"] = round(float(part[criterion].mean()), 4)
-        out[f"review/mean/{model}"] = round(float(part[list(CRITERIA)].to_numpy().mean()), 4)
+            out[f"review/{criterion}/{model}"] = round(float(part[criterion].astype(float).mean()), 4)
+        out[f"review/mean/{model}"] = round(float(part[list(CRITERIA)].astype(float).to_numpy().mean()), 4)
+    for model, part in frame.dropna(subset=["thumb"]).groupby("model"):
+        out[f"review/thumbs_up/{model}"] = round(float((part["thumb"] == "up").mean()), 4)
     return out
+
+
+def record(run_id: str, items: list[dict[str, Any]]) -> dict[str, float]:
+    """Add rated items (each with a unique ``key``) to the run's ``review/items.json`` and log the means over all."""
+    known: dict[str, Any] = {}
+    try:
+        known = json.loads(run_artifact(run_id, ITEMS, "").read_text(encoding="utf-8"))
+    except RegistryError:
+        pass
+    known.update({item["key"]: item for item in items})
+    _client().log_dict(run_id, known, ITEMS)  # the run keeps its status
+    values = means(list(known.values()))
+    log_metrics_batch(run_id, values)
+    return values
 
 
 def import_sheet(path: Path) -> dict[str, Any]:
@@ -121,6 +146,4 @@ def import_sheet(path: Path) -> dict[str, Any]:
 
     _client()
     run_id, items = parse(path, key_for)
-    values = means(items)
-    log_metrics_batch(run_id, values)
-    return {"run_id": run_id, **values}
+    return {"run_id": run_id, **record(run_id, items)}

@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import json
 import logging
-import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
 import mlflow.pyfunc
+import pandas as pd
 
 _log = logging.getLogger("loraops.serve")
-# predict has no type hints on purpose: the model's signature (signature()) is the schema, not MLflow's hint reader
-warnings.filterwarnings("ignore", message="Add type hints to the `predict` method", category=UserWarning)
 BUNDLE_LIMIT_BYTES = 200 * 1024 * 1024  # local bases under this size travel inside the model
 
 
@@ -83,8 +81,12 @@ class LoraQAModel(mlflow.pyfunc.PythonModel):
 
         return generate(self.model, self.tokenizer, self._prompts(model_input), self.eval_cfg, self.device, progress=False)
 
-    def predict(self, context, model_input, params=None):  # noqa: ANN001,ANN201 - MLflow reads hints as an input schema
-        """Answers without undecodable characters, for a list of questions or a table (see :func:`signature`)."""
+    def predict(self, context: Any, model_input: pd.DataFrame, params: dict | None = None) -> list[str]:
+        """Answers without undecodable characters, for a list of questions or a table (see :func:`signature`).
+
+        ``model_input`` is typed as a DataFrame because that is the one hint from which MLflow infers no schema
+        (without a hint it warns on every load); lists and strings are answered too. The schema is :func:`signature`.
+        """
         return clean_answers(self.answer_raw(model_input))
 
 
@@ -122,6 +124,48 @@ def should_bundle(base_location: str) -> bool:
     """Bundle a local base directory into the model when it is small enough."""
     path = Path(base_location)
     return path.is_dir() and sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) < BUNDLE_LIMIT_BYTES
+
+
+def model_files(name: str, number: str, dst: Path) -> dict[str, Any]:
+    """Download a registered version into ``dst``: paths of its ``adapter``, ``base`` (when bundled) and
+    ``lineage``, and its parsed ``spec``.
+
+    Raises:
+        RegistryError: the version is not a loraops adapter model.
+    """
+    import mlflow
+    from mlflow.models import Model
+
+    from loraops.errors import RegistryError
+
+    dst.mkdir(parents=True, exist_ok=True)
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{number}", dst_path=str(dst)))
+    artifacts = Model.load(str(local)).flavors.get("python_function", {}).get("artifacts", {})
+    files: dict[str, Any] = {key: str(local / value["path"]) for key, value in artifacts.items()}
+    if "adapter" not in files or "spec" not in files:
+        raise RegistryError(f"{name}/{number} is not a loraops adapter model (no adapter and spec artifacts)")
+    files["spec"] = json.loads(Path(files["spec"]).read_text(encoding="utf-8"))
+    return files
+
+
+def parse_uri(uri: str) -> tuple[str, str | None, str | None]:
+    """``models:/<name>@<alias>`` or ``models:/<name>/<version>`` → (name, version, alias).
+
+    Raises:
+        ConfigError: anything else.
+    """
+    from loraops.errors import ConfigError
+
+    rest = uri.removeprefix("models:/")
+    if rest == uri or not rest:
+        raise ConfigError(f"{uri!r}: expected models:/<name>@<alias> or models:/<name>/<version>")
+    if "@" in rest:
+        name, alias = rest.split("@", 1)
+        return name, None, alias
+    name, _, version = rest.rpartition("/")
+    if not name or not version.isdigit():
+        raise ConfigError(f"{uri!r}: expected models:/<name>@<alias> or models:/<name>/<version>")
+    return name, version, None
 
 
 def load(uri: str) -> Any:

@@ -40,8 +40,55 @@ def serve(host: str = typer.Option("127.0.0.1", "--host", help="Interface to lis
     p = params_of(params, set_)
     names = model or [p.registry.model_name]
     _loopback_warning(host)
-    fastapi_app, engine, first = api.build(p, names, max_batch=max_batch, queue_size=queue_size, max_tokens_limit=max_tokens_limit)
+    catalog, engine, settings, first = api.open_engine(p, names, max_batch=max_batch, queue_size=queue_size,
+                                                       max_tokens_limit=max_tokens_limit)
     where = f"{first.name}/{first.number}'s base" if first else f"model.base {p.model.base!r} (nothing registered yet)"
     typer.echo(f"serving base + {', '.join(names)} (@production, @candidate, /<version>) on http://{host}:{port}/v1; "
                f"base from {where}; device {engine.device}")
-    uvicorn.run(fastapi_app, host=host, port=port, log_level="warning")
+    uvicorn.run(api.create_app(catalog, engine, settings), host=host, port=port, log_level="warning")
+
+
+@export_app.command("merged")
+@friendly
+def export_merged(uri: str = typer.Argument(..., help="models:/<name>@<alias> or models:/<name>/<version>."),
+                  out: Path = typer.Option(..., "--out", help="New folder for the merged model (safetensors + tokenizer).")) -> None:
+    """Base + adapter merged (merge_and_unload) into one standalone model folder."""
+    from loraops import export
+
+    result = export.merged(uri, user_path(out.parent) / out.name)
+    typer.echo(f"wrote {result['out']} ({result['source']} merged into its base)")
+    for note in result["notes"]:
+        typer.secho(f"note: {note}", fg=typer.colors.YELLOW, err=True)
+
+
+@export_app.command("vllm")
+@friendly
+def export_vllm(uri: str = typer.Argument(..., help="models:/<name>@<alias> or models:/<name>/<version>."),
+                out: Optional[Path] = typer.Option(None, "--out", help="New folder (default exports/<name>-v<version>-vllm)."),
+                params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt) -> None:
+    """vLLM's --lora-modules JSON and `vllm serve` command line for a registered adapter."""
+    from loraops import export
+    from loraops.serve import parse_uri
+
+    name = parse_uri(uri)[0]
+    target = user_path(out.parent) / out.name if out else Path("exports") / f"{name}-{uri.rsplit('@', 1)[-1].rsplit('/', 1)[-1]}-vllm"
+    result = export.vllm(uri, target)
+    typer.echo(f"wrote {result['out']}/lora-modules.json and serve.sh ({result['source']}); prompt template: "
+               f"{result['template']!r}\n{result['command']}")
+    for warning in result["warnings"]:
+        typer.secho(f"warning: {warning}", fg=typer.colors.YELLOW, err=True)
+
+
+@app.command()
+@friendly
+def demo(host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on (loopback by default)."),
+         port: int = typer.Option(7860, "--port"),
+         model: Optional[str] = typer.Option(None, "--model", help="Registered model (default registry.model_name)."),
+         params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt) -> None:
+    """Gradio page: base / production / candidate answers side by side, rated into MLflow, corrections kept."""
+    from loraops import demo as page
+
+    p = params_of(params, set_)
+    _loopback_warning(host)
+    typer.echo(f"demo of {model or p.registry.model_name} on http://{host}:{port}")
+    page.launch(p, model or p.registry.model_name, host, port)

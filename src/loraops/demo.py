@@ -1,0 +1,214 @@
+"""`loraops demo`: ask once, read base / production / candidate side by side, rate them, keep corrections.
+
+The answers come from the same engine as ``loraops serve`` (one base, the adapters beside it), so they are
+the API's and the pyfunc model's answers. Ratings — thumbs and the 1–5 relevance / accuracy / completeness
+rubric of ``loraops review`` — go to the MLflow run of the version they rate (``review/items.json`` and the
+``review/…`` metrics the gate reads; a base answer counts as ``base`` in the run of each version shown
+beside it). An approved corrected answer is appended to ``data/feedback/corrections.jsonl`` (``qa`` columns:
+question, answer, category) and the file is tracked with ``dvc add``, ready to be added to the next data
+version.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from loraops.api import Catalog, Engine, Settings, Version
+from loraops.degenerate import detect
+from loraops.errors import ConfigError, LoraopsError
+from loraops.review import CRITERIA
+
+ARMS = ("base", "production", "candidate")
+THUMBS = ("👍 good", "👎 bad")
+FEEDBACK = Path("data/feedback/corrections.jsonl")
+_feedback_lock = threading.Lock()
+
+
+class Demo:
+    """What the page calls: answers for the three arms, and saving ratings and corrections."""
+
+    def __init__(self, catalog: Catalog, engine: Engine, settings: Settings, name: str, fields: list[str]) -> None:
+        self.catalog, self.engine, self.settings, self.name, self.fields = catalog, engine, settings, name, fields
+
+    def versions(self) -> dict[str, Version | None]:
+        """The arm → version shown now (aliases are read at every question)."""
+        shown: dict[str, Version | None] = {"base": None}
+        for alias in ("production", "candidate"):
+            try:
+                shown[alias] = self.catalog.resolve(f"{self.name}@{alias}")
+            except LoraopsError:
+                shown[alias] = None
+        return shown
+
+    def ask(self, question: str, fields: dict[str, str]) -> dict[str, dict[str, Any]]:
+        """Each arm's label, version and answer (arms without a version say so)."""
+        if not question.strip():
+            raise ConfigError("question: type a question first")
+        out: dict[str, dict[str, Any]] = {}
+        for arm, version in self.versions().items():
+            if arm != "base" and version is None:
+                out[arm] = {"label": f"{arm}: no version has this alias yet", "version": None, "answer": ""}
+                continue
+            generation = self.settings.generation(version)
+            answer = self.engine.answer(self.settings.prompt(version, question, fields), version,
+                                        int(generation["max_new_tokens"]), list(generation.get("stop_strings", [])))
+            label = f"{arm} · {version.name}/{version.number}" if version else "base model (no adapter)"
+            if arm == "candidate" and version and out.get("production", {}).get("version") == f"{version.name}/{version.number}":
+                label += " (the production version)"
+            flagged = detect(answer)
+            if flagged:
+                label += f" · ⚠ degenerate answer ({flagged}): the gate scores it 0"
+            out[arm] = {"label": label, "version": f"{version.name}/{version.number}" if version else None, "answer": answer}
+        return out
+
+    def save(self, rater: str, question: str, fields: dict[str, str], shown: dict[str, dict[str, Any]],
+             ratings: dict[str, dict[str, Any]]) -> str:
+        """Record the arms' ratings in their runs and approved corrections in the feedback file; say what was saved.
+
+        Raises:
+            ConfigError: no rater, nothing asked yet, or a rubric only partly filled (naming arm and criterion).
+        """
+        from loraops import review
+        from loraops.registry import _client
+
+        if not rater.strip():
+            raise ConfigError("your name: ratings are recorded with the rater's name")
+        if not shown:
+            raise ConfigError("ask a question first")
+        rated = {}
+        for arm, given in ratings.items():
+            scores = {c: given.get(c) for c in CRITERIA}
+            filled = [c for c, v in scores.items() if v]
+            if filled and len(filled) < len(CRITERIA):
+                missing = ", ".join(c for c in CRITERIA if c not in filled)
+                raise ConfigError(f"{arm}: {missing} not rated (rate all three criteria, or none)")
+            if filled or given.get("thumb") or given.get("correction", "").strip():
+                rated[arm] = {"thumb": {THUMBS[0]: "up", THUMBS[1]: "down"}.get(given.get("thumb") or ""),
+                              **{c: int(v) if v else None for c, v in scores.items()}}
+        if not rated:
+            raise ConfigError("nothing rated: give a thumb or the three scores to at least one answer")
+        runs: dict[str, str] = {}
+        client = _client()
+        for arm in ("production", "candidate"):
+            number = shown.get(arm, {}).get("version")
+            if number:
+                name, version = number.split("/")
+                runs[arm] = client.get_model_version(name, version).run_id
+        when, saved = time.strftime("%Y-%m-%dT%H:%M:%S%z"), []
+        for arm, item in rated.items():
+            targets = [runs[arm]] if arm in runs else ([] if arm != "base" else list(dict.fromkeys(runs.values())))
+            if arm != "base" and arm not in runs:
+                continue
+            for run_id in targets:
+                review.record(run_id, [{**item, "key": f"demo:{uuid.uuid4().hex}", "source": "demo",
+                                        "model": "base" if arm == "base" else "tuned", "rater": rater,
+                                        "question": question, "answer": shown[arm]["answer"], "created": when}])
+                saved.append(f"{arm} → run {run_id[:8]}")
+        corrections = [(arm, given["correction"].strip()) for arm, given in ratings.items()
+                       if given.get("approve") and (given.get("correction") or "").strip()]
+        for arm, text in corrections:
+            append_feedback({"question": question, "answer": text, "category": fields.get("category", ""),
+                             "source": "demo", "corrects": shown.get(arm, {}).get("version") or "base",
+                             "rater": rater, "created": when})
+        note = f"saved ratings: {', '.join(saved)}" if saved else "no version to record ratings against yet"
+        if corrections:
+            note += f"; appended {len(corrections)} approved correction(s) to {FEEDBACK}"
+        return note
+
+
+def append_feedback(row: dict[str, Any], path: Path = FEEDBACK) -> None:
+    """Append one corrected answer and keep the file tracked by DVC (``dvc add``) when the project uses DVC."""
+    with _feedback_lock:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+        if Path(".dvc").is_dir():
+            dvc = Path(sys.executable).with_name("dvc")
+            subprocess.run([str(dvc) if dvc.exists() else "dvc", "add", "-q", str(path)], check=False,
+                           capture_output=True, text=True)
+
+
+def build_ui(demo: Demo) -> Any:
+    """The Gradio page: question (and template fields), three answer columns with ratings, one save button."""
+    import gradio as gr
+
+    with gr.Blocks(title=f"loraops demo · {demo.name}") as page:
+        gr.Markdown(f"## {demo.name}: base, production and candidate side by side\n"
+                    "Ask, read the three answers, rate what you read (thumbs, or all three 1–5 scores), and save. "
+                    "Ratings go to the version's MLflow run, where the promotion gate reads them; an approved "
+                    f"correction is added to `{FEEDBACK}` for the next data version.")
+        with gr.Row():
+            question = gr.Textbox(label="Question", lines=2, scale=4, elem_id="question")
+            field_boxes = [gr.Textbox(label=f, scale=1, elem_id=f"field-{f}") for f in demo.fields]
+        ask = gr.Button("Ask", variant="primary", elem_id="ask")
+        columns: dict[str, dict[str, Any]] = {}
+        with gr.Row(equal_height=True):
+            for arm in ARMS:
+                with gr.Column():
+                    c = columns[arm] = {}
+                    c["label"] = gr.Markdown(f"**{arm}**", elem_id=f"{arm}-label")
+                    c["answer"] = gr.Textbox(label="Answer", lines=5, interactive=False, elem_id=f"{arm}-answer")
+                    c["thumb"] = gr.Radio(list(THUMBS), label="Thumbs", elem_id=f"{arm}-thumb")
+                    for criterion in CRITERIA:
+                        c[criterion] = gr.Radio(["1", "2", "3", "4", "5"], label=f"{criterion.capitalize()} (1–5)",
+                                                elem_id=f"{arm}-{criterion}")
+                    c["correction"] = gr.Textbox(label="Corrected answer (optional)", lines=3, elem_id=f"{arm}-correction")
+                    c["approve"] = gr.Checkbox(label="Approve this correction for the training data",
+                                               elem_id=f"{arm}-approve")
+        with gr.Row():
+            rater = gr.Textbox(label="Your name", scale=1, elem_id="rater")
+            save = gr.Button("Save ratings", scale=1, elem_id="save")
+        status = gr.Markdown(elem_id="status")
+        shown = gr.State({})
+        asked = gr.State({})
+
+        rating_keys = ["thumb", *CRITERIA, "correction", "approve"]
+        rating_inputs = [columns[arm][key] for arm in ARMS for key in rating_keys]
+
+        def on_ask(q: str, *values: str) -> list[Any]:
+            fields = dict(zip(demo.fields, values))
+            try:
+                result = demo.ask(q, fields)
+            except LoraopsError as exc:
+                raise gr.Error(str(exc)) from None
+            out: list[Any] = [result, {"question": q, "fields": fields}]
+            for arm in ARMS:
+                out += [f"**{result[arm]['label']}**", result[arm]["answer"]]
+            out += [None] * len(rating_inputs) + [""]
+            return out
+
+        ask_outputs = [shown, asked] + [columns[arm][k] for arm in ARMS for k in ("label", "answer")] + rating_inputs + [status]
+        ask.click(on_ask, [question, *field_boxes], ask_outputs)
+        question.submit(on_ask, [question, *field_boxes], ask_outputs)
+
+        def on_save(name: str, result: dict, context: dict, *values: Any) -> str:
+            per_arm = {arm: dict(zip(rating_keys, values[i * len(rating_keys):(i + 1) * len(rating_keys)]))
+                       for i, arm in enumerate(ARMS)}
+            try:
+                return demo.save(name, context.get("question", ""), context.get("fields", {}), result, per_arm)
+            except LoraopsError as exc:
+                raise gr.Error(str(exc)) from None
+
+        save.click(on_save, [rater, shown, asked, *rating_inputs], [status])
+    return page
+
+
+def launch(params: Any, name: str, host: str, port: int) -> None:
+    """Open the engine over ``name``'s versions and serve the page until interrupted."""
+    import os
+
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    from loraops import api
+    from loraops.prepare import template_fields
+
+    catalog, engine, settings, _ = api.open_engine(params, [name])
+    fields = [f for f in dict.fromkeys(template_fields(params.data.template)) if f != "question"]
+    build_ui(Demo(catalog, engine, settings, name, fields)).queue(default_concurrency_limit=8).launch(
+        server_name=host, server_port=port, share=False, show_error=True, quiet=True)

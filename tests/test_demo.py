@@ -1,0 +1,100 @@
+"""`loraops demo` in a real browser (Debian's Chromium driven by Playwright): ask, read three answers, rate,
+save; the ratings land in the versions' MLflow runs where the gate reads them, the approved correction in
+the DVC-tracked feedback file. Bad input (no rater, half a rubric) is refused on the page."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+
+import pytest
+
+from helpers import free_port, start_server, stop_server, wait_http
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+NAME = "interior-qa-lora"
+CHROMIUM = "/usr/bin/chromium"
+QUESTION = "벽지에 곰팡이가 생기는 원인은 무엇인가요?"
+
+
+@pytest.fixture
+def page(served_project, tmp_path):
+    if not os.path.exists(CHROMIUM):
+        pytest.skip("Chromium not installed (.ci/run installs it)")
+    from playwright.sync_api import sync_playwright
+
+    port = free_port()
+    log = tmp_path / "demo.log"
+    proc = start_server([sys.executable, "-m", "loraops.cli", "demo", "--port", str(port)], log, served_project,
+                        {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"})
+    try:
+        wait_http(f"http://127.0.0.1:{port}/", 180, proc, log)
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+            tab = browser.new_page(viewport={"width": 1400, "height": 1100})
+            tab.goto(f"http://127.0.0.1:{port}/")
+            yield tab
+            tab.screenshot(path=str(tmp_path / "demo.png"), full_page=True)
+            browser.close()
+    finally:
+        stop_server(proc)
+        feedback = served_project / "data/feedback"
+        shutil.rmtree(feedback, ignore_errors=True)  # other tests read the project as it was
+
+
+def _answer(tab, arm: str) -> str:
+    return tab.locator(f"#{arm}-answer textarea").input_value()
+
+
+def _rate(tab, arm: str, thumb: str | None, scores: dict[str, str]) -> None:
+    if thumb:
+        tab.locator(f"#{arm}-thumb").get_by_text(thumb).click()
+    for criterion, value in scores.items():
+        tab.locator(f"#{arm}-{criterion}").get_by_text(value, exact=True).click()
+
+
+def test_demo_compares_rates_into_mlflow_and_keeps_approved_corrections(page, served_project, monkeypatch):
+    import mlflow
+
+    from loraops.tracking import tracking_setup
+
+    tab = page
+    tab.locator("#question textarea").fill(QUESTION)
+    tab.locator("#ask").click()
+    tab.wait_for_function("document.querySelector('#candidate-answer textarea').value.length > 0", timeout=120_000)
+    assert "production · interior-qa-lora/1" in tab.locator("#production-label").inner_text()
+    assert "candidate · interior-qa-lora/2" in tab.locator("#candidate-label").inner_text()
+    assert "base model" in tab.locator("#base-label").inner_text()
+
+    monkeypatch.chdir(served_project)
+    tracking_setup(served_project)
+    assert _answer(tab, "production") == mlflow.pyfunc.load_model(f"models:/{NAME}@production").predict([QUESTION])[0]
+
+    _rate(tab, "production", "good", {"relevance": "5", "accuracy": "4"})  # half a rubric: refused, nothing saved
+    tab.locator("#rater textarea").fill("kim")
+    tab.locator("#save").click()
+    tab.get_by_text("production: completeness not rated").wait_for(timeout=60_000)
+
+    _rate(tab, "production", None, {"completeness": "5"})
+    _rate(tab, "candidate", "bad", {"relevance": "2", "accuracy": "2", "completeness": "3"})
+    _rate(tab, "base", "bad", {})
+    tab.locator("#candidate-correction textarea").fill("곰팡이는 결로와 환기 부족 때문에 생깁니다.")
+    tab.locator("#candidate-approve input").check()
+    tab.locator("#save").click()
+    tab.wait_for_function("document.querySelector('#status').innerText.includes('saved ratings')", timeout=60_000)
+
+    client = mlflow.MlflowClient()
+    runs = {v: client.get_run(client.get_model_version(NAME, v).run_id) for v in ("1", "2")}
+    assert runs["1"].data.metrics["review/mean/tuned"] == pytest.approx(14 / 3, abs=1e-3)
+    assert runs["1"].data.metrics["review/thumbs_up/tuned"] == 1.0
+    assert runs["2"].data.metrics["review/mean/tuned"] == pytest.approx(7 / 3, abs=1e-3)
+    assert runs["2"].data.metrics["review/thumbs_up/base"] == 0.0
+    items = json.load(open(client.download_artifacts(runs["2"].info.run_id, "review/items.json")))
+    assert {i["rater"] for i in items.values()} == {"kim"} and {i["model"] for i in items.values()} == {"tuned", "base"}
+
+    rows = [json.loads(line) for line in (served_project / "data/feedback/corrections.jsonl").read_text().splitlines()]
+    assert rows == [{**rows[0], "question": QUESTION, "answer": "곰팡이는 결로와 환기 부족 때문에 생깁니다.",
+                     "corrects": f"{NAME}/2", "rater": "kim", "source": "demo"}]
+    assert (served_project / "data/feedback/corrections.jsonl.dvc").exists()
