@@ -23,11 +23,11 @@ from typing import Any
 from loraops.api import Catalog, Engine, Settings, Version
 from loraops.degenerate import detect
 from loraops.errors import ConfigError, LoraopsError
+from loraops.paths import FEEDBACK
 from loraops.review import CRITERIA
 
 ARMS = ("base", "production", "candidate")
 THUMBS = ("👍 good", "👎 bad")
-FEEDBACK = Path("data/feedback/corrections.jsonl")
 _feedback_lock = threading.Lock()
 
 

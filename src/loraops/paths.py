@@ -30,6 +30,9 @@ EVAL_REPORT = Path("reports/eval.md")
 EVAL_TABLE = Path("reports/eval_questions.csv")
 PLOTS_DIR = Path("reports/plots")
 
+FEEDBACK = Path("data/feedback/corrections.jsonl")
+"""Corrected answers approved in ``loraops demo`` (question, answer, category), tracked with ``dvc add``."""
+
 MLRUNS = Path("mlruns")
 """The default local MLflow store: ``mlruns/mlflow.db`` and its artifacts."""
 MLFLOW_DB = MLRUNS / "mlflow.db"
