@@ -72,6 +72,12 @@ def prepare(work: Path, data_path: str) -> bool:
     return _stage("prepare", work)
 
 
+@task(name="index")
+def index(work: Path, docs_path: str) -> bool:
+    workspace.pull_inputs(work, docs_path, get_run_logger().info)
+    return _stage("index", work)
+
+
 @task(name="train")
 def train(work: Path) -> bool:
     with _gpu():
@@ -130,12 +136,17 @@ def _log_to_ui(text: str) -> None:
 def _close_mlflow_runs(flow: Any, flow_run_: Any, state: Any) -> None:
     """A cancelled, crashed or failed flow run leaves no MLflow run RUNNING."""
     tracking.tracking_setup(REPO)
-    tracking.close_runs_of(str(flow_run_.id), "KILLED" if state.is_cancelled() or state.is_cancelling() else "FAILED")
+    try:
+        tracking.close_runs_of(str(flow_run_.id), "KILLED" if state.is_cancelled() or state.is_cancelling() else "FAILED")
+    except Exception as exc:  # the tracking server is down: the next run closes the orphan (tracking.close_orphans)
+        if not tracking.unreachable(exc):
+            raise
 
 
 _D = Params()  # the code defaults equal params.yaml's; a deployment's defaults are its params file's values
 DataGroup, ModelGroup, LoraGroup = form.GROUPS["data"], form.GROUPS["model"], form.GROUPS["lora"]
 TrainGroup, EvalGroup, RegistryGroup = form.GROUPS["train"], form.GROUPS["eval"], form.GROUPS["registry"]
+RagGroup = form.GROUPS["rag"]
 
 
 @flow(name="finetune", log_prints=True, validate_parameters=True,
@@ -156,6 +167,7 @@ def finetune(
     train: TrainGroup = TrainGroup(),  # type: ignore[valid-type]
     eval: EvalGroup = EvalGroup(),  # type: ignore[valid-type]  # noqa: A002 - the params.yaml section name
     registry: RegistryGroup = RegistryGroup(),  # type: ignore[valid-type]
+    rag: RagGroup = RagGroup(),  # type: ignore[valid-type]
     params_file: str = Field("params.yaml", description="The params file the form's values are compared with "
                                                         "(e.g. configs/DATASET.yaml for another dataset)."),
     overrides: list[str] = Field([], description="Extra dotted.key=value settings, applied last "
@@ -175,12 +187,14 @@ def finetune(
     quick = {"data_path": data_path, "data_format": data_format, "base_model": base_model,
              "learning_rate": learning_rate, "max_steps": max_steps, "lora_rank": lora_rank,
              "eval_questions": eval_questions, "model_name": model_name, "auto_promote": auto_promote}
-    groups = {"data": data, "model": model, "lora": lora, "train": train, "eval": eval, "registry": registry}
+    groups = {"data": data, "model": model, "lora": lora, "train": train, "eval": eval, "registry": registry, "rag": rag}
     extra = list(overrides or [])
-    data_file = data_path if use_form else load_params(REPO / params_file, extra).data.path
-    with (workspace.isolated_workspace(REPO, str(flow_run.id), data_file) if isolate else contextlib.nullcontext(REPO)) as work:
+    chosen = load_params(REPO / params_file, extra)
+    inputs = [data_path if use_form else chosen.data.path, (rag.docs_path if use_form else None) or chosen.rag.docs_path]
+    with (workspace.isolated_workspace(REPO, str(flow_run.id), inputs) if isolate else contextlib.nullcontext(REPO)) as work:
         changed = form.overrides(load_params(Path(work) / params_file), quick, groups) if use_form else []
-        return _finetune(Path(work), params_file, changed + extra, allow_dirty)
+        with tracking.reachable("starting or tracking the run"):
+            return _finetune(Path(work), params_file, changed + extra, allow_dirty)
 
 
 def _finetune(work: Path, params_file: str, overrides: list[str], allow_dirty: bool) -> Any:
@@ -204,15 +218,18 @@ def _finetune(work: Path, params_file: str, overrides: list[str], allow_dirty: b
         tracking.log_params(params)
         if uri.startswith("http"):
             get_run_logger().info("MLflow run: %s/#/experiments/%s/runs/%s?workflowType=machine_learning", uri.rstrip("/"), experiment, run.info.run_id)
-        ran = {"prepare": prepare(work, params.data.path), "train": train(work), "evaluate": evaluate(work)}
+        ran = {"prepare": prepare(work, params.data.path), "index": index(work, params.rag.docs_path),
+               "train": train(work), "evaluate": evaluate(work)}
         mlflow.set_tags({f"dvc.{stage}": "ran" if did else "skipped" for stage, did in ran.items()})
     run_id = run.info.run_id
     try:
-        summary = log_run(work, run_id, params.registry.gate.metric)
-        registered = register(work, params, run_id, allow_dirty, summary)
-        decision = gate(params, registered["version"]) if params.registry.auto_promote else None
+        with tracking.reachable("logging and registering the run"):
+            summary = log_run(work, run_id, params.registry.gate.metric)
+            registered = register(work, params, run_id, allow_dirty, summary)
+            decision = gate(params, registered["version"]) if params.registry.auto_promote else None
     except BaseException:
-        mlflow.MlflowClient().set_terminated(run_id, "FAILED")
+        with contextlib.suppress(Exception):  # the server may be the thing that is down; the next run closes it then
+            mlflow.MlflowClient().set_terminated(run_id, "FAILED")
         raise
     markdown = summary_markdown(params, summary, run_id, uri, registered, decision, ran, experiment)
     create_markdown_artifact(markdown, key="finetune-summary", description="base vs tuned, registration, gate")

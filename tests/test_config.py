@@ -50,7 +50,7 @@ def test_dvc_stages_match_cli_commands_and_params_sections():
     dvc = yaml.safe_load((REPO / "dvc.yaml").read_text(encoding="utf-8"))
     commands = {c.name or c.callback.__name__ for c in app.registered_commands}
     sections = set(Params.model_fields)
-    assert list(dvc["stages"]) == ["prepare", "train", "evaluate"]
+    assert list(dvc["stages"]) == ["prepare", "index", "train", "evaluate"]
     for name, stage in dvc["stages"].items():
         assert stage["cmd"] == f"loraops {name}" and name in commands
         for param in stage["params"]:

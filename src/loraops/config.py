@@ -177,6 +177,26 @@ class RegistrySection(_Section):
     reproduce_tolerance: float = Field(1e-3, ge=0, description="Allowed metric difference when reproducing on a GPU.")
 
 
+class RagSection(_Section):
+    """Retrieval over the domain documents (stage `index`; `loraops retrieve`)."""
+
+    enabled: bool = Field(False, description="Put the top-k passages in the prompt ({context} in data.template) "
+                                             "when training and evaluating.")
+    docs_path: str = Field("data/docs", description="Folder of .md/.txt files, or a .jsonl/.csv with id and text columns.")
+    corpus: Literal["docs", "train"] = Field("docs", description="`docs` = rag.docs_path; `train` = the training "
+                                                                 "answers as a knowledge base (never the test split).")
+    mode: Literal["bm25", "dense", "hybrid"] = Field(
+        "bm25", description="bm25 over Korean morphemes, dense (rag.encoder) or hybrid (reciprocal rank fusion). "
+                            "Dense and hybrid need an encoder valid on Korean; the bundled one is English-only.")
+    tokenizer: Literal["morphemes", "whitespace"] = Field(
+        "morphemes", description="BM25 terms: kiwipiepy content morphemes, or whitespace words (the baseline).")
+    encoder: str = Field(BUNDLED_ENCODER, description="sentence-transformers encoder for dense retrieval (hub id or path).")
+    k: int = Field(3, gt=0, description="Passages retrieved per question.")
+    chunk_chars: int = Field(400, ge=50, description="Longest chunk of a document, in characters (split at sentence ends).")
+    chunk_overlap: int = Field(80, ge=0, description="Characters of the previous chunk's last sentences repeated in the next.")
+    rrf_k: int = Field(60, gt=0, description="Reciprocal rank fusion constant for hybrid (1 / (rrf_k + rank)).")
+
+
 class Params(_Section):
     """Everything in params.yaml."""
 
@@ -187,6 +207,7 @@ class Params(_Section):
     train: TrainSection = Field(default_factory=TrainSection)
     eval: EvalSection = Field(default_factory=EvalSection)
     registry: RegistrySection = Field(default_factory=RegistrySection)
+    rag: RagSection = Field(default_factory=RagSection)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Params":
@@ -216,6 +237,11 @@ class Params(_Section):
             if unknown:
                 problems.append(f"data.template: unknown field(s) {', '.join('{' + u + '}' for u in unknown)}; "
                                 "use {question}, {category} or a column listed in data.attribute_columns")
+        if self.rag.chunk_overlap >= self.rag.chunk_chars:
+            problems.append(f"rag.chunk_overlap: {self.rag.chunk_overlap} must be below rag.chunk_chars ({self.rag.chunk_chars})")
+        if self.rag.enabled:
+            problems.append("rag.enabled: retrieval inside training and evaluation (the four eval arms) is not built "
+                            "yet; build the index with `loraops index` and query it with `loraops retrieve`")
         if problems:
             raise ValueError("\n  ".join(problems))
         return self

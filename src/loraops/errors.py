@@ -32,3 +32,7 @@ class RegistryError(LoraopsError, RuntimeError):
 
 class StageError(LoraopsError, RuntimeError):
     """A DVC stage failed; its command already printed why."""
+
+
+class TrackingError(LoraopsError, RuntimeError):
+    """The MLflow tracking server did not answer within loraops' bounded retries."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-STAGES = ("prepare", "train", "evaluate")
+STAGES = ("prepare", "index", "train", "evaluate")
 """The DVC stages, in order; each is `src/loraops/<stage>.py`, `loraops <stage>` and a Prefect task of that name."""
 
 PARAMS = Path("params.yaml")
@@ -17,6 +17,12 @@ DVC_LOCK = Path("dvc.lock")
 PREPARED_DIR = Path("data/prepared")
 SPLITS = ("train", "validation", "test")
 DATA_CARD = PREPARED_DIR / "card.json"
+
+INDEX_DIR = Path("data/index")
+"""Stage `index`: the chunks, the BM25 index and (for dense/hybrid) the vectors of the domain documents."""
+INDEX_CHUNKS = INDEX_DIR / "chunks.jsonl"
+INDEX_VECTORS = INDEX_DIR / "vectors.npy"
+INDEX_CARD = INDEX_DIR / "card.json"
 
 BASE_DIR = Path("models/base")
 """The tiny base built from the training corpus (``model.base: tiny-ko``); a hub base lives in the HF cache."""
@@ -49,6 +55,7 @@ def split(name: str) -> Path:
 
 STAGE_OUTPUTS: dict[str, dict[str, list[Path]]] = {
     "prepare": {"outs": [split(s) for s in SPLITS], "metrics": [DATA_CARD], "plots": []},
+    "index": {"outs": [INDEX_DIR], "metrics": [], "plots": []},
     "train": {"outs": [BASE_DIR, ADAPTER_DIR], "metrics": [TRAIN_METRICS], "plots": [TRAIN_LOG]},
     "evaluate": {"outs": [EVAL_TABLE, EVAL_REPORT, PLOTS_DIR], "metrics": [EVAL_METRICS], "plots": []},
 }
@@ -56,6 +63,7 @@ STAGE_OUTPUTS: dict[str, dict[str, list[Path]]] = {
 
 STAGE_INPUTS: dict[str, list[Path]] = {
     "prepare": [],  # plus ${data.path}
+    "index": [split("train")],  # plus ${rag.docs_path}; the training answers are the corpus with rag.corpus: train
     "train": [split("train"), split("validation")],
     "evaluate": [BASE_DIR, ADAPTER_DIR, split("test")],
 }

@@ -87,6 +87,9 @@ def _checkout(card: dict[str, Any], repo: Path, where: Path) -> Path:
     if (tree / f"{data_path}.dvc").exists():
         _sh([dvc, "pull", "-q", f"{data_path}.dvc"], tree,
             what=f"dvc pull {data_path} (the recorded data version may be gone from the DVC remote)")
+    docs_path = card["params"].get("rag", {}).get("docs_path")
+    if docs_path and (tree / f"{docs_path}.dvc").exists():  # the `index` stage's documents
+        _sh([dvc, "pull", "-q", f"{docs_path}.dvc"], tree, what=f"dvc pull {docs_path}")
     recorded = card.get("data_md5", {}).get(data_path)
     if recorded:
         import hashlib

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import mlflow
 import mlflow.exceptions
@@ -18,6 +19,10 @@ from loraops.paths import (DATA_CARD, EVAL_METRICS, EVAL_REPORT, EVAL_TABLE, LOC
 
 _BATCH = 900  # MLflow accepts up to 1000 metrics per log_batch
 _USER_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
+HTTP_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                "MLFLOW_HTTP_REQUEST_TIMEOUT": "60"}
+"""A tracking server that is down fails a request after ~10 s, not MLflow's default ~4 min; the flow's I/O
+retries (``flows/finetune.py``) then try the step again a few times. Set the variables to change either."""
 
 
 def tracking_setup(root: Path = Path(".")) -> str:
@@ -27,6 +32,9 @@ def tracking_setup(root: Path = Path(".")) -> str:
     so a later call in another directory does not inherit a store chosen for the previous one.
     """
     uri = _USER_TRACKING_URI
+    if uri and uri.startswith("http"):
+        for key, value in HTTP_RETRIES.items():
+            os.environ.setdefault(key, value)
     if not uri:
         (root / MLRUNS).mkdir(exist_ok=True)
         uri = f"sqlite:///{(root / MLFLOW_DB).resolve()}"
@@ -34,6 +42,32 @@ def tracking_setup(root: Path = Path(".")) -> str:
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     return uri
+
+
+def unreachable(exc: BaseException) -> bool:
+    """Whether an MLflow error means the tracking server did not answer (down, restarting, unreachable)."""
+    import requests
+
+    if isinstance(exc, (requests.ConnectionError, requests.Timeout)):
+        return True
+    return (isinstance(exc, mlflow.exceptions.MlflowException) and "API request to" in exc.message
+            and any(s in exc.message for s in ("Max retries exceeded", "Connection refused", "timed out", "Connection aborted")))
+
+
+@contextlib.contextmanager
+def reachable(doing: str) -> Iterator[None]:
+    """Turn "the tracking server did not answer" into one clear TrackingError; other errors pass unchanged."""
+    from loraops.errors import TrackingError
+
+    try:
+        yield
+    except Exception as exc:
+        if not unreachable(exc):
+            raise
+        retries = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "?")
+        raise TrackingError(f"the MLflow tracking server {mlflow.get_tracking_uri()} did not answer while {doing} "
+                            f"({retries} retries per request, then the step's own retries). Rerun when it is back: "
+                            "finished stages are not run again.") from None
 
 
 _READY: set[str] = set()

@@ -290,6 +290,12 @@ def resumable(work_dir: Path, identity: dict[str, Any]) -> tuple[Path | None, st
     return complete[-1], ""
 
 
+def _drop_incomplete(work_dir: Path) -> None:
+    for checkpoint in work_dir.glob("checkpoint-*"):
+        if not ((checkpoint / "trainer_state.json").exists() and (checkpoint / "rng_state.pth").exists()):
+            shutil.rmtree(checkpoint, ignore_errors=True)
+
+
 def _write_history(path: Path, history: list[dict[str, Any]]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -336,7 +342,11 @@ def run(params: Params, root: Path = Path(".")) -> dict[str, Any]:
             work_dir.mkdir(parents=True, exist_ok=True)
             write_json(work_dir / IDENTITY_FILE, identity)
     state.wait_for_everyone()
-    out = fit(params, train_rows, val_rows, base_location(params.model, root), device, work_dir, resume)
+    try:
+        out = fit(params, train_rows, val_rows, base_location(params.model, root), device, work_dir, resume)
+    except BaseException:
+        _drop_incomplete(work_dir)  # a checkpoint cut short (disk full, kill during its save) is never resumed from
+        raise
     out["figures"]["processes"] = state.num_processes
     out["figures"]["resumed_from"] = resume.name if resume else None
     if state.is_main_process:

@@ -43,7 +43,7 @@ def write_params(params_file: str, overrides: list[str], root: Path = Path("."))
 
 
 @contextlib.contextmanager
-def isolated_workspace(repo: Path, name: str, data_path: str) -> Iterator[Path]:
+def isolated_workspace(repo: Path, name: str, inputs: list[str]) -> Iterator[Path]:
     """A git worktree of HEAD for one flow run, sharing the repo's DVC cache; removed afterwards.
 
     Concurrent runs each get their own params.yaml, dvc.lock and stage outputs; DVC's cache is shared,
@@ -66,10 +66,14 @@ def isolated_workspace(repo: Path, name: str, data_path: str) -> Iterator[Path]:
         sh(dvc, "cache", "dir", "--local", str(repo / ".dvc" / "cache"))
         if (repo / "dvc-remote").is_dir():
             sh(dvc, "remote", "modify", "--local", "sample", "url", str(repo / "dvc-remote"))
-        pull_inputs(tree, data_path, lambda _: None)
-        if not (tree / data_path).exists() and (repo / data_path).is_file():
-            (tree / data_path).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(repo / data_path, tree / data_path)  # an untracked local file the user pointed at
+        for data_path in inputs:  # data.path, rag.docs_path
+            pull_inputs(tree, data_path, lambda _: None)
+            if not (tree / data_path).exists() and (repo / data_path).exists():  # untracked local files the user pointed at
+                (tree / data_path).parent.mkdir(parents=True, exist_ok=True)
+                if (repo / data_path).is_dir():
+                    shutil.copytree(repo / data_path, tree / data_path)
+                else:
+                    shutil.copy2(repo / data_path, tree / data_path)
         yield tree
     finally:
         subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=repo, capture_output=True)
@@ -123,7 +127,8 @@ def run_stage(stage: str, root: Path = Path("."), say: Callable[[str], Any] = pr
 
 
 def pull_inputs(root: Path, data_path: str, say: Callable[[str], Any] = print) -> None:
-    """Fetch a DVC-tracked ``data.path`` that is not in the workspace (a fresh clone) from the DVC remote.
+    """Fetch a DVC-tracked input (``data.path``, ``rag.docs_path``) that is not in the workspace (a fresh clone)
+    from the DVC remote.
 
     Raises:
         StageError: the file is tracked but `dvc pull` could not bring it.
@@ -134,7 +139,7 @@ def pull_inputs(root: Path, data_path: str, say: Callable[[str], Any] = print) -
     dvc = str(Path(sys.executable).parent / "dvc")
     out = subprocess.run([dvc, "pull", "-q", f"{data_path}.dvc"], cwd=root, capture_output=True, text=True)
     if out.returncode != 0 or not (root / data_path).exists():
-        raise StageError(f"data.path {data_path}: tracked by DVC but `dvc pull` failed: {out.stderr.strip()[-400:]}")
+        raise StageError(f"{data_path}: tracked by DVC but `dvc pull` failed: {out.stderr.strip()[-400:]}")
 
 
 @contextlib.contextmanager

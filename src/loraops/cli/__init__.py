@@ -94,8 +94,43 @@ def friendly(func: Callable[..., Any]) -> Callable[..., Any]:
         except LoraopsError as exc:
             typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
             raise typer.Exit(2) from None
+        except Exception as exc:  # noqa: BLE001 - only the tracking server's refusals are expected; others re-raise
+            refusal = _server_refusal(exc) or _disk_full(exc)
+            if refusal is None:
+                raise
+            typer.secho(f"error: {refusal}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(2) from None
 
     return wrapper
+
+
+def _server_refusal(exc: Exception) -> str | None:
+    """An MLflow server's 401/403 as one line naming the user, or None for any other error."""
+    from mlflow.exceptions import MlflowException
+
+    if not isinstance(exc, MlflowException) or exc.error_code not in ("PERMISSION_DENIED", "UNAUTHENTICATED"):
+        return None
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME") or "anonymous (MLFLOW_TRACKING_USERNAME not set)"
+    what = "is not allowed to do this" if exc.error_code == "PERMISSION_DENIED" else "could not sign in"
+    return (f"the MLflow server refused: user {user} {what} ({exc.message.splitlines()[0][:200]}); in locked-down "
+            "team mode only the loraops service account may register models and move aliases")
+
+
+def _disk_full(exc: Exception) -> str | None:
+    """Disk full (or over a quota or file-size limit) as one line, or None for any other error.
+
+    torch reports a failed write as a RuntimeError ("file write failed"), Python as OSError ENOSPC/EDQUOT/EFBIG.
+    """
+    import errno
+
+    codes = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+    full = (isinstance(exc, OSError) and exc.errno in codes) or (
+        isinstance(exc, RuntimeError) and any(s in str(exc) for s in ("file write failed", "No space left on device")))
+    if not full:
+        return None
+    where = getattr(exc, "filename", None) or Path.cwd()
+    return (f"no space left writing {where} ({exc.__class__.__name__}: {str(exc).splitlines()[0][:160]}); free space "
+            "(df -h) and rerun. Outputs are written aside and moved into place, so nothing half-written was kept.")
 
 
 def params_of(path: Path, overrides: Optional[list[str]]) -> Params:

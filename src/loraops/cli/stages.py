@@ -24,6 +24,58 @@ def prepare(params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt) -> Non
 
 @app.command()
 @friendly
+def index(params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt) -> None:
+    """Chunk rag.docs_path and index it (Korean morpheme BM25; vectors for dense/hybrid) → data/index."""
+    from loraops import index as index_stage
+
+    card = index_stage.run(params_of(params, set_))
+    typer.echo(f"indexed {card['documents']} documents as {card['chunks']} chunks from {card['source']} "
+               f"(mode {card['mode']}, {card['tokenizer']} terms)")
+
+
+@app.command()
+@friendly
+def retrieve(query: Optional[str] = typer.Argument(None, help="A question to look up."),
+             k: Optional[int] = typer.Option(None, "--k", help="Passages to return (default rag.k)."),
+             file: Optional[Path] = typer.Option(None, "--file", help="CSV/JSONL of questions."),
+             out: Optional[Path] = typer.Option(None, "--out", help="JSONL to write (with --file; default FILE.retrieved.jsonl)."),
+             question_column: str = typer.Option("question", "--question-column", help="The column of --file holding the questions."),
+             mode: Optional[str] = typer.Option(None, "--mode", help="bm25 | dense | hybrid (default rag.mode)."),
+             as_json: bool = typer.Option(False, "--json", help="One JSON line: {question, results: [{id, score, text}]}."),
+             params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt) -> None:
+    """The top-k passages of the document index for a question, or for every question of a file."""
+    import json
+
+    from loraops import index as index_stage
+    from loraops.errors import ConfigError
+
+    p = params_of(params, set_)
+    if mode is not None and mode not in ("bm25", "dense", "hybrid"):
+        raise ConfigError(f"--mode: {mode!r} is not one of bm25, dense, hybrid")
+    top = p.rag.k if k is None else k
+    if top <= 0:
+        raise ConfigError(f"--k: must be at least 1, got {top}")
+    if (query is None) == (file is None):
+        raise ConfigError("retrieve needs a question, or --file (not both)")
+    retriever = index_stage.Retriever(p, mode=mode)
+    if file is not None:
+        source = user_path(file)
+        target = user_path(out.parent) / out.name if out else source.with_name(source.stem + ".retrieved.jsonl")
+        count = index_stage.retrieve_file(retriever, source, target, top, question_column)
+        typer.echo(f"wrote {target} ({count} questions, top {top} each)")
+        return
+    results = retriever.search(query, top)
+    if as_json:
+        typer.echo(json.dumps({"question": query, "results": results}, ensure_ascii=False))
+        return
+    for rank, hit in enumerate(results, start=1):
+        typer.echo(f"{rank}. {hit['id']}  ({hit['score']:.3f})\n   {hit['text']}")
+    if not results:
+        typer.echo("no passage shares a term with the question")
+
+
+@app.command()
+@friendly
 def train(params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt) -> None:
     """Train the LoRA adapter on data/prepared → models/adapter."""
     from loraops import train as train_stage

@@ -1,0 +1,308 @@
+"""Stage `index`: domain documents → sentence-aware chunks → a Korean morpheme BM25 index and dense vectors.
+
+`retrieve` answers queries over the stage's output (``data/index``) in the configured ``rag.mode``:
+``bm25`` (kiwipiepy content morphemes scored by bm25s; ``rag.tokenizer: whitespace`` is the baseline that
+misses Korean words carrying particles and endings), ``dense`` (cosine over ``rag.encoder`` vectors) or
+``hybrid`` (reciprocal rank fusion of both). Result ids are the document id, or ``<doc id>#<chunk>`` for a
+document cut into several chunks.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from loraops.config import BUNDLED_ENCODER, Params, RagSection
+from loraops.errors import ConfigError, DataError
+from loraops.paths import INDEX_CARD, INDEX_CHUNKS, INDEX_DIR, INDEX_VECTORS
+from loraops.readers import decode
+from loraops.utils import atomic_dir, say
+
+DOC_SUFFIXES = (".md", ".txt")
+_SENTENCE_END = re.compile(r"(?<=[.!?。])\s+|\n+")
+BM25_DIR = "bm25"
+
+
+@dataclass(frozen=True)
+class Chunk:
+    id: str
+    doc_id: str
+    text: str
+
+
+# ---------------------------------------------------------------- documents
+
+
+def read_documents(cfg: RagSection, root: Path = Path(".")) -> list[tuple[str, str]]:
+    """``(id, text)`` of every document under ``rag.docs_path`` (or of the training answers, ``rag.corpus: train``).
+
+    Raises:
+        DataError: missing or empty folder, an undecodable file, a record without id/text, duplicate ids.
+    """
+    if cfg.corpus == "train":
+        from loraops.prepare import load_split
+
+        seen: dict[str, str] = {}
+        for row in load_split("train", root):  # never validation or test: the index must not hold their answers
+            seen.setdefault(row["group"], row["answer"])
+        return sorted(seen.items())
+    path = root / cfg.docs_path
+    if not path.exists():
+        raise DataError(f"rag.docs_path: {cfg.docs_path} not found (a folder of .md/.txt, or a .jsonl/.csv with id and text)")
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in DOC_SUFFIXES)
+        if not files:
+            raise DataError(f"{path}: no .md or .txt documents in this folder (rag.docs_path)")
+        docs = []
+        for file in files:
+            text, _ = decode(file, file.read_bytes(), "auto")
+            docs.append((file.relative_to(path).with_suffix("").as_posix(), text))
+    elif path.suffix.lower() == ".jsonl":
+        docs = _jsonl_documents(path)
+    elif path.suffix.lower() == ".csv":
+        docs = _csv_documents(path)
+    else:
+        raise DataError(f"rag.docs_path: {path} is neither a folder nor a .jsonl/.csv file")
+    ids: dict[str, int] = {}
+    for number, (doc_id, _) in enumerate(docs, start=1):
+        if doc_id in ids:
+            raise DataError(f"{path}: duplicate document id {doc_id!r} (records {ids[doc_id]} and {number})")
+        ids[doc_id] = number
+    return docs
+
+
+def _record(path: Path, where: str, row: dict[str, Any]) -> tuple[str, str]:
+    doc_id, text = str(row.get("id") or "").strip(), str(row.get("text") or "").strip()
+    if not doc_id or not text:
+        missing = ", ".join(k for k, v in (("id", doc_id), ("text", text)) if not v)
+        raise DataError(f"{path}: {where}: missing {missing}")
+    return doc_id, text
+
+
+def _jsonl_documents(path: Path) -> list[tuple[str, str]]:
+    text, _ = decode(path, path.read_bytes(), "auto")
+    docs = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as exc:
+            raise DataError(f"{path}: line {number}: not JSON ({exc.msg})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}: line {number}: expected an object with id and text")
+        docs.append(_record(path, f"line {number}", row))
+    if not docs:
+        raise DataError(f"{path}: no documents")
+    return docs
+
+
+def _csv_documents(path: Path) -> list[tuple[str, str]]:
+    text, _ = decode(path, path.read_bytes(), "auto")
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    missing = [c for c in ("id", "text") if c not in (reader.fieldnames or [])]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {', '.join(missing)}")
+    docs = [_record(path, f"line {reader.line_num}", row) for row in reader]
+    if not docs:
+        raise DataError(f"{path}: no documents")
+    return docs
+
+
+def sentences(text: str) -> list[str]:
+    """Sentences of Korean (or mixed) prose: split after sentence-final punctuation and at blank lines."""
+    from loraops.prepare import clean_text
+
+    parts = [p.strip() for p in _SENTENCE_END.split(clean_text(text)) if p and p.strip()]
+    return [p.lstrip("#").strip() if p.startswith("#") else p for p in parts]
+
+
+def chunk(doc_id: str, text: str, size: int, overlap: int) -> list[Chunk]:
+    """Pack whole sentences into chunks of at most ``size`` characters (a longer sentence is cut); each chunk
+    after the first starts with the previous chunk's last sentences, up to ``overlap`` characters."""
+    pieces: list[str] = []
+    for sentence in sentences(text):
+        pieces += [sentence[i: i + size] for i in range(0, len(sentence), size)]
+    chunks: list[list[str]] = []
+    current: list[str] = []
+    for piece in pieces:
+        if current and len(" ".join([*current, piece])) > size:
+            chunks.append(current)
+            carried: list[str] = []
+            for previous in reversed(current):
+                if len(" ".join([previous, *carried])) > overlap:
+                    break
+                carried.insert(0, previous)
+            current = carried if len(" ".join([*carried, piece])) <= size else []
+        current.append(piece)
+    if current:
+        chunks.append(current)
+    if len(chunks) == 1:
+        return [Chunk(doc_id, doc_id, " ".join(chunks[0]))]
+    return [Chunk(f"{doc_id}#{n}", doc_id, " ".join(c)) for n, c in enumerate(chunks)]
+
+
+# ---------------------------------------------------------------- terms and vectors
+
+
+class Terms:
+    """What BM25 counts: kiwipiepy content morphemes (Korean words without their particles and endings), or
+    whitespace words."""
+
+    def __init__(self, kind: str, params: Params) -> None:
+        self.kind = kind
+        if kind == "morphemes":
+            from loraops.metrics import Morphemes
+
+            self._morphemes = Morphemes(params.eval.morph_pos, params.eval.morph_analyzer)
+
+    def __call__(self, text: str) -> list[str]:
+        if self.kind == "whitespace":
+            return [w.lower() for w in re.findall(r"\w+", text)]
+        return [m.lower() for m in self._morphemes(text)]
+
+
+def encoder(name: str) -> Any:
+    from sentence_transformers import SentenceTransformer
+
+    from loraops.metrics import resolve_encoder
+    from loraops.utils import pick_device
+
+    try:
+        return SentenceTransformer(resolve_encoder(name), device=pick_device("auto"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"rag.encoder: cannot load {name!r}: {str(exc).splitlines()[0]}") from None
+
+
+def _bm25(chunks: list[Chunk], terms: Terms) -> Any:
+    import bm25s
+
+    retriever = bm25s.BM25()
+    retriever.index([terms(c.text) or ["∅"] for c in chunks], show_progress=False)
+    return retriever
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def build(params: Params, root: Path = Path(".")) -> dict[str, Any]:
+    """Chunk the documents, index them (BM25 always; vectors when the mode uses them) and write ``data/index``."""
+    import numpy as np
+
+    cfg = params.rag
+    docs = read_documents(cfg, root)
+    chunks = [c for doc_id, text in docs for c in chunk(doc_id, text, cfg.chunk_chars, cfg.chunk_overlap)]
+    terms = Terms(cfg.tokenizer, params)
+    retriever = _bm25(chunks, terms)
+    vectors = None
+    if cfg.mode in ("dense", "hybrid") and cfg.encoder == BUNDLED_ENCODER:
+        say(f"warning: rag.mode {cfg.mode} with rag.encoder {BUNDLED_ENCODER}, which is English-only: dense retrieval "
+            "is not valid on Korean (benchmarks/retrieval.py: recall@1 under 0.1 where morpheme BM25 has 0.88); "
+            "use rag.mode bm25, or a multilingual encoder")
+    if cfg.mode in ("dense", "hybrid"):
+        vectors = encoder(cfg.encoder).encode([c.text for c in chunks], normalize_embeddings=True,
+                                              show_progress_bar=False, convert_to_numpy=True)
+    card = {"documents": len(docs), "chunks": len(chunks), "corpus": cfg.corpus,
+            "source": cfg.docs_path if cfg.corpus == "docs" else "data/prepared/train.jsonl (answers)",
+            "mode": cfg.mode, "tokenizer": cfg.tokenizer, "encoder": cfg.encoder if vectors is not None else None,
+            "encoder_valid_on_korean": (cfg.encoder != BUNDLED_ENCODER) if vectors is not None else None,
+            "chunk_chars": cfg.chunk_chars, "chunk_overlap": cfg.chunk_overlap,
+            "mean_chunk_chars": round(sum(len(c.text) for c in chunks) / max(1, len(chunks)), 1)}
+    with atomic_dir(root / INDEX_DIR) as tmp:
+        with (tmp / INDEX_CHUNKS.name).open("w", encoding="utf-8") as fh:
+            for c in chunks:
+                fh.write(json.dumps(asdict(c), ensure_ascii=False) + "\n")
+        retriever.save(str(tmp / BM25_DIR))
+        if vectors is not None:
+            np.save(tmp / INDEX_VECTORS.name, vectors.astype("float32"))
+        (tmp / INDEX_CARD.name).write_text(json.dumps(card, ensure_ascii=False, indent=2), encoding="utf-8")
+    return card
+
+
+class Retriever:
+    """Queries over a built index, in the mode it was built for (or a mode it has the parts for)."""
+
+    def __init__(self, params: Params, root: Path = Path("."), mode: str | None = None) -> None:
+        import bm25s
+        import numpy as np
+
+        folder = root / INDEX_DIR
+        if not (folder / INDEX_CARD.name).exists():
+            raise DataError(f"{folder}: no index; run `loraops index` (or `dvc repro index`) first")
+        self.card = json.loads((folder / INDEX_CARD.name).read_text(encoding="utf-8"))
+        self.params, self.mode = params, mode or params.rag.mode
+        self.chunks = [Chunk(**json.loads(line)) for line in (folder / INDEX_CHUNKS.name).read_text(encoding="utf-8").splitlines()]
+        self.terms = Terms(self.card["tokenizer"], params)
+        self.bm25 = bm25s.BM25.load(str(folder / BM25_DIR))
+        self.vectors = np.load(folder / INDEX_VECTORS.name) if (folder / INDEX_VECTORS.name).exists() else None
+        if self.mode != "bm25" and self.vectors is None:
+            raise ConfigError(f"rag.mode: {self.mode} needs dense vectors, but the index was built with mode "
+                              f"{self.card['mode']}; rebuild with `loraops index --set rag.mode={self.mode}`")
+        self._encoder = encoder(self.card["encoder"]) if self.vectors is not None and self.mode != "bm25" else None
+
+    def _bm25_ranked(self, query: str, depth: int) -> list[tuple[int, float]]:
+        tokens = self.terms(query)
+        if not tokens:
+            return []
+        scores = self.bm25.get_scores(tokens)
+        order = scores.argsort()[::-1][:depth]
+        return [(int(i), float(scores[i])) for i in order if scores[i] > 0]
+
+    def _dense_ranked(self, query: str, depth: int) -> list[tuple[int, float]]:
+        vector = self._encoder.encode([query], normalize_embeddings=True, show_progress_bar=False, convert_to_numpy=True)[0]
+        scores = self.vectors @ vector
+        order = scores.argsort()[::-1][:depth]
+        return [(int(i), float(scores[i])) for i in order]
+
+    def search(self, query: str, k: int) -> list[dict[str, Any]]:
+        """The top ``k`` chunks: ``{"id", "score", "text"}``, best first."""
+        if k <= 0:
+            raise ConfigError(f"rag.k / --k: must be at least 1, got {k}")
+        depth = max(k, 50) if self.mode == "hybrid" else k
+        if self.mode == "bm25":
+            ranked = self._bm25_ranked(query, k)
+        elif self.mode == "dense":
+            ranked = self._dense_ranked(query, k)
+        else:
+            fused: dict[int, float] = {}
+            for ranking in (self._bm25_ranked(query, depth), self._dense_ranked(query, depth)):
+                for rank, (i, _) in enumerate(ranking, start=1):
+                    fused[i] = fused.get(i, 0.0) + 1.0 / (self.params.rag.rrf_k + rank)
+            ranked = sorted(fused.items(), key=lambda item: -item[1])[:k]
+        return [{"id": self.chunks[i].id, "score": round(score, 6), "text": self.chunks[i].text} for i, score in ranked]
+
+
+def retrieve_file(retriever: Retriever, path: Path, out: Path, k: int, column: str = "question") -> int:
+    """Answer every question of a CSV/JSONL file with its top-``k`` passages as JSONL; return the count.
+
+    Raises:
+        DataError: unreadable file or no such column (naming the file and the column).
+    """
+    import pandas as pd
+
+    if not path.exists():
+        raise DataError(f"{path}: not found")
+    try:
+        frame = pd.read_json(path, lines=True) if path.suffix == ".jsonl" else pd.read_csv(path, keep_default_na=False)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: not a readable {path.suffix or 'CSV'} file: {exc}") from None
+    if column not in frame.columns:
+        raise DataError(f"{path}: missing question column {column!r} (--question-column); "
+                        f"found {', '.join(map(str, frame.columns))}")
+    lines = [json.dumps({"question": str(q), "results": retriever.search(str(q), k)}, ensure_ascii=False)
+             for q in frame[column].astype(str)]
+    from loraops.utils import atomic_write
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(out, "\n".join(lines) + "\n")
+    return len(lines)
+
+
+def run(params: Params, root: Path = Path(".")) -> dict[str, Any]:
+    """The DVC stage: build ``data/index`` from the documents; return its card."""
+    return build(params, root)
