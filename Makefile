@@ -21,6 +21,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 data: install
 	@test -f data/raw/interior_qa.csv || dvc pull -q data/raw/interior_qa.csv.dvc
+	@test -d data/docs || dvc pull -q data/docs.dvc
 
 run: data
 	HF_HUB_OFFLINE=$${HF_HUB_OFFLINE:-1} loraops run
@@ -41,6 +42,7 @@ ui-prefect: install
 bench: install
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/train_throughput.py --quick
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/eval_throughput.py
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/retrieval.py
 
 clean:
 	rm -rf data/prepared models metrics reports
