@@ -8,6 +8,10 @@ one process. So in local mode loraops keeps leases on disk (Prefect's filesystem
 by every local run) and, while it waits for a slot, frees the slots whose holder is gone: expired
 leases at once, and slots the database counts but no lease accounts for (a run killed under the old
 storage) once they stay unaccounted for across two checks, so a run taking its slot right now is spared.
+In team mode the Prefect server must keep its leases on disk too
+(``PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE`` = :data:`FILESYSTEM_LEASES`): with the in-memory default a
+server restart forgets the leases of running holders, their slots are never released, and every later
+run waits (it says so after two lease periods).
 """
 
 from __future__ import annotations
@@ -98,7 +102,12 @@ def waiting_slot(name: str, say: Callable[[str], None], holder: dict[str, Any] |
                 break
             except TimeoutError:
                 waited += WAIT_STEP_SECONDS
-                say(f"waiting {waited:.0f}s for the Prefect concurrency limit {name!r}: {describe_holders(name)}")
+                message = f"waiting {waited:.0f}s for the Prefect concurrency limit {name!r}: {describe_holders(name)}"
+                if not local_mode() and waited >= 2 * LEASE_SECONDS and waited % (4 * WAIT_STEP_SECONDS) < WAIT_STEP_SECONDS:
+                    message += (". If no run holds it, the Prefect server lost its leases (a restart with the default "
+                                "in-memory lease storage): start the server with PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE="
+                                f"{FILESYSTEM_LEASES} and free the slot with `prefect gcl update {name} --active-slots 0`")
+                say(message)
         yield
 
 

@@ -108,10 +108,14 @@ def _server_refusal(exc: Exception) -> str | None:
     """An MLflow server's 401/403 as one line naming the user, or None for any other error."""
     from mlflow.exceptions import MlflowException
 
-    if not isinstance(exc, MlflowException) or exc.error_code not in ("PERMISSION_DENIED", "UNAUTHENTICATED"):
+    if not isinstance(exc, MlflowException):
+        return None
+    denied = exc.error_code == "PERMISSION_DENIED" or "error code 403" in exc.message
+    unknown = exc.error_code == "UNAUTHENTICATED" or "error code 401" in exc.message
+    if not (denied or unknown):
         return None
     user = os.environ.get("MLFLOW_TRACKING_USERNAME") or "anonymous (MLFLOW_TRACKING_USERNAME not set)"
-    what = "is not allowed to do this" if exc.error_code == "PERMISSION_DENIED" else "could not sign in"
+    what = "is not allowed to do this" if denied else "could not sign in"
     return (f"the MLflow server refused: user {user} {what} ({exc.message.splitlines()[0][:200]}); in locked-down "
             "team mode only the loraops service account may register models and move aliases")
 
