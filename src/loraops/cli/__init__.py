@@ -123,13 +123,15 @@ def _server_refusal(exc: Exception) -> str | None:
 def _disk_full(exc: Exception) -> str | None:
     """Disk full (or over a quota or file-size limit) as one line, or None for any other error.
 
-    torch reports a failed write as a RuntimeError ("file write failed"), Python as OSError ENOSPC/EDQUOT/EFBIG.
+    Python says OSError ENOSPC/EDQUOT/EFBIG; torch ("file write failed") and safetensors ("os error 28") say it in
+    their own exception's message.
     """
     import errno
 
     codes = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
-    full = (isinstance(exc, OSError) and exc.errno in codes) or (
-        isinstance(exc, RuntimeError) and any(s in str(exc) for s in ("file write failed", "No space left on device")))
+    markers = ("No space left on device", "Disk quota exceeded", "File too large", "os error 28", "os error 27",
+               "file write failed")  # safetensors and torch name the OS error only in their message
+    full = (isinstance(exc, OSError) and exc.errno in codes) or any(m in str(exc) for m in markers)
     if not full:
         return None
     where = getattr(exc, "filename", None) or Path.cwd()
