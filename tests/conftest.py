@@ -20,6 +20,15 @@ os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
 
 
+@pytest.fixture(autouse=True)
+def _no_tracking_uri_leaks():
+    """MLflow exports the URIs it is given (MLFLOW_TRACKING_URI, MLFLOW_REGISTRY_URI) to os.environ; a test that
+    pointed MLflow at its store must not point the next test's subprocesses there too."""
+    yield
+    for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        os.environ.pop(key, None)
+
+
 @pytest.fixture
 def tiny_params():
     from loraops.config import load_params

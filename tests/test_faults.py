@@ -156,7 +156,7 @@ def test_locked_down_team_mode_only_the_service_account_moves_production(tmp_pat
     (tmp_path / "auth.ini").write_text(
         f"[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///{tmp_path}/auth.db\nadmin_username = admin\n"
         "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n", encoding="utf-8")
-    base_env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_TRACKING_", "PREFECT_API"))}
+    base_env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_TRACKING_", "MLFLOW_REGISTRY_", "PREFECT_API"))}
     server_env = {**base_env, "MLFLOW_AUTH_CONFIG_PATH": str(tmp_path / "auth.ini"), "MLFLOW_AUTH_ADMIN_PASSWORD": "admin-pw-1234",
                   "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-csrf-key",
                   "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",

@@ -29,6 +29,7 @@ from loraops.review import CRITERIA
 ARMS = ("base", "production", "candidate")
 THUMBS = ("👍 good", "👎 bad")
 _feedback_lock = threading.Lock()
+_ratings_lock = threading.Lock()  # review.record reads, merges and rewrites a run's items: one save at a time
 
 
 class Demo:
@@ -107,9 +108,10 @@ class Demo:
             if arm != "base" and arm not in runs:
                 continue
             for run_id in targets:
-                review.record(run_id, [{**item, "key": f"demo:{uuid.uuid4().hex}", "source": "demo",
-                                        "model": "base" if arm == "base" else "tuned", "rater": rater,
-                                        "question": question, "answer": shown[arm]["answer"], "created": when}])
+                with _ratings_lock:
+                        review.record(run_id, [{**item, "key": f"demo:{uuid.uuid4().hex}", "source": "demo",
+                                            "model": "base" if arm == "base" else "tuned", "rater": rater,
+                                            "question": question, "answer": shown[arm]["answer"], "created": when}])
                 saved.append(f"{arm} → run {run_id[:8]}")
         corrections = [(arm, given["correction"].strip()) for arm, given in ratings.items()
                        if given.get("approve") and (given.get("correction") or "").strip()]

@@ -283,17 +283,9 @@ def retrieve_file(retriever: Retriever, path: Path, out: Path, k: int, column: s
     Raises:
         DataError: unreadable file or no such column (naming the file and the column).
     """
-    import pandas as pd
+    from loraops.readers import read_question_column
 
-    if not path.exists():
-        raise DataError(f"{path}: not found")
-    try:
-        frame = pd.read_json(path, lines=True) if path.suffix == ".jsonl" else pd.read_csv(path, keep_default_na=False)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: not a readable {path.suffix or 'CSV'} file: {exc}") from None
-    if column not in frame.columns:
-        raise DataError(f"{path}: missing question column {column!r} (--question-column); "
-                        f"found {', '.join(map(str, frame.columns))}")
+    frame = read_question_column(path, column)
     lines = [json.dumps({"question": str(q), "results": retriever.search(str(q), k)}, ensure_ascii=False)
              for q in frame[column].astype(str)]
     from loraops.utils import atomic_write

@@ -280,3 +280,23 @@ def read_records(path: Path, cfg: DataSection) -> tuple[list[QARecord], str]:
     if path.suffix not in _TEXT_SUFFIXES | {".parquet"}:
         raise DataError(f"{path}: unsupported file type {path.suffix!r}; use .csv, .tsv, .jsonl, .json or .parquet")
     return READERS[cfg.format](path, cfg)
+
+
+def read_question_column(path: Path, column: str) -> Any:
+    """A CSV/JSONL file of questions as a DataFrame, checked to have ``column`` (``ask --file``, ``retrieve --file``).
+
+    Raises:
+        DataError: missing or unreadable file, or no such column (naming the file, the column and the option).
+    """
+    import pandas as pd
+
+    if not path.exists():
+        raise DataError(f"{path}: not found")
+    try:
+        frame = pd.read_json(path, lines=True) if path.suffix == ".jsonl" else pd.read_csv(path, keep_default_na=False)
+    except (ValueError, UnicodeDecodeError) as exc:  # pandas' parser errors are ValueErrors
+        raise DataError(f"{path}: not a readable {path.suffix or 'CSV'} file: {exc}") from None
+    if column not in frame.columns:
+        raise DataError(f"{path}: missing question column {column!r} (--question-column); "
+                        f"found {', '.join(map(str, frame.columns))}")
+    return frame

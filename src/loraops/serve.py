@@ -226,20 +226,11 @@ def _raw_stream(uri: str, question: str) -> Iterator[str]:
 
 def answer_file(uri: str, path: Path, out: Path, column: str = "question") -> Path:
     """Answer every question of a CSV/JSONL file (its ``column``) in batches; write it back with ``answer`` added."""
-    import pandas as pd
     from tqdm.auto import tqdm
 
-    from loraops.readers import DataError
+    from loraops.readers import read_question_column
 
-    if not path.exists():
-        raise DataError(f"{path}: not found")
-    try:
-        frame = pd.read_json(path, lines=True) if path.suffix == ".jsonl" else pd.read_csv(path, keep_default_na=False)
-    except (ValueError, UnicodeDecodeError) as exc:  # pandas' parser errors are ValueErrors
-        raise DataError(f"{path}: not a readable {path.suffix or 'CSV'} file: {exc}") from None
-    if column not in frame.columns:
-        raise DataError(f"{path}: missing question column {column!r} (--question-column); "
-                        f"found {', '.join(map(str, frame.columns))}")
+    frame = read_question_column(path, column)
     model = load(uri)
     questions = frame[column].astype(str).tolist()
     answers: list[str] = []
