@@ -187,7 +187,9 @@ def unchanged(root: Path, params: Params) -> str | None:
         found = client.search_model_versions(f"name = '{name}' and tags.`{SHA_TAG}` = '{sha}'")
     except mlflow.exceptions.MlflowException:
         return None
-    same = [v for v in found if v.tags.get("lineage.dvc_lock_md5") == lock]
+    # The same adapter bytes registered from an older dvc.lock (only stages or code around training changed, e.g.
+    # a new stage) would be registered as that same version again: nothing new either.
+    same = [v for v in found if v.tags.get("lineage.dvc_lock_md5") == lock] or found
     if not same or (params.registry.auto_promote and "gate.verdict" not in same[0].tags):
         return None
     version = same[0]
@@ -196,7 +198,9 @@ def unchanged(root: Path, params: Params) -> str | None:
     except mlflow.exceptions.MlflowException:
         production = "no production yet"
     verdict = version.tags.get("gate.verdict", "not gated (auto_promote off)")
-    return (f"unchanged: code, params and data are those of {name} v{version.version} (MLflow run {version.run_id}); "
+    what = ("code, params and data are those of" if version.tags.get("lineage.dvc_lock_md5") == lock
+            else "every stage is up to date and its adapter is, byte for byte, that of")
+    return (f"unchanged: {what} {name} v{version.version} (MLflow run {version.run_id}); "
             f"nothing to run. Its gate verdict: {verdict}; production: {production}.")
 
 
