@@ -49,3 +49,8 @@ def test_end_of_text_and_max_tokens_finish_a_row():
     assert job.finish == "stop" and job.text == "습기가" and job.tokens == 2
     job, _ = _stream([1, 2, 3, 4], max_tokens=2)
     assert job.finish == "length" and job.text == "습기가" and job.tokens == 2
+
+
+def test_the_answer_as_generated_keeps_what_the_reader_is_spared():
+    job, deltas = _stream([1, 2, 8, 3, 4])
+    assert "\ufffd" in job.raw and "\ufffd" not in job.text and "".join(deltas) == job.text == "습기가 원인입니다."

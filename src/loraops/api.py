@@ -182,6 +182,7 @@ class Job:
     cancelled: bool = False
     sent: str = ""
     text: str = ""
+    raw: str = ""
     tokens: int = 0
     prompt_tokens: int = 0
     finish: str | None = None
@@ -242,8 +243,9 @@ class Engine:
         except queue.Full:
             raise QueueFull() from None
 
-    def answer(self, prompt: str, version: Version | None, max_tokens: int, stops: list[str]) -> str:
-        """Greedy answer for one prompt, waiting for its batch (for in-process callers such as the demo)."""
+    def answer(self, prompt: str, version: Version | None, max_tokens: int, stops: list[str]) -> tuple[str, str]:
+        """Greedy answer for one prompt, waiting for its batch (for in-process callers such as the demo): the answer
+        as shown (undecodable characters dropped) and as generated."""
         box: "queue.Queue[tuple]" = queue.Queue()
         job = Job(prompt=prompt, version=version, max_tokens=max_tokens, stops=stops, temperature=0.0, top_p=1.0, sink=box.put)
         self.submit(job)
@@ -252,7 +254,7 @@ class Engine:
             if event[0] == "error":
                 raise LoraopsError(event[1])
             if event[0] == "done":
-                return job.text
+                return job.text, job.raw
 
     # -- worker
     def _work(self) -> None:
@@ -354,7 +356,8 @@ def _advance(job: Job, tokens: list[int], tok: Any, eos: int | None, final: bool
     if final and job.finish is None:
         job.finish = "length"
     if job.finish is not None:
-        text = clean(clean_answer(raw, job.stops))[0]
+        job.raw = clean_answer(raw, job.stops)  # as generated, undecodable bytes included (what the gate judges)
+        text = clean(job.raw)[0]
     else:  # hold back what may still change: a torn character, trailing spaces, the start of a stop string
         text = raw.lstrip().rstrip("\ufffd").rstrip()
         for stop in job.stops:

@@ -58,12 +58,12 @@ class Demo:
                 out[arm] = {"label": f"{arm}: no version has this alias yet", "version": None, "answer": ""}
                 continue
             generation = self.settings.generation(version)
-            answer = self.engine.answer(self.settings.prompt(version, question, fields), version,
+            answer, raw = self.engine.answer(self.settings.prompt(version, question, fields), version,
                                         int(generation["max_new_tokens"]), list(generation.get("stop_strings", [])))
             label = f"{arm} · {version.name}/{version.number}" if version else "base model (no adapter)"
             if arm == "candidate" and version and out.get("production", {}).get("version") == f"{version.name}/{version.number}":
                 label += " (the production version)"
-            flagged = detect(answer)
+            flagged = detect(raw)  # judged as generated, as the gate judges it
             if flagged:
                 label += f" · ⚠ degenerate answer ({flagged}): the gate scores it 0"
             out[arm] = {"label": label, "version": f"{version.name}/{version.number}" if version else None, "answer": answer}
