@@ -76,6 +76,9 @@ def test_stream_is_server_sent_events_ending_in_done_and_adds_up_to_the_answer(c
     pieces = [c.choices[0].delta.content or "" for c in client.chat.completions.create(
         model=f"{NAME}@production", messages=[{"role": "user", "content": QUESTIONS[1]}], stream=True)]
     assert "".join(pieces) == whole and len([p for p in pieces if p]) > 1
+    chunks = list(client.chat.completions.create(model=f"{NAME}@production", stream=True, stream_options={"include_usage": True},
+                                                 messages=[{"role": "user", "content": QUESTIONS[1]}]))
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens > 0
     with httpx.stream("POST", f"{server}/chat/completions", timeout=60, json={
             "model": "base", "stream": True, "max_tokens": 4, "messages": [{"role": "user", "content": QUESTIONS[1]}]}) as r:
         assert r.headers["content-type"].startswith("text/event-stream")
@@ -104,6 +107,10 @@ def test_unknown_models_and_bad_bodies_get_openai_errors(client, server):
                  {"model": "base", "messages": [{"role": "user", "content": "q"}], "temperature": 5}):
         r = httpx.post(f"{server}/chat/completions", json=body, timeout=30)
         assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error", (body, r.text)
+    for extra in ({"logprobs": True}, {"tools": [{"type": "function", "function": {"name": "f"}}]}, {"n": 2}):
+        r = httpx.post(f"{server}/chat/completions", json={"model": "base", "messages": [{"role": "user", "content": "q"}],
+                                                          **extra}, timeout=30)
+        assert r.status_code == 400, (extra, r.text)  # refused, never silently ignored
     r = httpx.post(f"{server}/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 400 and "error" in r.json()
 

@@ -387,6 +387,20 @@ class _Body(BaseModel):
     stream: bool = False
     n: int = Field(1, ge=1, le=1)
     metadata: Optional[dict[str, str]] = None
+    stream_options: Optional[dict[str, Any]] = None
+    logprobs: Union[bool, int, None] = None
+    tools: Optional[list[Any]] = None
+    echo: bool = False
+
+    def unsupported(self) -> str | None:
+        """The first requested feature this server does not provide (answered 400, never silently ignored)."""
+        if self.logprobs:
+            return "logprobs"
+        if self.tools:
+            return "tools"
+        if self.echo:
+            return "echo"
+        return None
 
 
 class _Message(BaseModel):
@@ -475,6 +489,9 @@ def create_app(catalog: Catalog, engine: Engine, settings: Settings) -> Any:
         raise ApiError(404, f"The model `{model_id}` does not exist", param="model", code="model_not_found")
 
     async def _answer(body: _Body, prompt: str, version: Version | None, kind: str) -> Any:
+        missing = body.unsupported()
+        if missing:
+            raise ApiError(400, f"{missing}: not supported by loraops serve", param=missing, code="unsupported_parameter")
         generation = settings.generation(version)
         limit = body.max_completion_tokens or body.max_tokens
         if limit is not None and limit > settings.max_tokens_limit:
@@ -500,7 +517,8 @@ def create_app(catalog: Catalog, engine: Engine, settings: Settings) -> Any:
                            kind="rate_limit_error", code="queue_full") from None
         made, ident = int(time.time()), f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         if body.stream:
-            return StreamingResponse(_sse(job, events, body.model, kind, made, ident), media_type="text/event-stream")
+            usage = bool((body.stream_options or {}).get("include_usage"))
+            return StreamingResponse(_sse(job, events, body.model, kind, made, ident, usage), media_type="text/event-stream")
         try:
             while True:
                 event = await events.get()
@@ -517,7 +535,8 @@ def create_app(catalog: Catalog, engine: Engine, settings: Settings) -> Any:
         return {"id": ident, "object": "chat.completion" if kind == "chat" else "text_completion", "created": made,
                 "model": body.model, "choices": [choice], "usage": usage}
 
-    async def _sse(job: Job, events: asyncio.Queue, model_id: str, kind: str, made: int, ident: str) -> Any:
+    async def _sse(job: Job, events: asyncio.Queue, model_id: str, kind: str, made: int, ident: str,
+                   include_usage: bool = False) -> Any:
         obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
 
         def chunk(delta: str | None, finish: str | None, first: bool = False) -> str:
@@ -541,6 +560,9 @@ def create_app(catalog: Catalog, engine: Engine, settings: Settings) -> Any:
                     break
                 else:
                     yield chunk(None, event[1])
+                    if include_usage:  # OpenAI's stream_options.include_usage: a last chunk with no choices
+                        yield "data: " + json.dumps({"id": ident, "object": obj, "created": made, "model": model_id,
+                                                     "choices": [], "usage": event[2]}) + "\n\n"
                     break
             yield "data: [DONE]\n\n"
         finally:
