@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from loraops.api import Job, _advance
 from loraops.evaluate import clean_answer
 
@@ -54,3 +56,39 @@ def test_end_of_text_and_max_tokens_finish_a_row():
 def test_the_answer_as_generated_keeps_what_the_reader_is_spared():
     job, deltas = _stream([1, 2, 8, 3, 4])
     assert "\ufffd" in job.raw and "\ufffd" not in job.text and "".join(deltas) == job.text == "습기가 원인입니다."
+
+
+@pytest.mark.slow
+def test_lora_dora_and_base_requests_in_one_batch_answer_as_they_do_alone(served_project, tmp_path):
+    """peft cannot mix DoRA adapters in one batch: such a batch is answered adapter by adapter, same answers."""
+    import threading
+
+    from peft import LoraConfig, get_peft_model
+
+    from loraops.api import Engine, Version, base_identity
+    from loraops.config import ModelSection
+    from loraops.model import load_base
+
+    base_dir = str(served_project / "models/base")
+    cfg = ModelSection(base=base_dir)
+    spec = {"base": {"configured": "tiny"}, "template": "{question}", "generation": {"max_new_tokens": 8, "stop_strings": []}}
+    versions = []
+    for name, dora in (("lora", False), ("dora", True)):
+        model = get_peft_model(load_base(base_dir, cfg, "cpu"), LoraConfig(r=4, lora_alpha=8, use_dora=dora,
+                                                                          init_lora_weights=False, target_modules="all-linear"))
+        model.save_pretrained(tmp_path / name)
+        versions.append(Version(name, "1", str(tmp_path / name), spec, None))
+    engine = Engine(base_dir, cfg, base_dir, base_identity(spec, None), window_s=0.5)
+    jobs = [(v, f"질문 {i}") for i, v in enumerate([*versions, None, *versions])]
+    alone = [engine.answer(q, v, 8, [])[0] for v, q in jobs]
+    together: list = [None] * len(jobs)
+
+    def ask(i: int) -> None:
+        together[i] = engine.answer(jobs[i][1], jobs[i][0], 8, [])[0]
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert together == alone and len(set(alone[:3])) == 3  # three different models, each as it answers alone

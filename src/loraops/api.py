@@ -210,6 +210,7 @@ class Engine:
     device: str = "cpu"
     _queue: "queue.Queue[Job]" = field(init=False)
     _loaded: "OrderedDict[str, Version]" = field(init=False, default_factory=OrderedDict)
+    _dora: set[str] = field(init=False, default_factory=set)
 
     def __post_init__(self) -> None:
         from loraops.model import load_base, load_tokenizer
@@ -292,19 +293,39 @@ class Engine:
                     break
                 self.model.delete_adapter(old)
                 del self._loaded[old]
+                self._dora.discard(old)
             if isinstance(self.model, PeftModel):
                 self.model.load_adapter(version.adapter_dir, adapter_name=version.adapter_name)
             else:
                 self.model = PeftModel.from_pretrained(self.model, version.adapter_dir, adapter_name=version.adapter_name).eval()
             self.model.to(self.device)
             self._loaded[version.adapter_name] = version
+            if getattr(self.model.peft_config[version.adapter_name], "use_dora", False):
+                self._dora.add(version.adapter_name)
             _log.info("loaded adapter %s", version.adapter_name)
 
     def _generate(self, jobs: list[Job], temperature: float, top_p: float) -> None:
+        """One batch with the adapters mixed (peft's ``adapter_names``); per adapter where a DoRA adapter is among
+        them, since peft cannot mix DoRA adapters in one batch."""
+        self._ensure_adapters([j.version for j in jobs if j.version is not None])
+        if not any(j.version is not None and j.version.adapter_name in self._dora for j in jobs):
+            self._batch(jobs, temperature, top_p, mixed=True)
+            return
+        by_adapter: dict[str | None, list[Job]] = {}
+        for job in jobs:
+            by_adapter.setdefault(job.version.adapter_name if job.version else None, []).append(job)
+        for name, group in by_adapter.items():
+            if name is None:
+                with self.model.disable_adapter():
+                    self._batch(group, temperature, top_p, mixed=False)
+            else:
+                self.model.set_adapter(name)
+                self._batch(group, temperature, top_p, mixed=False)
+
+    def _batch(self, jobs: list[Job], temperature: float, top_p: float, mixed: bool) -> None:
         import torch
         from transformers import StoppingCriteria, StoppingCriteriaList
 
-        self._ensure_adapters([j.version for j in jobs if j.version is not None])
         tok = self.tokenizer
         enc = tok([(tok.bos_token or "") + j.prompt for j in jobs], return_tensors="pt", padding=True,
                   add_special_tokens=False).to(self.device)
@@ -325,7 +346,7 @@ class Engine:
                 return torch.tensor(done, device=input_ids.device)
 
         kwargs: dict[str, Any] = {}
-        if hasattr(self.model, "peft_config"):
+        if mixed and hasattr(self.model, "peft_config"):
             kwargs["adapter_names"] = [j.version.adapter_name if j.version else PEFT_BASE for j in jobs]
         sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
         with torch.inference_mode():
