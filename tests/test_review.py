@@ -84,3 +84,20 @@ def test_export_of_an_unknown_run_names_it(run_with_table):
     _, tmp = run_with_table
     with pytest.raises(RegistryError, match="--run: no MLflow run 'nope'"):
         review.export("nope", tmp / "sheet.csv")
+
+
+def test_demo_ratings_are_refused_without_a_name_with_half_a_rubric_or_with_nothing_rated():
+    from loraops.demo import Demo
+    from loraops.errors import ConfigError
+
+    demo = Demo(None, None, None, "m", [])
+    shown = {"production": {"version": "m/1", "answer": "답"}}
+    half = {"production": {"thumb": None, "relevance": "5", "accuracy": "4", "completeness": None}}
+    with pytest.raises(ConfigError, match="your name"):
+        demo.save(" ", "질문", {}, shown, half)
+    with pytest.raises(ConfigError, match="production: completeness not rated"):
+        demo.save("kim", "질문", {}, shown, half)
+    with pytest.raises(ConfigError, match="nothing rated"):
+        demo.save("kim", "질문", {}, shown, {"production": {"correction": "고친 답", "approve": False}})
+    with pytest.raises(ConfigError, match="ask a question first"):
+        demo.save("kim", "질문", {}, {}, half)

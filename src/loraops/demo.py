@@ -90,11 +90,14 @@ class Demo:
             if filled and len(filled) < len(CRITERIA):
                 missing = ", ".join(c for c in CRITERIA if c not in filled)
                 raise ConfigError(f"{arm}: {missing} not rated (rate all three criteria, or none)")
-            if filled or given.get("thumb") or given.get("correction", "").strip():
+            if filled or given.get("thumb"):
                 rated[arm] = {"thumb": {THUMBS[0]: "up", THUMBS[1]: "down"}.get(given.get("thumb") or ""),
                               **{c: int(v) if v else None for c, v in scores.items()}}
-        if not rated:
-            raise ConfigError("nothing rated: give a thumb or the three scores to at least one answer")
+        corrections = [(arm, (given.get("correction") or "").strip()) for arm, given in ratings.items()
+                       if given.get("approve") and (given.get("correction") or "").strip()]
+        if not rated and not corrections:
+            raise ConfigError("nothing rated: give a thumb or the three scores to at least one answer "
+                              "(or approve a corrected answer)")
         runs: dict[str, str] = {}
         client = _client()
         for arm in ("production", "candidate"):
@@ -108,18 +111,16 @@ class Demo:
             if arm != "base" and arm not in runs:
                 continue
             for run_id in targets:
+                entry = {**item, "key": f"demo:{uuid.uuid4().hex}", "source": "demo", "model": "base" if arm == "base" else "tuned",
+                         "rater": rater, "question": question, "answer": shown[arm]["answer"], "created": when}
                 with _ratings_lock:
-                        review.record(run_id, [{**item, "key": f"demo:{uuid.uuid4().hex}", "source": "demo",
-                                            "model": "base" if arm == "base" else "tuned", "rater": rater,
-                                            "question": question, "answer": shown[arm]["answer"], "created": when}])
+                    review.record(run_id, [entry])
                 saved.append(f"{arm} → run {run_id[:8]}")
-        corrections = [(arm, given["correction"].strip()) for arm, given in ratings.items()
-                       if given.get("approve") and (given.get("correction") or "").strip()]
         for arm, text in corrections:
             append_feedback({"question": question, "answer": text, "category": fields.get("category", ""),
                              "source": "demo", "corrects": shown.get(arm, {}).get("version") or "base",
                              "rater": rater, "created": when})
-        note = f"saved ratings: {', '.join(saved)}" if saved else "no version to record ratings against yet"
+        note = f"saved ratings: {', '.join(saved)}" if saved else "no ratings recorded (no version to record them against)"
         if corrections:
             note += f"; appended {len(corrections)} approved correction(s) to {FEEDBACK}"
         return note
