@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -95,19 +96,28 @@ def stop_server(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
+def prefect_api(method: str, url: str, **kwargs) -> Any:
+    """One Prefect REST call, retried as Prefect's own client does: a 503 means "retry" (its SQLite database was
+    busy with the runs' own writes); anything else that is not 2xx raises. Returns the JSON body."""
+    for wait in (1, 2, 4, 8, 16, 0):
+        response = httpx.request(method, url, timeout=10, **kwargs)
+        if response.status_code != 503 or not wait:
+            return response.raise_for_status().json()
+        time.sleep(wait)
+
+
 def trigger_finetune(api: str, learning_rate: float) -> str:
     """What the UI's Run → Custom run does: read the deployment's defaults, change a field, create a flow run."""
-    dep = httpx.get(f"{api}/deployments/name/finetune/loraops", timeout=10).raise_for_status().json()
+    dep = prefect_api("GET", f"{api}/deployments/name/finetune/loraops")
     parameters = dep["parameters"]
     parameters["learning_rate"] = learning_rate  # the form's first group: the settings people change most
-    run = httpx.post(f"{api}/deployments/{dep['id']}/create_flow_run", json={"parameters": parameters}, timeout=10)
-    return run.raise_for_status().json()["id"]
+    return prefect_api("POST", f"{api}/deployments/{dep['id']}/create_flow_run", json={"parameters": parameters})["id"]
 
 
 def wait_flow_runs(api: str, ids: list[str], seconds: float) -> dict[str, dict]:
     deadline, states = time.time() + seconds, {}
     while time.time() < deadline:
-        states = {i: httpx.get(f"{api}/flow_runs/{i}", timeout=10).json() for i in ids}
+        states = {i: prefect_api("GET", f"{api}/flow_runs/{i}") for i in ids}
         if all(s["state_type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") for s in states.values()):
             return states
         time.sleep(3)

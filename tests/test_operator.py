@@ -15,11 +15,10 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 
-from helpers import (free_port, make_workspace, start_server, stop_server, tiny_overrides, trigger_finetune,
-                     wait_flow_runs, wait_http)
+from helpers import (free_port, make_workspace, prefect_api, start_server, stop_server, tiny_overrides,
+                     trigger_finetune, wait_flow_runs, wait_http)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 BIN = Path(sys.executable).parent
@@ -46,7 +45,7 @@ def local_ui(tmp_path_factory):
         deploy = start_server([sys.executable, "-m", "loraops.cli", "deploy"], tmp / "deploy.log", ws,
                               {**env, "PREFECT_API_URL": api})
         deadline = time.time() + 180
-        while len(httpx.post(f"{api}/deployments/filter", json={}, timeout=10).json()) < 4:
+        while len(prefect_api("POST", f"{api}/deployments/filter", json={})) < 4:
             assert deploy.poll() is None and time.time() < deadline, (tmp / "deploy.log").read_text()[-3000:]
             time.sleep(2)
         yield {"api": api, "ui": f"http://127.0.0.1:{port}", "ws": ws, "log": tmp / "deploy.log", "tmp": tmp}
@@ -69,9 +68,9 @@ def _flow_run_log(api: str, flow_run_id: str) -> str:
     """Every message of a flow run's Prefect log, page by page (the API returns at most 200 at a time)."""
     messages: list[str] = []
     while True:
-        page = httpx.post(f"{api}/logs/filter", timeout=10, json={
+        page = prefect_api("POST", f"{api}/logs/filter", json={
             "logs": {"flow_run_id": {"any_": [flow_run_id]}}, "sort": "TIMESTAMP_ASC", "limit": 200,
-            "offset": len(messages)}).raise_for_status().json()
+            "offset": len(messages)})
         messages += [entry["message"] for entry in page]
         if len(page) < 200:
             return "\n".join(messages)
@@ -100,7 +99,7 @@ def test_finetune_form_in_chromium_shows_common_settings_first_and_submits_a_run
     from playwright.sync_api import sync_playwright
 
     api = local_ui["api"]
-    deployment = httpx.get(f"{api}/deployments/name/finetune/loraops", timeout=10).json()
+    deployment = prefect_api("GET", f"{api}/deployments/name/finetune/loraops")
     shots = local_ui["tmp"] / "screens"
     shots.mkdir(exist_ok=True)
     with sync_playwright() as pw:
@@ -123,7 +122,7 @@ def test_finetune_form_in_chromium_shows_common_settings_first_and_submits_a_run
             page.wait_for_url("**/deployment/*?tab=Runs", timeout=30_000)
         finally:
             browser.close()
-    runs = httpx.post(f"{api}/flow_runs/filter", json={"sort": "START_TIME_DESC"}, timeout=10).json()
+    runs = prefect_api("POST", f"{api}/flow_runs/filter", json={"sort": "START_TIME_DESC"})
     submitted = [r for r in runs if r["parameters"].get("learning_rate") == 0.003 and r["id"] not in
                  {m["flow_run"] for m in _mlflow_runs(local_ui["ws"])}]
     assert submitted, [(r["name"], r["parameters"].get("learning_rate")) for r in runs]
