@@ -104,7 +104,7 @@ def test_concurrent_promotions_and_rollbacks_from_two_hosts_leave_one_audited_pr
     servers = [
         start_server([os.path.join(bin_dir, "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp_path}/mlflow.db",
                       "--artifacts-destination", str(tmp_path / "artifacts"), "--host", "127.0.0.1",
-                      "--port", str(mlflow_port), "--workers", "2"], tmp_path / "mlflow.log", tmp_path, env),
+                      "--port", str(mlflow_port), "--workers", "1"], tmp_path / "mlflow.log", tmp_path, env),
         start_server([os.path.join(bin_dir, "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port)],
                      tmp_path / "prefect.log", tmp_path, env),
     ]
