@@ -90,35 +90,39 @@ def merged(uri: str, out: Path) -> dict[str, Any]:
 
 
 def vllm(uri: str, out: Path) -> dict[str, Any]:
-    """Copy the adapter to ``out`` and write vLLM's ``--lora-modules`` JSON and command line for it."""
+    """Copy the adapter to ``out`` and write vLLM's ``--lora-modules`` JSON and command line for it.
+
+    Written to a temporary folder beside ``out`` and renamed into place: an interrupted export leaves nothing.
+    """
+    from loraops.utils import atomic_dir
+
     _target(out)
-    with tempfile.TemporaryDirectory(prefix="loraops-export-") as work:
+    final = out.resolve()
+    with tempfile.TemporaryDirectory(prefix="loraops-export-") as work, atomic_dir(out) as stage:
         name, number, files = _version(uri, Path(work))
         spec = files["spec"]
         config = json.loads((Path(files["adapter"]) / "adapter_config.json").read_text(encoding="utf-8"))
-        out.mkdir(parents=True, exist_ok=True)
-        adapter = out / "adapter"
-        shutil.copytree(files["adapter"], adapter)
+        shutil.copytree(files["adapter"], stage / "adapter")
         base = spec["base"]["configured"]
         if files.get("base"):  # a small local base travels with the model: ship it too
-            shutil.copytree(files["base"], out / "base")
-            base = str((out / "base").resolve())
-    module = {"name": f"{name}@{uri.rsplit('@', 1)[1]}" if "@" in uri else f"{name}/{number}",
-              "path": str(adapter.resolve()), "base_model_name": base}
-    rank = max([config.get("r", 8), *config.get("rank_pattern", {}).values()])
-    command = ["vllm", "serve", base, "--enable-lora", "--max-lora-rank", str(max(8, _pow2(rank))),
-               "--lora-modules", json.dumps(module, ensure_ascii=False)]
-    if spec["base"].get("revision"):
-        command[3:3] = ["--revision", spec["base"]["revision"]]
+            shutil.copytree(files["base"], stage / "base")
+            base = str(final / "base")
+        module = {"name": f"{name}@{uri.rsplit('@', 1)[1]}" if "@" in uri else f"{name}/{number}",
+                  "path": str(final / "adapter"), "base_model_name": base}
+        rank = max([config.get("r", 8), *config.get("rank_pattern", {}).values()])
+        command = ["vllm", "serve", base, "--enable-lora", "--max-lora-rank", str(_pow2(rank)),
+                   "--lora-modules", json.dumps(module, ensure_ascii=False)]
+        if spec["base"].get("revision"):
+            command[3:3] = ["--revision", spec["base"]["revision"]]
+        (stage / "lora-modules.json").write_text(json.dumps([module], ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+        (stage / "serve.sh").write_text("#!/bin/sh\n# " + f"models:/{name}/{number} ({uri})\n" + shlex.join(command) + "\n",
+                                        encoding="utf-8")
     warnings = []
     if config.get("modules_to_save"):
         warnings.append(f"the adapter also trains whole modules ({', '.join(config['modules_to_save'])}); vLLM applies "
                         "LoRA to linear layers only and will refuse or ignore them: serve `loraops export merged` instead")
     if config.get("use_dora"):
         warnings.append("DoRA adapters are not served by vLLM's LoRA support: serve `loraops export merged` instead")
-    (out / "lora-modules.json").write_text(json.dumps([module], ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-    (out / "serve.sh").write_text("#!/bin/sh\n# " + f"models:/{name}/{number} ({uri})\n" + shlex.join(command) + "\n",
-                                  encoding="utf-8")
     return {"out": str(out), "source": f"models:/{name}/{number}", "command": shlex.join(command), "module": module,
             "warnings": warnings, "template": spec["template"]}
 
