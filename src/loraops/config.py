@@ -180,8 +180,8 @@ class RegistrySection(_Section):
 class RagSection(_Section):
     """Retrieval over the domain documents (stage `index`; `loraops retrieve`)."""
 
-    enabled: bool = Field(False, description="Put the top-k passages in the prompt ({context} in data.template) "
-                                             "when training and evaluating.")
+    enabled: bool = Field(False, description="Retrieval inside training and evaluation: not built yet, so turning it "
+                                             "on is refused; `loraops index` and `loraops retrieve` work without it.")
     docs_path: str = Field("data/docs", description="Folder of .md/.txt files, or a .jsonl/.csv with id and text columns.")
     corpus: Literal["docs", "train"] = Field("docs", description="`docs` = rag.docs_path; `train` = the training "
                                                                  "answers as a knowledge base (never the test split).")
