@@ -57,7 +57,7 @@ def test_dvc_stages_match_cli_commands_and_params_sections():
             section, *rest = param.split(".")
             assert section in sections, param
         for dep in stage["deps"]:
-            assert dep.startswith("${") or (REPO / dep).exists() or dep.startswith(("data/prepared", "models/")), dep
+            assert dep.startswith("${") or (REPO / dep).exists() or dep.startswith(("data/prepared", "data/retrieved", "models/")), dep
 
 
 def test_prefect_form_values_become_overrides_only_where_changed(tmp_path):

@@ -98,8 +98,13 @@ def test_bad_rag_params_name_their_keys():
         load_params(REPO / "params.yaml", ["rag.k=0"])
     with pytest.raises(ConfigError, match=r"rag\.chunk_overlap: 400 must be below rag\.chunk_chars"):
         load_params(REPO / "params.yaml", ["rag.chunk_overlap=400"])
-    with pytest.raises(ConfigError, match=r"rag\.enabled: retrieval inside training"):
-        load_params(REPO / "params.yaml", ["rag.enabled=true"])
+    with pytest.raises(ConfigError, match=r"rag\.template: rag\.enabled needs \{context\}"):
+        load_params(REPO / "params.yaml", ["rag.enabled=true", "rag.template='Q {question} A '"])
+    with pytest.raises(ConfigError, match=r"rag\.template: unknown field\(s\) \{target\}"):
+        load_params(REPO / "params.yaml", ["rag.enabled=true", "rag.template='{context} {target} {question}'"])
+    with pytest.raises(ConfigError, match=r"rag\.gold_column: 'doc' must also be listed in data\.attribute_columns"):
+        load_params(REPO / "params.yaml", ["rag.gold_column=doc"])
+    assert load_params(REPO / "params.yaml", ["rag.enabled=true"]).prompt_template.count("{context}") == 1
 
 
 def test_retrieve_cli_json_file_and_errors(built, tmp_path):
@@ -128,3 +133,62 @@ def test_retrieve_cli_json_file_and_errors(built, tmp_path):
     (root / "data/index/card.json").unlink()
     missing = subprocess.run([*cli, "retrieve", "x"], cwd=root, env=env, capture_output=True, text=True)
     assert missing.returncode == 2 and "run `loraops index`" in missing.stderr
+
+
+# ---------------------------------------------------------------- passages in the prompts (rag.enabled)
+
+
+def _prepared(root, *overrides):
+    from loraops import prepare
+
+    params = load_params(REPO / "params.yaml", [f"data.path={REPO / 'data/raw/interior_qa.csv'}", *overrides])
+    prepare.run(params, root)
+    return params
+
+
+def test_with_rag_off_the_rows_train_reads_are_the_prepared_rows_unchanged(built):
+    params, root = built["morphemes"]
+    params = _prepared(root)
+    index.attach(params, root)
+    for name in ("train", "validation", "test"):
+        assert (root / f"data/retrieved/{name}.jsonl").read_bytes() == (root / f"data/prepared/{name}.jsonl").read_bytes()
+
+
+def test_training_prompts_never_hold_their_own_answer_and_mix_in_distractors(tmp_path):
+    """rag.corpus: train indexes the training answers; a training question must get its passages as a test question
+    would (without its own answer), plus a random other passage at a random place (RAFT)."""
+    params = _prepared(tmp_path, "rag.enabled=true", "rag.corpus=train", "rag.k=1", "rag.train_distractors=1",
+                       "rag.max_context_chars=600")
+    index.build(params, tmp_path)
+    index.attach(params, tmp_path)
+    read = lambda name: [json.loads(line) for line in (tmp_path / f"data/retrieved/{name}.jsonl").open(encoding="utf-8")]  # noqa: E731
+    train, test = read("train"), read("test")
+    assert all(row["group"] not in {index.doc_of(s) for s in row["sources"]} for row in train)
+    assert all(len(row["sources"]) == 2 and len(row["distractors"]) == 1 for row in train)  # both fit in 600 characters
+    positions = {row["sources"].index(row["retrieved"][0]) for row in train if row["retrieved"][0] in row["sources"]}
+    assert positions == {0, 1}  # the distractor goes before or after the retrieved passage
+    prepared_test = [json.loads(line) for line in (tmp_path / "data/prepared/test.jsonl").open(encoding="utf-8")]
+    assert [r["prompt_plain"] for r in test] == [r["prompt"] for r in prepared_test]
+    for row in test:  # evaluation gets the top k, no distractors; the prompt is rag.template with the passages
+        assert row["sources"] == row["retrieved"] and len(row["sources"]) == 1 and row["distractors"] == []
+        assert row["prompt"] == f"참고 자료:\n{row['context']}\n\n질문: {row['question']}\n답변: "
+        assert row["context"].startswith("[1] ") and len(row["context"]) <= 600
+
+
+def test_context_keeps_the_best_passages_that_fit():
+    results = [{"id": "a", "text": "가" * 50}, {"id": "b", "text": "나" * 50}, {"id": "c", "text": "다" * 50}]
+    context, ids = index.context_of(results, 120)
+    assert ids == ["a", "b"] and context == "[1] " + "가" * 50 + "\n[2] " + "나" * 50
+    context, ids = index.context_of(results, 30)  # a first passage longer than the budget is cut, not dropped
+    assert ids == ["a"] and len(context) == 30
+
+
+def test_hit_at_k_and_mrr_against_known_gold_documents():
+    from loraops.evaluate import retrieval_quality
+
+    rows = [{"attributes": {"doc": "condensation"}, "retrieved": ["condensation#0", "leaks"]},
+            {"attributes": {"doc": "leaks|waterproofing"}, "retrieved": ["condensation", "waterproofing#1"]},
+            {"attributes": {"doc": "curtains"}, "retrieved": ["condensation", "leaks"]},
+            {"attributes": {"doc": ""}, "retrieved": ["condensation"]}]  # no gold: left out
+    assert retrieval_quality(rows, "doc", 2) == {"k": 2, "n_with_gold": 3, "hit@k": round(2 / 3, 6),
+                                                 "mrr": round((1 + 0.5 + 0) / 3, 6)}

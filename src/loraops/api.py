@@ -5,6 +5,8 @@
 - ``POST /v1/chat/completions`` answers the last user message through the version's prompt template,
   exactly as ``loraops ask`` and the pyfunc model do (same prompt, greedy by default, same stop strings,
   undecodable characters dropped); template fields other than ``question`` come from ``metadata``.
+  A version registered with retrieval looks up the question's passages in its bundled index first and returns
+  them as ``sources`` (an extra top-level field; in a stream, on the first chunk).
   ``POST /v1/completions`` continues a raw prompt. Both stream as server-sent events ending in ``[DONE]``.
 - One base model is in memory; every requested version's adapter is loaded next to it (peft named
   adapters) and a worker thread micro-batches waiting requests, adapters mixed in one batch
@@ -63,6 +65,7 @@ class Version:
     adapter_dir: str
     spec: dict[str, Any]
     base_dir: str | None  # the bundled base, when the version carries one
+    index_dir: str | None = None  # the bundled retrieval index, for a version registered with rag.enabled
 
     @property
     def adapter_name(self) -> str:
@@ -89,6 +92,8 @@ class Catalog:
         self.names, self.cache_dir = names, cache_dir
         self.client = _client()
         self._downloaded: dict[tuple[str, str], Version] = {}
+        self._retrievers: dict[tuple[str, str, str], Any] = {}
+        self._search_lock = threading.Lock()
         self._lock = threading.Lock()
 
     def entries(self) -> list[dict[str, Any]]:
@@ -147,8 +152,23 @@ class Catalog:
                     files = model_files(name, number, self.cache_dir / name / number)
                 except LoraopsError as exc:
                     raise ApiError(400, str(exc), param="model", code="not_an_adapter") from None
-                self._downloaded[(name, number)] = Version(name, number, files["adapter"], files["spec"], files.get("base"))
+                self._downloaded[(name, number)] = Version(name, number, files["adapter"], files["spec"], files.get("base"),
+                                                           files.get("index"))
             return self._downloaded[(name, number)]
+
+    def passages(self, version: Version | None, question: str) -> tuple[str, list[dict[str, Any]]]:
+        """The ``{context}`` and its passages for a version registered with retrieval (empty otherwise)."""
+        from loraops.serve import passages, retriever_for
+
+        if version is None or not version.index_dir:
+            return "", []
+        with self._lock:
+            key = ("retriever", version.name, version.number)
+            if key not in self._retrievers:
+                self._retrievers[key] = retriever_for(version.spec, version.index_dir)
+            retriever = self._retrievers[key]
+        with self._search_lock:  # kiwipiepy's analyser is not shared across threads
+            return passages(retriever, version.spec, question)
 
     def startup_version(self) -> Version | None:
         """The version whose base the server loads: the first served model's production, else its newest version."""
@@ -509,7 +529,8 @@ def create_app(catalog: Catalog, engine: Engine, settings: Settings) -> Any:
                 return entry
         raise ApiError(404, f"The model `{model_id}` does not exist", param="model", code="model_not_found")
 
-    async def _answer(body: _Body, prompt: str, version: Version | None, kind: str) -> Any:
+    async def _answer(body: _Body, prompt: str, version: Version | None, kind: str,
+                      sources: list[dict[str, Any]] | None = None) -> Any:
         missing = body.unsupported()
         if missing:
             raise ApiError(400, f"{missing}: not supported by loraops serve", param=missing, code="unsupported_parameter")
@@ -539,7 +560,8 @@ def create_app(catalog: Catalog, engine: Engine, settings: Settings) -> Any:
         made, ident = int(time.time()), f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         if body.stream:
             usage = bool((body.stream_options or {}).get("include_usage"))
-            return StreamingResponse(_sse(job, events, body.model, kind, made, ident, usage), media_type="text/event-stream")
+            return StreamingResponse(_sse(job, events, body.model, kind, made, ident, usage, sources),
+                                     media_type="text/event-stream")
         try:
             while True:
                 event = await events.get()
@@ -553,11 +575,12 @@ def create_app(catalog: Catalog, engine: Engine, settings: Settings) -> Any:
         finish, usage = event[1], event[2]
         choice = ({"index": 0, "message": {"role": "assistant", "content": job.text}, "logprobs": None, "finish_reason": finish}
                   if kind == "chat" else {"index": 0, "text": job.text, "logprobs": None, "finish_reason": finish})
-        return {"id": ident, "object": "chat.completion" if kind == "chat" else "text_completion", "created": made,
-                "model": body.model, "choices": [choice], "usage": usage}
+        out = {"id": ident, "object": "chat.completion" if kind == "chat" else "text_completion", "created": made,
+               "model": body.model, "choices": [choice], "usage": usage}
+        return out | ({"sources": sources} if sources else {})
 
     async def _sse(job: Job, events: asyncio.Queue, model_id: str, kind: str, made: int, ident: str,
-                   include_usage: bool = False) -> Any:
+                   include_usage: bool = False, sources: list[dict[str, Any]] | None = None) -> Any:
         obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
 
         def chunk(delta: str | None, finish: str | None, first: bool = False) -> str:
@@ -566,8 +589,9 @@ def create_app(catalog: Catalog, engine: Engine, settings: Settings) -> Any:
                 choice = {"index": 0, "delta": body, "logprobs": None, "finish_reason": finish}
             else:
                 choice = {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish}
+            extra = {"sources": sources} if first and sources else {}
             return "data: " + json.dumps({"id": ident, "object": obj, "created": made, "model": model_id,
-                                          "choices": [choice]}, ensure_ascii=False) + "\n\n"
+                                          "choices": [choice], **extra}, ensure_ascii=False) + "\n\n"
 
         try:
             if kind == "chat":
@@ -595,7 +619,10 @@ def create_app(catalog: Catalog, engine: Engine, settings: Settings) -> Any:
         users = [m for m in body.messages if m.role == "user"]
         if not users or not users[-1].text().strip():
             raise ApiError(400, "messages: needs a user message with text (the question)", param="messages")
-        return await _answer(body, settings.prompt(version, users[-1].text(), body.metadata), version, "chat")
+        question = users[-1].text()
+        context, sources = await run_in_threadpool(catalog.passages, version, question)
+        fields = {**(body.metadata or {}), **({"context": context} if sources else {})}
+        return await _answer(body, settings.prompt(version, question, fields), version, "chat", sources)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody) -> Any:

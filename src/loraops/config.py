@@ -180,8 +180,13 @@ class RegistrySection(_Section):
 class RagSection(_Section):
     """Retrieval over the domain documents (stage `index`; `loraops retrieve`)."""
 
-    enabled: bool = Field(False, description="Retrieval inside training and evaluation: not built yet, so turning it "
-                                             "on is refused; `loraops index` and `loraops retrieve` work without it.")
+    enabled: bool = Field(False, description="Retrieval in front of the adapter: training and evaluation prompts carry "
+                                             "the top-k passages (rag.template), evaluation reports four arms "
+                                             "(base, tuned, each with and without retrieval) and the registered "
+                                             "model bundles the index. Off: `loraops index` / `retrieve` still work.")
+    template: str = Field("참고 자료:\n{context}\n\n질문: {question}\n답변: ",
+                          description="The prompt with retrieval; must use {context} (the passages). data.template "
+                                      "stays the prompt of the arms without retrieval.")
     docs_path: str = Field("data/docs", description="Folder of .md/.txt files, or a .jsonl/.csv with id and text columns.")
     corpus: Literal["docs", "train"] = Field("docs", description="`docs` = rag.docs_path; `train` = the training "
                                                                  "answers as a knowledge base (never the test split).")
@@ -195,6 +200,14 @@ class RagSection(_Section):
     chunk_chars: int = Field(400, ge=50, description="Longest chunk of a document, in characters (split at sentence ends).")
     chunk_overlap: int = Field(80, ge=0, description="Characters of the previous chunk's last sentences repeated in the next.")
     rrf_k: int = Field(60, gt=0, description="Reciprocal rank fusion constant for hybrid (1 / (rrf_k + rank)).")
+    max_context_chars: int = Field(600, ge=50, description="Longest {context}, in characters: passages are added best "
+                                                           "first while they fit (keep prompt + answer under model.max_length).")
+    train_distractors: int = Field(1, ge=0, description="RAFT-style: random passages from other documents mixed into "
+                                                        "each training prompt's context, so the adapter learns to "
+                                                        "ignore passages that do not answer the question.")
+    gold_column: str | None = Field(None, description="A data column (listed in data.attribute_columns) holding each "
+                                                      "question's relevant document id(s), `|`-separated: evaluation "
+                                                      "then reports retrieval hit@k and MRR.")
 
 
 class Params(_Section):
@@ -239,12 +252,37 @@ class Params(_Section):
                                 "use {question}, {category} or a column listed in data.attribute_columns")
         if self.rag.chunk_overlap >= self.rag.chunk_chars:
             problems.append(f"rag.chunk_overlap: {self.rag.chunk_overlap} must be below rag.chunk_chars ({self.rag.chunk_chars})")
-        if self.rag.enabled:
-            problems.append("rag.enabled: retrieval inside training and evaluation (the four eval arms) is not built "
-                            "yet; build the index with `loraops index` and query it with `loraops retrieve`")
+        problems += self._rag_problems()
         if problems:
             raise ValueError("\n  ".join(problems))
         return self
+
+    @property
+    def prompt_template(self) -> str:
+        """The prompt of the configuration trained and registered: rag.template with retrieval, else data.template."""
+        return self.rag.template if self.rag.enabled else self.data.template
+
+    def _rag_problems(self) -> list[str]:
+        import string
+
+        problems = []
+        if self.rag.gold_column is not None and self.rag.gold_column not in self.data.attribute_columns:
+            problems.append(f"rag.gold_column: {self.rag.gold_column!r} must also be listed in data.attribute_columns "
+                            "(it is read from the data like them)")
+        if not self.rag.enabled:
+            return problems
+        try:
+            fields = {name for _, name, _, _ in string.Formatter().parse(self.rag.template) if name}
+        except ValueError as exc:
+            return [*problems, f"rag.template: not a valid template ({exc})"]
+        if "context" not in fields:
+            problems.append("rag.template: rag.enabled needs {context} in the template (where the passages go), e.g. "
+                            "\"참고 자료:\\n{context}\\n\\n질문: {question}\\n답변: \"")
+        unknown = sorted(fields - {"question", "category", "context", *self.data.attribute_columns})
+        if unknown:
+            problems.append(f"rag.template: unknown field(s) {', '.join('{' + u + '}' for u in unknown)}; "
+                            "use {context}, {question}, {category} or a column listed in data.attribute_columns")
+        return problems
 
     def flat(self) -> dict[str, Any]:
         """Return the params as ``{dotted.key: value}``, lists rendered as text (for MLflow)."""

@@ -58,9 +58,13 @@ class Demo:
                 out[arm] = {"label": f"{arm}: no version has this alias yet", "version": None, "answer": ""}
                 continue
             generation = self.settings.generation(version)
-            answer, raw = self.engine.answer(self.settings.prompt(version, question, fields), version,
-                                        int(generation["max_new_tokens"]), list(generation.get("stop_strings", [])))
+            context, sources = self.catalog.passages(version, question)
+            prompt = self.settings.prompt(version, question, {**fields, **({"context": context} if sources else {})})
+            answer, raw = self.engine.answer(prompt, version, int(generation["max_new_tokens"]),
+                                             list(generation.get("stop_strings", [])))
             label = f"{arm} · {version.name}/{version.number}" if version else "base model (no adapter)"
+            if sources:
+                label += f" · with retrieval, sources: {', '.join(r['id'] for r in sources)}"
             if arm == "candidate" and version and out.get("production", {}).get("version") == f"{version.name}/{version.number}":
                 label += " (the production version)"
             flagged = detect(raw)  # judged as generated, as the gate judges it
@@ -212,6 +216,6 @@ def launch(params: Any, name: str, host: str, port: int) -> None:
     from loraops.prepare import template_fields
 
     catalog, engine, settings, _ = api.open_engine(params, [name])
-    fields = [f for f in dict.fromkeys(template_fields(params.data.template)) if f != "question"]
+    fields = [f for f in dict.fromkeys(template_fields(params.prompt_template)) if f not in ("question", "context")]
     build_ui(Demo(catalog, engine, settings, name, fields)).queue(default_concurrency_limit=8).launch(
         server_name=host, server_port=port, share=False, show_error=True, quiet=True)

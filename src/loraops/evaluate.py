@@ -3,6 +3,11 @@
 One model is loaded: base answers come from the same PeftModel with its adapter disabled, so base and
 tuned share weights, tokenizer, prompt template and decoding settings. Generation is batched with left
 padding over length-sorted prompts, greedy by default.
+
+With ``rag.enabled`` the prompts carry each question's passages (stage `index`), and four arms answer the
+same questions: base and tuned with retrieval (the configuration being registered: the table's ``base_*`` and
+``tuned_*`` columns, what the gate compares) and without it (``*_without_retrieval_*`` columns and
+``without_retrieval`` in ``metrics/eval.json``), all scored by the same metric pack, intervals and slices.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from loraops.metrics import MetricPack
 from loraops.validity import measure, require_valid
 from loraops.model import ModelError, base_location, load_base, load_tokenizer
 from loraops.report import flat_metrics, markdown, plots, summarize
-from loraops.paths import ADAPTER_DIR, EVAL_METRICS, EVAL_REPORT, EVAL_TABLE, PLOTS_DIR
+from loraops.paths import ADAPTER_DIR, EVAL_METRICS, EVAL_REPORT, EVAL_TABLE, PLOTS_DIR, prompts_folder
 from loraops.utils import atomic_write, pick_device, progress_lines, say, write_json
 
 
@@ -138,6 +143,46 @@ def _quotas(sizes: dict[str, int], total: int) -> dict[str, int]:
     return quotas
 
 
+WITHOUT_RETRIEVAL = "without_retrieval"
+
+
+def arms(with_retrieval: dict[str, Any], without: dict[str, Any], table: pd.DataFrame, columns: list[str],
+         samples: int, seed: int) -> dict[str, Any]:
+    """The four arms' means per metric, and what retrieval adds to each model (paired, with its interval)."""
+    from loraops.report import compare
+
+    out: dict[str, Any] = {"means": {}, "retrieval_gain": {}}
+    for metric in columns:
+        out["means"][metric] = {"base": without["metrics"][metric]["base"], "tuned": without["metrics"][metric]["tuned"],
+                                "base+retrieval": with_retrieval["metrics"][metric]["base"],
+                                "tuned+retrieval": with_retrieval["metrics"][metric]["tuned"]}
+        out["retrieval_gain"][metric] = {
+            model: {k: v for k, v in compare(table[f"{model}_{WITHOUT_RETRIEVAL}_{metric}"], table[f"{model}_{metric}"],
+                                             samples, seed).items() if k in ("delta", "ci95", "wins", "ties", "losses")}
+            for model in ("base", "tuned")}
+    return out
+
+
+def retrieval_quality(rows: list[dict], gold_column: str | None, k: int) -> dict[str, Any]:
+    """hit@k and MRR@k of the retrieved documents against each question's gold document id(s) (``rag.gold_column``,
+    ``|``-separated); rows without a gold id are left out."""
+    from loraops.index import doc_of
+
+    hits, ranks = [], []
+    for row in rows:
+        gold = {g.strip() for g in str(row.get("attributes", {}).get(gold_column or "", "")).split("|") if g.strip()}
+        if not gold:
+            continue
+        docs = [doc_of(i) for i in row.get("retrieved", [])]
+        rank = next((n for n, doc in enumerate(docs, start=1) if doc in gold), None)
+        hits.append(rank is not None)
+        ranks.append(1.0 / rank if rank else 0.0)
+    out: dict[str, Any] = {"k": k, "n_with_gold": len(hits)}
+    if hits:
+        out.update({"hit@k": round(sum(hits) / len(hits), 6), "mrr": round(sum(ranks) / len(ranks), 6)})
+    return out
+
+
 def degenerate_summary(table: pd.DataFrame) -> dict[str, Any]:
     """Per model: how many answers were flagged degenerate, their share, and how often each reason came up."""
     out = {}
@@ -158,23 +203,38 @@ def run(params: Params, root: Path = Path("."), self_test: bool | None = None) -
         say("measuring metric validity on the Korean probes (eval.self_test)")
         validity = measure(pack, params.eval)
         require_valid(validity, params.registry.gate.metric, params.eval)
-    test_rows = load_split("test", root)
+    test_rows = load_split("test", root, prompts_folder(params.rag.enabled))
     rows = select_rows(test_rows, params.eval.max_samples, params.base.seed)
     model, tokenizer = load_tuned(params, root / ADAPTER_DIR, device, root)
-    prompts = [r["prompt"] for r in rows]
-    tuned = generate(model, tokenizer, prompts, params.eval, device, label="tuned answers")
-    with model.disable_adapter():
-        base = generate(model, tokenizer, prompts, params.eval, device, label="base answers")
+    rag = params.rag.enabled
+    answers = _answers(model, tokenizer, [r["prompt"] for r in rows], params, device, " with retrieval" if rag else "")
     say(f"scoring {len(rows)} base and tuned answers with {', '.join(params.eval.metrics)}")
-    table = score_table(rows, base, tuned, pack)
+    table = score_table(rows, *answers, pack)
+    if rag:
+        plain = score_table(rows, *_answers(model, tokenizer, [r["prompt_plain"] for r in rows], params, device,
+                                            " without retrieval"), pack)
+        for model_name in ("base", "tuned"):
+            for column in [c for c in plain.columns if c.startswith(f"{model_name}_")]:
+                table[f"{model_name}_{WITHOUT_RETRIEVAL}_{column.removeprefix(model_name + '_')}"] = plain[column]
+        table["sources"] = [" ".join(r["sources"]) for r in rows]
     for column in params.data.attribute_columns:
-        table[column] = [r.get("attributes", {}).get(column, "") for r in rows]
-    slice_columns = ["category"] + [c for c in params.data.attribute_columns if c in table]
+        for frame in (table, plain) if rag else (table,):
+            frame[column] = [r.get("attributes", {}).get(column, "") for r in rows]
+    slice_columns = ["category"] + [c for c in params.data.attribute_columns if c in table and c != params.rag.gold_column]
     summary = summarize(table, pack.columns, slice_columns, params.eval.bootstrap_samples, params.base.seed,
                         params.eval.min_slice_size)
     summary["degenerate"] = degenerate_summary(table)
     summary["sample"] = {"n": len(rows), "of": len(test_rows), "seed": params.base.seed,
                          "stratified_by": "category, whole source groups" if len(rows) < len(test_rows) else None}
+    if rag:
+        without = summarize(plain, pack.columns, slice_columns, params.eval.bootstrap_samples, params.base.seed,
+                            params.eval.min_slice_size)
+        without["degenerate"] = degenerate_summary(plain)
+        summary["retrieval"] = {"configuration": "tuned+retrieval", "mode": params.rag.mode, "corpus": params.rag.corpus,
+                                **retrieval_quality(rows, params.rag.gold_column, params.rag.k),
+                                "mean_context_chars": round(sum(len(r["context"]) for r in rows) / max(1, len(rows)), 1)}
+        summary["arms"] = arms(summary, without, table, pack.columns, params.eval.bootstrap_samples, params.base.seed)
+        summary[WITHOUT_RETRIEVAL] = without
     if validity is not None:
         summary["validity"] = {r["metric"]: r for r in validity.table.to_dict("records")}
     primary = params.registry.gate.metric if params.registry.gate.metric in pack.columns else pack.columns[0]
@@ -184,6 +244,15 @@ def run(params: Params, root: Path = Path("."), self_test: bool | None = None) -
     atomic_write(root / EVAL_REPORT, markdown(summary, table, primary))
     write_json(root / EVAL_METRICS, summary)
     return summary
+
+
+def _answers(model: Any, tokenizer: Any, prompts: list[str], params: Params, device: str,
+             arm: str) -> tuple[list[str], list[str]]:
+    """Base and tuned answers to ``prompts`` from one PeftModel (the base with its adapter disabled)."""
+    tuned = generate(model, tokenizer, prompts, params.eval, device, label=f"tuned answers{arm}")
+    with model.disable_adapter():
+        base = generate(model, tokenizer, prompts, params.eval, device, label=f"base answers{arm}")
+    return base, tuned
 
 
 def read_table(root: Path = Path(".")) -> pd.DataFrame:

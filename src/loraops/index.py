@@ -1,4 +1,5 @@
-"""Stage `index`: domain documents → sentence-aware chunks → a Korean morpheme BM25 index and dense vectors.
+"""Stage `index`: domain documents → sentence-aware chunks → a Korean morpheme BM25 index and dense vectors;
+with ``rag.enabled``, the prepared splits with each question's passages (``data/retrieved``).
 
 `retrieve` answers queries over the stage's output (``data/index``) in the configured ``rag.mode``:
 ``bm25`` (kiwipiepy content morphemes scored by bm25s; ``rag.tokenizer: whitespace`` is the baseline that
@@ -19,7 +20,7 @@ from typing import Any
 
 from loraops.config import BUNDLED_ENCODER, Params, RagSection
 from loraops.errors import ConfigError, DataError
-from loraops.paths import INDEX_CARD, INDEX_CHUNKS, INDEX_DIR, INDEX_VECTORS
+from loraops.paths import INDEX_CARD, INDEX_CHUNKS, INDEX_DIR, INDEX_VECTORS, RETRIEVED_DIR, SPLITS, split
 from loraops.readers import decode
 from loraops.utils import atomic_dir, say
 
@@ -227,11 +228,11 @@ def build(params: Params, root: Path = Path(".")) -> dict[str, Any]:
 class Retriever:
     """Queries over a built index, in the mode it was built for (or a mode it has the parts for)."""
 
-    def __init__(self, params: Params, root: Path = Path("."), mode: str | None = None) -> None:
+    def __init__(self, params: Params, root: Path = Path("."), mode: str | None = None, folder: Path | None = None) -> None:
         import bm25s
         import numpy as np
 
-        folder = root / INDEX_DIR
+        folder = folder or root / INDEX_DIR
         if not (folder / INDEX_CARD.name).exists():
             raise DataError(f"{folder}: no index; run `loraops index` (or `dvc repro index`) first")
         self.card = json.loads((folder / INDEX_CARD.name).read_text(encoding="utf-8"))
@@ -295,6 +296,89 @@ def retrieve_file(retriever: Retriever, path: Path, out: Path, k: int, column: s
     return len(lines)
 
 
+# ---------------------------------------------------------------- passages in the prompts (rag.enabled)
+
+
+def context_of(results: list[dict[str, Any]], max_chars: int) -> tuple[str, list[str]]:
+    """The ``{context}`` text, numbered passages in order while they fit in ``max_chars`` (a first passage longer
+    than that is cut), and the ids of the passages it holds."""
+    parts: list[str] = []
+    ids: list[str] = []
+    for result in results:
+        text = f"[{len(parts) + 1}] {result['text']}"
+        if parts and len("\n".join([*parts, text])) > max_chars:
+            break
+        parts.append(text[:max_chars])
+        ids.append(result["id"])
+    return "\n".join(parts), ids
+
+
+def doc_of(result_id: str) -> str:
+    """The document id of a result id (``<doc id>#<chunk>`` for chunks)."""
+    return result_id.split("#", 1)[0]
+
+
+def with_passages(row: dict[str, Any], results: list[dict[str, Any]], params: Params) -> dict[str, Any]:
+    """A prepared row with its passages: ``prompt`` from ``rag.template``, the prompt without retrieval kept as
+    ``prompt_plain``, ``context``, ``sources`` (the ids in the context), ``retrieved`` (the ranked top k) and
+    ``distractors`` (training only: the random passages among the sources)."""
+    from loraops.prepare import fill
+
+    context, sources = context_of(results, params.rag.max_context_chars)
+    values = {"question": row["question"], "category": row["category"], **row.get("attributes", {}), "context": context}
+    return {**row, "prompt": fill(params.rag.template, values, "rag.template"), "prompt_plain": row["prompt"],
+            "context": context, "sources": sources,
+            "retrieved": [r["id"] for r in results if not r.get("distractor")][: params.rag.k],
+            "distractors": [r["id"] for r in results if r.get("distractor") and r["id"] in sources]}
+
+
+def training_passages(row: dict[str, Any], retriever: Retriever, params: Params, rng: Any) -> list[dict[str, Any]]:
+    """A training question's passages: the top k without its own answer (``rag.corpus: train``: the adapter must
+    learn from passages as a test question gets them) and ``rag.train_distractors`` random other passages (RAFT),
+    so it learns to ignore what does not answer the question. The retrieved passages have the first claim on
+    ``rag.max_context_chars``; the distractors that still fit go to random places among them."""
+    cfg = params.rag
+    own = str(row["group"]) if cfg.corpus == "train" else None
+    results = [r for r in retriever.search(row["question"], cfg.k + 5) if doc_of(r["id"]) != own][: cfg.k]
+    taken = {doc_of(r["id"]) for r in results} | {own}
+    pool = [c for c in retriever.chunks if c.doc_id not in taken]
+    distractors = [{"id": c.id, "score": 0.0, "text": c.text, "distractor": True} for c in rng.sample(pool, min(cfg.train_distractors, len(pool)))]
+    _, fitting = context_of(results + distractors, cfg.max_context_chars)
+    chosen = [r for r in results if r["id"] in fitting]
+    for distractor in (d for d in distractors if d["id"] in fitting):
+        chosen.insert(rng.randrange(len(chosen) + 1), distractor)
+    return chosen
+
+
+def attach(params: Params, root: Path = Path(".")) -> dict[str, Any]:
+    """Write ``data/retrieved``: each prepared split, its rows with their passages when ``rag.enabled`` (else
+    unchanged); return counts."""
+    import random
+
+    from loraops.prepare import load_split
+
+    rows = {name: load_split(name, root) for name in SPLITS}
+    figures: dict[str, Any] = {"enabled": params.rag.enabled}
+    if params.rag.enabled:
+        retriever = Retriever(params, root)
+        rng = random.Random(params.base.seed)
+        for name in SPLITS:
+            rows[name] = [with_passages(r, training_passages(r, retriever, params, rng) if name == "train"
+                                        else retriever.search(r["question"], params.rag.k), params)
+                          for r in rows[name]]
+        every = [r for name in SPLITS for r in rows[name]]
+        figures.update(mean_context_chars=round(sum(len(r["context"]) for r in every) / max(1, len(every)), 1),
+                       empty_contexts=sum(not r["context"] for r in every))
+    with atomic_dir(root / RETRIEVED_DIR) as tmp:
+        for name in SPLITS:
+            with (tmp / split(name).name).open("w", encoding="utf-8") as fh:
+                for row in rows[name]:
+                    fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return figures
+
+
 def run(params: Params, root: Path = Path(".")) -> dict[str, Any]:
-    """The DVC stage: build ``data/index`` from the documents; return its card."""
-    return build(params, root)
+    """The DVC stage: build ``data/index`` from the documents, then ``data/retrieved``; return the index card."""
+    card = build(params, root)
+    card["prompts"] = attach(params, root)
+    return card

@@ -18,11 +18,29 @@ PREPARED_DIR = Path("data/prepared")
 SPLITS = ("train", "validation", "test")
 DATA_CARD = PREPARED_DIR / "card.json"
 
+
+def split(name: str, folder: Path = PREPARED_DIR) -> Path:
+    """A split: ``data/prepared/<name>.jsonl``, or the same split with its passages in ``data/retrieved``."""
+    return folder / f"{name}.jsonl"
+
+
 INDEX_DIR = Path("data/index")
 """Stage `index`: the chunks, the BM25 index and (for dense/hybrid) the vectors of the domain documents."""
 INDEX_CHUNKS = INDEX_DIR / "chunks.jsonl"
 INDEX_VECTORS = INDEX_DIR / "vectors.npy"
 INDEX_CARD = INDEX_DIR / "card.json"
+RETRIEVED_DIR = Path("data/retrieved")
+"""Stage `index`: the prepared splits with each question's passages (``context``, ``sources``) and the prompt
+that train and evaluate use (``rag.template``; ``prompt_plain`` is the one without retrieval). With
+``rag.enabled`` off they are the prepared rows unchanged, so a document edit does not retrain."""
+
+
+
+def prompts_folder(rag_enabled: bool) -> Path:
+    """Where train and evaluate read their rows: with their passages when ``rag.enabled``, else as prepared (the
+    same rows ``data/retrieved`` then holds, so running `loraops prepare` then `loraops train` needs no index)."""
+    return RETRIEVED_DIR if rag_enabled else PREPARED_DIR
+
 
 BASE_DIR = Path("models/base")
 """The tiny base built from the training corpus (``model.base: tiny-ko``); a hub base lives in the HF cache."""
@@ -47,15 +65,9 @@ LOCKS_DIR = MLRUNS / ".locks"
 WORKSPACES_DIR = Path(".loraops/runs")
 """Git worktrees of flow runs started from a deployment."""
 
-
-def split(name: str) -> Path:
-    """A prepared split: ``data/prepared/<name>.jsonl``."""
-    return PREPARED_DIR / f"{name}.jsonl"
-
-
 STAGE_OUTPUTS: dict[str, dict[str, list[Path]]] = {
     "prepare": {"outs": [split(s) for s in SPLITS], "metrics": [DATA_CARD], "plots": []},
-    "index": {"outs": [INDEX_DIR], "metrics": [], "plots": []},
+    "index": {"outs": [INDEX_DIR, *(split(s, RETRIEVED_DIR) for s in SPLITS)], "metrics": [], "plots": []},
     "train": {"outs": [BASE_DIR, ADAPTER_DIR], "metrics": [TRAIN_METRICS], "plots": [TRAIN_LOG]},
     "evaluate": {"outs": [EVAL_TABLE, EVAL_REPORT, PLOTS_DIR], "metrics": [EVAL_METRICS], "plots": []},
 }
@@ -63,9 +75,9 @@ STAGE_OUTPUTS: dict[str, dict[str, list[Path]]] = {
 
 STAGE_INPUTS: dict[str, list[Path]] = {
     "prepare": [],  # plus ${data.path}
-    "index": [split("train")],  # plus ${rag.docs_path}; the training answers are the corpus with rag.corpus: train
-    "train": [split("train"), split("validation")],
-    "evaluate": [BASE_DIR, ADAPTER_DIR, split("test")],
+    "index": [split(s) for s in SPLITS],  # plus ${rag.docs_path}; rag.corpus: train indexes the training answers
+    "train": [split("train", RETRIEVED_DIR), split("validation", RETRIEVED_DIR)],
+    "evaluate": [BASE_DIR, ADAPTER_DIR, split("test", RETRIEVED_DIR)],
 }
 """The stage outputs each DVC stage reads (besides its code, params and the raw data)."""
 

@@ -97,11 +97,19 @@ def render(rec: QARecord, template: str) -> str:
     Raises:
         DataError: when the template names a field the record does not have.
     """
-    values = {"question": rec.question, "category": rec.category, **rec.attributes}
+    return fill(template, {"question": rec.question, "category": rec.category, **rec.attributes}, "data.template")
+
+
+def fill(template: str, values: dict[str, str], key: str) -> str:
+    """``template`` with its fields from ``values``.
+
+    Raises:
+        DataError: a field ``values`` lacks, naming the dotted ``key`` of the template.
+    """
     missing = [name for name in template_fields(template) if name not in values]
     if missing:
         raise DataError(
-            f"data.template uses {{{missing[0]}}}, which the data does not have; "
+            f"{key} uses {{{missing[0]}}}, which the data does not have; "
             f"available: {', '.join(sorted(values))} (add it to data.attribute_columns)"
         )
     return template.format(**values)
@@ -165,13 +173,14 @@ def run(params: Params, root: Path = Path(".")) -> dict[str, Any]:
     return card
 
 
-def load_split(name: str, root: Path = Path(".")) -> list[dict[str, Any]]:
-    """Read one prepared split.
+def load_split(name: str, root: Path = Path("."), folder: Path = PREPARED_DIR) -> list[dict[str, Any]]:
+    """Read one split: as prepared, or with its passages (``folder=RETRIEVED_DIR``, what train and evaluate read).
 
     Raises:
-        DataError: when the split has not been prepared.
+        DataError: when the split has not been written yet.
     """
-    path = root / split(name)
+    path = root / split(name, folder)
     if not path.exists():
-        raise DataError(f"{path}: not found; run `loraops prepare` (or `dvc repro prepare`) first")
+        stage = "prepare" if folder == PREPARED_DIR else "index"
+        raise DataError(f"{path}: not found; run `loraops {stage}` (or `dvc repro {stage}`) first")
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

@@ -20,6 +20,7 @@ from mlflow.exceptions import MlflowException
 from loraops.config import Params
 from loraops.errors import LoraopsError, RegistryError
 from loraops.gate import Decision, decide, scores_from_table
+from loraops.paths import INDEX_DIR
 from loraops.tracking import experiment_for, tracking_setup
 
 HISTORY_TAG = "loraops.production_history"
@@ -67,14 +68,18 @@ def register(params: Params, run_id: str, adapter_dir: Path, base_location: str,
     artifacts = {"adapter": str(adapter_dir), "spec": str(spec_dir / "spec.json"), "lineage": str(spec_dir / "lineage.json")}
     if serve.should_bundle(base_location):
         artifacts["base"] = base_location
+    if params.rag.enabled:  # the configuration registered is adapter + retrieval: the index travels with it
+        artifacts["index"] = str(adapter_dir.parent.parent / INDEX_DIR)
     import loraops
 
     example = _input_example(params, adapter_dir) if serve.should_bundle(base_location) else None
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
             name="model", python_model=str(Path(serve.__file__).with_name("pyfunc_model.py")), artifacts=artifacts,
-            code_paths=[str(Path(loraops.__file__).parent)], pip_requirements=_requirements(),
-            signature=serve.signature(template_fields(params.data.template)), input_example=example,
+            code_paths=[str(Path(loraops.__file__).parent)], pip_requirements=_requirements(params.rag.enabled),
+            signature=serve.signature(template_fields(params.prompt_template),
+                                      retrieval=params.rag.enabled),
+            input_example=example,
         )
     version = mlflow.register_model(info.model_uri, name, tags={SHA_TAG: adapter_sha, **_lineage_tags(lineage)})
     if description:
@@ -95,7 +100,7 @@ def _input_example(params: Params, adapter_dir: Path) -> Any:
         rows = load_split("test", root)[:2]
     except LoraopsError:
         return None
-    others = [f for f in dict.fromkeys(template_fields(params.data.template)) if f != "question"]
+    others = [f for f in dict.fromkeys(template_fields(params.prompt_template)) if f not in ("question", "context")]
     if not rows:
         return None
     if not others:
@@ -104,10 +109,12 @@ def _input_example(params: Params, adapter_dir: Path) -> Any:
                           **{f: str(row.get(f, row.get("attributes", {}).get(f, ""))) for f in others}} for row in rows])
 
 
-def _requirements() -> list[str]:
+def _requirements(retrieval: bool = False) -> list[str]:
     from importlib.metadata import version
 
-    return [f"{pkg}=={version(pkg)}" for pkg in ("torch", "transformers", "peft", "mlflow", "pandas", "pydantic", "tokenizers")]
+    packages = ["torch", "transformers", "peft", "mlflow", "pandas", "pydantic", "tokenizers"]
+    packages += ["bm25s", "kiwipiepy", "kiwipiepy-model"] if retrieval else []
+    return [f"{pkg}=={version(pkg)}" for pkg in packages]
 
 
 def _lineage_tags(lineage: dict[str, Any]) -> dict[str, str]:

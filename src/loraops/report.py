@@ -76,6 +76,11 @@ def flat_metrics(summary: dict[str, Any], gate_metric: str | None = None) -> dic
         flat["gate/degenerate_rate" if model == "tuned" else f"gate/degenerate_rate_{model}"] = figures["rate"]
     for metric, figures in summary["metrics"].items():
         flat[f"tuned/{metric}"], flat[f"vs_base/{metric}"] = figures["tuned"], figures["delta"]
+    for arm, value in summary.get("arms", {}).get("means", {}).get(gate, {}).items():
+        flat[f"arms/{arm.replace('+', '_with_')}/{gate}"] = value
+    for key in ("hit@k", "mrr"):
+        if key in summary.get("retrieval", {}):
+            flat[f"retrieval/{key.replace('@', '_at_')}"] = summary["retrieval"][key]
     return flat
 
 
@@ -105,7 +110,27 @@ def headline(summary: dict[str, Any]) -> str:
     if degenerate:
         lines.append(f"degenerate answers: base {degenerate['base']['count']}/{summary['n']}, "
                      f"tuned {degenerate['tuned']['count']}/{summary['n']} (scored 0)")
+    if "arms" in summary:
+        lines += ["", "base and tuned above answer with retrieval; the four arms:", *arms_lines(summary)]
     return "\n".join(lines)
+
+
+ARMS = ("base", "tuned", "base+retrieval", "tuned+retrieval")
+
+
+def arms_lines(summary: dict[str, Any]) -> list[str]:
+    """The four arms (rag.enabled) as a markdown table: each metric's mean per arm, what retrieval adds to the
+    tuned model (with its interval), and retrieval hit@k / MRR when the gold documents are known."""
+    lines = ["| metric | " + " | ".join(ARMS) + " | retrieval gain (tuned) | 95% CI |", "|---|" + "---|" * (len(ARMS) + 2)]
+    for metric, means in summary["arms"]["means"].items():
+        gain = summary["arms"]["retrieval_gain"][metric]["tuned"]
+        lines.append(f"| {metric} | " + " | ".join(f"{means[arm]:.4f}" for arm in ARMS) +
+                     f" | {gain['delta']:+.4f} | [{gain['ci95'][0]:+.4f}, {gain['ci95'][1]:+.4f}] |")
+    quality = summary.get("retrieval", {})
+    if "hit@k" in quality:
+        lines += ["", f"Retrieval ({quality['mode']}, k={quality['k']}): hit@k {quality['hit@k']:.3f}, "
+                      f"MRR {quality['mrr']:.3f} on {quality['n_with_gold']} questions with a known gold document."]
+    return lines
 
 
 def outcome(summary: dict[str, Any], primary: str, gate: dict[str, Any] | None) -> tuple[str, str]:
@@ -168,6 +193,11 @@ def markdown(summary: dict[str, Any], table: pd.DataFrame, primary: str, top: in
     if validity and not all(v["valid"] for v in validity.values()):
         lines += ["", "Metrics marked **no** do not order graded Korean answers reliably (`loraops evaluate --self-test`); "
                   "read their figures as noise."]
+    if "arms" in summary:
+        lines += ["", "## Retrieval: the four arms", "",
+                  "The table above compares base and tuned, both **with** retrieval (the configuration registered and "
+                  "gated). Without retrieval, the prompt is data.template; with it, rag.template with the passages.", "",
+                  *arms_lines(summary)]
     for column, groups in summary["slices"].items():
         lines += ["", f"## By {column} ({primary})", "", "| value | n | base | tuned | Δ | note |", "|---|---|---|---|---|---|"]
         for value, s in groups.items():
@@ -267,6 +297,9 @@ def summary_markdown(params: Params, summary: dict[str, Any], run_id: str, track
     if degenerate:
         lines += ["", f"Degenerate answers (scored 0): base {degenerate['base']['count']}, tuned "
                       f"{degenerate['tuned']['count']} of {summary['n']}; gate metric `{params.registry.gate.metric}`."]
+    if "arms" in summary:
+        lines += ["", "With retrieval (rag.enabled): the scores above answer with passages; the four arms:", "",
+                  *arms_lines(summary)]
     reused = " (same adapter as an existing version)" if registered.get("reused") else ""
     lines += ["", f"Registered `{registered['name']}` version {registered['version']}{reused}, alias `candidate`."]
     if gate is not None:

@@ -4,6 +4,9 @@ The registered model carries the adapter, a pinned reference to its base (the ba
 when the base is a small local directory such as the tiny base; else the hub id and revision), the
 prompt template and the decoding settings. `predict` answers a list of questions or a DataFrame with a
 ``question`` column, greedily, exactly as evaluate generated the tuned answers.
+
+A version trained with retrieval (``rag.enabled``) also carries its index (``data/index``) and retrieval settings:
+it looks up each question's passages as evaluate did, and `predict` returns a table of ``answer`` and ``sources``.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ _log = logging.getLogger("loraops.serve")
 BUNDLE_LIMIT_BYTES = 200 * 1024 * 1024  # local bases under this size travel inside the model
 
 
-def signature(template_fields: list[str]) -> Any:
+def signature(template_fields: list[str], retrieval: bool = False) -> Any:
     """Question strings in, answer strings out.
 
     A template that uses only ``{question}`` takes a list of questions (or a one-column table); one that also
@@ -28,14 +31,16 @@ def signature(template_fields: list[str]) -> Any:
     the other fields (MLflow checks inputs against this before ``predict``).
     """
     from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, Schema
+    from mlflow.types.schema import Array, ColSpec, Schema
 
-    others = [name for name in dict.fromkeys(template_fields) if name != "question"]
+    others = [name for name in dict.fromkeys(template_fields) if name not in ("question", "context")]
     if not others:
         inputs = Schema([ColSpec("string")])
     else:
         inputs = Schema([ColSpec("string", "question"), *(ColSpec("string", name, required=False) for name in others)])
-    return ModelSignature(inputs=inputs, outputs=Schema([ColSpec("string")]))
+    outputs = Schema([ColSpec("string", "answer"), ColSpec(Array("string"), "sources")]) if retrieval \
+        else Schema([ColSpec("string")])
+    return ModelSignature(inputs=inputs, outputs=outputs)
 
 
 class LoraQAModel(mlflow.pyfunc.PythonModel):
@@ -59,8 +64,9 @@ class LoraQAModel(mlflow.pyfunc.PythonModel):
         self.tokenizer = load_tokenizer(context.artifacts["adapter"], model_cfg)
         self.model = PeftModel.from_pretrained(base, context.artifacts["adapter"]).to(self.device)
         self.eval_cfg = EvalSection(**spec["generation"])
+        self.retriever = retriever_for(spec, context.artifacts.get("index"))
 
-    def _prompts(self, model_input: Any) -> list[str]:
+    def _records(self, model_input: Any) -> list[dict[str, str]]:
         import pandas as pd
 
         if isinstance(model_input, str):
@@ -72,8 +78,24 @@ class LoraQAModel(mlflow.pyfunc.PythonModel):
             records = frame.astype(str).to_dict("records")
         else:
             records = [{"question": str(q)} for q in model_input]
-        template = self.spec["template"]
-        return [template.format_map(_Defaults(r)) for r in records]
+        return records
+
+    def passages(self, question: str) -> tuple[str, list[dict[str, Any]]]:
+        """The ``{context}`` for a question and the passages it holds (``id``, ``score``, ``text``), as evaluate
+        built them; empty without retrieval."""
+        return passages(self.retriever, self.spec, question)
+
+    def prompts_and_sources(self, model_input: Any) -> tuple[list[str], list[list[dict[str, Any]]]]:
+        """Each input's prompt through the version's template (with its passages, for a retrieval version)."""
+        prompts, sources = [], []
+        for record in self._records(model_input):
+            context, found = self.passages(record["question"])
+            prompts.append(self.spec["template"].format_map(_Defaults({**record, "context": context})))
+            sources.append(found)
+        return prompts, sources
+
+    def _prompts(self, model_input: Any) -> list[str]:
+        return self.prompts_and_sources(model_input)[0]
 
     def answer_raw(self, model_input: Any) -> list[str]:
         """Answers exactly as generated, undecodable characters included (what the gate judges)."""
@@ -81,13 +103,45 @@ class LoraQAModel(mlflow.pyfunc.PythonModel):
 
         return generate(self.model, self.tokenizer, self._prompts(model_input), self.eval_cfg, self.device, progress=False)
 
-    def predict(self, context: Any, model_input: pd.DataFrame, params: dict | None = None) -> list[str]:
-        """Answers without undecodable characters, for a list of questions or a table (see :func:`signature`).
+    def predict(self, context: Any, model_input: pd.DataFrame, params: dict | None = None) -> Any:
+        """Answers without undecodable characters, for a list of questions or a table (see :func:`signature`);
+        for a version with retrieval, a table of ``answer`` and ``sources`` (the passage ids it was given).
 
         ``model_input`` is typed as a DataFrame because that is the one hint from which MLflow infers no schema
         (without a hint it warns on every load); lists and strings are answered too. The schema is :func:`signature`.
         """
-        return clean_answers(self.answer_raw(model_input))
+        from loraops.evaluate import generate
+
+        prompts, sources = self.prompts_and_sources(model_input)
+        answers = clean_answers(generate(self.model, self.tokenizer, prompts, self.eval_cfg, self.device, progress=False))
+        if self.retriever is None:
+            return answers
+        return pd.DataFrame({"answer": answers, "sources": [[r["id"] for r in found] for found in sources]})
+
+
+def retriever_for(spec: dict[str, Any], index_dir: str | None) -> Any:
+    """The retriever of a version registered with retrieval (its bundled index and settings), else None."""
+    if not index_dir or not spec.get("retrieval"):
+        return None
+    from loraops.config import EvalSection, Params, RagSection
+    from loraops.index import Retriever
+
+    settings = spec["retrieval"]
+    params = Params(rag=RagSection(**settings["rag"]), eval=EvalSection(**settings["morphemes"]))
+    return Retriever(params, folder=Path(index_dir))
+
+
+def passages(retriever: Any, spec: dict[str, Any], question: str) -> tuple[str, list[dict[str, Any]]]:
+    """The ``{context}`` for a question and the passages it holds (``id``, ``score``, ``text``), as evaluate built
+    them; empty without a retriever."""
+    from loraops.index import context_of
+
+    if retriever is None:
+        return "", []
+    settings = spec["retrieval"]["rag"]
+    results = retriever.search(question, settings["k"])
+    context, ids = context_of(results, settings["max_context_chars"])
+    return context, [r for r in results if r["id"] in ids]
 
 
 def clean_answers(answers: list[str]) -> list[str]:
@@ -109,14 +163,20 @@ class _Defaults(dict):
 
 
 def model_spec(params: Any, base_location: str) -> dict[str, Any]:
-    """What the pyfunc needs besides the adapter: base reference, template, decoding settings."""
+    """What the pyfunc needs besides the adapter: base reference, template, decoding settings, and for a version
+    trained with retrieval the settings that look up its passages."""
+    rag = params.rag
+    retrieval = {"rag": {"mode": rag.mode, "k": rag.k, "max_context_chars": rag.max_context_chars, "rrf_k": rag.rrf_k,
+                         "tokenizer": rag.tokenizer, "encoder": rag.encoder, "corpus": rag.corpus},
+                 "morphemes": {"morph_pos": params.eval.morph_pos, "morph_analyzer": params.eval.morph_analyzer}}
     return {
         "base": {"id": str(Path(base_location).resolve()) if Path(base_location).exists() else params.model.base,
                  "configured": params.model.base, "revision": params.model.revision,
                  "trust_remote_code": params.model.trust_remote_code},
-        "template": params.data.template,
+        "template": params.prompt_template,
         "generation": {"max_new_tokens": params.eval.max_new_tokens, "batch_size": params.eval.batch_size,
                        "stop_strings": params.eval.stop_strings},
+        "retrieval": retrieval if rag.enabled else None,
     }
 
 
@@ -182,14 +242,16 @@ def load(uri: str) -> Any:
         raise RegistryError(f"{uri}: {exc.message.splitlines()[0]}") from None
 
 
-def stream_answer(uri: str, question: str, dropped: list[int] | None = None) -> Iterator[str]:
+def stream_answer(uri: str, question: str, dropped: list[int] | None = None,
+                  sources: list[dict[str, Any]] | None = None) -> Iterator[str]:
     """Yield the answer to one question piece by piece as tokens are generated, without U+FFFD.
 
-    ``dropped``, when given, receives the number of undecodable characters left out.
+    ``dropped``, when given, receives the number of undecodable characters left out; ``sources`` the passages
+    the answer was given (a version with retrieval).
     """
     from loraops.degenerate import clean
 
-    for piece in _raw_stream(uri, question):
+    for piece in _raw_stream(uri, question, sources if sources is not None else []):
         text, lost = clean(piece)
         if dropped is not None and lost:
             dropped.append(lost)
@@ -197,14 +259,16 @@ def stream_answer(uri: str, question: str, dropped: list[int] | None = None) -> 
             yield text
 
 
-def _raw_stream(uri: str, question: str) -> Iterator[str]:
+def _raw_stream(uri: str, question: str, sources: list[dict[str, Any]]) -> Iterator[str]:
     from threading import Thread
 
     import torch
     from transformers import TextIteratorStreamer
 
     inner = load(uri).unwrap_python_model()
-    prompt = inner._prompts([question])[0]
+    prompts, found = inner.prompts_and_sources([question])
+    prompt = prompts[0]
+    sources.extend(found[0])
     tok = inner.tokenizer
     enc = tok([(tok.bos_token or "") + prompt], return_tensors="pt", add_special_tokens=False).to(inner.device)
     streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
@@ -234,10 +298,18 @@ def answer_file(uri: str, path: Path, out: Path, column: str = "question") -> Pa
     model = load(uri)
     questions = frame[column].astype(str).tolist()
     answers: list[str] = []
+    sources: list[str] = []
     size = 32
     for start in tqdm(range(0, len(questions), size), desc="answer"):
-        answers.extend(model.predict(questions[start: start + size]))
+        out = model.predict(questions[start: start + size])
+        if isinstance(out, pd.DataFrame):  # a version with retrieval: answers and the passages they were given
+            answers.extend(out["answer"])
+            sources.extend(" ".join(ids) for ids in out["sources"])
+        else:
+            answers.extend(out)
     frame["answer"] = answers  # predict() already dropped undecodable characters
+    if sources:
+        frame["sources"] = sources
     out.parent.mkdir(parents=True, exist_ok=True)
     frame.to_csv(out, index=False)
     return out

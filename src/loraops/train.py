@@ -20,7 +20,7 @@ from loraops import packing
 from loraops.config import LoraSection, Params, TrainSection
 from loraops.prepare import load_split
 from loraops.model import TINY_BASE, base_location, build_tiny_base, load_base, load_tokenizer
-from loraops.paths import ADAPTER_DIR, CHECKPOINT_DIR, TRAIN_LOG, TRAIN_METRICS
+from loraops.paths import ADAPTER_DIR, CHECKPOINT_DIR, TRAIN_LOG, TRAIN_METRICS, prompts_folder
 from loraops.utils import atomic_dir, pick_device, progress_lines, say, sha256_dir, write_json
 
 
@@ -30,7 +30,8 @@ def tokenize_pair(tokenizer: Any, prompt: str, answer: str, max_length: int) -> 
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     prompt_ids = bos + tokenizer(prompt, add_special_tokens=False)["input_ids"]
     answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    prompt_ids = prompt_ids[: max_length // 2] if len(prompt_ids) + len(answer_ids) > max_length else prompt_ids
+    if len(prompt_ids) + len(answer_ids) > max_length:  # keep the prompt's end: the question and the answer cue
+        prompt_ids = bos + prompt_ids[len(bos):][-(max_length // 2 - len(bos)):]
     answer_ids = answer_ids[: max_length - len(prompt_ids)]
     return {"input_ids": prompt_ids + answer_ids, "labels": [-100] * len(prompt_ids) + answer_ids}
 
@@ -310,7 +311,7 @@ def ensure_base(params: Params, root: Path = Path(".")) -> str:
     """Return the base location, building the tiny base from the train split first when it is selected."""
     location = base_location(params.model, root)
     if params.model.base == TINY_BASE:
-        texts = [f"{r['prompt']}{r['answer']}" for r in load_split("train", root)]
+        texts = [f"{r['prompt']}{r['answer']}" for r in load_split("train", root, prompts_folder(params.rag.enabled))]
         say(f"building the tiny base (tokenizer + {params.model.tiny.layers}-layer Llama) from {len(texts)} training "
             f"texts → {location}")
         started = time.perf_counter()
@@ -329,7 +330,8 @@ def run(params: Params, root: Path = Path(".")) -> dict[str, Any]:
 
     device = pick_device(params.base.device)
     state = PartialState(cpu=device == "cpu")  # cpu=True: torchrun/accelerate workers without CUDA use gloo
-    train_rows, val_rows = load_split("train", root), load_split("validation", root)
+    rows = prompts_folder(params.rag.enabled)
+    train_rows, val_rows = load_split("train", root, rows), load_split("validation", root, rows)
     work_dir = root / CHECKPOINT_DIR
     identity = training_identity(params, train_rows, val_rows, state.num_processes)
     resume, why = resumable(work_dir, identity)

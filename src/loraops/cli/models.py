@@ -61,9 +61,15 @@ def ask(question: Optional[str] = typer.Argument(None),
     if not question:
         raise ConfigError("ask needs a question, or --file")
     dropped: list[int] = []
-    for piece in serve.stream_answer(uri, question, dropped):
+    sources: list[dict] = []
+    for piece in serve.stream_answer(uri, question, dropped, sources):
         typer.echo(piece, nl=False)
     typer.echo()
+    if sources:
+        typer.echo("\nsources:")
+        for number, passage in enumerate(sources, start=1):
+            text = " ".join(passage["text"].split())
+            typer.echo(f"  [{number}] {passage['id']}: {text[:100]}{'…' if len(text) > 100 else ''}")
     if dropped:
         typer.secho(f"note: {sum(dropped)} undecodable character(s) were dropped from the answer", err=True, fg=typer.colors.YELLOW)
 

@@ -25,12 +25,17 @@ def prepare(params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt) -> Non
 @app.command()
 @friendly
 def index(params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt) -> None:
-    """Chunk rag.docs_path and index it (Korean morpheme BM25; vectors for dense/hybrid) → data/index."""
+    """Chunk rag.docs_path and index it (Korean morpheme BM25; vectors for dense/hybrid) → data/index; with
+    rag.enabled, each prepared question's passages → data/retrieved."""
     from loraops import index as index_stage
 
     card = index_stage.run(params_of(params, set_))
     typer.echo(f"indexed {card['documents']} documents as {card['chunks']} chunks from {card['source']} "
                f"(mode {card['mode']}, {card['tokenizer']} terms)")
+    prompts = card["prompts"]
+    if prompts["enabled"]:
+        typer.echo(f"passages attached to every prepared question (rag.template): mean context "
+                   f"{prompts['mean_context_chars']} characters, {prompts['empty_contexts']} question(s) with none")
 
 
 @app.command()
