@@ -22,6 +22,7 @@ $(STAMP): pyproject.toml constraints.txt
 data: install
 	@test -f data/raw/interior_qa.csv || dvc pull -q data/raw/interior_qa.csv.dvc
 	@test -d data/docs || dvc pull -q data/docs.dvc
+	@test -f data/raw/copy_briefs.csv || dvc pull -q data/raw/copy_briefs.csv.dvc
 
 run: data
 	HF_HUB_OFFLINE=$${HF_HUB_OFFLINE:-1} loraops run

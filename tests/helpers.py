@@ -50,7 +50,7 @@ def make_workspace(dest: Path, overrides: list[str] | None = None) -> Path:
     _run(["git", "config", "user.name", "loraops-ci"], dest)
     dvc = str(Path(sys.executable).parent / "dvc")
     _run([dvc, "remote", "modify", "sample", "url", str(REPO / "dvc-remote")], dest)
-    _run([dvc, "pull", "-q", "data/raw/interior_qa.csv.dvc", "data/docs.dvc"], dest)
+    _run([dvc, "pull", "-q", "data/raw/interior_qa.csv.dvc", "data/docs.dvc", "data/raw/copy_briefs.csv.dvc"], dest)
     if overrides:
         from loraops.workspace import write_params
 

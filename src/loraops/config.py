@@ -117,6 +117,26 @@ class TrainSection(_Section):
     dataloader_workers: int = Field(0, ge=0, description="Data loading processes; 0 = in the training process.")
 
 
+SpeechLevelName = Literal["formal", "polite", "casual"]
+
+
+class ToneSection(_Section):
+    """Tone accuracy: the speech level each value of an attribute column must be written in (`loraops.tone`)."""
+
+    column: str = Field("target_age", min_length=1, description="The attribute column (in data.attribute_columns) "
+                                                                "whose value decides the expected level.")
+    levels: dict[str, SpeechLevelName] = Field(
+        default_factory=lambda: {"20대": "casual", "30대": "polite", "40대": "polite", "50대 이상": "formal"},
+        description="Value → speech level: formal (-습니다/-십시오), polite (-요) or casual (plain/intimate endings).")
+
+    @field_validator("levels")
+    @classmethod
+    def _some_levels(cls, value: dict[str, str]) -> dict[str, str]:
+        if not value:
+            raise ValueError("must map at least one value to a level")
+        return value
+
+
 class EvalSection(_Section):
     """Generation and scoring (stage `evaluate`)."""
 
@@ -147,6 +167,8 @@ class EvalSection(_Section):
     bootstrap_samples: int = Field(1000, ge=100, description="Paired bootstrap resamples for the 95% intervals.")
     min_slice_size: int = Field(5, gt=0, description="Slices smaller than this are flagged as small.")
     self_test: bool = Field(True, description="Measure metric validity on the probes before scoring; the gate metric must pass.")
+    tone: ToneSection | None = Field(None, description="Score whether each answer uses the speech level its attribute "
+                                                       "value asks for (e.g. target_age → formal/polite/casual); off when null.")
 
     @field_validator("metrics")
     @classmethod
@@ -253,6 +275,8 @@ class Params(_Section):
         if self.rag.chunk_overlap >= self.rag.chunk_chars:
             problems.append(f"rag.chunk_overlap: {self.rag.chunk_overlap} must be below rag.chunk_chars ({self.rag.chunk_chars})")
         problems += self._rag_problems()
+        if self.eval.tone is not None and self.eval.tone.column not in self.data.attribute_columns:
+            problems.append(f"eval.tone.column: {self.eval.tone.column!r} must be listed in data.attribute_columns")
         if problems:
             raise ValueError("\n  ".join(problems))
         return self

@@ -22,6 +22,8 @@ from loraops.config import EvalSection, Params
 from loraops.prepare import load_split
 from loraops.degenerate import clean
 from loraops.metrics import MetricPack
+from loraops import tone
+from loraops.tone import SpeechLevel
 from loraops.validity import measure, require_valid
 from loraops.model import ModelError, base_location, load_base, load_tokenizer
 from loraops.report import flat_metrics, markdown, plots, summarize
@@ -144,6 +146,40 @@ def _quotas(sizes: dict[str, int], total: int) -> dict[str, int]:
 
 
 WITHOUT_RETRIEVAL = "without_retrieval"
+MIN_TONE_PROBE_ACCURACY = 0.9
+
+
+def tone_expected(rows: list[dict], params: Params) -> list[str] | None:
+    """The speech level each row's answer must use (``eval.tone``), or None when tone is not scored."""
+    if params.eval.tone is None:
+        return None
+    return tone.expected_levels(rows, params.eval.tone, f"{params.data.path} (eval.tone.levels)")
+
+
+def add_tone(table: pd.DataFrame, expected: list[str], classifier: SpeechLevel) -> None:
+    """``<model>_tone`` (1 when the answer's speech level is the expected one; degenerate answers score 0, as for
+    every metric) and ``<model>_tone_level`` (the level read) for base and tuned, and ``tone_expected``."""
+    table["tone_expected"] = expected
+    for model in ("base", "tuned"):
+        scores, levels = tone.scores(classifier, list(table[f"{model}_answer"]), expected)
+        table[f"{model}_tone"] = [0.0 if flagged else score for score, flagged in zip(scores, table[f"{model}_degenerate"])]
+        table[f"{model}_tone_level"] = levels
+
+
+def require_tone_valid(classifier: SpeechLevel) -> dict[str, Any]:
+    """The speech-level reader's accuracy on the graded probe lines; refuse to score tone below the minimum.
+
+    Raises:
+        ConfigError: accuracy under ``MIN_TONE_PROBE_ACCURACY`` (with the lines it read wrong).
+    """
+    from loraops.errors import ConfigError
+
+    result = tone.probe(classifier)
+    if result["accuracy"] < MIN_TONE_PROBE_ACCURACY:
+        wrong = "; ".join(f"{w['text']!r} read {w['read']}, is {w['level']}" for w in result["wrong"][:5])
+        raise ConfigError(f"eval.tone: the speech-level reader is right on {result['accuracy']:.0%} of the probe lines "
+                          f"(minimum {MIN_TONE_PROBE_ACCURACY:.0%}): {wrong}")
+    return {k: v for k, v in result.items() if k != "wrong"} | {"wrong": result["wrong"][:10]}
 
 
 def arms(with_retrieval: dict[str, Any], without: dict[str, Any], table: pd.DataFrame, columns: list[str],
@@ -203,40 +239,53 @@ def run(params: Params, root: Path = Path("."), self_test: bool | None = None) -
         say("measuring metric validity on the Korean probes (eval.self_test)")
         validity = measure(pack, params.eval)
         require_valid(validity, params.registry.gate.metric, params.eval)
+    classifier, probed = None, None
+    if params.eval.tone is not None:
+        classifier = SpeechLevel(params.eval.morph_analyzer)
+        if params.eval.self_test if self_test is None else self_test:
+            probed = require_tone_valid(classifier)
     test_rows = load_split("test", root, prompts_folder(params.rag.enabled))
     rows = select_rows(test_rows, params.eval.max_samples, params.base.seed)
+    expected = tone_expected(rows, params)  # a row without a mapped level fails here, before any generation
     model, tokenizer = load_tuned(params, root / ADAPTER_DIR, device, root)
     rag = params.rag.enabled
     answers = _answers(model, tokenizer, [r["prompt"] for r in rows], params, device, " with retrieval" if rag else "")
     say(f"scoring {len(rows)} base and tuned answers with {', '.join(params.eval.metrics)}")
-    table = score_table(rows, *answers, pack)
+    tables = [score_table(rows, *answers, pack)]
     if rag:
-        plain = score_table(rows, *_answers(model, tokenizer, [r["prompt_plain"] for r in rows], params, device,
-                                            " without retrieval"), pack)
+        tables.append(score_table(rows, *_answers(model, tokenizer, [r["prompt_plain"] for r in rows], params, device,
+                                                  " without retrieval"), pack))
+    for frame in tables:
+        for column in params.data.attribute_columns:
+            frame[column] = [r.get("attributes", {}).get(column, "") for r in rows]
+        if expected is not None:
+            add_tone(frame, expected, classifier)
+    table, plain = tables[0], tables[-1]
+    if rag:
         for model_name in ("base", "tuned"):
             for column in [c for c in plain.columns if c.startswith(f"{model_name}_")]:
                 table[f"{model_name}_{WITHOUT_RETRIEVAL}_{column.removeprefix(model_name + '_')}"] = plain[column]
         table["sources"] = [" ".join(r["sources"]) for r in rows]
-    for column in params.data.attribute_columns:
-        for frame in (table, plain) if rag else (table,):
-            frame[column] = [r.get("attributes", {}).get(column, "") for r in rows]
+    columns = pack.columns + (["tone"] if expected is not None else [])
     slice_columns = ["category"] + [c for c in params.data.attribute_columns if c in table and c != params.rag.gold_column]
-    summary = summarize(table, pack.columns, slice_columns, params.eval.bootstrap_samples, params.base.seed,
+    summary = summarize(table, columns, slice_columns, params.eval.bootstrap_samples, params.base.seed,
                         params.eval.min_slice_size)
     summary["degenerate"] = degenerate_summary(table)
     summary["sample"] = {"n": len(rows), "of": len(test_rows), "seed": params.base.seed,
                          "stratified_by": "category, whole source groups" if len(rows) < len(test_rows) else None}
     if rag:
-        without = summarize(plain, pack.columns, slice_columns, params.eval.bootstrap_samples, params.base.seed,
+        without = summarize(plain, columns, slice_columns, params.eval.bootstrap_samples, params.base.seed,
                             params.eval.min_slice_size)
         without["degenerate"] = degenerate_summary(plain)
         summary["retrieval"] = {"configuration": "tuned+retrieval", "mode": params.rag.mode, "corpus": params.rag.corpus,
                                 **retrieval_quality(rows, params.rag.gold_column, params.rag.k),
                                 "mean_context_chars": round(sum(len(r["context"]) for r in rows) / max(1, len(rows)), 1)}
-        summary["arms"] = arms(summary, without, table, pack.columns, params.eval.bootstrap_samples, params.base.seed)
+        summary["arms"] = arms(summary, without, table, columns, params.eval.bootstrap_samples, params.base.seed)
         summary[WITHOUT_RETRIEVAL] = without
     if validity is not None:
         summary["validity"] = {r["metric"]: r for r in validity.table.to_dict("records")}
+    if probed is not None:
+        summary["tone_probe"] = probed
     primary = params.registry.gate.metric if params.registry.gate.metric in pack.columns else pack.columns[0]
     (root / EVAL_TABLE).parent.mkdir(parents=True, exist_ok=True)
     atomic_write(root / EVAL_TABLE, table.to_csv(index=False))

@@ -27,20 +27,24 @@ class Decision:
 
 
 def decide(candidate: pd.DataFrame, reference: pd.DataFrame, policy: GatePolicy, against: str,
-           samples: int = 1000, seed: int = 0, min_slice: int = 5, rubric: float | None = None) -> Decision:
+           samples: int = 1000, seed: int = 0, min_slice: int = 5, rubric: float | None = None,
+           slices: tuple[str, ...] = ("category",)) -> Decision:
     """Compare candidate and reference scores question by question.
 
     Both tables have columns ``question``, ``reference``, ``category``, ``score`` (the primary metric)
     and optionally ``degenerate``. Rows are matched on (question, reference). The candidate passes when
     there are at least ``min_test_size`` shared questions; the gain exceeds ``min_gain`` — its bootstrap
     95% lower bound when ``require_significance`` (the default), else its mean, so a tie never passes;
-    no category of at least ``min_slice`` questions drops by more than ``max_category_regression``; its
+    no slice of at least ``min_slice`` questions — per category and per value of every other column in
+    ``slices`` the candidate table has (the data's attribute columns) — drops by more than
+    ``max_category_regression``; its
     share of degenerate answers is not higher than the reference's by more than
     ``max_degenerate_increase``; and, when ``min_rubric_mean`` is set and the candidate has human reviews
     (``rubric``, the tuned answers' mean 1–5), that mean reaches it.
     """
     candidate, reference = _with_flags(candidate), _with_flags(reference)
-    merged = candidate[KEY + ["category", "score", "degenerate"]].merge(
+    slices = tuple(c for c in dict.fromkeys(("category", *slices)) if c in candidate.columns)
+    merged = candidate[KEY + list(slices) + ["score", "degenerate"]].merge(
         reference[KEY + ["score", "degenerate"]], on=KEY, suffixes=("_candidate", "_reference"))
     merged = merged.drop_duplicates(subset=KEY)
     deltas = (merged["score_candidate"] - merged["score_reference"]).to_numpy(dtype=float)
@@ -77,15 +81,16 @@ def decide(candidate: pd.DataFrame, reference: pd.DataFrame, policy: GatePolicy,
                        f"{policy.max_degenerate_increase:.1%})")
     else:
         reasons.append(f"degenerate answers {rates[0]:.1%} vs {rates[1]:.1%} for {against}")
-    slices = {}
-    for category, part in merged.groupby("category", sort=True):
-        change = float((part["score_candidate"] - part["score_reference"]).mean())
-        slices[str(category)] = {"n": int(len(part)), "change": round(change, 6)}
-        if len(part) >= min_slice and change < -policy.max_category_regression:
-            ok = False
-            reasons.append(f"category {category!s} regresses by {-change:.4f} (> {policy.max_category_regression}) "
-                           f"on {len(part)} questions")
-    figures["categories"] = slices
+    for column in slices:
+        changes = {}
+        for value, part in merged.groupby(column, sort=True):
+            change = float((part["score_candidate"] - part["score_reference"]).mean())
+            changes[str(value)] = {"n": int(len(part)), "change": round(change, 6)}
+            if len(part) >= min_slice and change < -policy.max_category_regression:
+                ok = False
+                reasons.append(f"{column} {value!s} regresses by {-change:.4f} (> {policy.max_category_regression}) "
+                               f"on {len(part)} questions")
+        figures["categories" if column == "category" else f"slices/{column}"] = changes
     if policy.min_rubric_mean is not None:
         if rubric is None:
             reasons.append("no rubric reviews for the candidate; the rubric check does not apply")
@@ -101,8 +106,9 @@ def _with_flags(table: pd.DataFrame) -> pd.DataFrame:
     return table if "degenerate" in table.columns else table.assign(degenerate=False)
 
 
-def scores_from_table(table: pd.DataFrame, column: str) -> pd.DataFrame:
-    """Reduce an eval table to the gate's columns using ``column`` (``base_<m>`` or ``tuned_<m>``) as the score.
+def scores_from_table(table: pd.DataFrame, column: str, attributes: list[str] | tuple[str, ...] = ()) -> pd.DataFrame:
+    """Reduce an eval table to the gate's columns using ``column`` (``base_<m>`` or ``tuned_<m>``) as the score,
+    with the ``attributes`` columns it has (slices for the no-regression check).
 
     The model's degenerate flags come along when the table has them (tables older than the check have none).
     """
@@ -111,4 +117,5 @@ def scores_from_table(table: pd.DataFrame, column: str) -> pd.DataFrame:
     flags = f"{column.split('_', 1)[0]}_degenerate"
     degenerate = table[flags].astype(str).str.lower().eq("true") if flags in table.columns else False
     return pd.DataFrame({"question": table["question"], "reference": table["reference"],
-                         "category": table["category"], "score": table[column].astype(float), "degenerate": degenerate})
+                         "category": table["category"], "score": table[column].astype(float), "degenerate": degenerate,
+                         **{a: table[a].astype(str) for a in attributes if a in table.columns}})

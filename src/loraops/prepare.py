@@ -100,6 +100,20 @@ def render(rec: QARecord, template: str) -> str:
     return fill(template, {"question": rec.question, "category": rec.category, **rec.attributes}, "data.template")
 
 
+def require_template_fields(records: list[QARecord], template: str, path: Path) -> None:
+    """Every attribute the prompt template uses must have a value in every row.
+
+    Raises:
+        DataError: the first row with an empty one, naming the file, the row and the column.
+    """
+    used = [name for name in template_fields(template) if name not in ("question", "category", "context")]
+    for rec in records:
+        for name in used:
+            if not str(rec.attributes.get(name, "")).strip():
+                raise DataError(f"{path}: {rec.source} (id {rec.group}): no {name!r}, which the prompt template uses "
+                                f"({{{name}}}); fill it in or drop the row")
+
+
 def fill(template: str, values: dict[str, str], key: str) -> str:
     """``template`` with its fields from ``values``.
 
@@ -160,6 +174,7 @@ def run(params: Params, root: Path = Path(".")) -> dict[str, Any]:
     """Read ``data.path``, prepare it and write ``data/prepared`` atomically; return the card."""
     path = root / params.data.path if not Path(params.data.path).is_absolute() else Path(params.data.path)
     records, encoding = read_records(path, params.data)
+    require_template_fields(records, params.data.template, path)
     rows, extra = build_splits(records, params.data, params.base.seed)
     source = {"path": params.data.path, "format": params.data.format, "encoding": encoding, "md5": _md5(path),
               "records_read": len(records)}

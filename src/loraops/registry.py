@@ -203,11 +203,13 @@ def _rescore(uri: str, candidate: pd.DataFrame, params: Params, metric: str) -> 
     from loraops.metrics import MetricPack, family_of
     from loraops.serve import load
 
-    unique = candidate.drop_duplicates(subset=["question"])
+    fields = ["question", "category", *(c for c in params.data.attribute_columns if c in candidate.columns)]
+    inputs = candidate[fields].astype(str).drop_duplicates()  # the prompt depends on every template field, not the question alone
     model = load(uri).unwrap_python_model()
-    answers = dict(zip(unique["question"], model.answer_raw(unique[["question", "category"]])))
+    answers = dict(zip(map(tuple, inputs.to_numpy()), model.answer_raw(inputs)))
     pack = MetricPack(params.eval.model_copy(update={"metrics": [family_of(metric)]}))
-    scores, reasons = pack.judge([answers[q] for q in candidate["question"]], list(candidate["reference"]))
+    keys = map(tuple, candidate[fields].astype(str).to_numpy())
+    scores, reasons = pack.judge([answers[key] for key in keys], list(candidate["reference"]))
     frame = candidate[["question", "reference", "category"]].copy()
     frame["score"] = scores[metric]
     frame["degenerate"] = [reason is not None for reason in reasons]
@@ -236,8 +238,10 @@ def promote(name: str, version: str | None, params: Params, force: bool = False,
             raise RegistryError(f"registry.gate.metric: {policy.metric!r} is not in the eval table of v{mv.version}")
         reference, against = _reference_scores(client, name, candidate, params, policy.metric)
         rubric = client.get_run(mv.run_id).data.metrics.get("review/mean/tuned")
-        decision = decide(scores_from_table(candidate, f"tuned_{policy.metric}"), reference, policy, against,
-                          params.eval.bootstrap_samples, params.base.seed, params.eval.min_slice_size, rubric)
+        attributes = tuple(params.data.attribute_columns)
+        decision = decide(scores_from_table(candidate, f"tuned_{policy.metric}", attributes), reference, policy, against,
+                          params.eval.bootstrap_samples, params.base.seed, params.eval.min_slice_size, rubric,
+                          slices=attributes)
         moved = decision.promote or force
         target = str(mv.version)
         if moved and previous != target:
