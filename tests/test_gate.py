@@ -91,3 +91,15 @@ def test_more_degenerate_answers_are_refused_even_with_a_gain():
     assert not d.promote and any(r.startswith("degenerate answers 20.0% vs 0.0%") for r in d.reasons)
     assert d.figures["degenerate_rate"] == {"candidate": 0.2, "reference": 0.0}
     assert decide(cand, ref.assign(degenerate=cand["degenerate"]), DEFAULT, "p").promote
+
+
+def test_a_target_age_that_regresses_refuses_even_when_every_category_gains():
+    """Slices by every attribute column the data has, not only by category (the copy domain's target ages)."""
+    ages = ["20대", "50대 이상"] * 5
+    cand, ref = _table([0.9, 0.5] * 5), _table([0.5, 0.6] * 5)
+    cand["target_age"] = ages
+    policy = POLICY.model_copy(update={"require_significance": False})  # half the questions lose: no interval clears 0
+    d = decide(cand, ref, policy, "production v1", min_slice=5, slices=("target_age",))
+    assert not d.promote and any("target_age 50대 이상 regresses by 0.1000 (> 0.05) on 5 questions" in r for r in d.reasons)
+    assert d.figures["slices/target_age"]["20대"] == {"n": 5, "change": 0.4}
+    assert decide(cand, ref, policy, "production v1", min_slice=5).promote  # without the slice: only category a
