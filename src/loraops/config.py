@@ -188,6 +188,9 @@ class GatePolicy(_Section):
     require_significance: bool = Field(True, description="The lower end of the bootstrap 95% interval of the gain must exceed min_gain.")
     max_degenerate_increase: float = Field(0.0, ge=0, description="Largest rise in the share of degenerate answers allowed.")
     min_rubric_mean: float | None = Field(None, ge=1, le=5, description="When reviews exist, the tuned answers' rubric mean (1–5) must reach this.")
+    require_approval: bool = Field(False, description="After the gate passes, the `promote` flow pauses for a reviewer "
+                                                      "to approve or reject in the Prefect UI; only an approval moves production.")
+    approval_timeout_hours: float = Field(72.0, gt=0, description="An approval not given within this time rejects.")
 
 
 class RegistrySection(_Section):

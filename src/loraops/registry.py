@@ -216,8 +216,13 @@ def _rescore(uri: str, candidate: pd.DataFrame, params: Params, metric: str) -> 
     return frame
 
 
-def promote(name: str, version: str | None, params: Params, force: bool = False, reason: str | None = None) -> dict[str, Any]:
+def promote(name: str, version: str | None, params: Params, force: bool = False, reason: str | None = None,
+            approval: dict[str, str] | None = None, dry_run: bool = False) -> dict[str, Any]:
     """Move ``production`` to ``version`` (default: ``candidate``) when the gate passes, or when forced with a reason.
+
+    ``approval`` (``reviewer``, ``comment``) is the human sign-off ``registry.gate.require_approval`` asks for; it is
+    recorded with the promotion. ``dry_run`` judges without moving, tagging or auditing anything (what the reviewer
+    is shown before approving).
 
     Raises:
         RegistryError: unknown model/version, no eval table, a concurrent promote, or --force without --reason.
@@ -232,25 +237,75 @@ def promote(name: str, version: str | None, params: Params, force: bool = False,
             decision = Decision(True, [f"v{previous} is already production; nothing to move"], f"production v{previous}")
             return {"name": name, "version": previous, "previous": previous, "promoted": True, "forced": False,
                     "reason": reason, "decision": decision.to_dict()}
-        policy = params.registry.gate
-        candidate = eval_table(client, mv)
-        if f"tuned_{policy.metric}" not in candidate.columns:
-            raise RegistryError(f"registry.gate.metric: {policy.metric!r} is not in the eval table of v{mv.version}")
-        reference, against = _reference_scores(client, name, candidate, params, policy.metric)
-        rubric = client.get_run(mv.run_id).data.metrics.get("review/mean/tuned")
-        attributes = tuple(params.data.attribute_columns)
-        decision = decide(scores_from_table(candidate, f"tuned_{policy.metric}", attributes), reference, policy, against,
-                          params.eval.bootstrap_samples, params.base.seed, params.eval.min_slice_size, rubric,
-                          slices=attributes)
-        moved = decision.promote or force
+        decision = _judge(client, name, mv, params)
         target = str(mv.version)
+        if dry_run:
+            return {"name": name, "version": target, "previous": previous, "promoted": False, "passed": decision.promote,
+                    "forced": False, "reason": reason, "decision": decision.to_dict()}
+        moved = decision.promote or force
         if moved and previous != target:
             _move_production(client, name, target, previous)
         result = {"name": name, "version": target, "previous": previous, "promoted": moved,
-                  "forced": force and not decision.promote, "reason": reason, "decision": decision.to_dict()}
+                  "forced": force and not decision.promote, "reason": reason, "decision": decision.to_dict(),
+                  **({"approval": approval} if approval else {})}
         record_verdict(client, name, target, result)
         audit(client, name, "promote" if moved else "refuse", previous, target, result)
         return result
+
+
+def _judge(client: mlflow.MlflowClient, name: str, mv: Any, params: Params) -> Decision:
+    """The gate's decision on version ``mv`` against production (or the base model when there is none)."""
+    policy = params.registry.gate
+    candidate = eval_table(client, mv)
+    if f"tuned_{policy.metric}" not in candidate.columns:
+        raise RegistryError(f"registry.gate.metric: {policy.metric!r} is not in the eval table of v{mv.version}")
+    reference, against = _reference_scores(client, name, candidate, params, policy.metric)
+    rubric = client.get_run(mv.run_id).data.metrics.get("review/mean/tuned")
+    attributes = tuple(params.data.attribute_columns)
+    return decide(scores_from_table(candidate, f"tuned_{policy.metric}", attributes), reference, policy, against,
+                  params.eval.bootstrap_samples, params.base.seed, params.eval.min_slice_size, rubric, slices=attributes)
+
+
+def reject(name: str, version: str, reviewer: str, comment: str, verdict: dict[str, Any]) -> dict[str, Any]:
+    """Record a reviewer's rejection (or an approval that never came) of a version the gate passed: nothing moves."""
+    client = _client()
+    previous = _alias_version(client, name, "production")
+    result = {"name": name, "version": str(version), "previous": previous, "promoted": False, "forced": False,
+              "reason": comment, "decision": verdict["decision"], "approval": {"reviewer": reviewer, "comment": comment,
+                                                                               "approved": False}}
+    client.set_model_version_tag(name, str(version), "gate.verdict", "rejected by reviewer")
+    client.set_model_version_tag(name, str(version), "gate.reviewer", reviewer)
+    audit(client, name, "reject", previous, str(version), result)
+    return result
+
+
+def review_sample(name: str, version: str, params: Params, per_slice: int = 2) -> list[dict[str, str]]:
+    """What a reviewer reads before approving: per slice (every category and attribute value), up to ``per_slice``
+    test questions with the candidate's answer and production's (from production's own evaluation, where it
+    answered the same question), seeded."""
+    client = _client()
+    candidate = eval_table(client, client.get_model_version(name, str(version)))
+    production_answers: dict[tuple[str, str], str] = {}
+    prod = _alias_version(client, name, "production")
+    if prod:
+        table = eval_table(client, client.get_model_version(name, prod))
+        production_answers = dict(zip(zip(table["question"], table["reference"]), table["tuned_answer"]))
+    columns = ["category", *(c for c in params.data.attribute_columns if c in candidate.columns)]
+    picked: dict[int, str] = {}
+    for column in columns:
+        for value, part in candidate.drop_duplicates(["question", *columns]).groupby(column, sort=True):
+            for index in part.sample(min(per_slice, len(part)), random_state=params.base.seed).index:
+                picked.setdefault(index, f"{column} = {value}")
+    rows = []
+    for index, where in picked.items():
+        row = candidate.loc[index]
+        rows.append({"slice": where, "question": str(row["question"]),
+                     **{c: str(row[c]) for c in columns if c != "category"},
+                     "candidate": str(row["tuned_answer"]),
+                     "production": production_answers.get((row["question"], row["reference"]), "—" if prod else "(no production: base)")
+                     if prod else str(row["base_answer"]),
+                     "reference": str(row["reference"])})
+    return rows
 
 
 def record_verdict(client: mlflow.MlflowClient, name: str, version: str, result: dict[str, Any]) -> None:
@@ -311,13 +366,18 @@ def audit(client: mlflow.MlflowClient, name: str, action: str, from_version: str
     """Record an alias decision as version tags and as a run in the ``<name>-audit`` experiment."""
     when = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     entry = {"when": when, "by": actor(), "action": action, "from": from_version, "to": to_version, **record}
+    reviewer = (record.get("approval") or {}).get("reviewer")
     if to_version:
         client.set_model_version_tag(name, to_version, f"audit.{int(time.time() * 1000)}", json.dumps(
-            {k: entry[k] for k in ("when", "by", "action", "from", "to")}, ensure_ascii=False))
+            {k: entry[k] for k in ("when", "by", "action", "from", "to")} | ({"reviewer": reviewer} if reviewer else {}),
+            ensure_ascii=False))
+        if reviewer:
+            client.set_model_version_tag(name, to_version, "gate.reviewer", reviewer)
     experiment = experiment_for(f"{name}-audit")
     with mlflow.start_run(experiment_id=experiment, run_name=audit_name(action, from_version, to_version),
                           nested=mlflow.active_run() is not None):
-        mlflow.set_tags({"loraops.action": action, "loraops.by": entry["by"], "loraops.model": name})
+        mlflow.set_tags({"loraops.action": action, "loraops.by": entry["by"], "loraops.model": name,
+                         **({"loraops.reviewer": reviewer} if reviewer else {})})
         mlflow.log_params({"action": action, "from_version": str(from_version), "to_version": str(to_version),
                            "forced": str(record.get("forced", False)), "reason": str(record.get("reason"))})
         mlflow.log_dict(entry, "audit.json")
@@ -325,6 +385,8 @@ def audit(client: mlflow.MlflowClient, name: str, action: str, from_version: str
 
 def audit_name(action: str, from_version: str | None, to_version: str | None) -> str:
     """The audit run's name: ``promote v1→v2``, ``refuse v3 (production v2)``, ``rollback v2→v1``."""
+    if action == "reject":
+        return f"reject v{to_version} (reviewer; production {'v' + from_version if from_version else 'none'})"
     if action == "refuse":
         return f"refuse v{to_version} (production {'v' + from_version if from_version else 'none: the base model'})"
     return f"{action} v{from_version or '-'}→v{to_version}"
@@ -338,7 +400,8 @@ def audit_trail(name: str) -> list[dict[str, Any]]:
         return []
     runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
     return [{"when": r.info.start_time, "action": r.data.params.get("action"), "from": r.data.params.get("from_version"),
-             "to": r.data.params.get("to_version"), "by": r.data.tags.get("loraops.by")} for r in runs]
+             "to": r.data.params.get("to_version"), "by": r.data.tags.get("loraops.by"),
+             "reviewer": r.data.tags.get("loraops.reviewer")} for r in runs]
 
 
 def describe(result: dict[str, Any]) -> str:
@@ -348,6 +411,10 @@ def describe(result: dict[str, Any]) -> str:
     verdict = "PROMOTED" if result["promoted"] else "REFUSED"
     if result.get("forced"):
         verdict = f"FORCED ({result['reason']})"
+    approval = result.get("approval")
+    if approval:
+        said = f"{approval['reviewer']}" + (f": {approval['comment']}" if approval.get("comment") else "")
+        verdict = f"APPROVED by {said}; PROMOTED" if approval.get("approved") else f"REJECTED by {said}"
     d = result["decision"]
     if result["promoted"] and str(result["previous"]) == str(result["version"]):
         return f"UNCHANGED: {result['name']} v{result['version']} already is production; nothing moved"

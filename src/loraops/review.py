@@ -8,6 +8,9 @@ MLflow run. `import` validates the filled CSV and logs per-criterion means per m
 
 Every rated item, from a sheet or from the demo (``loraops demo``), is kept in the run's ``review/items.json``
 (keyed, so importing a sheet twice counts it once); the means are always over all of them.
+
+`approval_request` is what a reviewer reads when ``registry.gate.require_approval`` pauses a promotion: the gate's
+verdict and a sample of candidate vs production answers per slice, as markdown.
 """
 
 from __future__ import annotations
@@ -147,3 +150,30 @@ def import_sheet(path: Path) -> dict[str, Any]:
     _client()
     run_id, items = parse(path, key_for)
     return {"run_id": run_id, **record(run_id, items)}
+
+
+def _cell(text: str, width: int = 160) -> str:
+    text = " ".join(str(text).split()).replace("|", "\\|")
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def approval_request(verdict: dict[str, Any], sample: list[dict[str, str]], timeout_hours: float) -> str:
+    """The markdown shown with the approval form: what is asked, the gate's verdict, the answers per slice."""
+    d = verdict["decision"]
+    production = f"v{verdict['previous']}" if verdict["previous"] else "none yet (base model)"
+    lines = [f"## Approve {verdict['name']} v{verdict['version']} for production?", "",
+             f"The automatic gate **passed** against {d['against']}; production is {production}. Only an approval "
+             f"moves production. Choose **approve** or **reject**, give your name (recorded in the audit trail) and "
+             f"a comment. No answer within {timeout_hours:g} h rejects.", "", "### Gate", ""]
+    lines += [f"- {reason}" for reason in d["reasons"]]
+    if sample:
+        extra = [k for k in sample[0] if k not in ("slice", "question", "candidate", "production", "reference")]
+        lines += ["", "### Sample answers per slice", "",
+                  "| slice | question | " + " | ".join(extra) + (" | " if extra else "") + "candidate | production | reference |",
+                  "|---|---|" + "---|" * (len(extra) + 3)]
+        for row in sample:
+            lines.append(f"| {row['slice']} | {_cell(row['question'], 80)} | "
+                         + "".join(f"{_cell(row[k], 20)} | " for k in extra)
+                         + f"{_cell(row['candidate'])} | {_cell(row['production'])} | {_cell(row['reference'])} |")
+    return "\n".join(lines) + "\n"
+

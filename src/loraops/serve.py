@@ -301,12 +301,12 @@ def answer_file(uri: str, path: Path, out: Path, column: str = "question") -> Pa
     sources: list[str] = []
     size = 32
     for start in tqdm(range(0, len(questions), size), desc="answer"):
-        out = model.predict(questions[start: start + size])
-        if isinstance(out, pd.DataFrame):  # a version with retrieval: answers and the passages they were given
-            answers.extend(out["answer"])
-            sources.extend(" ".join(ids) for ids in out["sources"])
+        predicted = model.predict(questions[start: start + size])
+        if isinstance(predicted, pd.DataFrame):  # a version with retrieval: answers and the passages they were given
+            answers.extend(predicted["answer"])
+            sources.extend(" ".join(ids) for ids in predicted["sources"])
         else:
-            answers.extend(out)
+            answers.extend(predicted)
     frame["answer"] = answers  # predict() already dropped undecodable characters
     if sources:
         frame["sources"] = sources
