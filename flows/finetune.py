@@ -226,7 +226,8 @@ def _finetune(work: Path, params_file: str, overrides: list[str], allow_dirty: b
         with tracking.reachable("logging and registering the run"):
             summary = log_run(work, run_id, params.registry.gate.metric)
             registered = register(work, params, run_id, allow_dirty, summary)
-            decision = gate(params, registered["version"]) if params.registry.auto_promote else None
+            approval = params.registry.gate.require_approval  # then only the promote flow, with a reviewer, promotes
+            decision = gate(params, registered["version"]) if params.registry.auto_promote and not approval else None
     except BaseException:
         with contextlib.suppress(Exception):  # the server may be the thing that is down; the next run closes it then
             mlflow.MlflowClient().set_terminated(run_id, "FAILED")
@@ -238,7 +239,7 @@ def _finetune(work: Path, params_file: str, overrides: list[str], allow_dirty: b
     text = headline(summary) + f"\nMLflow run {run_id}; registered {registered['name']} v{registered['version']}"
     if decision is not None:
         text += "\n" + registry.describe(decision)
-    name, message = outcome(summary, params.registry.gate.metric, decision)
+    name, message = outcome(summary, params.registry.gate.metric, decision, params.registry.gate.require_approval)
     text += f"\noutcome: {name}: {message}"
     result = {"run_id": run_id, "version": registered["version"], "summary_text": text, "ran": ran, "outcome": name}
     _log_to_ui(text)

@@ -7,47 +7,15 @@ reviewer's name); a rejection, or no answer within ``registry.gate.approval_time
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
-from prefect import flow, get_run_logger
+from prefect import flow
 from prefect.artifacts import create_markdown_artifact
-from prefect.exceptions import FlowPauseTimeout
-from prefect.flow_runs import pause_flow_run
-from prefect.input import RunInput
 from pydantic import Field
 
-from loraops import registry, review
-from loraops.config import Params, load_params
-
-
-class Approval(RunInput):
-    """The reviewer's answer to a promotion the gate passed."""
-
-    decision: Literal["approve", "reject"] = Field(description="approve: production moves to this version; "
-                                                               "reject: nothing moves.")
-    reviewer: str = Field(min_length=1, description="Your name, recorded in the audit trail.")
-    comment: str = Field("", description="Why; recorded with the decision.")
-
-
-def with_approval(name: str, version: str | None, params: Params) -> dict[str, Any]:
-    """Judge; when the gate passes, pause for a reviewer's approval and promote only on it."""
-    verdict = registry.promote(name, version, params, dry_run=True)
-    if not verdict.get("passed"):  # refused by the gate, or already production: recorded as without approval
-        return registry.promote(name, verdict["version"], params)
-    hours = params.registry.gate.approval_timeout_hours
-    request = review.approval_request(verdict, registry.review_sample(name, verdict["version"], params), hours)
-    create_markdown_artifact(request, key="approval-request", description=f"{name} v{verdict['version']}")
-    get_run_logger().info("the gate passed %s v%s: waiting for a reviewer's approval in the Prefect UI (Resume)",
-                          name, verdict["version"])
-    try:
-        answer = pause_flow_run(wait_for_input=Approval.with_initial_data(description=request),
-                                timeout=int(hours * 3600), poll_interval=5)
-    except FlowPauseTimeout:
-        return registry.reject(name, verdict["version"], "(nobody)", f"no approval within {hours:g} h", verdict)
-    if answer.decision == "approve":
-        return registry.promote(name, verdict["version"], params,
-                                approval={"reviewer": answer.reviewer, "comment": answer.comment, "approved": True})
-    return registry.reject(name, verdict["version"], answer.reviewer, answer.comment, verdict)
+from loraops import registry
+from loraops.approval import with_approval
+from loraops.config import load_params
 
 
 @flow(name="promote", log_prints=True)

@@ -133,7 +133,8 @@ def arms_lines(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
-def outcome(summary: dict[str, Any], primary: str, gate: dict[str, Any] | None) -> tuple[str, str]:
+def outcome(summary: dict[str, Any], primary: str, gate: dict[str, Any] | None,
+            awaiting_approval: bool = False) -> tuple[str, str]:
     """The run's outcome as a Prefect state name and a one-line message.
 
     ``Worse than base`` when the tuned model scores measurably below its base on the gate metric (the
@@ -152,6 +153,9 @@ def outcome(summary: dict[str, Any], primary: str, gate: dict[str, Any] | None) 
         return "Refused", f"the gate refused v{gate['version']} vs {gate['decision']['against']}: {figures}"
     if gate is not None:
         return "Promoted", f"v{gate['version']} promoted to production: {figures}"
+    if awaiting_approval:
+        return "Registered", (f"registered; production moves only with a reviewer's approval (registry.gate."
+                              f"require_approval): run the promote flow (`loraops promote`): {figures}")
     return "Registered", f"registered (registry.auto_promote is off): {figures}"
 
 

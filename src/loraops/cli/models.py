@@ -20,10 +20,21 @@ def promote(name: Optional[str] = typer.Argument(None, help="Registered model (d
             reason: Optional[str] = typer.Option(None, "--reason", help="Why, when forcing (recorded)."),
             as_json: bool = typer.Option(False, "--json"),
             params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt) -> None:
-    """Move alias production to a version, only through the gate."""
+    """Move alias production to a version, only through the gate (and a reviewer's approval in the Prefect UI when
+    registry.gate.require_approval is set)."""
     from loraops import registry
 
     p = params_of(params, set_)
+    if p.registry.gate.require_approval and not force:
+        from loraops.approval import request_approval
+
+        import os
+
+        run = request_approval(name or p.registry.model_name, version, os.path.relpath(user_path(params).resolve()))
+        typer.echo(run["message"])
+        if run["state"] != "PAUSED":
+            raise typer.Exit(0 if run.get("promoted") else 1)
+        return
     result = registry.promote(name or p.registry.model_name, version, p, force=force, reason=reason)
     typer.echo(json.dumps(result, ensure_ascii=False, indent=2) if as_json else registry.describe(result))
     if not result["promoted"]:
