@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import httpx
 
@@ -104,6 +104,35 @@ def prefect_api(method: str, url: str, **kwargs) -> Any:
         if response.status_code != 503 or not wait:
             return response.raise_for_status().json()
         time.sleep(wait)
+
+
+@contextlib.contextmanager
+def prefect_with_deployments(tmp: Path, ws: Path) -> Iterator[dict[str, Any]]:
+    """A Prefect server with its UI on loopback, and the project's flows served on it by `loraops deploy`."""
+    bin_dir = Path(sys.executable).parent
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(tmp / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_UI_API_URL": api}
+    env.pop("PREFECT_API_URL", None)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    server = start_server([str(bin_dir / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                          tmp / "prefect.log", tmp, env)
+    deploy = None
+    try:
+        wait_http(f"{api}/health", 180, server, tmp / "prefect.log")
+        deploy = start_server([sys.executable, "-m", "loraops.cli", "deploy"], tmp / "deploy.log", ws,
+                              {**env, "PREFECT_API_URL": api})
+        deadline = time.time() + 180
+        while len(prefect_api("POST", f"{api}/deployments/filter", json={})) < 4:
+            assert deploy.poll() is None and time.time() < deadline, (tmp / "deploy.log").read_text()[-3000:]
+            time.sleep(2)
+        yield {"api": api, "ui": f"http://127.0.0.1:{port}", "ws": ws, "log": tmp / "deploy.log", "tmp": tmp,
+               "env": {**env, "PREFECT_API_URL": api}}
+    finally:
+        if deploy is not None:
+            stop_server(deploy)
+        stop_server(server)
 
 
 def trigger_finetune(api: str, learning_rate: float) -> str:

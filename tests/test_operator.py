@@ -17,8 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import (free_port, make_workspace, prefect_api, start_server, stop_server, tiny_overrides,
-                     trigger_finetune, wait_flow_runs, wait_http)
+from helpers import make_workspace, prefect_api, prefect_with_deployments, tiny_overrides, trigger_finetune, wait_flow_runs
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 BIN = Path(sys.executable).parent
@@ -31,28 +30,8 @@ def local_ui(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("local")
     ws = make_workspace(tmp / "ws", tiny_overrides())
     assert not (ws / "mlruns" / "mlflow.db").exists()
-    port = free_port()
-    api = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_HOME": str(tmp / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_UI_API_URL": api}
-    env.pop("PREFECT_API_URL", None)
-    env.pop("MLFLOW_TRACKING_URI", None)
-    server = start_server([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                          tmp / "prefect.log", tmp, env)
-    deploy = None
-    try:
-        wait_http(f"{api}/health", 180, server, tmp / "prefect.log")
-        deploy = start_server([sys.executable, "-m", "loraops.cli", "deploy"], tmp / "deploy.log", ws,
-                              {**env, "PREFECT_API_URL": api})
-        deadline = time.time() + 180
-        while len(prefect_api("POST", f"{api}/deployments/filter", json={})) < 4:
-            assert deploy.poll() is None and time.time() < deadline, (tmp / "deploy.log").read_text()[-3000:]
-            time.sleep(2)
-        yield {"api": api, "ui": f"http://127.0.0.1:{port}", "ws": ws, "log": tmp / "deploy.log", "tmp": tmp}
-    finally:
-        if deploy is not None:
-            stop_server(deploy)
-        stop_server(server)
+    with prefect_with_deployments(tmp, ws) as served:
+        yield served
 
 
 def _mlflow_runs(ws: Path) -> list[dict]:

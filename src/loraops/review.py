@@ -168,8 +168,9 @@ def approval_request(verdict: dict[str, Any], sample: list[dict[str, str]], time
     lines += [f"- {reason}" for reason in d["reasons"]]
     if sample:
         extra = [k for k in sample[0] if k not in ("slice", "question", "candidate", "production", "reference")]
+        against = f"production v{verdict['previous']}" if verdict["previous"] else "base model (no production yet)"
         lines += ["", "### Sample answers per slice", "",
-                  "| slice | question | " + " | ".join(extra) + (" | " if extra else "") + "candidate | production | reference |",
+                  "| slice | question | " + " | ".join(extra) + (" | " if extra else "") + f"candidate | {against} | reference |",
                   "|---|---|" + "---|" * (len(extra) + 3)]
         for row in sample:
             lines.append(f"| {row['slice']} | {_cell(row['question'], 80)} | "

@@ -1,0 +1,122 @@
+"""Review before use: with registry.gate.require_approval a promotion the gate passes waits for a reviewer in the
+Prefect UI, and only an approval moves production. Driven through the real Resume form in Chromium."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import make_workspace, prefect_api, prefect_with_deployments, tiny_overrides
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+@pytest.fixture(scope="module")
+def approval_project(tmp_path_factory):
+    """A project whose gate needs a reviewer, served on a Prefect server, with v1 registered (not promoted)."""
+    tmp = tmp_path_factory.mktemp("approval")
+    ws = make_workspace(tmp / "ws", tiny_overrides("registry.gate.require_approval=true", "eval.self_test=false"))
+    with prefect_with_deployments(tmp, ws) as served:
+        done = _loraops(served, "run")
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        assert "registered interior-qa-lora v1" in done.stdout and "reviewer's approval" in done.stdout
+        yield served
+
+
+def _loraops(served: dict, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "loraops.cli", *args], cwd=served["ws"], capture_output=True,
+                          text=True, env={**served["env"], "HF_HUB_OFFLINE": "1"}, timeout=900)
+
+
+def _registry(served: dict) -> dict:
+    code = ("import json; from loraops import registry; c = registry._client();"
+            "print(json.dumps({'production': registry._alias_version(c, 'interior-qa-lora', 'production'),"
+            " 'trail': registry.audit_trail('interior-qa-lora')}))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=served["ws"], capture_output=True, text=True,
+                          env=served["env"])
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _answer_in_the_ui(served: dict, link: str, decision: str, reviewer: str, comment: str, shot: str) -> str:
+    """Open the paused run, press Resume, try an empty form (refused, naming the fields), then answer."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM))
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(link)
+            page.get_by_role("button", name="Resume").first.click(timeout=60_000)
+            dialog = page.get_by_role("dialog")
+            dialog.get_by_text("Sample answers per slice").wait_for(timeout=30_000)
+            request = dialog.inner_text()
+            dialog.get_by_role("button", name="Submit").click()
+            dialog.get_by_text("'reviewer' is a required property").wait_for(timeout=10_000)
+            empty = dialog.inner_text()
+            dialog.locator(".p-select-button__control").press("ArrowDown")  # the select opens from the keyboard
+            page.get_by_role("option", name=decision, exact=True).click()
+            areas = dialog.locator("textarea")
+            areas.nth(0).fill(reviewer)
+            areas.nth(1).fill(comment)
+            page.screenshot(path=str(served["tmp"] / shot))
+            dialog.get_by_role("button", name="Submit").click()
+            dialog.wait_for(state="hidden", timeout=30_000)
+        finally:
+            browser.close()
+    assert "'decision' is a required property" in empty
+    return request
+
+
+def _wait_final(served: dict, flow_run: str, seconds: float = 180) -> dict:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        run = prefect_api("GET", f"{served['api']}/flow_runs/{flow_run}")
+        if run["state_type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+            return run
+        time.sleep(2)
+    raise TimeoutError(f"flow run {flow_run} still {run['state_type']}")
+
+
+def _promote_and_wait(served: dict) -> tuple[str, str]:
+    done = _loraops(served, "promote")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "waiting for a reviewer's approval in the Prefect UI: " in done.stdout, done.stdout
+    link = done.stdout.split("Prefect UI: ", 1)[1].split()[0]
+    assert link.startswith(served["ui"] + "/runs/flow-run/")
+    flow_run = link.rsplit("/", 1)[1]
+    assert prefect_api("GET", f"{served['api']}/flow_runs/{flow_run}")["state_type"] == "PAUSED"
+    return link, flow_run
+
+
+def test_a_rejection_moves_nothing_and_an_approval_promotes_both_audited(approval_project):
+    served = approval_project
+    link, flow_run = _promote_and_wait(served)
+    request = _answer_in_the_ui(served, link, "reject", "박검토", "톤이 아직 거칠어요", "reject.png")
+    assert "Approve interior-qa-lora v1 for production?" in request and "category = " in request
+    assert _wait_final(served, flow_run)["state_type"] == "COMPLETED"
+    state = _registry(served)
+    assert state["production"] is None
+    assert [(a["action"], a["to"], a["reviewer"]) for a in state["trail"]] == [("reject", "1", "박검토")]
+
+    link, flow_run = _promote_and_wait(served)
+    _answer_in_the_ui(served, link, "approve", "김승인", "샘플 확인 완료", "approve.png")
+    assert _wait_final(served, flow_run)["state_type"] == "COMPLETED"
+    state = _registry(served)
+    assert state["production"] == "1"
+    assert [(a["action"], a["to"], a["reviewer"]) for a in state["trail"]][-1] == ("promote", "1", "김승인")
+
+
+def test_promote_without_a_prefect_server_says_where_approval_happens(approval_project, tmp_path):
+    env = {k: v for k, v in approval_project["env"].items() if k != "PREFECT_API_URL"}
+    done = subprocess.run([sys.executable, "-m", "loraops.cli", "promote"], cwd=approval_project["ws"],
+                          capture_output=True, text=True, env={**env, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 2 and "registry.gate.require_approval: a reviewer approves in the Prefect UI" in done.stderr
+    assert os.path.exists(approval_project["ws"] / "params.yaml")
