@@ -90,6 +90,13 @@ def test_registered_model_carries_the_index_and_answers_with_sources(rag_project
     assert ask.returncode == 0, ask.stderr[-2000:]
     answer, _, sources = ask.stdout.partition("\nsources:\n")
     assert answer.strip() == predicted["answers"][0] and sources.startswith("  [1] condensation: ")
+    (ws / "q.csv").write_text("question\n창문에 물방울이 맺혀요\n욕실 실리콘이 까맣게 변했어요\n", encoding="utf-8")
+    batch = subprocess.run([sys.executable, "-m", "loraops.cli", "ask", "--file", "q.csv"], cwd=ws, capture_output=True,
+                           text=True, env=env)
+    assert batch.returncode == 0, batch.stderr[-2000:]
+    rows = list(csv.DictReader(open(ws / "q.answers.csv", encoding="utf-8")))
+    assert [r["answer"] for r in rows] == predicted["answers"]
+    assert [r["sources"] for r in rows] == ["condensation", "silicone-caulking"]
 
     port = free_port()
     proc = start_server([sys.executable, "-m", "loraops.cli", "serve", "--port", str(port)], ws / "serve.log", ws, env)
