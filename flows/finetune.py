@@ -18,7 +18,7 @@ from prefect.runtime import deployment, flow_run
 from prefect.states import Completed
 from pydantic import Field
 
-from loraops import concurrency, form, lineage, registry, tracking, validity, workspace
+from loraops import concurrency, form, lineage, registry, tone, tracking, validity, workspace
 from loraops.config import Params, load_params
 from loraops.model import base_location
 from loraops.paths import ADAPTER_DIR, EVAL_METRICS, TRAIN_LOG
@@ -53,6 +53,12 @@ def resolve_params(work: Path, params_file: str, overrides: list[str]) -> Params
 def metric_check(params: Params) -> dict[str, Any]:
     """The gate metric must order graded Korean answers correctly before any training is spent on it."""
     return validity.check_gate(params)
+
+
+@task(name="tone-check")
+def tone_check(work: Path, params: Params) -> int:
+    """Every row's target value has a speech level in eval.tone.levels, before any training is spent."""
+    return tone.check_data(params, work)
 
 
 def _stage(stage: str, work: Path) -> bool:
@@ -149,7 +155,21 @@ TrainGroup, EvalGroup, RegistryGroup = form.GROUPS["train"], form.GROUPS["eval"]
 RagGroup = form.GROUPS["rag"]
 
 
-@flow(name="finetune", log_prints=True, validate_parameters=True,
+def _run_name() -> str:
+    """The flow run's name starts with the registered model it trains, so runs of several domains read apart in the
+    Prefect UI (``store-copy-lora · brave-otter``)."""
+    from prefect.utilities.names import generate_slug
+
+    given = flow_run.parameters
+    try:
+        name = given["model_name"] if given.get("use_form", True) and given.get("model_name") else \
+            load_params(REPO / given.get("params_file", "params.yaml"), list(given.get("overrides") or [])).registry.model_name
+    except Exception:  # noqa: BLE001 - a bad params file fails the run itself, with its message; the name just falls back
+        name = "finetune"
+    return f"{name} · {generate_slug(2)}"
+
+
+@flow(name="finetune", log_prints=True, validate_parameters=True, flow_run_name=_run_name,
       on_cancellation=[_close_mlflow_runs], on_crashed=[_close_mlflow_runs], on_failure=[_close_mlflow_runs])
 def finetune(
     data_path: str = form.quick_field("data_path", _D.data.path),
@@ -205,6 +225,8 @@ def _finetune(work: Path, params_file: str, overrides: list[str], allow_dirty: b
         return Completed(name="Unchanged", message=same, data={"summary_text": same, "outcome": "Unchanged"})
     if params.eval.self_test:
         metric_check(params)
+    if params.eval.tone is not None:
+        tone_check(work, params)
     concurrency.ensure_gpu_limit()
     uri = tracking.tracking_setup(REPO)
     experiment = tracking.experiment_for(params.registry.model_name, REPO)

@@ -97,3 +97,16 @@ def test_copy_domain_runs_the_whole_loop_with_tone_per_target_age(tmp_path):
     assert summary["metrics"]["tone"]["tuned"] > summary["metrics"]["tone"]["base"]
     table = (ws / "reports/eval_questions.csv").read_text(encoding="utf-8").splitlines()[0].split(",")
     assert {"tone_expected", "tuned_tone", "tuned_tone_level", "target_age"} <= set(table)
+
+
+def test_an_age_without_a_level_is_refused_before_any_training(tmp_path):
+    rows = list(csv.DictReader(open(REPO / "data/raw/copy_briefs.csv", encoding="utf-8")))
+    rows[9]["target_age"] = "60대"
+    with open(tmp_path / "briefs.csv", "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    params = load_params(REPO / "configs/copy.yaml", [f"data.path={tmp_path / 'briefs.csv'}"])
+    with pytest.raises(DataError, match=r"briefs.csv: line 11: target_age '60대' is not in eval.tone.levels"):
+        tone.check_data(params)
+    assert tone.check_data(load_params(REPO / "configs/copy.yaml"), REPO) == 384

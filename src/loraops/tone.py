@@ -21,9 +21,10 @@ from __future__ import annotations
 import json
 from collections import Counter
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
-from loraops.config import ToneSection
+from loraops.config import Params, ToneSection
 from loraops.errors import DataError
 
 LEVELS = ("formal", "polite", "casual")
@@ -95,6 +96,20 @@ def expected_levels(rows: list[dict[str, Any]], cfg: ToneSection, where: str) ->
             raise DataError(f"{where}: {row.get('source') or row.get('id')}: {what}")
         out.append(cfg.levels[value])
     return out
+
+
+def check_data(params: Params, root: Path = Path(".")) -> int:
+    """Before any training: every row of ``data.path`` has a value ``eval.tone.levels`` maps; return the row count.
+
+    Raises:
+        DataError: the first row without one (file, line and value).
+    """
+    from loraops.readers import read_records
+
+    path = root / params.data.path if not Path(params.data.path).is_absolute() else Path(params.data.path)
+    records, _ = read_records(path, params.data)
+    expected_levels([{"attributes": r.attributes, "source": r.source} for r in records], params.eval.tone, str(path))
+    return len(records)
 
 
 def scores(classifier: SpeechLevel, answers: list[str], expected: list[str]) -> tuple[list[float], list[str]]:
