@@ -66,7 +66,8 @@ def _register(store, name: str, tuned: float, base: float = 0.3, n: int = 30, pr
                           "reference": ["벽지가 들뜨는 원인은 습기입니다."] * n,
                           "category": ["a", "b", "c"] * (n // 3), "base_morph_f1": [base] * n,
                           "tuned_morph_f1": [tuned + 0.01 * (i % 3) for i in range(n)],
-                          "base_degenerate": [False] * n, "tuned_degenerate": [False] * n})
+                          "base_degenerate": [False] * n, "tuned_degenerate": [False] * n,
+                          "base_answer": ["모르겠습니다"] * n, "tuned_answer": ["습기 때문입니다"] * n})
     with mlflow.start_run(experiment_id=experiment_for(name, store)):
         mlflow.log_text(table.to_csv(index=False), "eval/eval_questions.csv")
         info = mlflow.pyfunc.log_model(name="model", python_model=model or _Echo(), pip_requirements=["mlflow"])
@@ -155,3 +156,26 @@ def test_missing_run_artifact_says_what_it_blocks(store):
         from loraops.reproduce import _lineage
 
         _lineage(run.info.run_id)
+
+
+@pytest.mark.slow
+def test_no_answer_within_the_approval_timeout_rejects_and_moves_nothing(store):
+    """require_approval: the promote flow pauses after the gate passes; nobody answering is a rejection, audited."""
+    from prefect import flow
+
+    from loraops.approval import with_approval
+
+    params = load_params(REPO / "params.yaml", ["registry.gate.min_test_size=5", "registry.gate.require_approval=true",
+                                                "registry.gate.approval_timeout_hours=0.0006"])  # about 2 seconds
+    version = _register(store, "m", 0.6)
+
+    @flow
+    def promote_with_approval() -> dict:
+        return with_approval("m", version, params)
+
+    result = promote_with_approval()
+    assert result["promoted"] is False and result["approval"] == {"reviewer": "(nobody)", "approved": False,
+                                                                   "comment": "no approval within 0.0006 h"}
+    assert registry._alias_version(registry._client(), "m", "production") is None
+    assert [(a["action"], a["to"]) for a in registry.audit_trail("m")] == [("reject", version)]
+    assert mlflow.MlflowClient().get_model_version("m", version).tags["gate.verdict"] == "rejected by reviewer"
