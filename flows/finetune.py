@@ -160,13 +160,7 @@ def _run_name() -> str:
     Prefect UI (``store-copy-lora · brave-otter``)."""
     from prefect.utilities.names import generate_slug
 
-    given = flow_run.parameters
-    try:
-        name = given["model_name"] if given.get("use_form", True) and given.get("model_name") else \
-            load_params(REPO / given.get("params_file", "params.yaml"), list(given.get("overrides") or [])).registry.model_name
-    except Exception:  # noqa: BLE001 - a bad params file fails the run itself, with its message; the name just falls back
-        name = "finetune"
-    return f"{name} · {generate_slug(2)}"
+    return f"{form.model_name_of(flow_run.parameters, REPO)} · {generate_slug(2)}"
 
 
 @flow(name="finetune", log_prints=True, validate_parameters=True, flow_run_name=_run_name,

@@ -25,10 +25,11 @@ def promote(
     force: bool = Field(False, description="Promote even if the gate refuses (needs a reason; audited)."),
     reason: str = Field("", description="Why, when forcing; recorded in the audit trail."),
     params_file: str = Field("params.yaml", description="Params file with the gate policy (registry.gate)."),
+    overrides: list[str] = Field([], description="Extra dotted.key=value settings (as `loraops promote --set`)."),
 ) -> dict[str, Any]:
     """Move alias production to a version (default: candidate) only if the gate passes (and, with
     registry.gate.require_approval, a reviewer approves here), or when forced with a reason."""
-    params = load_params(params_file)
+    params = load_params(params_file, list(overrides or []))
     name = name or params.registry.model_name
     if params.registry.gate.require_approval and not force:
         result = with_approval(name, version or None, params)

@@ -85,8 +85,8 @@ def _wait_final(served: dict, flow_run: str, seconds: float = 180) -> dict:
     raise TimeoutError(f"flow run {flow_run} still {run['state_type']}")
 
 
-def _promote_and_wait(served: dict) -> tuple[str, str]:
-    done = _loraops(served, "promote")
+def _promote_and_wait(served: dict, *args: str) -> tuple[str, str]:
+    done = _loraops(served, "promote", *args)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "waiting for a reviewer's approval in the Prefect UI: " in done.stdout, done.stdout
     link = done.stdout.split("Prefect UI: ", 1)[1].split()[0]
@@ -106,8 +106,9 @@ def test_a_rejection_moves_nothing_and_an_approval_promotes_both_audited(approva
     assert state["production"] is None
     assert [(a["action"], a["to"], a["reviewer"]) for a in state["trail"]] == [("reject", "1", "박검토")]
 
-    link, flow_run = _promote_and_wait(served)
-    _answer_in_the_ui(served, link, "approve", "김승인", "샘플 확인 완료", "approve.png")
+    link, flow_run = _promote_and_wait(served, "--set", "registry.gate.approval_timeout_hours=48")
+    request = _answer_in_the_ui(served, link, "approve", "김승인", "샘플 확인 완료", "approve.png")
+    assert "No answer within 48 h rejects" in request  # --set travels to the promote deployment
     assert _wait_final(served, flow_run)["state_type"] == "COMPLETED"
     state = _registry(served)
     assert state["production"] == "1"

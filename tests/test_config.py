@@ -149,3 +149,13 @@ def test_form_line_break_escapes_round_trip(text):
     from loraops.form import _escape, _unescape
 
     assert "\n" not in _escape(text) and _unescape(_escape(text)) == text
+
+
+def test_a_finetune_run_is_named_after_the_model_it_trains():
+    from loraops import form
+
+    assert form.model_name_of({"use_form": True, "model_name": "jewelry-qa"}, REPO) == "jewelry-qa"
+    assert form.model_name_of({"use_form": False, "params_file": "configs/copy.yaml", "overrides": []}, REPO) == "store-copy-lora"
+    assert form.model_name_of({"use_form": False, "params_file": "params.yaml",
+                               "overrides": ["registry.model_name=other"]}, REPO) == "other"
+    assert form.model_name_of({"use_form": False, "params_file": "missing.yaml"}, REPO) == "finetune"

@@ -62,13 +62,19 @@ def test_the_copy_sample_is_written_in_the_tone_of_its_target_age(reader):
     assert [r["copy"] for r in rows if reader(r["copy"]) != levels[r["target_age"]]] == []
 
 
-def test_a_brief_without_the_target_age_its_template_needs_is_refused(tmp_path):
+def _briefs_with(tmp_path, row: int, target_age: str):
+    """The copy sample with one row's target age changed, as ``tmp_path/briefs.csv``."""
     rows = list(csv.DictReader(open(REPO / "data/raw/copy_briefs.csv", encoding="utf-8")))
-    rows[4]["target_age"] = ""
+    rows[row]["target_age"] = target_age
     with open(tmp_path / "briefs.csv", "w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+    return tmp_path / "briefs.csv"
+
+
+def test_a_brief_without_the_target_age_its_template_needs_is_refused(tmp_path):
+    _briefs_with(tmp_path, 4, "")
     done = subprocess.run([sys.executable, "-m", "loraops.cli", "prepare", "--params", str(REPO / "configs/copy.yaml"),
                            "--set", f"data.path={tmp_path / 'briefs.csv'}"], cwd=tmp_path, capture_output=True, text=True,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -100,13 +106,7 @@ def test_copy_domain_runs_the_whole_loop_with_tone_per_target_age(tmp_path):
 
 
 def test_an_age_without_a_level_is_refused_before_any_training(tmp_path):
-    rows = list(csv.DictReader(open(REPO / "data/raw/copy_briefs.csv", encoding="utf-8")))
-    rows[9]["target_age"] = "60대"
-    with open(tmp_path / "briefs.csv", "w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    params = load_params(REPO / "configs/copy.yaml", [f"data.path={tmp_path / 'briefs.csv'}"])
+    params = load_params(REPO / "configs/copy.yaml", [f"data.path={_briefs_with(tmp_path, 9, '60대')}"])
     with pytest.raises(DataError, match=r"briefs.csv: line 11: target_age '60대' is not in eval.tone.levels"):
         tone.check_data(params)
     assert tone.check_data(load_params(REPO / "configs/copy.yaml"), REPO) == 384

@@ -57,7 +57,8 @@ def with_approval(name: str, version: str | None, params: Params, log: Any = pri
     return registry.reject(name, verdict["version"], answer.reviewer, answer.comment, verdict)
 
 
-def request_approval(name: str, version: str | None, params_file: str, wait_s: float = 300) -> dict[str, Any]:
+def request_approval(name: str, version: str | None, params_file: str, overrides: list[str] | None = None,
+                     wait_s: float = 300) -> dict[str, Any]:
     """Start the promote deployment and wait until it pauses for approval (or ends); say where to answer.
 
     Raises:
@@ -72,7 +73,8 @@ def request_approval(name: str, version: str | None, params_file: str, wait_s: f
                           "Prefect server: start one and the deployments (`make ui`, `loraops deploy`), set "
                           "PREFECT_API_URL, and run `loraops promote` again (or start the promote deployment in the UI)")
     try:
-        run = run_deployment(DEPLOYMENT, parameters={"name": name, "version": version or "", "params_file": params_file},
+        run = run_deployment(DEPLOYMENT, parameters={"name": name, "version": version or "", "params_file": params_file,
+                                                         "overrides": list(overrides or [])},
                              timeout=0)
     except ObjectNotFound:
         raise ConfigError(f"no deployment {DEPLOYMENT} on {api}: start `loraops deploy` in the project") from None

@@ -167,7 +167,8 @@ def add_tone(table: pd.DataFrame, expected: list[str], classifier: SpeechLevel) 
 
 
 def require_tone_valid(classifier: SpeechLevel) -> dict[str, Any]:
-    """The speech-level reader's accuracy on the graded probe lines; refuse to score tone below the minimum.
+    """The speech-level reader's accuracy on the graded probe lines; refuse to score tone when any level is read
+    right less often than the minimum.
 
     Raises:
         ConfigError: accuracy under ``MIN_TONE_PROBE_ACCURACY`` (with the lines it read wrong).
@@ -175,10 +176,11 @@ def require_tone_valid(classifier: SpeechLevel) -> dict[str, Any]:
     from loraops.errors import ConfigError
 
     result = tone.probe(classifier)
-    if result["accuracy"] < MIN_TONE_PROBE_ACCURACY:
+    level, accuracy = min(result["per_level"].items(), key=lambda item: item[1])
+    if accuracy < MIN_TONE_PROBE_ACCURACY:
         wrong = "; ".join(f"{w['text']!r} read {w['read']}, is {w['level']}" for w in result["wrong"][:5])
-        raise ConfigError(f"eval.tone: the speech-level reader is right on {result['accuracy']:.0%} of the probe lines "
-                          f"(minimum {MIN_TONE_PROBE_ACCURACY:.0%}): {wrong}")
+        raise ConfigError(f"eval.tone: the speech-level reader is right on {accuracy:.0%} of the {level} probe lines "
+                          f"(minimum {MIN_TONE_PROBE_ACCURACY:.0%} per level): {wrong}")
     return {k: v for k, v in result.items() if k != "wrong"} | {"wrong": result["wrong"][:10]}
 
 

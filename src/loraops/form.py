@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from loraops.config import (DataSection, EvalSection, LoraSection, ModelSection, Params, RagSection, RegistrySection,
-                            TrainSection, flatten)
+                            TrainSection, flatten, load_params)
 
 QUICK: dict[str, tuple[str, str]] = {
     "data_path": ("data.path", "Data file, relative to the project (CSV, JSONL, JSON or Parquet)."),
@@ -129,3 +130,16 @@ def quick_field(field: str, default: Any) -> Any:
 
 
 __all__ = ["QUICK", "GROUPS", "defaults", "overrides", "quick_field"]
+
+
+def model_name_of(parameters: dict[str, Any], repo: Path) -> str:
+    """The registered model a finetune run with these flow parameters trains (for its run name); ``finetune`` when
+    the params file cannot be read (the run itself then fails with that message)."""
+    if parameters.get("use_form", True) and parameters.get("model_name"):
+        return str(parameters["model_name"])
+    try:
+        params = load_params(repo / parameters.get("params_file", "params.yaml"), list(parameters.get("overrides") or []))
+    except Exception:  # noqa: BLE001 - any unreadable params file: the name falls back, the run reports the error
+        return "finetune"
+    return params.registry.model_name
+

@@ -302,8 +302,8 @@ def review_sample(name: str, version: str, params: Params, per_slice: int = 2) -
         rows.append({"slice": where, "question": str(row["question"]),
                      **{c: str(row[c]) for c in columns if c != "category"},
                      "candidate": str(row["tuned_answer"]),
-                     "production": production_answers.get((row["question"], row["reference"]), "—" if prod else "(no production: base)")
-                     if prod else str(row["base_answer"]),
+                     "production": production_answers.get((row["question"], row["reference"]), "—") if prod
+                     else str(row["base_answer"]),
                      "reference": str(row["reference"])})
     return rows
 

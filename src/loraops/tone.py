@@ -122,8 +122,9 @@ def probe(classifier: SpeechLevel) -> dict[str, Any]:
     """Accuracy of the classifier on the graded probe lines, overall and per level, and the lines it got wrong."""
     items = [json.loads(line) for line in resources.files("loraops.probes").joinpath(PROBE).read_text(encoding="utf-8").splitlines()
              if line.strip()]
-    wrong = [{"text": item["text"], "level": item["level"], "read": classifier(item["text"])} for item in items
-             if classifier(item["text"]) != item["level"]]
+    read = [classifier(item["text"]) for item in items]
+    wrong = [{"text": item["text"], "level": item["level"], "read": got} for item, got in zip(items, read)
+             if got != item["level"]]
     per_level = {level: round(1 - sum(w["level"] == level for w in wrong) / max(1, sum(i["level"] == level for i in items)), 4)
                  for level in LEVELS}
     return {"n": len(items), "accuracy": round(1 - len(wrong) / len(items), 4), "per_level": per_level, "wrong": wrong}

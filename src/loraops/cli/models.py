@@ -22,15 +22,16 @@ def promote(name: Optional[str] = typer.Argument(None, help="Registered model (d
             params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt) -> None:
     """Move alias production to a version, only through the gate (and a reviewer's approval in the Prefect UI when
     registry.gate.require_approval is set)."""
+    import os
+
     from loraops import registry
 
     p = params_of(params, set_)
     if p.registry.gate.require_approval and not force:
         from loraops.approval import request_approval
 
-        import os
-
-        run = request_approval(name or p.registry.model_name, version, os.path.relpath(user_path(params).resolve()))
+        run = request_approval(name or p.registry.model_name, version, os.path.relpath(user_path(params).resolve()),
+                               list(set_ or []))
         typer.echo(run["message"])
         if run["state"] != "PAUSED":
             raise typer.Exit(0 if run.get("promoted") else 1)
