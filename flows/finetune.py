@@ -78,6 +78,11 @@ def prepare(work: Path, data_path: str) -> bool:
     return _stage("prepare", work)
 
 
+@task(name="augment")
+def augment(work: Path) -> bool:
+    return _stage("augment", work)
+
+
 @task(name="index")
 def index(work: Path, docs_path: str) -> bool:
     workspace.pull_inputs(work, docs_path, get_run_logger().info)
@@ -152,7 +157,7 @@ def _close_mlflow_runs(flow: Any, flow_run_: Any, state: Any) -> None:
 _D = Params()  # the code defaults equal params.yaml's; a deployment's defaults are its params file's values
 DataGroup, ModelGroup, LoraGroup = form.GROUPS["data"], form.GROUPS["model"], form.GROUPS["lora"]
 TrainGroup, EvalGroup, RegistryGroup = form.GROUPS["train"], form.GROUPS["eval"], form.GROUPS["registry"]
-RagGroup = form.GROUPS["rag"]
+RagGroup, AugmentGroup = form.GROUPS["rag"], form.GROUPS["augment"]
 
 
 def _run_name() -> str:
@@ -182,6 +187,7 @@ def finetune(
     eval: EvalGroup = EvalGroup(),  # type: ignore[valid-type]  # noqa: A002 - the params.yaml section name
     registry: RegistryGroup = RegistryGroup(),  # type: ignore[valid-type]
     rag: RagGroup = RagGroup(),  # type: ignore[valid-type]
+    augment: AugmentGroup = AugmentGroup(),  # type: ignore[valid-type]
     params_file: str = Field("params.yaml", description="The params file the form's values are compared with "
                                                         "(e.g. configs/DATASET.yaml for another dataset)."),
     overrides: list[str] = Field([], description="Extra dotted.key=value settings, applied last "
@@ -201,7 +207,8 @@ def finetune(
     quick = {"data_path": data_path, "data_format": data_format, "base_model": base_model,
              "learning_rate": learning_rate, "max_steps": max_steps, "lora_rank": lora_rank,
              "eval_questions": eval_questions, "model_name": model_name, "auto_promote": auto_promote}
-    groups = {"data": data, "model": model, "lora": lora, "train": train, "eval": eval, "registry": registry, "rag": rag}
+    groups = {"data": data, "model": model, "lora": lora, "train": train, "eval": eval, "registry": registry, "rag": rag,
+              "augment": augment}
     extra = list(overrides or [])
     chosen = load_params(REPO / params_file, extra)
     inputs = [data_path if use_form else chosen.data.path, (rag.docs_path if use_form else None) or chosen.rag.docs_path]
@@ -234,7 +241,8 @@ def _finetune(work: Path, params_file: str, overrides: list[str], allow_dirty: b
         tracking.log_params(params)
         if uri.startswith("http"):
             get_run_logger().info("MLflow run: %s/#/experiments/%s/runs/%s?workflowType=machine_learning", uri.rstrip("/"), experiment, run.info.run_id)
-        ran = {"prepare": prepare(work, params.data.path), "index": index(work, params.rag.docs_path),
+        ran = {"prepare": prepare(work, params.data.path), "augment": augment(work),
+               "index": index(work, params.rag.docs_path),
                "train": train(work), "evaluate": evaluate(work)}
         mlflow.set_tags({f"dvc.{stage}": "ran" if did else "skipped" for stage, did in ran.items()})
     run_id = run.info.run_id

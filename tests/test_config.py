@@ -50,14 +50,14 @@ def test_dvc_stages_match_cli_commands_and_params_sections():
     dvc = yaml.safe_load((REPO / "dvc.yaml").read_text(encoding="utf-8"))
     commands = {c.name or c.callback.__name__ for c in app.registered_commands}
     sections = set(Params.model_fields)
-    assert list(dvc["stages"]) == ["prepare", "index", "train", "evaluate"]
+    assert list(dvc["stages"]) == ["prepare", "augment", "index", "train", "evaluate"]
     for name, stage in dvc["stages"].items():
         assert stage["cmd"] == f"loraops {name}" and name in commands
         for param in stage["params"]:
             section, *rest = param.split(".")
             assert section in sections, param
         for dep in stage["deps"]:
-            assert dep.startswith("${") or (REPO / dep).exists() or dep.startswith(("data/prepared", "data/retrieved", "models/")), dep
+            assert dep.startswith("${") or (REPO / dep).exists() or dep.startswith(("data/prepared", "data/augmented", "data/retrieved", "models/")), dep
 
 
 def test_prefect_form_values_become_overrides_only_where_changed(tmp_path):

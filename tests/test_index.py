@@ -139,10 +139,11 @@ def test_retrieve_cli_json_file_and_errors(built, tmp_path):
 
 
 def _prepared(root, *overrides):
-    from loraops import prepare
+    from loraops import augment, prepare
 
     params = load_params(REPO / "params.yaml", [f"data.path={REPO / 'data/raw/interior_qa.csv'}", *overrides])
     prepare.run(params, root)
+    augment.run(params, root)  # augment.enabled off: the prepared train split, byte for byte
     return params
 
 
@@ -150,6 +151,7 @@ def test_with_rag_off_the_rows_train_reads_are_the_prepared_rows_unchanged(built
     params, root = built["morphemes"]
     params = _prepared(root)
     index.attach(params, root)
+    assert (root / "data/augmented/train.jsonl").read_bytes() == (root / "data/prepared/train.jsonl").read_bytes()
     for name in ("train", "validation", "test"):
         assert (root / f"data/retrieved/{name}.jsonl").read_bytes() == (root / f"data/prepared/{name}.jsonl").read_bytes()
 

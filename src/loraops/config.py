@@ -115,6 +115,17 @@ class TrainSection(_Section):
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on CUDA, fp32 on CPU.")
     quantization: Literal["none", "4bit"] = Field("none", description="4bit = QLoRA with bitsandbytes (CUDA only).")
     dataloader_workers: int = Field(0, ge=0, description="Data loading processes; 0 = in the training process.")
+    cv_folds: int = Field(0, ge=0, description="Grouped k-fold cross-validation before the final training: k adapters, "
+                                               "each validated on one fold of source groups (train + validation "
+                                               "splits, never test); mean ± sd of the validation loss in "
+                                               "metrics/train.json and MLflow. 0 = off; else at least 2.")
+
+    @field_validator("cv_folds")
+    @classmethod
+    def _folds(cls, value: int) -> int:
+        if value == 1:
+            raise ValueError("must be 0 (off) or at least 2")
+        return value
 
 
 SpeechLevelName = Literal["formal", "polite", "casual"]
@@ -235,6 +246,98 @@ class RagSection(_Section):
                                                       "then reports retrieval hit@k and MRR.")
 
 
+class TeacherSection(_Section):
+    """A teacher model that writes more answers (and Q&A from the documents): any OpenAI-compatible endpoint, or a
+    local transformers model. The API key is read from the environment variable ``api_key_env`` only."""
+
+    enabled: bool = Field(False, description="Ask the teacher for more answers to each training question.")
+    backend: Literal["openai", "local"] = Field("openai", description="openai: an OpenAI-compatible /v1 endpoint "
+                                                                     "(base_url); local: a transformers model (model).")
+    base_url: str | None = Field(None, description="The endpoint, e.g. https://api.openai.com/v1 or "
+                                                   "http://127.0.0.1:8000/v1 (`loraops serve`, vLLM, Ollama).")
+    model: str | None = Field(None, description="Model name at the endpoint, or a hub id / local directory (local).")
+    api_key_env: str = Field("OPENAI_API_KEY", min_length=1, description="Environment variable holding the API key "
+                                                                         "(never the key itself).")
+    prompt: str = Field("당신은 이 분야의 전문 상담원입니다. 다음 고객 질문에 대한 전문적인 답변을 {n}개 쓰세요. "
+                        "각 답변은 {max_chars}자 이내로, 한 줄에 하나씩 번호를 붙여 쓰세요.\n"
+                        "질문: {question}\n참고 답변: {answer}",
+                        description="Prompt per training question; fields {question}, {answer}, {n}, {max_chars}.")
+    document_prompt: str = Field("다음 자료를 읽고 고객이 물을 만한 질문과 답변을 {n}쌍 쓰세요. 각 쌍은 '질문: …' 한 줄과 "
+                                 "'답변: …' 한 줄로 쓰고, 답변은 {max_chars}자 이내로 쓰세요.\n자료:\n{passage}",
+                                 description="Prompt per document chunk (augment.documents); fields {passage}, {n}, "
+                                             "{max_chars}.")
+    answers_per_question: int = Field(3, gt=0, description="Answers asked per question (pairs per document chunk).")
+    max_chars: int = Field(200, gt=0, description="Longest answer asked for, in characters; longer ones are dropped.")
+    temperature: float = Field(0.7, ge=0, le=2, description="Sampling temperature of the teacher.")
+    max_tokens: int = Field(512, gt=0, description="Longest teacher reply, in tokens.")
+    max_questions: int | None = Field(None, gt=0, description="Ask about at most this many training groups "
+                                                              "(and document chunks); None = all. Bounds the cost.")
+    requests_per_minute: float = Field(60, gt=0, description="Rate limit of calls that miss the cache.")
+    retries: int = Field(3, ge=0, description="Retries of a call that failed on I/O (connection, timeout, 429, 5xx).")
+    timeout_seconds: float = Field(60, gt=0, description="Per-request timeout.")
+    cache_dir: str | None = Field(None, description="Replies cached by content hash (model, prompt, settings); "
+                                                    "None = $XDG_CACHE_HOME/loraops/teacher (~/.cache).")
+
+
+class AugmentSection(_Section):
+    """More training rows (stage `augment`): rule-based Korean question variants, a teacher's answers, Q&A from the
+    documents. Added rows are train-only, carry ``source`` and their origin's ``group``, and none is close to a
+    validation or test question."""
+
+    enabled: bool = Field(False, description="Write data/augmented/train.jsonl with added rows and train on it; off: "
+                                             "the prepared train split, unchanged.")
+    rules: list[Literal["ending", "spacing", "join"]] = Field(
+        default_factory=lambda: ["ending", "spacing", "join"],
+        description="ending: the question's final ending in another politeness (-나요 → -습니까/-어요); spacing: "
+                    "words run together as customers type them; join: two questions of a category asked at once "
+                    "(\"…? 또한, …?\"), both answers in one.")
+    variants_per_question: int = Field(2, ge=0, description="Rule variants kept per distinct training question.")
+    join_share: float = Field(0.1, ge=0, le=1, description="Joined questions added, as a share of the training groups.")
+    teacher: TeacherSection = Field(default_factory=TeacherSection)
+    documents: bool = Field(False, description="Let the teacher write Q&A pairs from rag.docs_path's chunks.")
+    min_answer_chars: int = Field(5, ge=0, description="Added answers shorter than this are dropped.")
+    max_answer_chars: int = Field(400, gt=0, description="Added answers longer than this are dropped.")
+    near_duplicate: float = Field(0.9, gt=0, le=1, description="An added row whose question and answer are both at "
+                                                               "least this similar (character-bigram Jaccard) to a "
+                                                               "kept row is a near duplicate and dropped.")
+    leakage_threshold: float = Field(0.8, gt=0, le=1, description="An added row whose question is at least this "
+                                                                  "similar to a validation or test question (IDF-"
+                                                                  "weighted content morphemes) is dropped: the "
+                                                                  "leakage guard.")
+
+
+class SearchRange(_Section):
+    """One searched param: a numeric range (low, high; log scale; step) or a list of choices."""
+
+    low: float | None = Field(None, description="Lowest value (with high).")
+    high: float | None = Field(None, description="Highest value (with low).")
+    log: bool = Field(False, description="Sample on a log scale (learning rates).")
+    step: float | None = Field(None, gt=0, description="Grid step within the range (None = continuous).")
+    choices: list[Any] | None = Field(None, description="The values to choose from, instead of a range.")
+
+
+def _default_space() -> dict[str, SearchRange]:
+    return {"train.learning_rate": SearchRange(low=1e-4, high=1e-2, log=True),
+            "lora.r": SearchRange(choices=[4, 8, 16, 32]),
+            "lora.dropout": SearchRange(low=0.0, high=0.2),
+            "train.warmup_ratio": SearchRange(low=0.0, high=0.2)}
+
+
+class SweepSection(_Section):
+    """A hyperparameter search (`loraops sweep`): Optuna TPE trials, each a tracked run in its own worktree."""
+
+    trials: int = Field(10, gt=0, description="Trials to run.")
+    objective: Literal["val_loss", "cv_val_loss"] = Field(
+        "val_loss", description="Minimised: the best validation loss, or the mean validation loss over "
+                                "train.cv_folds grouped folds. Never the test split.")
+    pruning: bool = Field(True, description="Stop a trial whose validation loss falls behind the median of earlier "
+                                            "trials at the same step (Optuna MedianPruner, via a Trainer callback).")
+    parallel: int = Field(1, gt=0, description="Trials prepared together; their training still waits for the gpu slot.")
+    space: dict[str, SearchRange] = Field(default_factory=_default_space,
+                                          description="Dotted param → range or choices, e.g. train.learning_rate: "
+                                                      "{low: 0.0001, high: 0.01, log: true}; lora.r: {choices: [8, 16]}.")
+
+
 class Params(_Section):
     """Everything in params.yaml."""
 
@@ -246,6 +349,8 @@ class Params(_Section):
     eval: EvalSection = Field(default_factory=EvalSection)
     registry: RegistrySection = Field(default_factory=RegistrySection)
     rag: RagSection = Field(default_factory=RagSection)
+    augment: AugmentSection = Field(default_factory=AugmentSection)
+    sweep: SweepSection = Field(default_factory=SweepSection)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Params":
@@ -278,6 +383,7 @@ class Params(_Section):
         if self.rag.chunk_overlap >= self.rag.chunk_chars:
             problems.append(f"rag.chunk_overlap: {self.rag.chunk_overlap} must be below rag.chunk_chars ({self.rag.chunk_chars})")
         problems += self._rag_problems()
+        problems += self._augment_problems() + self._sweep_problems()
         if self.eval.tone is not None and self.eval.tone.column not in self.data.attribute_columns:
             problems.append(f"eval.tone.column: {self.eval.tone.column!r} must be listed in data.attribute_columns")
         if problems:
@@ -311,6 +417,62 @@ class Params(_Section):
                             "use {context}, {question}, {category} or a column listed in data.attribute_columns")
         return problems
 
+    def _augment_problems(self) -> list[str]:
+        import string
+
+        teacher, problems = self.augment.teacher, []
+        if self.augment.documents and not teacher.enabled:
+            problems.append("augment.documents: Q&A from the documents is written by the teacher; set "
+                            "augment.teacher.enabled: true (with its base_url and model)")
+        if teacher.enabled and not teacher.model:
+            problems.append("augment.teacher.model: the teacher needs a model (the endpoint's model name, or a hub "
+                            "id / local directory for backend local)")
+        if teacher.enabled and teacher.backend == "openai" and not teacher.base_url:
+            problems.append("augment.teacher.base_url: backend openai needs the endpoint, e.g. http://127.0.0.1:8000/v1")
+        for key, needed in (("prompt", {"question"}), ("document_prompt", {"passage"})):
+            allowed = {"question", "answer", "n", "max_chars"} if key == "prompt" else {"passage", "n", "max_chars"}
+            try:
+                fields = {name for _, name, _, _ in string.Formatter().parse(getattr(teacher, key)) if name}
+            except ValueError as exc:
+                problems.append(f"augment.teacher.{key}: not a valid template ({exc})")
+                continue
+            if needed - fields:
+                problems.append(f"augment.teacher.{key}: must use {{{next(iter(needed))}}}")
+            if fields - allowed:
+                problems.append(f"augment.teacher.{key}: unknown field(s) "
+                                f"{', '.join('{' + f + '}' for f in sorted(fields - allowed))}; use "
+                                f"{', '.join('{' + f + '}' for f in sorted(allowed))}")
+        return problems
+
+    def _sweep_problems(self) -> list[str]:
+        problems = []
+        if self.sweep.objective == "cv_val_loss" and self.train.cv_folds < 2:
+            problems.append("sweep.objective: cv_val_loss needs train.cv_folds of at least 2")
+        if not self.sweep.space:
+            problems.append("sweep.space: name at least one param to search")
+        numeric = {key: kind for key, kind in _leaf_types().items()}
+        for key, space in self.sweep.space.items():
+            where = f"sweep.space.{key}"
+            if key not in numeric or key.startswith(("sweep.", "registry.", "augment.teacher.")):
+                close = difflib.get_close_matches(key, [k for k in numeric if not k.startswith("sweep.")], n=1)
+                problems.append(f"{where}: unknown or unsearchable param" + (f" (did you mean {close[0]}?)" if close else ""))
+                continue
+            if space.choices is not None:
+                if space.low is not None or space.high is not None:
+                    problems.append(f"{where}: give either choices or low/high, not both")
+                elif not space.choices:
+                    problems.append(f"{where}: choices is empty")
+                continue
+            if space.low is None or space.high is None:
+                problems.append(f"{where}: needs low and high (or choices)")
+            elif numeric[key] not in (int, float):
+                problems.append(f"{where}: {key} is not numeric; give choices")
+            elif space.low >= space.high:
+                problems.append(f"{where}: empty range (low {space.low:g} is not below high {space.high:g})")
+            elif space.log and space.low <= 0:
+                problems.append(f"{where}: a log range needs low > 0, got {space.low:g}")
+        return problems
+
     def flat(self) -> dict[str, Any]:
         """Return the params as ``{dotted.key: value}``, lists rendered as text (for MLflow)."""
         return flatten(self.model_dump(mode="json"))
@@ -324,6 +486,19 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
             out.update(flatten(value, dotted + "."))
         else:
             out[dotted] = value
+    return out
+
+
+def _leaf_types(model: type[BaseModel] | None = None, prefix: str = "") -> dict[str, Any]:
+    """Every dotted leaf key of the params and its type (int, float, bool, str, or the annotation)."""
+    model = model or Params
+    out: dict[str, Any] = {}
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            out |= _leaf_types(annotation, f"{prefix}{name}.")
+        else:
+            out[f"{prefix}{name}"] = annotation
     return out
 
 

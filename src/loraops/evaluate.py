@@ -246,7 +246,7 @@ def run(params: Params, root: Path = Path("."), self_test: bool | None = None) -
         classifier = SpeechLevel(params.eval.morph_analyzer)
         if params.eval.self_test if self_test is None else self_test:
             probed = require_tone_valid(classifier)
-    test_rows = load_split("test", root, prompts_folder(params.rag.enabled))
+    test_rows = load_split("test", root, prompts_folder("test", params.rag.enabled))
     rows = select_rows(test_rows, params.eval.max_samples, params.base.seed)
     expected = tone_expected(rows, params)  # a row without a mapped level fails here, before any generation
     model, tokenizer = load_tuned(params, root / ADAPTER_DIR, device, root)

@@ -21,8 +21,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from loraops.config import (DataSection, EvalSection, LoraSection, ModelSection, Params, RagSection, RegistrySection,
-                            TrainSection, flatten, load_params)
+from loraops.config import (AugmentSection, DataSection, EvalSection, LoraSection, ModelSection, Params, RagSection,
+                            RegistrySection, TrainSection, flatten, load_params)
 
 QUICK: dict[str, tuple[str, str]] = {
     "data_path": ("data.path", "Data file, relative to the project (CSV, JSONL, JSON or Parquet)."),
@@ -38,7 +38,7 @@ QUICK: dict[str, tuple[str, str]] = {
 """Form field → dotted params key and its description."""
 
 SECTIONS = {"data": DataSection, "model": ModelSection, "lora": LoraSection, "train": TrainSection,
-            "eval": EvalSection, "registry": RegistrySection, "rag": RagSection}
+            "eval": EvalSection, "registry": RegistrySection, "rag": RagSection, "augment": AugmentSection}
 ESCAPED = ("data.template", "eval.stop_strings")
 """Keys whose line breaks the form shows as ``\\n``."""
 

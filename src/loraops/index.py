@@ -20,7 +20,8 @@ from typing import Any
 
 from loraops.config import BUNDLED_ENCODER, Params, RagSection
 from loraops.errors import ConfigError, DataError
-from loraops.paths import INDEX_CARD, INDEX_CHUNKS, INDEX_DIR, INDEX_VECTORS, RETRIEVED_DIR, SPLITS, split
+from loraops.paths import (AUGMENTED_DIR, INDEX_CARD, INDEX_CHUNKS, INDEX_DIR, INDEX_VECTORS, PREPARED_DIR, RETRIEVED_DIR,
+                           SPLITS, split)
 from loraops.readers import decode
 from loraops.utils import atomic_dir, say
 
@@ -351,13 +352,13 @@ def training_passages(row: dict[str, Any], retriever: Retriever, params: Params,
 
 
 def attach(params: Params, root: Path = Path(".")) -> dict[str, Any]:
-    """Write ``data/retrieved``: each prepared split, its rows with their passages when ``rag.enabled`` (else
-    unchanged); return counts."""
+    """Write ``data/retrieved``: each split (train as augmented, ``data/augmented``), its rows with their passages
+    when ``rag.enabled`` (else unchanged); return counts."""
     import random
 
     from loraops.prepare import load_split
 
-    rows = {name: load_split(name, root) for name in SPLITS}
+    rows = {name: load_split(name, root, AUGMENTED_DIR if name == "train" else PREPARED_DIR) for name in SPLITS}
     figures: dict[str, Any] = {"enabled": params.rag.enabled}
     if params.rag.enabled:
         retriever = Retriever(params, root)

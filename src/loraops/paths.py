@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-STAGES = ("prepare", "index", "train", "evaluate")
+STAGES = ("prepare", "augment", "index", "train", "evaluate")
 """The DVC stages, in order; each is `src/loraops/<stage>.py`, `loraops <stage>` and a Prefect task of that name."""
 
 PARAMS = Path("params.yaml")
@@ -24,6 +24,11 @@ def split(name: str, folder: Path = PREPARED_DIR) -> Path:
     return folder / f"{name}.jsonl"
 
 
+AUGMENTED_DIR = Path("data/augmented")
+"""Stage `augment`: the prepared train rows (``source: original``) plus the added ones (``rule``, ``teacher``,
+``document``); with ``augment.enabled`` off, the prepared train split byte for byte."""
+AUGMENT_CARD = AUGMENTED_DIR / "card.json"
+
 INDEX_DIR = Path("data/index")
 """Stage `index`: the chunks, the BM25 index and (for dense/hybrid) the vectors of the domain documents."""
 INDEX_CHUNKS = INDEX_DIR / "chunks.jsonl"
@@ -36,10 +41,13 @@ that train and evaluate use (``rag.template``; ``prompt_plain`` is the one witho
 
 
 
-def prompts_folder(rag_enabled: bool) -> Path:
-    """Where train and evaluate read their rows: with their passages when ``rag.enabled``, else as prepared (the
-    same rows ``data/retrieved`` then holds, so running `loraops prepare` then `loraops train` needs no index)."""
-    return RETRIEVED_DIR if rag_enabled else PREPARED_DIR
+def prompts_folder(name: str, rag_enabled: bool, augment_enabled: bool = False) -> Path:
+    """Where train and evaluate read split ``name``: with its passages when ``rag.enabled``; else the augmented train
+    rows (``augment.enabled``) or the split as prepared. Without retrieval ``data/retrieved`` holds these same rows,
+    so `loraops prepare` then `loraops train` needs neither an index nor an augment run."""
+    if rag_enabled:
+        return RETRIEVED_DIR
+    return AUGMENTED_DIR if name == "train" and augment_enabled else PREPARED_DIR
 
 
 BASE_DIR = Path("models/base")
@@ -67,6 +75,7 @@ WORKSPACES_DIR = Path(".loraops/runs")
 
 STAGE_OUTPUTS: dict[str, dict[str, list[Path]]] = {
     "prepare": {"outs": [split(s) for s in SPLITS], "metrics": [DATA_CARD], "plots": []},
+    "augment": {"outs": [split("train", AUGMENTED_DIR)], "metrics": [AUGMENT_CARD], "plots": []},
     "index": {"outs": [INDEX_DIR, *(split(s, RETRIEVED_DIR) for s in SPLITS)], "metrics": [], "plots": []},
     "train": {"outs": [BASE_DIR, ADAPTER_DIR], "metrics": [TRAIN_METRICS], "plots": [TRAIN_LOG]},
     "evaluate": {"outs": [EVAL_TABLE, EVAL_REPORT, PLOTS_DIR], "metrics": [EVAL_METRICS], "plots": []},
@@ -75,7 +84,9 @@ STAGE_OUTPUTS: dict[str, dict[str, list[Path]]] = {
 
 STAGE_INPUTS: dict[str, list[Path]] = {
     "prepare": [],  # plus ${data.path}
-    "index": [split(s) for s in SPLITS],  # plus ${rag.docs_path}; rag.corpus: train indexes the training answers
+    "augment": [split(s) for s in SPLITS],  # plus ${rag.docs_path} (augment.documents)
+    "index": [split("train"), split("train", AUGMENTED_DIR), split("validation"), split("test")],
+    # plus ${rag.docs_path}; rag.corpus: train indexes the prepared training answers
     "train": [split("train", RETRIEVED_DIR), split("validation", RETRIEVED_DIR)],
     "evaluate": [BASE_DIR, ADAPTER_DIR, split("test", RETRIEVED_DIR)],
 }

@@ -18,7 +18,7 @@ from typing import Any
 
 from loraops.config import DataSection, Params
 from loraops.readers import DataError, QARecord, read_records
-from loraops.paths import DATA_CARD, PREPARED_DIR, SPLITS, split
+from loraops.paths import AUGMENTED_DIR, DATA_CARD, PREPARED_DIR, SPLITS, split
 from loraops.utils import atomic_dir
 
 _SPACES = re.compile(r"[ \t\u00a0\u3000]+")
@@ -196,6 +196,6 @@ def load_split(name: str, root: Path = Path("."), folder: Path = PREPARED_DIR) -
     """
     path = root / split(name, folder)
     if not path.exists():
-        stage = "prepare" if folder == PREPARED_DIR else "index"
+        stage = {PREPARED_DIR: "prepare", AUGMENTED_DIR: "augment"}.get(folder, "index")
         raise DataError(f"{path}: not found; run `loraops {stage}` (or `dvc repro {stage}`) first")
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

@@ -307,11 +307,16 @@ def _write_history(path: Path, history: list[dict[str, Any]]) -> None:
     tmp.replace(path)
 
 
+def train_folder(params: Params) -> Path:
+    """Where the training rows are: with passages (rag.enabled), augmented (augment.enabled) or as prepared."""
+    return prompts_folder("train", params.rag.enabled, params.augment.enabled)
+
+
 def ensure_base(params: Params, root: Path = Path(".")) -> str:
     """Return the base location, building the tiny base from the train split first when it is selected."""
     location = base_location(params.model, root)
     if params.model.base == TINY_BASE:
-        texts = [f"{r['prompt']}{r['answer']}" for r in load_split("train", root, prompts_folder(params.rag.enabled))]
+        texts = [f"{r['prompt']}{r['answer']}" for r in load_split("train", root, train_folder(params))]
         say(f"building the tiny base (tokenizer + {params.model.tiny.layers}-layer Llama) from {len(texts)} training "
             f"texts → {location}")
         started = time.perf_counter()
@@ -330,8 +335,8 @@ def run(params: Params, root: Path = Path(".")) -> dict[str, Any]:
 
     device = pick_device(params.base.device)
     state = PartialState(cpu=device == "cpu")  # cpu=True: torchrun/accelerate workers without CUDA use gloo
-    rows = prompts_folder(params.rag.enabled)
-    train_rows, val_rows = load_split("train", root, rows), load_split("validation", root, rows)
+    train_rows = load_split("train", root, train_folder(params))
+    val_rows = load_split("validation", root, prompts_folder("validation", params.rag.enabled))
     work_dir = root / CHECKPOINT_DIR
     identity = training_identity(params, train_rows, val_rows, state.num_processes)
     resume, why = resumable(work_dir, identity)

@@ -1,4 +1,4 @@
-"""`loraops prepare | train | evaluate | score`: the DVC stages' commands (``dvc.yaml`` runs these)."""
+"""`loraops prepare | augment | index | retrieve | train | evaluate | score`: the DVC stages' commands (``dvc.yaml`` runs these)."""
 
 from __future__ import annotations
 
@@ -20,6 +20,27 @@ def prepare(params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt) -> Non
     card = prepare_stage.run(params_of(params, set_))
     typer.echo(f"prepared {card['pairs']} pairs from {card['source']['path']} ({card['source']['encoding']}); "
                f"cleaning: {card['cleaning']}")
+
+
+@app.command()
+@friendly
+def augment(params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt) -> None:
+    """More training rows (augment.enabled): rule-based question variants, a teacher's answers, Q&A from the
+    documents; train-only, filtered, none close to validation/test → data/augmented."""
+    from loraops import augment as augment_stage
+
+    card = augment_stage.run(params_of(params, set_))
+    if not card["enabled"]:
+        typer.echo(f"augment.enabled is false: data/augmented/train.jsonl is the prepared train split ({card['rows']} rows)")
+        return
+    added = {k: v for k, v in card["by_source"].items() if k != "original" and v}
+    typer.echo(f"augmented: {card['by_source']['original']} original + {sum(added.values())} added rows "
+               f"({', '.join(f'{k} {v}' for k, v in added.items()) or 'none'}); filters removed "
+               f"{sum(card['removed'].values())} ({', '.join(f'{k} {v}' for k, v in card['removed'].items()) or 'none'})")
+    if card.get("teacher"):
+        t = card["teacher"]
+        typer.echo(f"teacher {t['model']}: {t['calls']} calls, {t['cached']} replies from the cache, "
+                   f"{sum(card['unparseable_replies'].values())} unparseable replies skipped")
 
 
 @app.command()
