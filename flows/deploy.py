@@ -1,4 +1,4 @@
-"""Serve the four flows as Prefect deployments named `loraops` against PREFECT_API_URL."""
+"""Serve the five flows as Prefect deployments named `loraops` against PREFECT_API_URL."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from loraops.config import load_params
 from loraops.flows.finetune import finetune
 from loraops.flows.promote import promote, rollback
 from loraops.flows.reproduce import reproduce
+from loraops.flows.sweep import sweep_flow
 
 
 def deployments(params_file: str = "params.yaml") -> list:
@@ -20,6 +21,8 @@ def deployments(params_file: str = "params.yaml") -> list:
         promote.to_deployment(name="loraops", tags=["loraops"]),
         rollback.to_deployment(name="loraops", tags=["loraops"]),
         reproduce.to_deployment(name="loraops", tags=["loraops"]),
+        sweep_flow.to_deployment(name="loraops", tags=["loraops"], description="Optuna trials → the best → gate",
+                                 parameters=form.sweep_defaults(load_params(params_file)) | {"params_file": params_file}),
     ]
 
 

@@ -450,7 +450,7 @@ class Params(_Section):
             problems.append("sweep.objective: cv_val_loss needs train.cv_folds of at least 2")
         if not self.sweep.space:
             problems.append("sweep.space: name at least one param to search")
-        numeric = {key: kind for key, kind in _leaf_types().items()}
+        numeric = leaf_types()
         for key, space in self.sweep.space.items():
             where = f"sweep.space.{key}"
             if key not in numeric or key.startswith(("sweep.", "registry.", "augment.teacher.")):
@@ -489,14 +489,14 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _leaf_types(model: type[BaseModel] | None = None, prefix: str = "") -> dict[str, Any]:
+def leaf_types(model: type[BaseModel] | None = None, prefix: str = "") -> dict[str, Any]:
     """Every dotted leaf key of the params and its type (int, float, bool, str, or the annotation)."""
     model = model or Params
     out: dict[str, Any] = {}
     for name, field in model.model_fields.items():
         annotation = field.annotation
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            out |= _leaf_types(annotation, f"{prefix}{name}.")
+            out |= leaf_types(annotation, f"{prefix}{name}.")
         else:
             out[f"{prefix}{name}"] = annotation
     return out

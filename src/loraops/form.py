@@ -22,7 +22,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from loraops.config import (AugmentSection, DataSection, EvalSection, LoraSection, ModelSection, Params, RagSection,
-                            RegistrySection, TrainSection, flatten, load_params)
+                            RegistrySection, SweepSection, TrainSection, flatten, load_params)
 
 QUICK: dict[str, tuple[str, str]] = {
     "data_path": ("data.path", "Data file, relative to the project (CSV, JSONL, JSON or Parquet)."),
@@ -84,6 +84,8 @@ def _group(name: str, section: type[BaseModel]) -> type[BaseModel]:
 
 
 GROUPS = {name: _group(name, section) for name, section in SECTIONS.items()}
+SWEEP_GROUP = _group("sweep", SweepSection)
+"""The sweep flow's form: trials, objective, pruning, parallel and the search space."""
 
 
 def defaults(params: Params) -> dict[str, Any]:
@@ -96,6 +98,11 @@ def defaults(params: Params) -> dict[str, Any]:
     for name, group in GROUPS.items():
         out[name] = {f: (_escape(tree[name][f]) if f"{name}.{f}" in ESCAPED else tree[name][f]) for f in group.model_fields}
     return out
+
+
+def sweep_defaults(params: Params) -> dict[str, Any]:
+    """The sweep form's values for ``params``: the sweep section (trials, objective, pruning, parallel, space)."""
+    return {"sweep": params.sweep.model_dump(mode="json")}
 
 
 def _dig(tree: dict[str, Any], key: str) -> Any:

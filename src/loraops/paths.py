@@ -71,7 +71,9 @@ MLFLOW_DB = MLRUNS / "mlflow.db"
 MLFLOW_ARTIFACTS = MLRUNS / "artifacts"
 LOCKS_DIR = MLRUNS / ".locks"
 WORKSPACES_DIR = Path(".loraops/runs")
-"""Git worktrees of flow runs started from a deployment."""
+"""Git worktrees of flow runs started from a deployment, and of sweep trials."""
+SWEEPS_DIR = Path(".loraops/sweeps")
+"""Optuna journal files of sweeps (the flow and each trial's train stage share one)."""
 
 STAGE_OUTPUTS: dict[str, dict[str, list[Path]]] = {
     "prepare": {"outs": [split(s) for s in SPLITS], "metrics": [DATA_CARD], "plots": []},

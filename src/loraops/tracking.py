@@ -14,7 +14,7 @@ import mlflow
 import mlflow.exceptions
 from mlflow.entities import Metric
 
-from loraops.paths import (DATA_CARD, EVAL_METRICS, EVAL_REPORT, EVAL_TABLE, LOCKS_DIR, MLFLOW_ARTIFACTS, MLFLOW_DB,
+from loraops.paths import (AUGMENT_CARD, DATA_CARD, EVAL_METRICS, EVAL_REPORT, EVAL_TABLE, LOCKS_DIR, MLFLOW_ARTIFACTS, MLFLOW_DB,
                            MLRUNS, PLOTS_DIR, TRAIN_LOG, TRAIN_METRICS)
 
 _BATCH = 900  # MLflow accepts up to 1000 metrics per log_batch
@@ -169,13 +169,31 @@ def run_name(params: Any) -> str:
     return f"{base}-lr{params.train.learning_rate:g}-r{params.lora.r}-s{params.train.max_steps}-{time.strftime('%m%d-%H%M%S')}"
 
 
-def log_params(params: Any) -> None:
-    """Flattened dotted params (``train.learning_rate``), long values as text."""
+def log_params(params: Any, run_id: str | None = None) -> None:
+    """Flattened dotted params (``train.learning_rate``), long values as text; to the active run, or to ``run_id``."""
+    from mlflow.entities import Param
+
     from loraops.secrets import redact
 
     flat = {key: json.dumps(value, ensure_ascii=False) if isinstance(value, (list, dict)) else value
             for key, value in params.flat().items()}
-    mlflow.log_params(redact(flat))
+    if run_id is None:
+        mlflow.log_params(redact(flat))
+        return
+    items = [Param(key, str(value)[:6000]) for key, value in redact(flat).items()]
+    for start in range(0, len(items), 100):
+        mlflow.MlflowClient().log_batch(run_id, params=items[start: start + 100])
+
+
+def train_figures(figures: dict[str, Any]) -> dict[str, float]:
+    """The train stage's figures as metrics (``train/best_val_loss``, ``train/cv_val_loss_mean`` …)."""
+    out = {f"train/{key}": float(figures[key]) for key in ("best_val_loss", "train_loss", "steps", "train_seconds",
+                                                           "train_pairs") if figures.get(key) is not None}
+    cv = figures.get("cv")
+    if cv:
+        out |= {"train/cv_val_loss_mean": cv["val_loss_mean"], "train/cv_val_loss_sd": cv["val_loss_sd"]}
+        out |= {f"train/cv_fold_{i}_val_loss": loss for i, loss in enumerate(cv["val_loss"])}
+    return out
 
 
 def log_metrics_batch(run_id: str, values: dict[str, float], step: int = 0) -> None:
@@ -217,9 +235,11 @@ def log_eval(run_id: str, root: Path, flat: dict[str, float], details: tuple[dic
         mlflow.log_artifact(str(root / path), "eval")
     for png in sorted((root / PLOTS_DIR).glob("*.png")):
         mlflow.log_artifact(str(png), "eval/plots")
-    for name in (DATA_CARD, TRAIN_METRICS, TRAIN_LOG):
+    for name in (DATA_CARD, AUGMENT_CARD, TRAIN_METRICS, TRAIN_LOG):
         if (root / name).exists():
-            mlflow.log_artifact(str(root / name), "stages")
+            mlflow.log_artifact(str(root / name), "stages/" + name.parent.name if name == AUGMENT_CARD else "stages")
+    if (root / TRAIN_METRICS).exists():  # best validation loss, cross-validation mean ± sd per fold
+        log_metrics_batch(run_id, train_figures(json.loads((root / TRAIN_METRICS).read_text(encoding="utf-8"))))
     _loss_plot(root)
 
 

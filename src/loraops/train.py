@@ -176,7 +176,7 @@ def make_trainer(model: Any, tokenizer: Any, cfg: TrainSection, seed: int, devic
 
 
 def fit(params: Params, train_rows: list[dict], val_rows: list[dict], base: str, device: str, work_dir: Path,
-        resume_from: Path | None = None) -> dict[str, Any]:
+        resume_from: Path | None = None, extra_callbacks: list | None = None) -> dict[str, Any]:
     """Train an adapter (continuing ``resume_from``, a Trainer checkpoint, when given); return the trained peft
     model, tokenizer, log history and figures."""
     import torch
@@ -194,6 +194,7 @@ def fit(params: Params, train_rows: list[dict], val_rows: list[dict], base: str,
 
     train_set, val_set = encode(train_rows), (encode(val_rows) if val_rows else None)
     callbacks = [EarlyStoppingCallback(cfg.early_stopping_patience)] if val_set is not None and cfg.early_stopping_patience else []
+    callbacks += extra_callbacks or []
     if progress_lines():
         callbacks.append(_progress_callback())
     cut = sum(len(tokenize_pair(tokenizer, r["prompt"], r["answer"], 10**9)["input_ids"]) > params.model.max_length
@@ -249,6 +250,57 @@ def _sort_target_modules(path: Path) -> None:
     if isinstance(config.get("target_modules"), list):
         config["target_modules"] = sorted(config["target_modules"])
         path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+ADDED_SOURCES = ("rule", "teacher", "document")
+"""``source`` of the rows stage `augment` added; every other row is an original pair."""
+
+
+def folds_of(rows: list[dict], k: int, seed: int) -> dict[str, int]:
+    """Source group → fold: the original rows' groups shuffled with ``seed`` and dealt round-robin into ``k`` folds."""
+    import random
+
+    groups = sorted({r["group"] for r in rows if r.get("source") not in ADDED_SOURCES})
+    random.Random(seed).shuffle(groups)
+    return {group: i % k for i, group in enumerate(groups)}
+
+
+def fold_rows(rows: list[dict], fold: dict[str, int], k: int) -> tuple[list[dict], list[dict]]:
+    """(training, held-out) rows of fold ``k``: held out are the original rows of its groups; training are all rows
+    none of whose groups (an added row's origins included) is in it."""
+    held = [r for r in rows if r.get("source") not in ADDED_SOURCES and fold.get(r["group"]) == k]
+    train = [r for r in rows if all(fold.get(g) != k for g in (r["group"], *r.get("origin_groups", [])))]
+    return train, held
+
+
+def cross_validate(params: Params, rows: list[dict], base: str, device: str, work_dir: Path,
+                   reporter: Any = None) -> dict[str, Any]:
+    """Grouped k-fold cross-validation over ``rows`` (the train and validation splits; never test): one adapter per
+    fold, validated on that fold's groups. Returns each fold's best validation loss and their mean and sd; stops
+    early when the sweep's pruner says so after a fold."""
+    import gc
+    import statistics
+
+    k = params.train.cv_folds
+    fold = folds_of(rows, k, params.base.seed)
+    if len(set(fold.values())) < k:
+        from loraops.errors import ConfigError
+
+        raise ConfigError(f"train.cv_folds: {k} folds need at least {k} source groups, the data has {len(fold)}")
+    losses: list[float] = []
+    for number in range(k):
+        train_rows, held = fold_rows(rows, fold, number)
+        say(f"cross-validation fold {number + 1}/{k}: {len(train_rows)} training rows, {len(held)} held out "
+            f"({sum(v == number for v in fold.values())} groups)")
+        out = fit(params, train_rows, held, base, device, work_dir / f"cv-{number}")
+        losses.append(out["figures"]["best_val_loss"])
+        shutil.rmtree(work_dir / f"cv-{number}", ignore_errors=True)
+        del out
+        gc.collect()
+        if reporter is not None and reporter.report(statistics.fmean(losses), number):
+            break
+    return {"folds": k, "folds_run": len(losses), "val_loss": losses, "val_loss_mean": round(statistics.fmean(losses), 6),
+            "val_loss_sd": round(statistics.stdev(losses), 6) if len(losses) > 1 else 0.0}
 
 
 IDENTITY_FILE = "identity.json"
@@ -349,13 +401,28 @@ def run(params: Params, root: Path = Path(".")) -> dict[str, Any]:
             work_dir.mkdir(parents=True, exist_ok=True)
             write_json(work_dir / IDENTITY_FILE, identity)
     state.wait_for_everyone()
+    from loraops.sweep import Reporter, pruning_callback
+
+    reporter = Reporter()  # a sweep trial's train stage reports its validation losses to the trial; else inert
+    cv = None
+    if params.train.cv_folds:
+        cv = cross_validate(params, train_rows + val_rows, base_location(params.model, root), device,
+                            work_dir / "cv", reporter)
+        say(f"cross-validation: validation loss {cv['val_loss_mean']:.4f} ± {cv['val_loss_sd']:.4f} over "
+            f"{cv['folds_run']} fold(s)")
+    callbacks = [pruning_callback(reporter)] if reporter.trial is not None and not cv else []
     try:
-        out = fit(params, train_rows, val_rows, base_location(params.model, root), device, work_dir, resume)
+        out = fit(params, train_rows, val_rows, base_location(params.model, root), device, work_dir, resume, callbacks)
     except BaseException:
         _drop_incomplete(work_dir)  # a checkpoint cut short (disk full, kill during its save) is never resumed from
         raise
     out["figures"]["processes"] = state.num_processes
     out["figures"]["resumed_from"] = resume.name if resume else None
+    if cv is not None:
+        out["figures"]["cv"] = cv
+    if reporter.trial is not None:
+        out["figures"]["pruned"] = reporter.pruned_at is not None
+        out["figures"]["pruned_at"] = reporter.pruned_at  # a step, or a fold with the cv objective
     if state.is_main_process:
         out["figures"]["adapter_sha256"] = save_adapter(out["model"], out["tokenizer"], root / ADAPTER_DIR)
         _write_history(root / TRAIN_LOG, out["history"])

@@ -91,17 +91,19 @@ def _stage_env(root: Path) -> dict[str, str]:
     return env
 
 
-def run_stage(stage: str, root: Path = Path("."), say: Callable[[str], Any] = print) -> bool:
+def run_stage(stage: str, root: Path = Path("."), say: Callable[[str], Any] = print,
+              env: dict[str, str] | None = None) -> bool:
     """Run one DVC stage (and anything stale upstream) with `dvc repro`; return whether it ran.
 
     DVC skips a stage whose code, params sections and inputs are unchanged (dvc.lock, run cache). Every
-    line DVC and the stage print goes to ``say`` (the Prefect run logger in a flow) as it comes.
+    line DVC and the stage print goes to ``say`` (the Prefect run logger in a flow) as it comes; ``env`` adds
+    environment variables (a sweep trial's Optuna study).
 
     Raises:
         StageError: the stage failed; the message carries its error lines.
     """
     dvc = str(Path(sys.executable).parent / "dvc")
-    proc = subprocess.Popen([dvc, "repro", stage], cwd=root, env=_stage_env(root), stdout=subprocess.PIPE,
+    proc = subprocess.Popen([dvc, "repro", stage], cwd=root, env=_stage_env(root) | (env or {}), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, encoding="utf-8", errors="replace", bufsize=1)
     ran, errors = False, []
     try:

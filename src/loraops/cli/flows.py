@@ -1,4 +1,4 @@
-"""`loraops run | deploy | init-data`: the Prefect flows, and a params file for a new dataset."""
+"""`loraops run | sweep | deploy | init-data`: the Prefect flows, and a params file for a new dataset."""
 
 from __future__ import annotations
 
@@ -69,6 +69,34 @@ def run(params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt,
             typer.secho(f"stopped ({stop or 'interrupted'}): the MLflow run is closed and the gpu slot released",
                         err=True, fg=typer.colors.YELLOW)
             raise typer.Exit(130) from None
+    typer.echo(result["summary_text"])
+
+
+@app.command()
+@friendly
+def sweep(params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt,
+          allow_dirty: bool = typer.Option(False, "--allow-dirty", help="Register from uncommitted code (the diff is recorded).")) -> None:
+    """Search the settings (sweep.space) with Optuna: sweep.trials trials, each a tracked MLflow child run in its own
+    worktree; the best by the validation objective is evaluated, registered as candidate and gated.
+
+    The trials start from the committed project (git worktrees) with the params file and --set values applied;
+    params.yaml is not changed.
+    """
+    path = user_path(params)
+    params_of(params, set_)  # refuse bad params (an unknown or empty search range, sweep.trials <= 0) before Prefect starts
+    prefect_defaults()
+    from loraops.flows.sweep import sweep_flow
+
+    _quiet_expected_tracebacks()
+    _terminate_cleanly()
+    with contextlib.suppress(ValueError):
+        path = path.resolve().relative_to(Path.cwd().resolve())
+    try:
+        result = sweep_flow(params_file=str(path), overrides=list(set_ or []), allow_dirty=allow_dirty, use_form=False)
+    except KeyboardInterrupt as stop:
+        typer.secho(f"stopped ({stop or 'interrupted'}): the MLflow runs are closed and the gpu slot released",
+                    err=True, fg=typer.colors.YELLOW)
+        raise typer.Exit(130) from None
     typer.echo(result["summary_text"])
 
 
