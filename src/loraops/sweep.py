@@ -19,7 +19,9 @@ from typing import Any
 from loraops.config import Params, leaf_types
 
 STORAGE_ENV, STUDY_ENV, TRIAL_ENV = "LORAOPS_OPTUNA_STORAGE", "LORAOPS_OPTUNA_STUDY", "LORAOPS_OPTUNA_TRIAL_ID"
-"""Set for a trial's `train` stage: the journal file, study name and trial id it reports to."""
+PRUNING_ENV = "LORAOPS_OPTUNA_PRUNING"
+"""Set for a trial's `train` stage: the journal file, study name and trial id it reports to, and whether to prune
+(Optuna keeps no pruner in the storage: the stage builds the same one)."""
 
 
 def distributions(params: Params) -> dict[str, Any]:
@@ -53,10 +55,16 @@ def create_study(params: Params, name: str, path: Path) -> Any:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    pruner = (optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=0) if params.sweep.pruning
-              else optuna.pruners.NopPruner())
-    return optuna.create_study(study_name=name, storage=storage(path), direction="minimize", pruner=pruner,
-                               sampler=optuna.samplers.TPESampler(seed=params.base.seed))
+    return optuna.create_study(study_name=name, storage=storage(path), direction="minimize",
+                               pruner=pruner(params.sweep.pruning), sampler=optuna.samplers.TPESampler(seed=params.base.seed))
+
+
+def pruner(enabled: bool) -> Any:
+    """The median pruner (a trial stops when its validation loss is worse than the median of the completed trials'
+    at the same step, from the second trial on), or none."""
+    import optuna
+
+    return optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=0) if enabled else optuna.pruners.NopPruner()
 
 
 def trial_overrides(values: dict[str, Any]) -> list[str]:
@@ -64,8 +72,8 @@ def trial_overrides(values: dict[str, Any]) -> list[str]:
     return [f"{key}={json.dumps(value)}" for key, value in values.items()]
 
 
-def trial_env(path: Path, study: str, trial_id: int) -> dict[str, str]:
-    return {STORAGE_ENV: str(path.resolve()), STUDY_ENV: study, TRIAL_ENV: str(trial_id)}
+def trial_env(path: Path, study: str, trial_id: int, pruning: bool) -> dict[str, str]:
+    return {STORAGE_ENV: str(path.resolve()), STUDY_ENV: study, TRIAL_ENV: str(trial_id), PRUNING_ENV: "1" if pruning else ""}
 
 
 def objective(figures: dict[str, Any], params: Params) -> float | None:
@@ -85,7 +93,8 @@ class Reporter:
             import optuna
 
             optuna.logging.set_verbosity(optuna.logging.WARNING)
-            study = optuna.load_study(study_name=os.environ[STUDY_ENV], storage=storage(Path(os.environ[STORAGE_ENV])))
+            study = optuna.load_study(study_name=os.environ[STUDY_ENV], storage=storage(Path(os.environ[STORAGE_ENV])),
+                                      pruner=pruner(bool(os.environ.get(PRUNING_ENV))))
             self.trial = optuna.trial.Trial(study, int(os.environ[TRIAL_ENV]))
 
     def report(self, value: float, step: int) -> bool:
