@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     from loraops.workspace import isolated_workspace
 
     params = load_params(ROOT / "params.yaml", CONFIG)
-    with isolated_workspace(ROOT, f"bench-{os.getpid()}", params.data.path) as ws:
+    with isolated_workspace(ROOT, f"bench-{os.getpid()}", [params.data.path, params.rag.docs_path]) as ws:
         dvc = str(Path(sys.executable).parent / "dvc")
         subprocess.run([dvc, "cache", "dir", "--local", str(ws / ".bench-dvc-cache")], cwd=ws, check=True)
         flow_first, ran_first = _timed_cli(ws, "run", *[arg for kv in CONFIG for arg in ("--set", kv)])

@@ -42,7 +42,7 @@ def trial(work: Path, number: int, trial_id: int, params: Params, values: dict[s
         workspace.run_stage(stage, work, log.info)
     with concurrency.gpu_slot(log.warning, {"type": "flow_run", "id": str(flow_run.id)}):
         workspace.run_stage("train", work, log.info, sweep.trial_env(Path(study["path"]), study["name"], trial_id,
-                                                                         params.sweep.pruning))
+                                                                         params.sweep.pruning, params.sweep.objective))
     figures = json.loads((work / TRAIN_METRICS).read_text(encoding="utf-8"))
     value = sweep.objective(figures, params)
     client = mlflow.MlflowClient()

@@ -224,3 +224,18 @@ def test_teacher_through_a_real_openai_compatible_server_is_cached_and_counts_un
     card = json.loads((work / "data/augmented/card.json").read_text(encoding="utf-8"))
     assert again.returncode == 0 and card["teacher"]["calls"] == 0 and card["teacher"]["cached"] == 12
     assert (work / "data/augmented/train.jsonl").read_bytes() == rows
+
+
+@pytest.mark.slow
+def test_a_local_transformers_teacher_answers_and_is_cached(served_project, tmp_path):
+    """backend local: a transformers model from a directory (here the served project's tiny base) is the teacher."""
+    from loraops.config import TeacherSection
+
+    cfg = TeacherSection(enabled=True, backend="local", model=str(served_project / "models/base"), max_tokens=16,
+                         temperature=0.7, cache_dir=str(tmp_path / "cache"))
+    teacher = augment.Teacher(cfg, seed=42)
+    reply = teacher.ask("질문: 벽지에 곰팡이가 생겼어요\n답변: ")
+    assert isinstance(reply, str) and teacher.calls == 1
+    again = augment.Teacher(cfg, seed=42)
+    assert again.ask("질문: 벽지에 곰팡이가 생겼어요\n답변: ") == reply and again.calls == 0 and again.cached == 1
+    assert augment.Teacher(cfg, seed=7).key("q") != again.key("q")  # the seed decides a sampled reply: part of the key

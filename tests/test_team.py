@@ -94,7 +94,7 @@ def test_team_mode_three_concurrent_runs(servers, tmp_path):
             time.sleep(2)
         names = {d["name"] for d in httpx.post(f"{api}/deployments/filter", json={}, timeout=10).json()}
         flows = {f["id"]: f["name"] for f in httpx.post(f"{api}/flows/filter", json={}, timeout=10).json()}
-        assert names == {"loraops"} and set(flows.values()) == {"finetune", "promote", "rollback", "reproduce"}
+        assert names == {"loraops"} and set(flows.values()) == {"finetune", "promote", "rollback", "reproduce", "sweep"}
         rates = [0.004, 0.002, 0.001]
         ids = [trigger_finetune(api, lr) for lr in rates]
         states = wait_flow_runs(api, ids, 900)

@@ -39,7 +39,7 @@ QUICK: dict[str, tuple[str, str]] = {
 
 SECTIONS = {"data": DataSection, "model": ModelSection, "lora": LoraSection, "train": TrainSection,
             "eval": EvalSection, "registry": RegistrySection, "rag": RagSection, "augment": AugmentSection}
-ESCAPED = ("data.template", "eval.stop_strings")
+ESCAPED = ("data.template", "eval.stop_strings", "augment.teacher.prompt", "augment.teacher.document_prompt")
 """Keys whose line breaks the form shows as ``\\n``."""
 
 
@@ -97,6 +97,13 @@ def defaults(params: Params) -> dict[str, Any]:
         out[field] = 0 if field == "eval_questions" and value is None else value
     for name, group in GROUPS.items():
         out[name] = {f: (_escape(tree[name][f]) if f"{name}.{f}" in ESCAPED else tree[name][f]) for f in group.model_fields}
+        for key in ESCAPED:  # nested keys (augment.teacher.prompt)
+            section, *parents, leaf = key.split(".")
+            if section == name and parents:
+                node = out[name]
+                for part in parents:
+                    node = node[part]
+                node[leaf] = _escape(node[leaf])
     return out
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from loraops.config import Params
-from loraops.paths import DVC_LOCK, PARAMS, PREPARED_DIR, RUN_OUTPUTS
+from loraops.paths import AUGMENTED_DIR, DVC_LOCK, PARAMS, PREPARED_DIR, RUN_OUTPUTS
 from loraops.secrets import redact
 from loraops.utils import sha256_dir
 
@@ -77,7 +77,8 @@ def card(params: Params, root: Path, base_location: str, adapter_dir: Path, mlfl
          flow_run: dict[str, Any] | None = None) -> dict[str, Any]:
     """Build the lineage card for the current workspace."""
     data_files = {}
-    for path in [root / params.data.path, *sorted((root / PREPARED_DIR).glob("*"))]:
+    augmented = sorted((root / AUGMENTED_DIR).glob("*")) if params.augment.enabled else []
+    for path in [root / params.data.path, *sorted((root / PREPARED_DIR).glob("*")), *augmented]:
         if path.is_file():
             key = params.data.path if path == root / params.data.path else str(path.relative_to(root))
             data_files[key] = _md5(path)

@@ -19,9 +19,10 @@ from typing import Any
 from loraops.config import Params, leaf_types
 
 STORAGE_ENV, STUDY_ENV, TRIAL_ENV = "LORAOPS_OPTUNA_STORAGE", "LORAOPS_OPTUNA_STUDY", "LORAOPS_OPTUNA_TRIAL_ID"
-PRUNING_ENV = "LORAOPS_OPTUNA_PRUNING"
-"""Set for a trial's `train` stage: the journal file, study name and trial id it reports to, and whether to prune
-(Optuna keeps no pruner in the storage: the stage builds the same one)."""
+PRUNING_ENV, OBJECTIVE_ENV = "LORAOPS_OPTUNA_PRUNING", "LORAOPS_OPTUNA_OBJECTIVE"
+"""Set for a trial's `train` stage: the journal file, study name and trial id it reports to, whether to prune
+(Optuna keeps no pruner in the storage: the stage builds the same one) and what it reports (each evaluation's
+validation loss, or the running mean after each cross-validation fold)."""
 
 
 def distributions(params: Params) -> dict[str, Any]:
@@ -72,8 +73,9 @@ def trial_overrides(values: dict[str, Any]) -> list[str]:
     return [f"{key}={json.dumps(value)}" for key, value in values.items()]
 
 
-def trial_env(path: Path, study: str, trial_id: int, pruning: bool) -> dict[str, str]:
-    return {STORAGE_ENV: str(path.resolve()), STUDY_ENV: study, TRIAL_ENV: str(trial_id), PRUNING_ENV: "1" if pruning else ""}
+def trial_env(path: Path, study: str, trial_id: int, pruning: bool, objective: str = "val_loss") -> dict[str, str]:
+    return {STORAGE_ENV: str(path.resolve()), STUDY_ENV: study, TRIAL_ENV: str(trial_id), PRUNING_ENV: "1" if pruning else "",
+            OBJECTIVE_ENV: objective}
 
 
 def objective(figures: dict[str, Any], params: Params) -> float | None:
@@ -89,6 +91,7 @@ class Reporter:
     def __init__(self) -> None:
         self.trial: Any = None
         self.pruned_at: int | None = None
+        self.objective = os.environ.get(OBJECTIVE_ENV) or "val_loss"
         if os.environ.get(STORAGE_ENV):
             import optuna
 
@@ -134,19 +137,33 @@ def summary(study: Any, runs: dict[int, str]) -> dict[str, Any]:
                                                "mlflow_run_id": runs.get(best.number)}}
 
 
+MIN_TRIALS_FOR_IMPORTANCE = 5
+"""Param importances (fANOVA) from fewer completed trials are noise: not drawn."""
+
+
 def plots(study: Any, out_dir: Path) -> list[Path]:
-    """Parallel coordinates of the completed trials, and param importances when they can be estimated."""
+    """Parallel coordinates of the completed trials, and param importances from five completed trials on."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import optuna.visualization.matplotlib as vis
 
+    import warnings
+
+    from optuna.exceptions import ExperimentalWarning
+
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for name, draw in (("parallel_coordinate", vis.plot_parallel_coordinate), ("param_importances", vis.plot_param_importances)):
+    complete = sum(t.state.name == "COMPLETE" for t in study.trials)
+    drawings = [("parallel_coordinate", vis.plot_parallel_coordinate)]
+    if complete >= MIN_TRIALS_FOR_IMPORTANCE:
+        drawings.append(("param_importances", vis.plot_param_importances))
+    for name, draw in drawings:
         try:
-            axes = draw(study)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ExperimentalWarning)
+                axes = draw(study)
         except (ValueError, RuntimeError):  # too few completed trials, or a param that never varied
             continue
         figure = axes.figure if hasattr(axes, "figure") else axes.flat[0].figure

@@ -187,8 +187,8 @@ def log_params(params: Any, run_id: str | None = None) -> None:
 
 def train_figures(figures: dict[str, Any]) -> dict[str, float]:
     """The train stage's figures as metrics (``train/best_val_loss``, ``train/cv_val_loss_mean`` …)."""
-    out = {f"train/{key}": float(figures[key]) for key in ("best_val_loss", "train_loss", "steps", "train_seconds",
-                                                           "train_pairs") if figures.get(key) is not None}
+    out = {f"train/{key}": float(figures[key]) for key in ("best_val_loss", "steps", "train_seconds", "train_pairs")
+           if figures.get(key) is not None}  # not train_loss: the curve of that name has it, step by step
     cv = figures.get("cv")
     if cv:
         out |= {"train/cv_val_loss_mean": cv["val_loss_mean"], "train/cv_val_loss_sd": cv["val_loss_sd"]}

@@ -407,10 +407,10 @@ def run(params: Params, root: Path = Path(".")) -> dict[str, Any]:
     cv = None
     if params.train.cv_folds:
         cv = cross_validate(params, train_rows + val_rows, base_location(params.model, root), device,
-                            work_dir / "cv", reporter)
+                            work_dir / "cv", reporter if reporter.objective == "cv_val_loss" else None)
         say(f"cross-validation: validation loss {cv['val_loss_mean']:.4f} ± {cv['val_loss_sd']:.4f} over "
             f"{cv['folds_run']} fold(s)")
-    callbacks = [pruning_callback(reporter)] if reporter.trial is not None and not cv else []
+    callbacks = [pruning_callback(reporter)] if reporter.trial is not None and reporter.objective == "val_loss" else []
     try:
         out = fit(params, train_rows, val_rows, base_location(params.model, root), device, work_dir, resume, callbacks)
     except BaseException:

@@ -1,0 +1,91 @@
+"""Sweep wall time: `loraops sweep` with 3 trials against the same 3 settings as 3 sequential `loraops run`s.
+
+Both arms start from a throw-away git worktree of HEAD with its own empty DVC cache, so neither reuses a stage an
+earlier run computed. The sweep runs prepare/augment/index once (the trials' worktrees share the sweep's DVC cache),
+trains each trial without evaluating it on the test split, and evaluates, registers and gates only the best; the
+sequential arm runs the whole loop (evaluation, registration and gate included) three times, with the settings the
+sweep's trials drew. Pruning is off so both arms train the same steps; a third line shows the sweep with pruning.
+
+    python benchmarks/sweep.py            # ~10 minutes on 2 CPU cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+CONFIG = ["train.max_steps=60", "train.eval_steps=20", "eval.max_samples=60"]
+
+
+def _cli(cwd: Path, *args: str) -> tuple[float, str]:
+    start = time.perf_counter()
+    out = subprocess.run([sys.executable, "-m", "loraops.cli", *args], cwd=cwd, capture_output=True, text=True,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(cwd / "src")}, check=False)
+    if out.returncode != 0:
+        sys.exit(f"loraops {' '.join(args)} failed:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
+    return time.perf_counter() - start, out.stdout
+
+
+def _fresh(name: str):
+    from loraops.config import load_params
+    from loraops.workspace import isolated_workspace
+
+    params = load_params(ROOT / "params.yaml")
+    return isolated_workspace(ROOT, f"bench-sweep-{name}-{os.getpid()}", [params.data.path, params.rag.docs_path])
+
+
+def _own_cache(ws: Path) -> None:
+    dvc = str(Path(sys.executable).parent / "dvc")
+    subprocess.run([dvc, "cache", "dir", "--local", str(ws / ".bench-dvc-cache")], cwd=ws, check=True)
+
+
+def _trials(ws: Path) -> list[dict]:
+    import mlflow
+
+    from loraops.tracking import tracking_setup
+
+    tracking_setup(ws)
+    runs = mlflow.search_runs(experiment_names=["interior-qa-lora"], filter_string="tags.`loraops.sweep` = 'parent'")
+    study = mlflow.MlflowClient().download_artifacts(runs.run_id.iloc[0], "sweep/study.json")
+    return json.loads(Path(study).read_text(encoding="utf-8"))["trials"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args(argv)
+    sets = [arg for kv in CONFIG for arg in ("--set", kv)]
+    rows = []
+    with _fresh("sweep") as ws:
+        _own_cache(ws)
+        swept, _ = _cli(ws, "sweep", *sets, "--set", "sweep.trials=3", "--set", "sweep.pruning=false")
+        trials = _trials(ws)
+    rows.append(("sweep, 3 trials (best evaluated)", swept))
+    with _fresh("runs") as ws:
+        _own_cache(ws)
+        sequential = 0.0
+        for trial in trials:
+            values = [arg for k, v in trial["params"].items() for arg in ("--set", f"{k}={json.dumps(v)}")]
+            seconds, _ = _cli(ws, "run", *sets, *values)
+            sequential += seconds
+    rows.append(("3 sequential `loraops run`", sequential))
+    with _fresh("pruned") as ws:
+        _own_cache(ws)
+        pruned, _ = _cli(ws, "sweep", *sets, "--set", "sweep.trials=3", "--set", "sweep.pruning=true")
+        states = [t["state"].lower() for t in _trials(ws)]
+    rows.append((f"sweep, 3 trials, pruning ({', '.join(states)})", pruned))
+    print(f"{'arm':<58}{'wall s':>9}{'vs runs':>9}")
+    for name, seconds in rows:
+        print(f"{name:<58}{seconds:>9.1f}{seconds / sequential:>8.2f}x")
+    print("settings: " + "; ".join(", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                             for k, v in t["params"].items()) for t in trials))
+
+
+if __name__ == "__main__":
+    main()
