@@ -48,14 +48,15 @@ def _own_cache(ws: Path) -> None:
 
 
 def _trials(ws: Path) -> list[dict]:
-    import mlflow
+    """The sweep's trials, from its Optuna journal."""
+    import optuna
 
-    from loraops.tracking import tracking_setup
+    from loraops import sweep
+    from loraops.paths import SWEEPS_DIR
 
-    tracking_setup(ws)
-    runs = mlflow.search_runs(experiment_names=["interior-qa-lora"], filter_string="tags.`loraops.sweep` = 'parent'")
-    study = mlflow.MlflowClient().download_artifacts(runs.run_id.iloc[0], "sweep/study.json")
-    return json.loads(Path(study).read_text(encoding="utf-8"))["trials"]
+    journal = next((ws / SWEEPS_DIR).glob("*.journal"))
+    study = optuna.load_study(study_name=journal.stem, storage=sweep.storage(journal))
+    return sweep.summary(study, {})["trials"]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -64,7 +65,8 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     with _fresh("sweep") as ws:
         _own_cache(ws)
-        swept, _ = _cli(ws, "sweep", *sets, "--set", "sweep.trials=3", "--set", "sweep.pruning=false")
+        swept, out = _cli(ws, "sweep", *sets, "--set", "sweep.trials=3", "--set", "sweep.pruning=false")
+        print(out[-1500:], flush=True)
         trials = _trials(ws)
     rows.append(("sweep, 3 trials (best evaluated)", swept))
     with _fresh("runs") as ws:
