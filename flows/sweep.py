@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -120,7 +121,8 @@ def _sweep(params: Params, allow_dirty: bool) -> Any:
     tracking.tracking_setup(REPO)
     experiment = tracking.experiment_for(params.registry.model_name, REPO)
     client = mlflow.MlflowClient()
-    parent = client.create_run(experiment, run_name=f"sweep-{tracking.run_name(params)}", tags={
+    base = Path(params.model.base).name or params.model.base
+    parent = client.create_run(experiment, run_name=f"sweep-{base}-{params.sweep.trials}trials-{time.strftime('%m%d-%H%M%S')}", tags={
         "mlflow.source.type": "JOB", "mlflow.source.name": "loraops sweep flow (flows/sweep.py)", **tracking.owner_tags(),
         "loraops.sweep": "parent", "prefect.flow_run_id": str(flow_run.id), "prefect.flow_run_name": str(flow_run.name),
         "prefect.deployment": str(deployment.name)})
@@ -132,14 +134,14 @@ def _sweep(params: Params, allow_dirty: bool) -> Any:
     space = distributions(params)
     runs: dict[int, str] = {}
     trial_params: dict[int, Params] = {}
-    base = params.model_dump(mode="json")
+    tree = params.model_dump(mode="json")
     with contextlib.ExitStack() as worktrees:
         works: dict[int, Path] = {}
         while len(study.trials) < params.sweep.trials:
             batch = [study.ask(space) for _ in range(min(params.sweep.parallel, params.sweep.trials - len(study.trials)))]
             futures = []
             for asked in batch:
-                chosen = validate(apply_overrides(json.loads(json.dumps(base)), trial_overrides(asked.params)))
+                chosen = validate(apply_overrides(json.loads(json.dumps(tree)), trial_overrides(asked.params)))
                 trial_params[asked.number] = chosen
                 works[asked.number] = worktrees.enter_context(workspace.isolated_workspace(
                     REPO, f"{flow_run.id}-trial-{asked.number}", [chosen.data.path, chosen.rag.docs_path]))

@@ -109,7 +109,10 @@ def defaults(params: Params) -> dict[str, Any]:
 
 def sweep_defaults(params: Params) -> dict[str, Any]:
     """The sweep form's values for ``params``: the sweep section (trials, objective, pruning, parallel, space)."""
-    return {"sweep": params.sweep.model_dump(mode="json")}
+    sweep = params.sweep.model_dump(mode="json")
+    sweep["space"] = {key: {k: v for k, v in space.items() if v is not None and v is not False}  # only what is set
+                      for key, space in sweep["space"].items()}
+    return {"sweep": sweep}
 
 
 def _dig(tree: dict[str, Any], key: str) -> Any:
