@@ -331,13 +331,13 @@ def rule_rows(train: list[dict[str, Any]], cfg: AugmentSection, rng: random.Rand
     for row in train:
         answers[row["group"]].append(row)
     out = []
-    for question, first in sorted({(r["question"], r["group"]): r for r in train}.items()):
-        found = [("ending", v) for v in (rules.endings(question[0]) if rules else [])]
+    for (question, group), _ in sorted({(r["question"], r["group"]): r for r in train}.items()):
+        found = [("ending", v) for v in (rules.endings(question) if rules else [])]
         if "spacing" in cfg.rules:
-            found += [("spacing", v) for v in Rules.spacing(question[0], rng)]
+            found += [("spacing", v) for v in Rules.spacing(question, rng)]
         rng.shuffle(found)
         for rule, variant in found[: cfg.variants_per_question]:
-            origin = rng.choice(answers[first["group"]])
+            origin = rng.choice(answers[group])
             out.append(_row(origin, variant, origin["answer"], "rule", f"rule:{rule} of {origin['id']}"))
     if "join" in cfg.rules:
         by_category: dict[str, list[str]] = defaultdict(list)
