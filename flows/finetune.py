@@ -20,7 +20,7 @@ from pydantic import Field
 
 from loraops import concurrency, form, lineage, registry, tone, tracking, validity, workspace
 from loraops.config import Params, load_params
-from loraops.model import base_location
+from loraops.model import base_location, check_base
 from loraops.paths import ADAPTER_DIR, EVAL_METRICS, TRAIN_LOG
 from loraops.report import details, flat_metrics, headline, outcome, summary_markdown, top_losses, version_description
 from loraops.secrets import redact_text
@@ -47,6 +47,12 @@ IO_RETRIES = {"retries": 3, "retry_delay_seconds": [2, 5, 10], "retry_condition_
 @task(name="params")
 def resolve_params(work: Path, params_file: str, overrides: list[str]) -> Params:
     return workspace.write_params(params_file, overrides, work)
+
+
+@task(name="base-check")
+def base_check(work: Path, params: Params) -> str:
+    """model.base loads (its config and weights are there, or the hub id resolves) before any stage runs."""
+    return check_base(params.model, work)
 
 
 @task(name="metric-check")
@@ -224,6 +230,7 @@ def _finetune(work: Path, params_file: str, overrides: list[str], allow_dirty: b
     if same is not None:
         get_run_logger().info(same)
         return Completed(name="Unchanged", message=same, data={"summary_text": same, "outcome": "Unchanged"})
+    base_check(work, params)
     if params.eval.self_test:
         metric_check(params)
     if params.eval.tone is not None:

@@ -14,9 +14,14 @@ from typing import Any
 from loraops.errors import ModelError
 from loraops.config import TINY_BASE, ModelSection, TinyBase
 from loraops.paths import BASE_DIR
-from loraops.utils import atomic_dir, write_json
+from loraops.utils import atomic_dir, sha256_dir, write_json
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
+BASE_CARD = "loraops_base.json"
+"""In ``models/base``: what the base was. The tiny base's folder holds its weights too; for any other base the
+folder holds only this card (hub id or folder, revision, a content hash), so the train stage's DVC output exists
+for every base and evaluate reruns when the base changes."""
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.gguf")
 
 
 def base_location(cfg: ModelSection, root: Path = Path(".")) -> str:
@@ -25,6 +30,74 @@ def base_location(cfg: ModelSection, root: Path = Path(".")) -> str:
         return str(root / BASE_DIR)
     local = root / cfg.base
     return str(local) if local.exists() else cfg.base
+
+
+def check_base(cfg: ModelSection, root: Path = Path(".")) -> str:
+    """Before any stage runs: can ``model.base`` be loaded? Reads only its config and file list (no weights).
+
+    Returns the base's location (see :func:`base_location`).
+
+    Raises:
+        ModelError: naming ``model.base`` and why: a folder without ``config.json`` or weights, an unknown
+            architecture, or a hub id that is neither in the local Hugging Face cache nor reachable.
+    """
+    location = base_location(cfg, root)
+    if cfg.base == TINY_BASE:
+        return location
+    path = Path(location)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"model.base: {cfg.base!r} is a folder without config.json; point it at a folder saved "
+                             "with save_pretrained (config.json, weights, tokenizer)")
+        if not any(next(path.glob(pattern), None) for pattern in WEIGHT_PATTERNS):
+            raise ModelError(f"model.base: {cfg.base!r} has no weights (no {', '.join(WEIGHT_PATTERNS)} files)")
+    elif Path(cfg.base).is_absolute() or cfg.base.startswith((".", "~")) or cfg.base.count("/") > 1:
+        raise ModelError(f"model.base: {cfg.base!r} is not a folder here and not a hub id (owner/name)")
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(location, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError, KeyError) as exc:
+        why = str(exc).strip().splitlines()[0][:300]
+        offline = " (HF_HUB_OFFLINE is set: only the local Hugging Face cache is searched)" \
+            if _offline() and not path.is_dir() else ""
+        raise ModelError(f"model.base: cannot load {cfg.base!r}{offline}: {why}") from None
+    return location
+
+
+def _offline() -> bool:
+    import os
+
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+def write_base_card(cfg: ModelSection, location: str, out_dir: Path) -> Path:
+    """For a hub or local base: ``models/base`` holds only :data:`BASE_CARD`, naming the base and its content.
+
+    A local folder is identified by the hash of its weights and tokenizer files; a hub id by the commit the
+    local Hugging Face cache resolved (the revision as configured when it cannot be resolved).
+    """
+    path = Path(location)
+    card: dict[str, object] = {"kind": "reference", "base": cfg.base, "revision": cfg.revision}
+    if path.is_dir():
+        card["location"] = str(path.resolve())
+        weights = next((pattern for pattern in WEIGHT_PATTERNS if next(path.glob(pattern), None)), "*.safetensors")
+        card["weights_sha256"] = sha256_dir(path, weights)
+        card["tokenizer_sha256"] = sha256_dir(path, "tokenizer*")
+    else:
+        card["commit"] = _hub_commit(cfg)
+    with atomic_dir(out_dir) as tmp:
+        write_json(tmp / BASE_CARD, card)
+    return out_dir
+
+
+def _hub_commit(cfg: ModelSection) -> str | None:
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(cfg.base, revision=cfg.revision, local_files_only=True)).name
+    except Exception:  # noqa: BLE001 - not cached as a snapshot (or an older cache layout): the revision stands in
+        return None
 
 
 def train_tokenizer(texts: list[str], vocab_size: int) -> Any:

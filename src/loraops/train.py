@@ -19,8 +19,8 @@ from typing import Any
 from loraops import packing
 from loraops.config import LoraSection, Params, TrainSection
 from loraops.prepare import load_split
-from loraops.model import TINY_BASE, base_location, build_tiny_base, load_base, load_tokenizer
-from loraops.paths import ADAPTER_DIR, CHECKPOINT_DIR, TRAIN_LOG, TRAIN_METRICS, prompts_folder
+from loraops.model import TINY_BASE, base_location, build_tiny_base, check_base, load_base, load_tokenizer, write_base_card
+from loraops.paths import ADAPTER_DIR, BASE_DIR, CHECKPOINT_DIR, TRAIN_LOG, TRAIN_METRICS, prompts_folder
 from loraops.utils import atomic_dir, pick_device, progress_lines, say, sha256_dir, write_json
 
 
@@ -365,8 +365,13 @@ def train_folder(params: Params) -> Path:
 
 
 def ensure_base(params: Params, root: Path = Path(".")) -> str:
-    """Return the base location, building the tiny base from the train split first when it is selected."""
-    location = base_location(params.model, root)
+    """Return the base location after writing ``models/base``: the tiny base built from the train split, or for a
+    hub or local base a card naming it (the stage's DVC output exists for every base).
+
+    Raises:
+        ModelError: ``model.base`` cannot be loaded (checked before any training).
+    """
+    location = check_base(params.model, root)
     if params.model.base == TINY_BASE:
         texts = [f"{r['prompt']}{r['answer']}" for r in load_split("train", root, train_folder(params))]
         say(f"building the tiny base (tokenizer + {params.model.tiny.layers}-layer Llama) from {len(texts)} training "
@@ -374,6 +379,9 @@ def ensure_base(params: Params, root: Path = Path(".")) -> str:
         started = time.perf_counter()
         build_tiny_base(texts, params.model.tiny, params.base.seed, Path(location))
         say(f"tiny base ready in {time.perf_counter() - started:.1f}s")
+    else:
+        write_base_card(params.model, location, root / BASE_DIR)
+        say(f"base {params.model.base} ({location}); its card → {BASE_DIR}")
     return location
 
 

@@ -20,6 +20,7 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     """
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700; the folder it becomes gets the usual mode
     try:
         yield tmp
     except BaseException:
@@ -30,6 +31,16 @@ def atomic_dir(target: Path) -> Iterator[Path]:
         target.rename(old)
     tmp.rename(target)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where Linux allows (os.umask would, for every thread)."""
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        status = Path("/proc/self/status").read_text().splitlines()
+        return int(next(line for line in status if line.startswith("Umask:")).split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write(path: Path, text: str) -> None:
@@ -56,7 +67,9 @@ def sha256_files(paths: list[Path]) -> str:
     digest = hashlib.sha256()
     for path in sorted(paths):
         digest.update(path.name.encode())
-        digest.update(path.read_bytes())
+        with path.open("rb") as fh:  # streamed: a base's weight files can be larger than memory
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                digest.update(block)
     return digest.hexdigest()
 
 

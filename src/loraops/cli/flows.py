@@ -50,7 +50,10 @@ def run(params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt,
     from loraops import workspace
 
     path = user_path(params)
-    resolved = params_of(params, set_)  # refuse bad params before Prefect starts
+    resolved = params_of(params, set_)  # refuse bad params (and a base that cannot load) before Prefect starts
+    from loraops.model import check_base
+
+    check_base(resolved.model)
     if not set_ and path.resolve() == PARAMS.resolve():
         same = workspace.unchanged(Path("."), resolved)
         if same is not None:
@@ -83,7 +86,10 @@ def sweep(params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt,
     params.yaml is not changed.
     """
     path = user_path(params)
-    params_of(params, set_)  # refuse bad params (an unknown or empty search range, sweep.trials <= 0) before Prefect starts
+    # refuse bad params (an unknown or empty search range, sweep.trials <= 0, a base that cannot load) before Prefect
+    from loraops.model import check_base
+
+    check_base(params_of(params, set_).model)
     prefect_defaults()
     from loraops.flows.sweep import sweep_flow
 
