@@ -79,8 +79,8 @@ def _gpu() -> object:
 
 
 @task(name="prepare")
-def prepare(work: Path, data_path: str) -> bool:
-    workspace.pull_inputs(work, data_path, get_run_logger().info)
+def prepare(work: Path) -> bool:
+    workspace.pull_stage_inputs(work, get_run_logger().info)  # a fresh clone: the data and documents from the remote
     return _stage("prepare", work)
 
 
@@ -90,8 +90,7 @@ def augment(work: Path) -> bool:
 
 
 @task(name="index")
-def index(work: Path, docs_path: str) -> bool:
-    workspace.pull_inputs(work, docs_path, get_run_logger().info)
+def index(work: Path) -> bool:
     return _stage("index", work)
 
 
@@ -248,8 +247,7 @@ def _finetune(work: Path, params_file: str, overrides: list[str], allow_dirty: b
         tracking.log_params(params)
         if uri.startswith("http"):
             get_run_logger().info("MLflow run: %s/#/experiments/%s/runs/%s?workflowType=machine_learning", uri.rstrip("/"), experiment, run.info.run_id)
-        ran = {"prepare": prepare(work, params.data.path), "augment": augment(work),
-               "index": index(work, params.rag.docs_path),
+        ran = {"prepare": prepare(work), "augment": augment(work), "index": index(work),
                "train": train(work), "evaluate": evaluate(work)}
         mlflow.set_tags({f"dvc.{stage}": "ran" if did else "skipped" for stage, did in ran.items()})
     run_id = run.info.run_id

@@ -103,3 +103,34 @@ def test_a_target_age_that_regresses_refuses_even_when_every_category_gains():
     assert not d.promote and any("target_age 50대 이상 regresses by 0.1000 (> 0.05) on 5 questions" in r for r in d.reasons)
     assert d.figures["slices/target_age"]["20대"] == {"n": 5, "change": 0.4}
     assert decide(cand, ref, policy, "production v1", min_slice=5).promote  # without the slice: only category a
+
+
+def _answered(scores, answers, degenerate):
+    return _table(scores).assign(answer=answers, degenerate=degenerate)
+
+
+def test_floors_refuse_a_mostly_broken_or_collapsed_candidate_whatever_the_reference():
+    """The wallpaper and FAQ trials: a reference that is broken too (the base, 100% degenerate) must not let a
+    candidate through that loops on most answers or gives one canned line to every question."""
+    n = 20
+    broken_base = _answered([0.0] * n, ["반복 반복 반복"] * n, [True] * n)
+    loops = _answered([0.05] * n, [f"답변 {i}" for i in range(n)], [i < 15 for i in range(n)])  # 75% degenerate
+    d = decide(loops, broken_base, POLICY.model_copy(update={"min_gain": 0.0}), "base model (no production yet)")
+    assert not d.promote and d.failures[0].startswith("mostly broken: 75.0% of the answers are degenerate")
+    assert "registry.gate.max_degenerate_rate 50%" in d.failures[0] and d.figures["floors"]["degenerate_rate"] == 0.75
+
+    canned = _answered([0.3] * n, ["고객센터로 문의해 주세요."] * 10 + [f"답변 {i}" for i in range(10)], [False] * n)
+    d = decide(canned, broken_base, POLICY.model_copy(update={"min_gain": 0.0}), "base model (no production yet)")
+    assert not d.promote and d.failures == [d.failures[0]] and d.failures[0].startswith("collapsed answers")
+    assert "distinct answers 55% of 20 questions" in d.failures[0] and "min_distinct_share" in d.failures[0]
+
+
+def test_floors_pass_healthy_answers_and_follow_the_references_own_repetition():
+    n = 20
+    healthy = _answered([0.5] * n, [f"답변 {i}" for i in range(n)], [False] * n)
+    d = decide(healthy, _table([0.1] * n), POLICY, "production v1")
+    assert d.promote and not d.failures and any("within the floor" in r for r in d.reasons)
+    # an FAQ whose references repeat one canned answer for half the questions: the same repetition is not a collapse
+    faq = _answered([0.5] * n, ["고객센터로 문의해 주세요."] * 10 + [f"답변 {i}" for i in range(10)], [False] * n)
+    faq["reference"] = ["고객센터로 문의해 주세요."] * 10 + [f"r{i}" for i in range(10)]
+    assert decide(faq, faq.assign(score=0.1), POLICY, "production v1").promote

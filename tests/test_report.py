@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 
 from loraops.report import top_losses
-from loraops.report import outcome
+from loraops.report import exit_code, outcome
 
 
 def test_biggest_losses_are_real_losses_one_row_per_question_and_readable(tmp_path):
@@ -27,10 +27,18 @@ def test_outcome_names_what_happened():
     summary["metrics"]["m"].update(tuned=0.299, delta=-0.001, ci95=[-0.02, 0.018])  # noise, not measurably worse
     assert outcome(summary, "m", None)[0] == "Registered"
     summary["metrics"]["m"].update(tuned=0.5, delta=0.2, ci95=[0.1, 0.3])
-    refused = {"promoted": False, "version": "3", "decision": {"against": "production v2"}}
-    assert outcome(summary, "m", refused)[0] == "Refused"
+    refused = {"promoted": False, "version": "3", "decision": {
+        "against": "production v2", "reasons": ["mean m gain +0.0005 …", "category a regresses by 0.1"],
+        "failures": ["category a regresses by 0.1"],
+        "figures": {"metric": "m", "reference": 0.4995, "candidate": 0.5, "gain": 0.0005, "ci95": [-0.0052, 0.0081]}}}
+    name, message = outcome(summary, "m", refused)
+    # the headline quotes what decided (production, not the base's +0.2) and the reason that refused
+    assert name == "Refused" and exit_code(name) == 3
+    assert "m production v2 0.4995 → v3 0.5000 (+0.0005, 95% CI [-0.0052, +0.0081])" in message, message
+    assert message.endswith("category a regresses by 0.1") and "+0.2000" not in message
     assert outcome(summary, "m", {**refused, "promoted": True})[0] == "Promoted"
     assert outcome(summary, "m", None)[0] == "Registered"
     assert outcome(summary, "m", {**refused, "promoted": True, "previous": "3"})[0] == "Unchanged"
     summary["degenerate"]["tuned"]["rate"] = 0.1  # better mean, but more garbage than its base
     assert outcome(summary, "m", None)[0] == "Worse than base"
+    assert [exit_code(n) for n in ("Promoted", "Registered", "Unchanged", "Refused", "Worse than base")] == [0, 0, 0, 3, 4]

@@ -198,6 +198,13 @@ class GatePolicy(_Section):
     min_test_size: int = Field(20, gt=0, description="Fewest shared test questions to decide on.")
     require_significance: bool = Field(True, description="The lower end of the bootstrap 95% interval of the gain must exceed min_gain.")
     max_degenerate_increase: float = Field(0.0, ge=0, description="Largest rise in the share of degenerate answers allowed.")
+    max_degenerate_rate: float = Field(0.5, ge=0, le=1, description="Floor whatever the reference: refuse a candidate "
+                                                                     "whose answers are degenerate (repetition loops, "
+                                                                     "empty, garbage) more often than this share.")
+    min_distinct_share: float = Field(0.7, ge=0, le=1, description="Floor whatever the reference: refuse a candidate "
+                                                                    "whose distinct answers per distinct question fall "
+                                                                    "below this share of the references' own (one "
+                                                                    "canned answer for every question is a collapse).")
     min_rubric_mean: float | None = Field(None, ge=1, le=5, description="When reviews exist, the tuned answers' rubric mean (1–5) must reach this.")
     require_approval: bool = Field(False, description="After the gate passes, the `promote` flow pauses for a reviewer "
                                                       "to approve or reject in the Prefect UI; only an approval moves production.")

@@ -379,7 +379,19 @@ def attach(params: Params, root: Path = Path(".")) -> dict[str, Any]:
 
 
 def run(params: Params, root: Path = Path(".")) -> dict[str, Any]:
-    """The DVC stage: build ``data/index`` from the documents, then ``data/retrieved``; return the index card."""
+    """The DVC stage: build ``data/index`` from the documents, then ``data/retrieved``; return the index card.
+
+    Indexing documents needs no training data: before any split exists (a fresh clone, `loraops index` first),
+    the index is built and ``data/retrieved`` is left for the stage to write once the splits are there.
+    """
     card = build(params, root)
-    card["prompts"] = attach(params, root)
+    missing = [str(path) for path in _split_inputs(root) if not path.exists()]
+    if missing:
+        card["prompts"] = {"enabled": params.rag.enabled, "skipped": f"no {', '.join(missing)} yet"}
+    else:
+        card["prompts"] = attach(params, root)
     return card
+
+
+def _split_inputs(root: Path) -> list[Path]:
+    return [root / split(name, AUGMENTED_DIR if name == "train" else PREPARED_DIR) for name in SPLITS]

@@ -133,13 +133,36 @@ def arms_lines(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
+EXIT_CODES = {"Promoted": 0, "Registered": 0, "Unchanged": 0, "Refused": 3, "Worse than base": 4}
+"""Exit codes of `loraops run`, `sweep` and `promote` per outcome (2 stays bad input, 130 an interrupt)."""
+
+
+def exit_code(name: str) -> int:
+    """The documented exit code of outcome ``name`` (see :data:`EXIT_CODES`)."""
+    return EXIT_CODES.get(name, 1)
+
+
+def versus(gate: dict[str, Any]) -> str:
+    """The comparison that decided: the gate metric of the reference (production, or the base when there is none)
+    against the candidate's, with the gain's 95% interval."""
+    decision = gate["decision"]
+    f = decision.get("figures", {})
+    if "gain" not in f:
+        return (decision.get("reasons") or [decision["against"]])[0]
+    low, high = f["ci95"]
+    return (f"{f['metric']} {decision['against']} {f['reference']:.4f} → v{gate['version']} {f['candidate']:.4f} "
+            f"({f['gain']:+.4f}, 95% CI [{low:+.4f}, {high:+.4f}])")
+
+
 def outcome(summary: dict[str, Any], primary: str, gate: dict[str, Any] | None,
             awaiting_approval: bool = False) -> tuple[str, str]:
-    """The run's outcome as a Prefect state name and a one-line message.
+    """The run's outcome as a Prefect state name and a one-line message (its exit code: :func:`exit_code`).
 
     ``Worse than base`` when the tuned model scores measurably below its base on the gate metric (the
-    95% interval of the change lies below 0) or answers degenerately more often; else ``Unchanged`` when the candidate already is production (a no-op rerun),
-    ``Refused`` when the gate refused, else ``Promoted`` or ``Registered``.
+    95% interval of the change lies below 0) or answers degenerately more often; else ``Unchanged`` when the
+    candidate already is production (a no-op rerun), ``Refused`` when the gate refused, else ``Promoted`` or
+    ``Registered``. Once gated, the message quotes the comparison that decided (production, or the base when
+    there is none) and, for a refusal, the first reason.
     """
     stats = summary["metrics"][primary]
     degenerate = summary.get("degenerate", {})
@@ -150,9 +173,12 @@ def outcome(summary: dict[str, Any], primary: str, gate: dict[str, Any] | None,
     if gate is not None and gate.get("previous") == gate["version"]:
         return "Unchanged", f"v{gate['version']} is already production; nothing moved: {figures}"
     if gate is not None and not gate["promoted"]:
-        return "Refused", f"the gate refused v{gate['version']} vs {gate['decision']['against']}: {figures}"
+        decision = gate["decision"]
+        first = (decision.get("failures") or decision.get("reasons") or [""])[0]
+        why = f"; {first}" if first and first != versus(gate) else ""
+        return "Refused", f"the gate refused v{gate['version']} vs {decision['against']}: {versus(gate)}{why}"
     if gate is not None:
-        return "Promoted", f"v{gate['version']} promoted to production: {figures}"
+        return "Promoted", f"v{gate['version']} promoted to production: {versus(gate)}"
     if awaiting_approval:
         return "Registered", (f"registered; production moves only with a reviewer's approval (registry.gate."
                               f"require_approval): run the promote flow (`loraops promote`): {figures}")

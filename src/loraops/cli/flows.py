@@ -73,6 +73,17 @@ def run(params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt,
                         err=True, fg=typer.colors.YELLOW)
             raise typer.Exit(130) from None
     typer.echo(result["summary_text"])
+    _exit_for(result["outcome"])
+
+
+def _exit_for(outcome: str) -> None:
+    """Exit with the documented code of the run's outcome (0 promoted/registered/unchanged, 3 refused, 4 worse than
+    base; README "Exit codes")."""
+    from loraops.report import exit_code
+
+    code = exit_code(outcome)
+    if code:
+        raise typer.Exit(code)
 
 
 @app.command()
@@ -104,6 +115,7 @@ def sweep(params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt,
                     err=True, fg=typer.colors.YELLOW)
         raise typer.Exit(130) from None
     typer.echo(result["summary_text"])
+    _exit_for(result["outcome"])
 
 
 def _terminate_cleanly() -> None:

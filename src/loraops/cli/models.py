@@ -21,10 +21,11 @@ def promote(name: Optional[str] = typer.Argument(None, help="Registered model (d
             as_json: bool = typer.Option(False, "--json"),
             params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt) -> None:
     """Move alias production to a version, only through the gate (and a reviewer's approval in the Prefect UI when
-    registry.gate.require_approval is set)."""
+    registry.gate.require_approval is set). Exit code 0 promoted (or already production), 3 refused or rejected."""
     import os
 
     from loraops import registry
+    from loraops.report import exit_code
 
     p = params_of(params, set_)
     if p.registry.gate.require_approval and not force:
@@ -34,12 +35,12 @@ def promote(name: Optional[str] = typer.Argument(None, help="Registered model (d
                                list(set_ or []))
         typer.echo(run["message"])
         if run["state"] != "PAUSED":
-            raise typer.Exit(0 if run.get("promoted") else 1)
+            raise typer.Exit(exit_code("Promoted" if run.get("promoted") else "Refused"))
         return
     result = registry.promote(name or p.registry.model_name, version, p, force=force, reason=reason)
     typer.echo(json.dumps(result, ensure_ascii=False, indent=2) if as_json else registry.describe(result))
     if not result["promoted"]:
-        raise typer.Exit(1)
+        raise typer.Exit(exit_code("Refused"))
 
 
 @app.command()

@@ -49,12 +49,19 @@ def index(params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt) -> None:
     """Chunk rag.docs_path and index it (Korean morpheme BM25; vectors for dense/hybrid) → data/index; with
     rag.enabled, each prepared question's passages → data/retrieved."""
     from loraops import index as index_stage
+    from loraops.workspace import pull_inputs
 
-    card = index_stage.run(params_of(params, set_))
+    p = params_of(params, set_)
+    if p.rag.corpus == "docs":
+        pull_inputs(Path("."), p.rag.docs_path)  # a fresh clone: the documents from the DVC remote
+    card = index_stage.run(p)
     typer.echo(f"indexed {card['documents']} documents as {card['chunks']} chunks from {card['source']} "
                f"(mode {card['mode']}, {card['tokenizer']} terms)")
     prompts = card["prompts"]
-    if prompts["enabled"]:
+    if "skipped" in prompts:
+        typer.echo(f"no questions to attach passages to ({prompts['skipped']}): `loraops run` or `dvc repro index` "
+                   "writes data/retrieved once the data is prepared")
+    elif prompts["enabled"]:
         typer.echo(f"passages attached to every prepared question (rag.template): mean context "
                    f"{prompts['mean_context_chars']} characters, {prompts['empty_contexts']} question(s) with none")
 
