@@ -71,6 +71,15 @@ class Version:
     def adapter_name(self) -> str:
         return f"{self.name}/v{self.number}"
 
+    @property
+    def warning(self) -> str | None:
+        """Set when the version's tuned answers breach a gate floor (only a forced promotion serves one)."""
+        breaches = (self.spec.get("quality") or {}).get("breaches")
+        if not breaches:
+            return None
+        text = f"{self.name} v{self.number} is below the gate's quality floors: {'; '.join(breaches)}"
+        return text.encode("ascii", "replace").decode()  # an HTTP header value
+
 
 def base_identity(spec: dict[str, Any], base_dir: str | None) -> str:
     """What must match for two versions to share one base: configured id, revision, and a bundled base's files."""
@@ -98,7 +107,7 @@ class Catalog:
 
     def entries(self) -> list[dict[str, Any]]:
         """``/v1/models`` data: base, every alias and every version of the served models."""
-        from loraops.registry import _versions
+        from loraops.registry import QUALITY_TAG, _versions
 
         created = int(time.time())
         out = [{"id": BASE, "object": "model", "created": created, "owned_by": "loraops"}]
@@ -112,7 +121,8 @@ class Catalog:
                             "parent": BASE, "root": f"{name}/{number}"})
             for mv in _versions(self.client, name):
                 out.append({"id": f"{name}/{mv.version}", "object": "model", "created": int(mv.creation_timestamp / 1000),
-                            "owned_by": "loraops", "parent": BASE, "root": f"{name}/{mv.version}"})
+                            "owned_by": "loraops", "parent": BASE, "root": f"{name}/{mv.version}",
+                            **({"quality_floors": mv.tags[QUALITY_TAG]} if mv.tags.get(QUALITY_TAG, "ok") != "ok" else {})})
         return out
 
     def resolve(self, model_id: str) -> Version | None:
@@ -558,10 +568,11 @@ def create_app(catalog: Catalog, engine: Engine, settings: Settings) -> Any:
             raise ApiError(429, f"The server is busy: {engine.waiting()} requests are waiting; retry shortly",
                            kind="rate_limit_error", code="queue_full") from None
         made, ident = int(time.time()), f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        headers = {"X-Loraops-Warning": version.warning} if version is not None and version.warning else None
         if body.stream:
             usage = bool((body.stream_options or {}).get("include_usage"))
             return StreamingResponse(_sse(job, events, body.model, kind, made, ident, usage, sources),
-                                     media_type="text/event-stream")
+                                     media_type="text/event-stream", headers=headers)
         try:
             while True:
                 event = await events.get()
@@ -577,7 +588,8 @@ def create_app(catalog: Catalog, engine: Engine, settings: Settings) -> Any:
                   if kind == "chat" else {"index": 0, "text": job.text, "logprobs": None, "finish_reason": finish})
         out = {"id": ident, "object": "chat.completion" if kind == "chat" else "text_completion", "created": made,
                "model": body.model, "choices": [choice], "usage": usage}
-        return out | ({"sources": sources} if sources else {})
+        out |= {"sources": sources} if sources else {}
+        return JSONResponse(out, headers=headers) if headers else out
 
     async def _sse(job: Job, events: asyncio.Queue, model_id: str, kind: str, made: int, ident: str,
                    include_usage: bool = False, sources: list[dict[str, Any]] | None = None) -> Any:

@@ -63,6 +63,8 @@ class Demo:
             answer, raw = self.engine.answer(prompt, version, int(generation["max_new_tokens"]),
                                              list(generation.get("stop_strings", [])))
             label = f"{arm} · {version.name}/{version.number}" if version else "base model (no adapter)"
+            if version is not None and version.warning:
+                label += " · ⚠ below the gate's quality floors (forced): its answers may be broken"
             if sources:
                 label += f" · with retrieval, sources: {', '.join(r['id'] for r in sources)}"
             if arm == "candidate" and version and out.get("production", {}).get("version") == f"{version.name}/{version.number}":

@@ -63,7 +63,8 @@ def register(params: Params, run_id: str, adapter_dir: Path, base_location: str,
         return {"name": name, "version": version, "reused": True}
     spec_dir = adapter_dir.parent / ".pyfunc-spec"
     spec_dir.mkdir(parents=True, exist_ok=True)
-    write_json(spec_dir / "spec.json", serve.model_spec(params, base_location))
+    floors = quality_of(adapter_dir.parent.parent, params)
+    write_json(spec_dir / "spec.json", {**serve.model_spec(params, base_location), "quality": floors})
     write_json(spec_dir / "lineage.json", lineage)
     artifacts = {"adapter": str(adapter_dir), "spec": str(spec_dir / "spec.json"), "lineage": str(spec_dir / "lineage.json")}
     if serve.should_bundle(base_location):
@@ -81,7 +82,9 @@ def register(params: Params, run_id: str, adapter_dir: Path, base_location: str,
                                       retrieval=params.rag.enabled),
             input_example=example,
         )
-    version = mlflow.register_model(info.model_uri, name, tags={SHA_TAG: adapter_sha, **_lineage_tags(lineage)})
+    quality_tag = "; ".join(floors.get("breaches", [])) or "ok" if floors else "not measured"
+    version = mlflow.register_model(info.model_uri, name, tags={SHA_TAG: adapter_sha, QUALITY_TAG: quality_tag[:4900],
+                                                               **_lineage_tags(lineage)})
     if description:
         client.update_model_version(name, version.version, description=description)
     client.set_registered_model_alias(name, "candidate", version.version)
@@ -142,7 +145,70 @@ def resolve(client: mlflow.MlflowClient, name: str, version: str | None = None, 
         return client.get_model_version(name, version) if version else client.get_model_version_by_alias(name, alias)
     except MlflowException:
         what = f"version {version}" if version else f"alias @{alias}"
-        raise RegistryError(f"model {name!r} has no {what}") from None
+        raise RegistryError(f"model {name!r} has no {what}{_what_there_is(client, name)}") from None
+
+
+def _what_there_is(client: mlflow.MlflowClient, name: str) -> str:
+    """For a missing alias: which version is the candidate and what the gate said of it."""
+    try:
+        candidate = client.get_model_version_by_alias(name, "candidate")
+    except MlflowException:
+        return ""
+    verdict = candidate.tags.get("gate.verdict", "not gated yet")
+    reasons = json.loads(candidate.tags.get("gate.reasons", "[]") or "[]")
+    why = f": {reasons[0]}" if verdict == "refused" and reasons else ""
+    return (f"; v{candidate.version} is the candidate (gate: {verdict}{why}); ask it with "
+            f"--model models:/{name}@candidate, or promote it with `loraops promote`")
+
+
+QUALITY_TAG = "quality.floors"
+"""On every registered version: ``ok``, or the gate floors its tuned answers breach (``registry.gate.max_degenerate_rate``,
+``min_distinct_share``), so whoever serves a forced version is told."""
+
+
+def quality_of(root: Path, params: Params) -> dict[str, Any]:
+    """The floors measured on the tuned answers of the run's eval table (``reports/eval_questions.csv``)."""
+    from loraops.gate import quality
+    from loraops.paths import EVAL_TABLE
+
+    path = root / EVAL_TABLE
+    if not path.exists():
+        return {}
+    table = pd.read_csv(path, keep_default_na=False)
+    column = f"tuned_{params.registry.gate.metric}"
+    if column not in table.columns:
+        return {}
+    return quality(scores_from_table(table, column), params.registry.gate).to_dict()
+
+
+def version_of(uri: str) -> tuple[str, str] | None:
+    """``models:/name@alias`` or ``models:/name/version`` → (name, version number); None for other URIs.
+
+    Raises:
+        RegistryError: unknown model, version or alias (a missing alias names the candidate and its verdict).
+    """
+    if not uri.startswith("models:/"):
+        return None
+    ref = uri[len("models:/"):]
+    name, alias = ref.split("@", 1) if "@" in ref else (ref.rsplit("/", 1)[0], None)
+    number = None if alias else ref.rsplit("/", 1)[-1]
+    return name, str(resolve(_client(), name, version=number, alias=alias).version)
+
+
+def floor_warning(name: str, version: str) -> str | None:
+    """A warning for a served version whose tuned answers breach a gate floor (it can only be production if forced)."""
+    try:
+        mv = _client().get_model_version(name, str(version))
+    except MlflowException:
+        return None
+    return floor_notice(name, str(version), mv.tags.get(QUALITY_TAG))
+
+
+def floor_notice(name: str, version: str, tag: str | None) -> str | None:
+    """The warning text for a ``quality.floors`` tag, or None when the version is within the floors."""
+    if not tag or tag == "ok":
+        return None
+    return f"warning: {name} v{version} is below the gate's quality floors ({tag}); its answers may be broken"
 
 
 def run_artifact(run_id: str, artifact_path: str, missing: str) -> Path:

@@ -65,6 +65,13 @@ class LoraQAModel(mlflow.pyfunc.PythonModel):
         self.model = PeftModel.from_pretrained(base, context.artifacts["adapter"]).to(self.device)
         self.eval_cfg = EvalSection(**spec["generation"])
         self.retriever = retriever_for(spec, context.artifacts.get("index"))
+        breaches = (spec.get("quality") or {}).get("breaches")
+        if breaches:  # only a forced promotion serves such a version; say so wherever it is loaded
+            import warnings
+
+            message = f"this model is below the gate's quality floors: {'; '.join(breaches)}"
+            _log.warning(message)
+            warnings.warn(message, UserWarning, stacklevel=2)
 
     def _records(self, model_input: Any) -> list[dict[str, str]]:
         import pandas as pd

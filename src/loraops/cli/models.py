@@ -62,10 +62,14 @@ def ask(question: Optional[str] = typer.Argument(None),
         out: Optional[Path] = typer.Option(None, "--out", help="Where to write answers (CSV; default FILE.answers.csv)."),
         params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt) -> None:
     """Answer questions with a registered adapter (default: production)."""
-    from loraops import serve
+    from loraops import registry, serve
 
     p = params_of(params, set_)
     uri = model or f"models:/{p.registry.model_name}@production"
+    served = registry.version_of(uri)  # no production yet: the error names the candidate and the gate's verdict
+    warning = registry.floor_warning(*served) if served else None
+    if warning:
+        typer.secho(warning, err=True, fg=typer.colors.YELLOW)
     if file is not None:
         source = user_path(file)
         target = user_path(out.parent) / out.name if out else source.with_name(source.stem + ".answers.csv")
