@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -103,3 +104,47 @@ def test_sigterm_ends_a_waiting_run_cleanly(workspace):
     client = mlflow.MlflowClient()
     (mlflow_run,) = client.search_runs([client.get_experiment_by_name("interior-qa-lora").experiment_id])
     assert mlflow_run.info.status in ("KILLED", "FAILED")
+
+
+QUEUE = """
+import sys, time, uuid
+from loraops import concurrency
+from loraops.cli.flows import prefect_defaults
+prefect_defaults()
+concurrency.ensure_gpu_limit()
+with concurrency.gpu_slot(lambda m: print(m, flush=True), {"type": "flow_run", "id": str(uuid.uuid4())}):
+    print("ACQUIRED", sys.argv[1], time.time(), flush=True)
+    time.sleep(1)
+"""
+
+
+def test_waiters_take_the_slot_in_the_order_they_asked_for_it(tmp_path):
+    """A holder and three runs that ask one after another: when the holder leaves, they get the slot first come,
+    first served (Prefect alone hands it to whichever polls first), and the waits name the holder's project and run."""
+    import time
+
+    env = _env(tmp_path, LORAOPS_SLOT_WAIT_STEP_SECONDS="2")
+    line = tmp_path / "loraops-slots" / "gpu"
+    holder = str(uuid.uuid4())
+    hold = subprocess.Popen([sys.executable, "-c", HOLD, holder], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    waiters = []
+    try:
+        assert hold.stdout.readline().strip() == "HELD"
+        for name in ("first", "second", "third"):
+            waiters.append(subprocess.Popen([sys.executable, "-c", QUEUE, name], env=env, stdout=subprocess.PIPE,
+                                            stderr=subprocess.STDOUT, text=True, start_new_session=True))
+            deadline = time.time() + 120
+            while len(list(line.glob("wait-*.json"))) < len(waiters):  # in line before the next one starts
+                assert time.time() < deadline and waiters[-1].poll() is None, waiters[-1].stdout.read()[-2000:]
+                time.sleep(0.2)
+        time.sleep(6)  # every waiter has polled a few times while the slot was held
+    finally:
+        os.kill(hold.pid, signal.SIGINT)  # the holder leaves (KeyboardInterrupt: its slot is released)
+        hold.wait()
+    outputs = [w.communicate(timeout=300)[0] for w in waiters]
+    assert all(w.returncode == 0 for w in waiters), outputs
+    got = sorted((float(line.split()[2]), line.split()[1]) for out in outputs for line in out.splitlines()
+                 if line.startswith("ACQUIRED"))
+    assert [name for _, name in got] == ["first", "second", "third"], outputs
+    assert "run(s) ahead in line" in outputs[2] and f"held by {Path.cwd().resolve()} · flow_run {holder} for" in outputs[0]

@@ -88,27 +88,140 @@ def _quiet_expected_timeouts() -> None:
 
 @contextlib.contextmanager
 def waiting_slot(name: str, say: Callable[[str], None], holder: dict[str, Any] | None = None) -> Iterator[None]:
-    """Hold a slot of ``name``; while waiting, say who holds it and, in local mode, free slots of dead holders."""
+    """Hold a slot of ``name``, taking turns in arrival order with the other runs of this host that wait for it.
+
+    Prefect hands a free slot to whichever waiter polls first; a :class:`Line` on this host makes them queue,
+    so a run is never overtaken by runs that asked later. While waiting it says who holds the slot (project
+    folder, flow run, for how long) and, in local mode, frees slots of dead holders.
+    """
     _quiet_expected_timeouts()
-    waited, suspects = 0.0, 0
-    with contextlib.ExitStack() as stack:
+    line = Line(name)
+    waited, suspects, told = 0.0, 0, 0.0
+    started = time.monotonic()
+    with contextlib.ExitStack() as stack, line.ticket(holder) as ticket:
         while True:
             if local_mode():
                 suspects, freed = reclaim(name, suspects)
                 if freed:
                     say(f"freed {freed} slot(s) of the Prefect concurrency limit {name!r} whose holder is gone")
-            try:
-                stack.enter_context(slot(name, timeout_seconds=WAIT_STEP_SECONDS, holder=holder))
-                break
-            except TimeoutError:
-                waited += WAIT_STEP_SECONDS
-                message = f"waiting {waited:.0f}s for the Prefect concurrency limit {name!r}: {describe_holders(name)}"
-                if not local_mode() and waited >= 2 * LEASE_SECONDS and waited % (4 * WAIT_STEP_SECONDS) < WAIT_STEP_SECONDS:
-                    message += (". If no run holds it, the Prefect server lost its leases (a restart with the default "
-                                "in-memory lease storage): start the server with PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE="
-                                f"{FILESYSTEM_LEASES} and free the slot with `prefect gcl update {name} --active-slots 0`")
-                say(message)
+            ahead = line.ahead_of(ticket)
+            if not ahead:
+                try:
+                    stack.enter_context(slot(name, timeout_seconds=WAIT_STEP_SECONDS, holder=holder))
+                    break
+                except TimeoutError:
+                    pass
+            else:
+                time.sleep(min(1.0, WAIT_STEP_SECONDS))
+            waited = time.monotonic() - started
+            if waited - told >= WAIT_STEP_SECONDS:
+                told = waited
+                say(_wait_message(name, waited, len(ahead), line))
+        line.hold(ticket)
         yield
+
+
+def _wait_message(name: str, waited: float, ahead: int, line: "Line") -> str:
+    queue = f"{ahead} run(s) ahead in line" if ahead else "next in line"
+    holders = line.holders() or describe_holders(name)
+    message = f"waiting {waited:.0f}s for the Prefect concurrency limit {name!r} ({queue}): {holders}"
+    if not local_mode() and waited >= 2 * LEASE_SECONDS and int(waited) % int(4 * WAIT_STEP_SECONDS) < WAIT_STEP_SECONDS:
+        message += (". If no run holds it, the Prefect server lost its leases (a restart with the default "
+                    "in-memory lease storage): start the server with PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE="
+                    f"{FILESYSTEM_LEASES} and free the slot with `prefect gcl update {name} --active-slots 0`")
+    return message
+
+
+class Line:
+    """This host's waiters for a limit, served in arrival order; and who holds it, described for the waiters.
+
+    Each waiter writes a ticket (arrival time, pid, project folder, flow run) into a folder beside Prefect's
+    database (``$PREFECT_HOME/loraops-slots/<limit>``); only the earliest live ticket asks Prefect for a slot.
+    Tickets of processes that died are ignored and removed, so a crash never blocks the line.
+    """
+
+    def __init__(self, name: str, folder: Path | None = None) -> None:
+        home = Path(os.environ.get("PREFECT_HOME") or Path.home() / ".prefect")
+        self.folder = folder or home / "loraops-slots" / name
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    @contextlib.contextmanager
+    def ticket(self, holder: dict[str, Any] | None = None) -> Iterator[Path]:
+        """Join the line; the ticket is removed when the block ends (slot taken, or the wait given up)."""
+        info = {"pid": os.getpid(), "started": _started(os.getpid()), "since": time.time(),
+                "project": str(Path.cwd().resolve()), "run": _run_name(holder)}
+        path = self.folder / f"wait-{time.time_ns():020d}-{os.getpid()}.json"
+        atomic_write(path, json.dumps(info))
+        try:
+            yield path
+        finally:
+            path.unlink(missing_ok=True)
+            _held(path).unlink(missing_ok=True)
+
+    def ahead_of(self, ticket: Path) -> list[dict[str, Any]]:
+        """The live waiters that arrived before ``ticket``."""
+        return [info for path, info in self._live("wait-") if path.name < ticket.name]
+
+    def hold(self, ticket: Path) -> None:
+        """The ticket's owner took the slot: it leaves the line and is listed as a holder (for the waiters)."""
+        info = json.loads(ticket.read_text(encoding="utf-8")) | {"since": time.time()}
+        atomic_write(_held(ticket), json.dumps(info))
+        ticket.unlink(missing_ok=True)
+
+    def holders(self) -> str:
+        """``held by <project> · <flow run> for 2m05s`` for every live holder on this host ("" when none)."""
+        now = time.time()
+        parts = [f"{info['project']} · {info['run']} for {_duration(now - info['since'])}"
+                 for _, info in self._live("held-")]
+        return "held by " + "; ".join(parts) if parts else ""
+
+    def _live(self, prefix: str) -> list[tuple[Path, dict[str, Any]]]:
+        out = []
+        for path in sorted(self.folder.glob(f"{prefix}*.json")):
+            try:
+                info = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):  # being written, or just removed
+                continue
+            if _alive(info):
+                out.append((path, info))
+            else:
+                path.unlink(missing_ok=True)
+        return out
+
+
+def _held(ticket: Path) -> Path:
+    return ticket.with_name(ticket.name.replace("wait-", "held-", 1))
+
+
+def _started(pid: int) -> float | None:
+    import psutil
+
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return None
+
+
+def _alive(info: dict[str, Any]) -> bool:
+    """The ticket's process still runs (the same process: a reused pid has another start time)."""
+    started = _started(int(info.get("pid", 0)))
+    return started is not None and (info.get("started") is None or abs(started - info["started"]) < 1.0)
+
+
+def _run_name(holder: dict[str, Any] | None) -> str:
+    with contextlib.suppress(Exception):
+        from prefect.runtime import flow_run
+
+        if flow_run.name:
+            return f"flow run {flow_run.name}"
+    if holder:
+        return f"{holder.get('type', 'run')} {holder.get('id')}"
+    return f"pid {os.getpid()}"
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
 def reclaim(name: str, suspects: int = 0) -> tuple[int, int]:
@@ -173,6 +286,8 @@ async def _describe(name: str) -> str:
         limit = await read_concurrency_limit(session, name=name)
     if limit is None:
         return "no such limit"
+    if not limit.active_slots:
+        return f"0/{limit.limit} slot(s) held: free, the runs ahead in line take it first"
     parts = []
     for lease_id in await storage.read_active_lease_ids(limit=1000):
         lease = await storage.read_lease(lease_id)
@@ -239,7 +354,10 @@ def _shared_lock(name: str, timeout: float) -> Iterator[None]:
         raise RegistryError(f"another promote/rollback of {name!r} holds the Prefect limit {limit}; waited {timeout:g}s") from None
 
 
-GPU_LIMIT = "gpu"
+GPU_LIMIT = os.environ.get("LORAOPS_GPU_LIMIT", "gpu")
+"""The limit training and generation take: ``gpu``, shared by every project of this Prefect database (local mode: the
+user's; team mode: the server's), because one GPU runs one training at a time. A project that has a GPU of its own
+sets ``LORAOPS_GPU_LIMIT=gpu-<project>`` (README "One GPU, several projects")."""
 
 
 def ensure_gpu_limit(slots: int | None = None) -> int:
