@@ -48,6 +48,8 @@ from architectures import ARCHITECTURES
 def _args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="30 timed steps: a figure in under 3 minutes on 2 CPU cores")
+    p.add_argument("--smoke", action="store_true", help="2 timed steps of a 1-layer base, once: checks the benchmark "
+                                                        "runs (the test suite), its figures mean nothing")
     p.add_argument("--split", type=Path, help="a prepared split (JSONL with prompt, answer); default: the sample data")
     p.add_argument("--steps", type=int, default=60, help="timed optimiser steps per arm and repeat")
     p.add_argument("--warmup", type=int, default=5)
@@ -69,6 +71,8 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
     a = p.parse_args(argv)
     if a.quick:
         a.steps, a.warmup = min(a.steps, 30), 3
+    if a.smoke:
+        a.steps, a.warmup, a.repeats, a.layers, a.hidden, a.batch_size = 2, 1, 1, 1, 64, 4
     if a.arch and a.base:
         p.error("--arch builds its own base; give --arch or --base, not both")
     return a
@@ -151,7 +155,7 @@ def _trainer(a: argparse.Namespace, base: str, rows: list[dict], device: str) ->
     params = load_params(ROOT / "params.yaml", [
         f"model.base={base}", "lora.r=16", "lora.alpha=32", "lora.dropout=0.0", "lora.modules_to_save=[]",
         f"train.max_steps={total}", f"train.batch_size={a.batch_size}", "train.learning_rate=2e-4",
-        "train.warmup_ratio=0.0", "train.scheduler=linear", "train.logging_steps=1", f"train.eval_steps={10 ** 6}",
+        "train.warmup_ratio=0.0", "train.scheduler=linear", "train.logging_steps=1", f"train.eval_steps={total}",
         f"train.batching={a.batching}", f"train.quantization={a.quantization}"])
     set_seed(0)
     tok = load_tokenizer(base, params.model)

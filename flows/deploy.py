@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from prefect import serve
+import asyncio
+import os
+import threading
+from typing import Any
+
+from prefect.runner import Runner
 
 from loraops import concurrency, form
 from loraops.config import load_params
@@ -26,7 +31,36 @@ def deployments(params_file: str = "params.yaml") -> list:
     ]
 
 
+class BoundedShutdownRunner(Runner):
+    """Prefect's runner, whose shutdown on SIGTERM cannot hang.
+
+    Prefect's own handler pauses the deployments and cancels runs through the API before it exits; when the Prefect
+    server is already gone, that waits on it forever and a second SIGTERM is ignored. This one exits anyway after
+    :attr:`shutdown_seconds`.
+    """
+
+    shutdown_seconds = 15.0
+
+    def handle_sigterm(self, *args: Any, **kwargs: Any) -> None:
+        timer = threading.Timer(self.shutdown_seconds, os._exit, args=(143,))
+        timer.daemon = True
+        timer.start()
+        super().handle_sigterm(*args, **kwargs)
+
+
 def serve_all(params_file: str = "params.yaml", limit: int | None = None) -> None:
-    """Create the `gpu` concurrency limit if needed, then serve the deployments until interrupted."""
+    """Create the `gpu` concurrency limit if needed, then serve the deployments until interrupted (as Prefect's
+    ``serve`` does, with a shutdown that ends even when the server is gone)."""
     concurrency.ensure_gpu_limit()
-    serve(*deployments(params_file), limit=limit)
+    runner = BoundedShutdownRunner(pause_on_shutdown=True, limit=limit)
+    served = deployments(params_file)
+    for deployment in served:
+        runner.add_deployment(deployment)
+    names = ", ".join(f"{d.flow_name}/{d.name}" for d in served)
+    print(f"serving the deployments {names}; start runs from the Prefect UI "
+          f"({os.environ.get('PREFECT_UI_URL') or os.environ.get('PREFECT_API_URL', '').removesuffix('/api')}/deployments) "
+          "or with `prefect deployment run finetune/loraops`", flush=True)
+    try:
+        asyncio.run(runner.start())
+    except KeyboardInterrupt:
+        pass

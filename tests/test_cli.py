@@ -134,6 +134,14 @@ def test_init_data_guesses_format_and_columns_and_writes_a_loadable_params_file(
     assert (params.data.path, params.data.answer_column, params.data.category_column) == ("data/raw/tickets.csv", "답변", "유형")
     assert params.data.id_column == "번호" and params.registry.model_name == "tickets-lora"
     assert loraops("prepare", "--params", "configs/tickets.yaml", cwd=project).returncode == 0
+    assert (params.rag.corpus, params.rag.docs_path) == ("train", "data/raw/tickets.csv")  # not the sample's documents
+    long = project / "data/raw/faq.csv"  # a seller-centre FAQ: answers of thousands of characters
+    long.write_text("question,answer\n" + "".join(f"질문 {i}?,{'긴 답변 문장입니다. ' * (20 * (i % 10 + 1))}\n"
+                                                   for i in range(40)), encoding="utf-8")
+    proposed = loraops("init-data", "data/raw/faq.csv", cwd=project)
+    assert proposed.returncode == 0 and "answers 1," in proposed.stdout, proposed.stdout
+    faq = load_params(project / "configs/faq.yaml")
+    assert faq.data.max_answer_chars >= 2200 and faq.eval.max_new_tokens >= 512 and faq.model.max_length >= 640
     again = loraops("init-data", "data/raw/tickets.csv", cwd=project)
     assert again.returncode == 2 and "exists; pass --force" in again.stderr
     unclear = project / "x.csv"

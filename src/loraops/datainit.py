@@ -13,7 +13,11 @@ import yaml
 
 from loraops.config import DataSection, Params, validate
 from loraops.errors import ConfigError, DataError
-from loraops.readers import SUFFIXES, read_rows
+from loraops.readers import SUFFIXES, read_records, read_rows
+
+CHARS_PER_TOKEN = 2.0
+"""A rough figure for Korean text in a multilingual tokenizer, used only to propose token limits; `loraops train` says
+how many pairs ``model.max_length`` really cuts, and `evaluate` how many references ``eval.max_new_tokens`` does."""
 
 QUESTION_NAMES = ("question", "질문", "q", "query", "prompt", "instruction", "input", "user", "문의", "질의")
 ANSWER_NAMES = ("answer", "답변", "a", "response", "output", "completion", "reply", "assistant", "응답", "정답")
@@ -65,6 +69,29 @@ def guess(path: Path) -> dict[str, Any]:
                   "id_column": _pick(header, ID_NAMES), "category_column": _pick(header, CATEGORY_NAMES)}
 
 
+def _round_up(value: float, step: int) -> int:
+    return int(-(-value // step) * step)
+
+
+def lengths(data: Path, section: DataSection) -> dict[str, Any]:
+    """Length settings proposed from the file's question and answer length percentiles (characters): the data
+    limits cut at most 1% of the rows, the token limits hold the 95th percentile pair and the 90th percentile answer."""
+    import numpy as np
+
+    records, _ = read_records(data, section)
+    questions = np.array([len(r.question) for r in records] or [0])
+    answers = np.array([len(r.answer) for r in records] or [0])
+    q95, a95 = float(np.percentile(questions, 95)), float(np.percentile(answers, 95))
+    return {
+        "data.max_question_chars": max(128, _round_up(float(np.percentile(questions, 99)), 64)),
+        "data.max_answer_chars": max(256, _round_up(float(np.percentile(answers, 99)), 128)),
+        "model.max_length": max(128, min(8192, _round_up((q95 + a95) / CHARS_PER_TOKEN + 32, 64))),
+        "eval.max_new_tokens": max(32, min(2048, _round_up(float(np.percentile(answers, 90)) / CHARS_PER_TOKEN, 32))),
+        "percentiles": {"question_chars_p50_p95_max": [float(np.percentile(questions, 50)), q95, float(questions.max())],
+                        "answer_chars_p50_p95_max": [float(np.percentile(answers, 50)), a95, float(answers.max())]},
+    }
+
+
 def write_params_for(data: Path, target: Path, current: Params, model_name: str | None,
                      force: bool = False) -> tuple[Path, dict[str, Any]]:
     """Write ``target``: the current params with the data section guessed for ``data`` and its own model name.
@@ -87,9 +114,23 @@ def write_params_for(data: Path, target: Path, current: Params, model_name: str 
     if guessed["format"] != "wide":
         tree["data"]["template"] = DataSection().template
     tree["registry"]["model_name"] = model_name or f"{data.stem}-lora"
+    # The sample's interior documents are not this dataset's: retrieval indexes its own training answers until
+    # rag.docs_path points at its documents (and rag.corpus is docs again).
+    tree["rag"].update(corpus="train", docs_path=guessed["path"])
+    tree["augment"]["documents"] = False
+    proposed = lengths(data, DataSection(**{k: v for k, v in tree["data"].items() if k != "path"}))
+    for key, value in proposed.items():
+        if key != "percentiles":
+            section, name = key.split(".")
+            tree[section][name] = value
     params = validate(tree)  # the file written always loads
     target.parent.mkdir(parents=True, exist_ok=True)
     header = f"# params for {guessed['path']} (written by `loraops init-data`; review the data section)\n"
     target.write_text(header + yaml.safe_dump(params.model_dump(mode="json"), allow_unicode=True, sort_keys=False),
                       encoding="utf-8")
-    return target, {f"data.{k}": v for k, v in guessed.items()} | {"registry.model_name": tree["registry"]["model_name"]}
+    shown = {f"data.{k}": v for k, v in guessed.items()} | {"registry.model_name": tree["registry"]["model_name"]}
+    pct = proposed.pop("percentiles")
+    shown["lengths (characters p50 / p95 / max)"] = (f"questions {' / '.join(f'{v:,.0f}' for v in pct['question_chars_p50_p95_max'])}"
+                                                   f", answers {' / '.join(f'{v:,.0f}' for v in pct['answer_chars_p50_p95_max'])}")
+    shown |= proposed | {"rag.corpus": "train (its own answers; set rag.docs_path to your documents and rag.corpus: docs)"}
+    return target, shown

@@ -250,6 +250,9 @@ def run(params: Params, root: Path = Path("."), self_test: bool | None = None) -
     rows = select_rows(test_rows, params.eval.max_samples, params.base.seed)
     expected = tone_expected(rows, params)  # a row without a mapped level fails here, before any generation
     model, tokenizer = load_tuned(params, root / ADAPTER_DIR, device, root)
+    room = answer_room(tokenizer, [r["answer"] for r in rows], params.eval.max_new_tokens)
+    if room["warning"]:
+        say(f"warning: {room['warning']}")
     rag = params.rag.enabled
     answers = _answers(model, tokenizer, [r["prompt"] for r in rows], params, device, " with retrieval" if rag else "")
     say(f"scoring {len(rows)} base and tuned answers with {', '.join(params.eval.metrics)}")
@@ -273,6 +276,7 @@ def run(params: Params, root: Path = Path("."), self_test: bool | None = None) -
     summary = summarize(table, columns, slice_columns, params.eval.bootstrap_samples, params.base.seed,
                         params.eval.min_slice_size)
     summary["degenerate"] = degenerate_summary(table)
+    summary["answer_room"] = {k: v for k, v in room.items() if k != "warning"}
     summary["sample"] = {"n": len(rows), "of": len(test_rows), "seed": params.base.seed,
                          "stratified_by": "category, whole source groups" if len(rows) < len(test_rows) else None}
     if rag:
@@ -295,6 +299,23 @@ def run(params: Params, root: Path = Path("."), self_test: bool | None = None) -
     atomic_write(root / EVAL_REPORT, markdown(summary, table, primary))
     write_json(root / EVAL_METRICS, summary)
     return summary
+
+
+def answer_room(tokenizer: Any, references: list[str], max_new_tokens: int) -> dict[str, Any]:
+    """How long the reference answers are in the base's tokens against ``eval.max_new_tokens``, with a warning when
+    the answers it lets the model write are much shorter (a cut answer cannot reach what the reference says)."""
+    import numpy as np
+
+    lengths = np.array([len(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in references] or [0])
+    median, p90 = float(np.median(lengths)), float(np.percentile(lengths, 90))
+    over = float((lengths > max_new_tokens).mean())
+    out: dict[str, Any] = {"reference_tokens_median": median, "reference_tokens_p90": p90, "max_new_tokens": max_new_tokens,
+                           "references_longer": round(over, 4), "warning": None}
+    if over > 0.25:
+        out["warning"] = (f"{over:.0%} of the reference answers are longer than eval.max_new_tokens={max_new_tokens} "
+                          f"tokens (median {median:.0f}, p90 {p90:.0f}): the model's answers are cut there and score "
+                          f"lower than they would; raise eval.max_new_tokens to about {int(p90)}")
+    return out
 
 
 def _answers(model: Any, tokenizer: Any, prompts: list[str], params: Params, device: str,

@@ -22,18 +22,22 @@ from loraops.paths import AUGMENTED_DIR, DATA_CARD, PREPARED_DIR, SPLITS, split
 from loraops.utils import atomic_dir
 
 _SPACES = re.compile(r"[ \t\u00a0\u3000]+")
+_INVISIBLE = re.compile("[\u200b\u200c\u200d\u2060\ufeff\u00ad]")
+"""Zero-width spaces and joiners, word joiner, BOM, soft hyphen: invisible, and they split morphemes and tokens."""
+_LINE_BREAKS = str.maketrans({"\u2028": "\n", "\u2029": "\n", "\u0085": "\n", "\x0b": "\n", "\x0c": "\n"})
 
 
 def clean_text(text: str) -> str:
     """NFC-normalise, unify line ends, collapse runs of spaces, strip each line and the whole."""
-    text = unicodedata.normalize("NFC", text).replace("\r\n", "\n").replace("\r", "\n")
+    text = unicodedata.normalize("NFC", text).replace("\r\n", "\n").replace("\r", "\n").translate(_LINE_BREAKS)
+    text = _INVISIBLE.sub("", text)
     lines = [_SPACES.sub(" ", line).strip() for line in text.split("\n")]
     return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
 
 
 def clean(records: list[QARecord], cfg: DataSection) -> tuple[list[QARecord], dict[str, int]]:
     """Normalise, drop exact duplicates and apply the length policy; return records and what was done."""
-    report = Counter(duplicates=0, truncated=0, dropped_long=0)
+    report = Counter(duplicates=0, truncated=0, dropped_long=0, longest_question=0, longest_answer=0)
     seen: set[tuple[str, str, str]] = set()
     out = []
     for rec in records:
@@ -43,18 +47,46 @@ def clean(records: list[QARecord], cfg: DataSection) -> tuple[list[QARecord], di
             report["duplicates"] += 1
             continue
         seen.add(key)
+        report["longest_question"] = max(report["longest_question"], len(question))
+        report["longest_answer"] = max(report["longest_answer"], len(answer))
         too_long = len(question) > cfg.max_question_chars or len(answer) > cfg.max_answer_chars
         if too_long and cfg.length_policy == "drop":
             report["dropped_long"] += 1
             continue
         if too_long:
             report["truncated"] += 1
-            question, answer = question[: cfg.max_question_chars], answer[: cfg.max_answer_chars]
+            question, answer = cut_at_word(question, cfg.max_question_chars), cut_at_word(answer, cfg.max_answer_chars)
         attrs = {k: clean_text(v) for k, v in rec.attributes.items()}
         out.append(replace(rec, question=question, answer=answer, category=clean_text(rec.category), attributes=attrs))
     if not out:
         raise DataError(f"data.path: no pairs left after cleaning (length policy {cfg.length_policy!r} dropped {report['dropped_long']})")
     return out, dict(report)
+
+
+def cut_at_word(text: str, limit: int) -> str:
+    """``text`` cut to at most ``limit`` characters, at the last sentence end or space in its final fifth (never
+    mid-word unless one word fills it)."""
+    if len(text) <= limit:
+        return text
+    head = text[:limit]
+    floor = int(limit * 0.8)
+    for marks in ((".", "?", "!", "。", "\n"), (" ",)):
+        at = max(head.rfind(mark) for mark in marks)
+        if at >= floor:
+            return head[: at + 1].rstrip()
+    return head
+
+
+def length_note(report: dict[str, int], cfg: DataSection) -> str | None:
+    """What the length policy did, naming its keys (one line), or None when nothing was too long."""
+    if report.get("truncated"):
+        return (f"{report['truncated']} pair(s) were cut to data.max_question_chars={cfg.max_question_chars} / "
+                f"data.max_answer_chars={cfg.max_answer_chars} at a word boundary (longest answer "
+                f"{report['longest_answer']:,} characters); raise them or set data.length_policy=drop")
+    if report.get("dropped_long"):
+        return (f"{report['dropped_long']} pair(s) longer than data.max_question_chars={cfg.max_question_chars} / "
+                f"data.max_answer_chars={cfg.max_answer_chars} were dropped (data.length_policy=drop)")
+    return None
 
 
 def split_groups(records: list[QARecord], cfg: DataSection, seed: int) -> dict[str, list[QARecord]]:

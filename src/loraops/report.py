@@ -211,7 +211,12 @@ def _cell(text: str, width: int = 80) -> str:
 def markdown(summary: dict[str, Any], table: pd.DataFrame, primary: str, top: int = 10) -> str:
     """``reports/eval.md``: headline, slices, intervals, biggest wins and losses."""
     validity = summary.get("validity", {})
-    lines = ["# Evaluation: base vs tuned", "", _sample_line(summary), "", *_degenerate_lines(summary), "",
+    room = summary.get("answer_room") or {}
+    cut = ([f"**Answers cut short:** {room['references_longer']:.0%} of the reference answers are longer than "
+            f"eval.max_new_tokens={room['max_new_tokens']} tokens (median {room['reference_tokens_median']:.0f}, p90 "
+            f"{room['reference_tokens_p90']:.0f}); the model's answers stop there.", ""]
+           if room.get("references_longer", 0) > 0.25 else [])
+    lines = ["# Evaluation: base vs tuned", "", _sample_line(summary), "", *_degenerate_lines(summary), "", *cut,
              f"Gate metric: **{primary}**.", "",
              "| metric | base | tuned | Δ (tuned − base) | 95% CI of Δ | wins / ties / losses | valid on Korean probes |",
              "|---|---|---|---|---|---|---|"]

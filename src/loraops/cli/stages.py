@@ -17,9 +17,13 @@ def prepare(params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt) -> Non
     """Read data.path, clean, split by source row, render prompts → data/prepared."""
     from loraops import prepare as prepare_stage
 
-    card = prepare_stage.run(params_of(params, set_))
+    p = params_of(params, set_)
+    card = prepare_stage.run(p)
     typer.echo(f"prepared {card['pairs']} pairs from {card['source']['path']} ({card['source']['encoding']}); "
                f"cleaning: {card['cleaning']}")
+    note = prepare_stage.length_note(card["cleaning"], p.data)
+    if note:
+        typer.secho(f"note: {note}", fg=typer.colors.YELLOW)
 
 
 @app.command()
