@@ -164,6 +164,11 @@ def detect(answer: str, reference: str = "") -> str | None:
 
 
 def clean(text: str) -> tuple[str, int]:
-    """The text without undecodable characters, and how many were dropped (what a user may see)."""
-    kept = "".join(ch for ch in text if ch != REPLACEMENT and not "\ud800" <= ch <= "\udfff")
+    """The text without undecodable characters and control characters (all but newline and tab: a random or broken
+    model emits NUL, DEL, lone carriage returns, which also break the CSV tables), and how many were dropped."""
+    kept = "".join(ch for ch in text.translate(_LINE_BREAKS) if ch != REPLACEMENT and not "\ud800" <= ch <= "\udfff"
+                   and (ch in "\n\t" or unicodedata.category(ch) != "Cc"))
     return kept, len(text) - len(kept)
+
+
+_LINE_BREAKS = str.maketrans({"\u2028": "\n", "\u2029": "\n", "\u0085": "\n"})

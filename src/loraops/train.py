@@ -149,7 +149,34 @@ def prepare_model(location: str, params: Params, device: str, batching: str) -> 
         model.set_attn_implementation(packing.packed_attention(device))
     if cfg.quantization == "4bit":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
-    return get_peft_model(model, lora_config(params.lora))
+    lora = params.lora.model_copy(update={"modules_to_save": modules_to_save(model, params.lora.modules_to_save)})
+    return get_peft_model(model, lora_config(lora))
+
+
+def modules_to_save(model: Any, names: list[str]) -> list[str]:
+    """``lora.modules_to_save`` in this architecture's own names: ``embed_tokens`` and ``lm_head`` (the Llama names
+    params.yaml uses) stand for the input and output embeddings whatever they are called (GPT-NeoX ``embed_in`` /
+    ``embed_out``, GPT-2 ``wte``); other names must exist.
+
+    Raises:
+        ConfigError: a name that matches no module of the base.
+    """
+    from loraops.errors import ConfigError
+
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    roles = {"embed_tokens": model.get_input_embeddings(), "lm_head": model.get_output_embeddings()}
+    owner = {id(module): name.rsplit(".", 1)[-1] for name, module in model.named_modules()}
+    out = []
+    for name in names:
+        if name in present:
+            out.append(name)
+        elif name in roles and roles[name] is not None and id(roles[name]) in owner:
+            out.append(owner[id(roles[name])])
+            say(f"lora.modules_to_save: {name} is {owner[id(roles[name])]} in {type(model).__name__}")
+        else:
+            raise ConfigError(f"lora.modules_to_save: {name!r} is no module of {type(model).__name__}; its modules "
+                              f"include {', '.join(sorted(present - {''})[:12])}")
+    return list(dict.fromkeys(out))
 
 
 def make_trainer(model: Any, tokenizer: Any, cfg: TrainSection, seed: int, device: str, out_dir: Path,

@@ -53,7 +53,7 @@ def index(params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt) -> None:
     """Chunk rag.docs_path and index it (Korean morpheme BM25; vectors for dense/hybrid) → data/index; with
     rag.enabled, each prepared question's passages → data/retrieved."""
     from loraops import index as index_stage
-    from loraops.workspace import pull_inputs
+    from loraops.remote import pull_inputs
 
     p = params_of(params, set_)
     if p.rag.corpus == "docs":
