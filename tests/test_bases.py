@@ -20,7 +20,7 @@ from helpers import REPO, tiny_overrides
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 # Few steps: these tests check that every path works with every architecture, not that it learns.
-QUICK = tiny_overrides("train.max_steps=20", "train.eval_steps=10", "eval.max_samples=10", "eval.bootstrap_samples=50",
+QUICK = tiny_overrides("train.max_steps=20", "train.eval_steps=10", "eval.max_samples=10",
                        "eval.self_test=false")
 
 
