@@ -33,3 +33,37 @@ def test_train_benchmark_refuses_arch_and_base_together(capsys):
     with pytest.raises(SystemExit):
         train_throughput._args(["--arch", "qwen2.5-0.5b", "--base", "some/dir"])
     assert "give --arch or --base, not both" in capsys.readouterr().err
+
+
+# Every benchmark's quickest mode, run so that none can rot (smoke runs: the figures are not checked, only that each
+# benchmark completes and prints its summary line).
+SMOKES = {
+    "train_throughput.py --smoke": "speedup_vs_hf_trainer:",
+    "eval_throughput.py --questions 4 --max-new-tokens 8 --scoring-calls 1": "generation_speedup_batched:",
+    "retrieval.py": "morpheme_bm25_recall1_vs_whitespace:",
+    "orchestration_overhead.py --smoke": "orchestration_overhead_ratio:",
+    "sweep.py --smoke": "sequential `loraops run`",
+}
+
+
+def _bench(command: str, cwd: Path = Path(__file__).resolve().parents[1]) -> str:
+    import os
+    import subprocess
+
+    script, *args = command.split()
+    done = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "benchmarks" / script), *args],
+                          cwd=cwd, capture_output=True, text=True, timeout=900, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, f"{command}:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
+    return done.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", sorted(SMOKES))
+def test_benchmark_smoke(command):
+    assert SMOKES[command] in _bench(command)
+
+
+@pytest.mark.slow
+def test_serve_benchmark_smoke(served_project):
+    out = _bench(f"serve_throughput.py --project {served_project} --requests 4")
+    assert "every arm the same answers" in out
