@@ -28,7 +28,7 @@ run: data
 	HF_HUB_OFFLINE=$${HF_HUB_OFFLINE:-1} loraops run
 
 test: data
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not gpu"
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not gpu" --durations=25
 
 test-fast: data
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q

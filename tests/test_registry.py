@@ -179,3 +179,22 @@ def test_no_answer_within_the_approval_timeout_rejects_and_moves_nothing(store):
     assert registry._alias_version(registry._client(), "m", "production") is None
     assert [(a["action"], a["to"]) for a in registry.audit_trail("m")] == [("reject", version)]
     assert mlflow.MlflowClient().get_model_version("m", version).tags["gate.verdict"] == "rejected by reviewer"
+
+
+def test_no_production_names_the_candidate_and_its_verdict_and_a_forced_broken_version_is_flagged(store):
+    params = load_params(REPO / "params.yaml", ["registry.gate.min_test_size=5"])
+    version = _register(store, "m", 0.29)  # no better than its base (0.30 on average): refused
+    client = mlflow.MlflowClient()
+    client.set_registered_model_alias("m", "candidate", version)
+    assert not registry.promote("m", None, params)["promoted"]
+    with pytest.raises(registry.RegistryError) as err:
+        registry.version_of("models:/m@production")
+    assert "no alias @production; v1 is the candidate (gate: refused: mean morph_f1 gain" in str(err.value)
+    assert "--model models:/m@candidate" in str(err.value)
+    assert registry.version_of("models:/m/1") == ("m", "1") and registry.version_of("runs:/x/model") is None
+
+    assert registry.floor_warning("m", "1") is None  # registered without the tag (an older version): no flag
+    client.set_model_version_tag("m", "1", registry.QUALITY_TAG, "mostly broken: 77.8% of the answers are degenerate")
+    assert "below the gate's quality floors (mostly broken: 77.8%" in registry.floor_warning("m", "1")
+    client.set_model_version_tag("m", "1", registry.QUALITY_TAG, "ok")
+    assert registry.floor_warning("m", "1") is None
