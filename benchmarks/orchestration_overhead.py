@@ -36,7 +36,7 @@ def _timed_cli(cwd: Path, *args: str) -> tuple[float, list[str]]:
                          env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(cwd / "src")}, check=False)
     if out.returncode not in OUTCOMES:
         sys.exit(f"loraops {' '.join(args)} failed:\n{out.stderr[-3000:]}")
-    ran = sorted(set(re.findall(r"^Running stage '(\w+)'", out.stdout + out.stderr, re.MULTILINE)))
+    ran = sorted(set(re.findall(r"Running stage '(\w+)'", out.stdout + out.stderr)))
     return time.perf_counter() - start, ran
 
 
