@@ -24,7 +24,9 @@ def loraops(*args: str, cwd: Path = REPO) -> _Result:
 
     from typer.testing import CliRunner
 
-    from loraops.cli import app
+    from loraops.cli import load_commands
+
+    app = load_commands()
 
     old = Path.cwd()
     os.chdir(cwd)

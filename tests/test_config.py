@@ -45,7 +45,9 @@ def test_missing_params_file_and_bad_override(tmp_path):
 
 
 def test_dvc_stages_match_cli_commands_and_params_sections():
-    from loraops.cli import app
+    from loraops.cli import load_commands
+
+    app = load_commands()
 
     dvc = yaml.safe_load((REPO / "dvc.yaml").read_text(encoding="utf-8"))
     commands = {c.name or c.callback.__name__ for c in app.registered_commands}
@@ -159,3 +161,35 @@ def test_a_finetune_run_is_named_after_the_model_it_trains():
     assert form.model_name_of({"use_form": False, "params_file": "params.yaml",
                                "overrides": ["registry.model_name=other"]}, REPO) == "other"
     assert form.model_name_of({"use_form": False, "params_file": "missing.yaml"}, REPO) == "finetune"
+
+
+def test_every_command_is_in_the_command_map_and_the_console_entry_loads_only_its_module():
+    """`loraops <command>` imports only the CLI module defining it (loraops.cli.COMMANDS): the map is complete."""
+    from loraops.cli import COMMANDS, _command_of, load_commands
+
+    app = load_commands()
+    registered = {c.name or c.callback.__name__.replace("_", "-") for c in app.registered_commands}
+    registered |= {group.name for group in app.registered_groups}
+    assert registered == set(COMMANDS)
+    assert _command_of(["--project", "x", "train", "--set", "a=b"]) == "train" and _command_of(["--help"]) is None
+    code = ("import sys; sys.argv = ['loraops', 'prepare', '--help']; from loraops import cli\n"
+            "try:\n    cli.main()\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in sys.modules if m.startswith('loraops.cli.')))")
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "['loraops.cli.stages']"
+
+
+@pytest.mark.parametrize("stage", ["prepare", "augment", "index", "train", "evaluate"])
+def test_a_stage_depends_only_on_code_it_runs(stage):
+    """Editing the demo, the server, review or a CLI-only module never makes a stage stale (DVC reruns a stage only
+    for the files dvc.yaml lists, and test_dvc_stage_code_deps_are_the_import_closure holds dvc.yaml to these)."""
+    from loraops.codedeps import stage_files
+
+    files = set(stage_files(stage))
+    for other in ("demo", "api", "review", "approval", "export", "form", "cli/flows", "cli/models", "cli/serving",
+                  "cli/review", "registry", "tracking", "workspace", "concurrency"):
+        assert f"src/loraops/{other}.py" not in files, f"stage {stage} depends on {other}.py"
+    assert ("src/loraops/metrics.py" in files) == (stage in ("augment", "index", "evaluate"))

@@ -70,10 +70,10 @@ def closure(roots: set[str]) -> set[str]:
 
 
 def stage_modules(stage: str) -> set[str]:
-    """What ``loraops <stage>`` imports: the CLI package's top-level imports (every command module is imported to
-    register its commands, but only their module-level imports run), the stage command's body, the stage module."""
+    """What ``loraops <stage>`` imports: the CLI package and the module of the stage commands (``loraops.cli.main``
+    imports only the module of the command it runs), the stage command's body, the stage module."""
     command = next(n for n in _parse(CLI_MODULE).body if isinstance(n, ast.FunctionDef) and n.name == stage)
-    return closure({"cli", stage} | _imports(command)) | {"__init__"}
+    return closure({"cli", CLI_MODULE, stage} | _imports(command)) | {"__init__"}
 
 
 def stage_files(stage: str, prefix: str = "src/loraops") -> list[str]:

@@ -6,7 +6,8 @@
 - ``review``: the human rubric review sheets;
 - ``serving``: ``serve`` (OpenAI-compatible API), ``demo`` (Gradio comparison + ratings), ``export``.
 
-Every command works from any directory of a project (the root is the nearest folder above with
+Only the module of the command being run is imported (:data:`COMMANDS`, :func:`load_commands`), so a DVC stage's
+code dependencies are its own. Every command works from any directory of a project (the root is the nearest folder above with
 ``params.yaml`` and ``dvc.yaml``, or ``--project`` / ``LORAOPS_PROJECT``), takes ``--params FILE`` and
 repeated ``--set dotted.key=value``. Expected failures (bad data, bad params, missing models or versions,
 a failed stage) print one message and exit 2, without a traceback; a refused promotion exits 1.
@@ -144,10 +145,42 @@ def params_of(path: Path, overrides: Optional[list[str]]) -> Params:
     return load_params(user_path(path), overrides or [])
 
 
-from loraops.cli import flows, models, review, serving, stages  # noqa: E402,F401 - registers the commands
+COMMANDS: dict[str, str] = {
+    **dict.fromkeys(("prepare", "augment", "index", "retrieve", "train", "evaluate", "score"), "stages"),
+    **dict.fromkeys(("run", "sweep", "deploy", "init-data"), "flows"),
+    **dict.fromkeys(("promote", "rollback", "ask", "reproduce"), "models"),
+    **dict.fromkeys(("serve", "demo", "export"), "serving"),
+    "review": "review",
+}
+"""Each command and the ``loraops.cli`` module that defines it. A command imports only its own module when it runs, so
+a DVC stage (``cmd: loraops train``) depends on the stage commands' module, not on the demo's or the server's."""
 
-__all__ = ["app", "friendly", "params_of", "user_path", "ConfigError"]
+
+def load_commands(command: str | None = None) -> typer.Typer:
+    """Register ``command``'s module on :data:`app` (every module for None or an unknown name, e.g. ``--help``);
+    return the app. In-process callers (tests) use ``load_commands()`` before invoking it."""
+    import importlib
+
+    for module in sorted({COMMANDS[command]} if command in COMMANDS else set(COMMANDS.values())):
+        importlib.import_module(f"loraops.cli.{module}")
+    return app
+
+
+def _command_of(argv: list[str]) -> str | None:
+    """The command name in ``argv``: the first word that is not a global option or its value."""
+    words = iter(argv)
+    for word in words:
+        if word == "--project":
+            next(words, None)
+        elif not word.startswith("-"):
+            return word
+    return None
+
+
+__all__ = ["app", "friendly", "load_commands", "params_of", "user_path", "ConfigError", "COMMANDS"]
 
 
 def main() -> None:  # pragma: no cover - console entry
-    app()
+    import sys
+
+    load_commands(_command_of(sys.argv[1:]))()
