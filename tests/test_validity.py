@@ -120,3 +120,22 @@ def test_check_before_training_loads_every_encoder_and_reads_the_probe_file(tmp_
     (tmp_path / "p.csv").write_text("reference,candidate\na,b\n", encoding="utf-8")
     with pytest.raises(ProbeError, match=r"p.csv: missing column\(s\) tier"):
         check_gate(load_params(REPO / "params.yaml", [f"eval.probe_path={tmp_path / 'p.csv'}"]))
+
+
+def test_a_measurement_is_kept_by_what_it_depends_on(tmp_path, monkeypatch):
+    """The pre-training check and evaluate share one measurement; other settings or probes measure again."""
+    from loraops.config import EvalSection
+    from loraops.validity import fingerprint, measure_cached
+
+    monkeypatch.setenv("LORAOPS_CACHE_DIR", str(tmp_path))
+    cfg = EvalSection(metrics=["morph_f1"])
+    first, kept = measure_cached(cfg, "cpu")
+    assert not kept and first.of("morph_f1")["valid"]
+    again, kept = measure_cached(cfg, "cpu")
+    assert kept and again.table.equals(first.table) and again.pairs == first.pairs
+    stricter = cfg.model_copy(update={"min_paraphrase_over_unrelated": 0.99})
+    assert fingerprint(stricter, "cpu") != fingerprint(cfg, "cpu") != fingerprint(cfg, "cuda")
+    assert fingerprint(cfg.model_copy(update={"max_new_tokens": 7}), "cpu") == fingerprint(cfg, "cpu")
+    probes = tmp_path / "mine.csv"
+    probes.write_text("reference,candidate,tier\n벽지가 들떴다,벽지가 떠 있다,paraphrase\n", encoding="utf-8")
+    assert fingerprint(cfg.model_copy(update={"probe_path": str(probes)}), "cpu") != fingerprint(cfg, "cpu")

@@ -24,7 +24,7 @@ from loraops.degenerate import clean
 from loraops.metrics import MetricPack
 from loraops import tone
 from loraops.tone import SpeechLevel
-from loraops.validity import measure, require_valid
+from loraops.validity import measure_cached, require_valid
 from loraops.model import ModelError, base_location, load_base, load_tokenizer
 from loraops.report import flat_metrics, markdown, plots, summarize
 from loraops.paths import ADAPTER_DIR, EVAL_METRICS, EVAL_REPORT, EVAL_TABLE, PLOTS_DIR, prompts_folder
@@ -238,8 +238,9 @@ def run(params: Params, root: Path = Path("."), self_test: bool | None = None) -
     pack = MetricPack(params.eval, device=device)
     validity = None
     if params.eval.self_test if self_test is None else self_test:
-        say("measuring metric validity on the Korean probes (eval.self_test)")
-        validity = measure(pack, params.eval)
+        validity, kept = measure_cached(params.eval, device, pack)
+        say("metric validity on the Korean probes (eval.self_test): " +
+            ("measured before with these settings and code (cache)" if kept else "measured"))
         require_valid(validity, params.registry.gate.metric, params.eval)
     classifier, probed = None, None
     if params.eval.tone is not None:

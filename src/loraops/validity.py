@@ -163,6 +163,57 @@ def measure(pack: MetricPack, cfg: EvalSection) -> Validity:
     return Validity(pd.DataFrame(rows), pairs=len(pairs))
 
 
+_MEASURED_BY = ("validity.py", "metrics.py", "degenerate.py")
+_PACKAGES = ("kiwipiepy", "kiwipiepy-model", "sentence-transformers", "bert-score", "transformers", "torch", "sacrebleu",
+             "rouge-score")
+
+
+def cache_dir() -> Path:
+    """Where measured results that depend only on their inputs are kept (``LORAOPS_CACHE_DIR``, default
+    ``~/.cache/loraops``)."""
+    import os
+
+    return Path(os.environ.get("LORAOPS_CACHE_DIR") or Path.home() / ".cache" / "loraops")
+
+
+def fingerprint(cfg: EvalSection, device: str) -> str:
+    """Everything a validity measurement depends on: the probe pairs, the metric settings and thresholds, the code
+    that scores (its source) and the versions of the libraries behind the metrics, and the device."""
+    import hashlib
+    from importlib.metadata import PackageNotFoundError, version
+
+    digest = hashlib.sha256()
+    digest.update(probe_pairs(cfg).to_csv(index=False).encode())
+    digest.update(cfg.model_dump_json(exclude={"max_samples", "max_new_tokens", "batch_size", "stop_strings",
+                                               "bootstrap_samples", "min_slice_size", "self_test", "tone"}).encode())
+    for name in _MEASURED_BY:
+        digest.update((Path(__file__).parent / name).read_bytes())
+    for package in _PACKAGES:
+        try:
+            digest.update(f"{package}=={version(package)}".encode())
+        except PackageNotFoundError:
+            digest.update(f"{package} missing".encode())
+    digest.update(device.encode())
+    return digest.hexdigest()[:32]
+
+
+def measure_cached(cfg: EvalSection, device: str, pack: MetricPack | None = None) -> tuple[Validity, bool]:
+    """:func:`measure`, kept on disk by :func:`fingerprint`: the measurement is deterministic (a fixed probe set, fixed
+    seeds), so the same inputs give the same table, and a run's pre-training check and its evaluate share one.
+    Returns the validity and whether it came from the cache."""
+    from loraops.utils import atomic_write
+
+    path = cache_dir() / "validity" / f"{fingerprint(cfg, device)}.json"
+    try:
+        kept = json.loads(path.read_text(encoding="utf-8"))
+        return Validity(pd.DataFrame(kept["table"]), pairs=int(kept["pairs"])), True
+    except (OSError, ValueError, KeyError):  # not measured yet on this machine, or a torn file: measure
+        pass
+    measured = measure(pack or MetricPack(cfg, device=device), cfg)
+    atomic_write(path, json.dumps({"table": measured.table.to_dict("records"), "pairs": measured.pairs}))
+    return measured, False
+
+
 def require_valid(validity: Validity, metric: str, cfg: EvalSection) -> None:
     """Stop when the gate metric fails the probes.
 
@@ -204,7 +255,8 @@ def describe(validity: Validity) -> str:
 def check_gate(params: Any) -> dict[str, Any]:
     """Before training: every configured encoder loads, the probe file reads, and the gate metric is valid.
 
-    Only the gate metric is measured here (cheap); `evaluate` measures them all.
+    Only the gate metric is measured here (cheap); `evaluate` measures them all. Both keep what they measured
+    (:func:`measure_cached`); the encoders are loaded here unless evaluate already measured them all on this machine.
 
     Raises:
         MetricError: an encoder that cannot load (naming its key), a bad probe file (naming file and row), or
@@ -213,10 +265,11 @@ def check_gate(params: Any) -> dict[str, Any]:
     from loraops.utils import pick_device
 
     metric, device = params.registry.gate.metric, pick_device(params.base.device)
-    MetricPack(params.eval, device=device)  # every configured encoder must load now, not after training
     if params.eval.probe_path:
         read_pairs(Path(params.eval.probe_path))
+    if not (cache_dir() / "validity" / f"{fingerprint(params.eval, device)}.json").exists():
+        MetricPack(params.eval, device=device)  # every configured encoder must load now, not after training
     cfg = params.eval.model_copy(update={"metrics": [family_of(metric)]})
-    measured = measure(MetricPack(cfg, device=device), cfg)
+    measured, _ = measure_cached(cfg, device)
     require_valid(measured, metric, params.eval)
     return measured.of(metric)
