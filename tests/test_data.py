@@ -180,3 +180,30 @@ def test_run_writes_splits_and_card(tmp_path):
     first = json.loads((out / "test.jsonl").read_text(encoding="utf-8").splitlines()[0])
     assert {"id", "group", "question", "answer", "category", "prompt"} <= set(first)
     assert sum(card["pairs"].values()) == card["source"]["records_read"]
+
+
+def test_cuts_fall_on_a_word_and_say_which_key_and_invisible_characters_are_cleaned():
+    answer = "벽지가 들뜨면 풀을 다시 바릅니다. 습기가 원인이면 환기를 먼저 합니다 그리고 말립니다"
+    cut = prepare.cut_at_word(answer, 40)
+    assert len(cut) <= 40 and answer.startswith(cut) and cut.endswith(("다.", "다")) and answer[len(cut)] in " "
+    assert prepare.cut_at_word("가" * 50, 40) == "가" * 40  # one word fills it: cut there
+    note = prepare.length_note({"truncated": 163, "longest_answer": 9000}, DataSection(max_answer_chars=1024))
+    assert "163 pair(s)" in note and "data.max_answer_chars=1024" in note and "9,000" in note
+    assert prepare.length_note({"truncated": 0, "dropped_long": 0}, DataSection()) is None
+    assert prepare.clean_text("벽\u200b지가\u00ad 들\ufeff떴어요\u2028줄") == "벽지가 들떴어요\n줄"
+
+
+def test_folders_written_aside_get_the_usual_mode_not_0700(tmp_path):
+    """atomic_dir writes into a temporary folder (mkdtemp: 0700) then renames it: the export, adapter and index
+    folders must be readable by whoever the umask allows, as any folder the user makes."""
+    import os
+
+    from loraops.utils import atomic_dir
+
+    old = os.umask(0o022)
+    try:
+        with atomic_dir(tmp_path / "export") as tmp:
+            (tmp / "config.json").write_text("{}")
+    finally:
+        os.umask(old)
+    assert oct((tmp_path / "export").stat().st_mode & 0o777) == oct(0o755)
