@@ -59,7 +59,9 @@ def test_no_marker_secret_reaches_mlflow_prefect_or_the_lineage(tmp_path):
     env.pop("MLFLOW_TRACKING_URI", None)
     result = subprocess.run([sys.executable, "-m", "loraops.cli", "run", "--allow-dirty"], cwd=ws, env=env,
                             capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    # 30 steps: registered, and promoted or refused by the gate (3); what is checked is every byte written on the way
+    assert result.returncode in (0, 3), result.stdout[-3000:] + result.stderr[-3000:]
+    assert "registered interior-qa-lora v1" in result.stdout
     markers = [m.encode() for m in ("loraopsMarker1", "loraopsMarker2", "loraops-Marker3")]
     searched = 0
     for root in (ws / "mlruns", home):
