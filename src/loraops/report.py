@@ -150,7 +150,8 @@ def versus(gate: dict[str, Any]) -> str:
     if "gain" not in f:
         return (decision.get("reasons") or [decision["against"]])[0]
     low, high = f["ci95"]
-    return (f"{f['metric']} {decision['against']} {f['reference']:.4f} → v{gate['version']} {f['candidate']:.4f} "
+    against = "base" if decision["against"].startswith("base model") else decision["against"]
+    return (f"{f['metric']} {against} {f['reference']:.4f} → v{gate['version']} {f['candidate']:.4f} "
             f"({f['gain']:+.4f}, 95% CI [{low:+.4f}, {high:+.4f}])")
 
 
