@@ -137,6 +137,11 @@ def test_init_data_guesses_format_and_columns_and_writes_a_loadable_params_file(
     assert params.data.id_column == "번호" and params.registry.model_name == "tickets-lora"
     assert loraops("prepare", "--params", "configs/tickets.yaml", cwd=project).returncode == 0
     assert (params.rag.corpus, params.rag.docs_path) == ("train", "data/raw/tickets.csv")  # not the sample's documents
+    numbered = project / "data/raw/numbered.csv"  # the id column's name contains "문의" (inquiry) too
+    numbered.write_text("문의번호,유형,고객문의,상담답변\n" + "".join(f"T-{i:04d},도배,벽지 질문 {i}?,답변 {i}\n"
+                                                             for i in range(30)), encoding="utf-8")
+    guessed = loraops("init-data", "data/raw/numbered.csv", cwd=project)
+    assert "data.question_column: 고객문의" in guessed.stdout and "data.id_column: 문의번호" in guessed.stdout
     long = project / "data/raw/faq.csv"  # a seller-centre FAQ: answers of thousands of characters
     long.write_text("question,answer\n" + "".join(f"질문 {i}?,{'긴 답변 문장입니다. ' * (20 * (i % 10 + 1))}\n"
                                                    for i in range(40)), encoding="utf-8")

@@ -25,8 +25,8 @@ CATEGORY_NAMES = ("category", "카테고리", "분류", "type", "유형", "topic
 ID_NAMES = ("id", "group", "qid", "번호")
 
 
-def _pick(header: list[str], names: tuple[str, ...]) -> str | None:
-    lowered = {column.strip().lower(): column for column in header}
+def _pick(header: list[str], names: tuple[str, ...], exclude: tuple[str | None, ...] = ()) -> str | None:
+    lowered = {column.strip().lower(): column for column in header if column not in exclude}
     for name in names:
         if name in lowered:
             return lowered[name]
@@ -61,12 +61,22 @@ def guess(path: Path) -> dict[str, Any]:
         if questions and answers:
             return out | {"format": "wide", "question_prefix": q_prefix, "answer_prefix": a_prefix,
                           "id_column": _pick(header, ID_NAMES) or "id", "category_column": _pick(header, CATEGORY_NAMES)}
-    question, answer = _pick(header, QUESTION_NAMES), _pick(header, ANSWER_NAMES)
+    # the id first: "문의번호" (inquiry number) names an id although it contains "문의" (inquiry)
+    ids = _pick(header, ID_NAMES)
+    ids = ids if ids and _looks_like_ids([r.get(ids, "") for _, r in rows]) else None
+    question = _pick(header, QUESTION_NAMES, (ids,))
+    answer = _pick(header, ANSWER_NAMES, (ids, question))
     if not question or not answer or question == answer:
         raise DataError(f"{path}: cannot tell the question and answer columns apart among {', '.join(header)}; "
                         "write the params file by hand (data.question_column, data.answer_column)")
     return out | {"format": "qa", "question_column": question, "answer_column": answer,
-                  "id_column": _pick(header, ID_NAMES), "category_column": _pick(header, CATEGORY_NAMES)}
+                  "id_column": ids, "category_column": _pick(header, CATEGORY_NAMES, (ids, question, answer))}
+
+
+def _looks_like_ids(values: list[str]) -> bool:
+    """Short codes (numbers, "T-0012"), not sentences."""
+    filled = [v.strip() for v in values if v and v.strip()]
+    return bool(filled) and all(len(v) <= 32 and " " not in v for v in filled)
 
 
 def _round_up(value: float, step: int) -> int:
