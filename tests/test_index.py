@@ -194,3 +194,24 @@ def test_hit_at_k_and_mrr_against_known_gold_documents():
             {"attributes": {"doc": ""}, "retrieved": ["condensation"]}]  # no gold: left out
     assert retrieval_quality(rows, "doc", 2) == {"k": 2, "n_with_gold": 3, "hit@k": round(2 / 3, 6),
                                                  "mrr": round((1 + 0.5 + 0) / 3, 6)}
+
+
+def test_the_index_files_are_the_same_bytes_in_every_process(tmp_path):
+    """Python's hash seed changes per process; the index (a DVC output) must not."""
+    import hashlib
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys; from pathlib import Path; from loraops import index; from loraops.config import load_params\n"
+            f"p = load_params(Path({str(REPO)!r}) / 'params.yaml')\n"
+            "root = Path(sys.argv[1]); (root / 'data').mkdir(parents=True, exist_ok=True)\n"
+            f"import shutil; shutil.copytree(Path({str(REPO)!r}) / 'data/docs', root / 'data/docs')\n"
+            "index.build(p, root)")
+    digests = []
+    for seed in ("1", "2"):
+        root = tmp_path / seed
+        subprocess.run([sys.executable, "-c", code, str(root)], check=True, env={**os.environ, "PYTHONHASHSEED": seed})
+        files = sorted(p for p in (root / "data/index").rglob("*") if p.is_file())
+        digests.append({f.relative_to(root).as_posix(): hashlib.md5(f.read_bytes()).hexdigest() for f in files})
+    assert digests[0] == digests[1]

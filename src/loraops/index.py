@@ -184,8 +184,13 @@ def encoder(name: str) -> Any:
 def _bm25(chunks: list[Chunk], terms: Terms) -> Any:
     import bm25s
 
+    docs = [terms(c.text) or ["∅"] for c in chunks]
+    # bm25s numbers the vocabulary in the order of a set of strings, which changes with Python's hash seed from one
+    # process to the next: the same documents gave other index files (and dvc.lock lines) on every run. Sorted ids
+    # give the same scores and the same files every time.
+    vocab = {token: i for i, token in enumerate(sorted({t for doc in docs for t in doc}))}
     retriever = bm25s.BM25()
-    retriever.index([terms(c.text) or ["∅"] for c in chunks], show_progress=False)
+    retriever.index(([[vocab[t] for t in doc] for doc in docs], vocab), show_progress=False)
     return retriever
 
 
