@@ -198,3 +198,4 @@ def test_no_production_names_the_candidate_and_its_verdict_and_a_forced_broken_v
     assert "below the gate's quality floors (mostly broken: 77.8%" in registry.floor_warning("m", "1")
     client.set_model_version_tag("m", "1", registry.QUALITY_TAG, "ok")
     assert registry.floor_warning("m", "1") is None
+    assert registry.floor_notice("m", "1", "not measured") is None  # no eval table at registration: nothing to say

@@ -206,7 +206,7 @@ def floor_warning(name: str, version: str) -> str | None:
 
 def floor_notice(name: str, version: str, tag: str | None) -> str | None:
     """The warning text for a ``quality.floors`` tag, or None when the version is within the floors."""
-    if not tag or tag == "ok":
+    if not tag or tag in ("ok", "not measured"):
         return None
     return f"warning: {name} v{version} is below the gate's quality floors ({tag}); its answers may be broken"
 
