@@ -18,7 +18,7 @@ from prefect.runtime import deployment, flow_run
 from prefect.states import Completed
 from pydantic import Field
 
-from loraops import concurrency, form, lineage, registry, tone, tracking, validity, workspace
+from loraops import concurrency, form, lineage, registry, remote, tone, tracking, validity, workspace
 from loraops.config import Params, load_params
 from loraops.model import base_location, check_base
 from loraops.paths import ADAPTER_DIR, EVAL_METRICS, TRAIN_LOG
@@ -80,7 +80,7 @@ def _gpu() -> object:
 
 @task(name="prepare")
 def prepare(work: Path) -> bool:
-    workspace.pull_stage_inputs(work, get_run_logger().info)  # a fresh clone: the data and documents from the remote
+    remote.pull_stage_inputs(work, get_run_logger().info)  # a fresh clone: the data and documents from the remote
     return _stage("prepare", work)
 
 

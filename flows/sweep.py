@@ -23,7 +23,7 @@ from prefect.runtime import deployment, flow_run
 from prefect.states import Completed
 from pydantic import Field
 
-from loraops import concurrency, form, registry, sweep, tracking, workspace
+from loraops import concurrency, form, registry, remote, sweep, tracking, workspace
 from loraops.config import Params, apply_overrides, dump_params, load_params, validate
 from loraops.errors import StageError
 from loraops.flows.finetune import IO_RETRIES, REPO, _close_mlflow_runs, gate, log_run, register
@@ -39,7 +39,7 @@ def trial(work: Path, number: int, trial_id: int, params: Params, values: dict[s
     """One trial: the loop up to train in its worktree, then its MLflow child run (params, curves, objective)."""
     log = get_run_logger()
     dump_params(params, work / "params.yaml")  # the resolved params of this trial, as DVC reads them
-    workspace.pull_stage_inputs(work, log.info)
+    remote.pull_stage_inputs(work, log.info)
     for stage in ("prepare", "augment", "index"):
         workspace.run_stage(stage, work, log.info)
     with concurrency.gpu_slot(log.warning, {"type": "flow_run", "id": str(flow_run.id)}):

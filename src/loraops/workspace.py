@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator
 from loraops.config import Params, dump_params, load_params, parse_override
 from loraops.errors import RegistryError, StageError
 from loraops.paths import DVC_LOCK, PARAMS, STAGES, TRAIN_METRICS, WORKSPACES_DIR
-from loraops.remote import pull_inputs, pull_stage_inputs
+from loraops.remote import pull_inputs
 from loraops.secrets import redact_text
 
 
