@@ -108,6 +108,9 @@ def test_code_defaults_equal_params_yaml():
 
     code = flatten(Params().model_dump(mode="json"))
     assert code == flatten(load_params(REPO / "params.yaml").model_dump(mode="json"))
+    # and every key is written out, so a user reading params.yaml sees it (the search space is free-form)
+    written = set(flatten(yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))))
+    assert not {k for k in code if not k.startswith("sweep.space.")} - written
 
 
 
