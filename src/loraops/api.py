@@ -263,8 +263,13 @@ class Engine:
     def count_tokens(self, prompt: str) -> int:
         return len(self.tokenizer((self.tokenizer.bos_token or "") + prompt, add_special_tokens=False)["input_ids"])
 
+    def serves(self, version: Version | None) -> bool:
+        """Whether ``version``'s adapter was trained on the base this engine holds (the base arm always is)."""
+        return version is None or not version.spec or base_identity(version.spec, version.base_dir) == self.identity
+
     def submit(self, job: Job) -> None:
-        if job.version is not None and job.version.spec and base_identity(job.version.spec, job.version.base_dir) != self.identity:
+        if not self.serves(job.version):
+            assert job.version is not None
             raise ApiError(400, f"{job.version.name}/{job.version.number} was trained on base "
                            f"{job.version.spec['base'].get('configured')!r}, not on the base this server holds "
                            f"({self.model_cfg.base!r}); serve it from its own `loraops serve`",

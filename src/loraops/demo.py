@@ -57,6 +57,14 @@ class Demo:
             if arm != "base" and version is None:
                 out[arm] = {"label": f"{arm}: no version has this alias yet", "version": None, "answer": ""}
                 continue
+            if not self.engine.serves(version):  # e.g. a candidate on a new base: the other arms still answer
+                assert version is not None
+                out[arm] = {"label": f"{arm} · {version.name}/{version.number} was trained on another base "
+                                     f"({version.spec['base'].get('configured')}) than this demo holds "
+                                     f"({self.engine.model_cfg.base}): run `loraops demo` where that base is served, "
+                                     f"or ask it with `loraops ask --model models:/{version.name}/{version.number}`",
+                            "version": None, "answer": ""}
+                continue
             generation = self.settings.generation(version)
             context, sources = self.catalog.passages(version, question)
             prompt = self.settings.prompt(version, question, {**fields, **({"context": context} if sources else {})})
