@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--questions", type=int, default=48)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--scoring-calls", type=int, default=4, help="scoring calls (e.g. base, tuned, gate, self-test)")
+    p.add_argument("--scoring-calls", type=int, default=4, help="scoring calls (e.g. base, tuned, gate, self-test); 0: generation only")
     p.add_argument("--arch", choices=sorted(architectures.ARCHITECTURES),
                    help="a published Llama/Qwen shape with random weights (default: the tiny base, trained briefly)")
     a = p.parse_args(argv)
@@ -99,16 +99,22 @@ def main(argv: list[str] | None = None) -> None:
         # random weights generate ids the data's tokenizer cannot decode: score other references instead
         answers = refs[1:] + refs[:1] if a.arch else batched
         cfg = params.eval.model_copy(update={"metrics": ["bertscore", "cosine"], "self_test": False})
-        reused = MetricPack(cfg, device=device)
-        _, t_reused = _timed(lambda: [reused.score(answers, refs) for _ in range(a.scoring_calls)])
-        _, t_fresh = _timed(lambda: [MetricPack(cfg, device=device).score(answers, refs) for _ in range(a.scoring_calls)])
+        t_reused = t_fresh = 0.0
+        if a.scoring_calls:
+            reused = MetricPack(cfg, device=device)
+            _, t_reused = _timed(lambda: [reused.score(answers, refs) for _ in range(a.scoring_calls)])
+            _, t_fresh = _timed(lambda: [MetricPack(cfg, device=device).score(answers, refs) for _ in range(a.scoring_calls)])
     pairs = len(refs) * a.scoring_calls
     hardware = f"{torch.cuda.get_device_name()}, bf16" if device == "cuda" else f"{os.cpu_count()} CPU cores, fp32"
     print(f"{len(prompts)} distinct questions, max_new_tokens {a.max_new_tokens}, {a.arch or 'tiny base'}, {hardware}")
     print(f"{'':<34}{'baseline':>12}{'loraops':>12}{'ratio':>8}")
     print(f"{'generation answers/s (1 vs batch)':<34}{len(prompts) / t_single:>12.2f}{len(prompts) / t_batched:>12.2f}"
           f"{t_single / t_batched:>8.2f}")
-    print(f"{'scoring pairs/s (fresh vs reused)':<34}{pairs / t_fresh:>12.1f}{pairs / t_reused:>12.1f}{t_fresh / t_reused:>8.2f}")
+    if pairs:
+        print(f"{'scoring pairs/s (fresh vs reused)':<34}{pairs / t_fresh:>12.1f}{pairs / t_reused:>12.1f}"
+              f"{t_fresh / t_reused:>8.2f}")
+    else:
+        print("scoring: not measured (--scoring-calls 0)")
     if a.arch:
         print("answers: random weights, not compared (scoring used pairs of reference answers)")
     else:
