@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -30,6 +31,16 @@ TINY = [
 
 def tiny_overrides(*extra: str) -> list[str]:
     return [*TINY, *extra]
+
+
+SMALL_LOOP = ["eval.self_test=false", "eval.metrics=[morph_f1]"]
+"""The orchestration profile: for tests that check states, files and outcomes rather than what the metrics say. The
+tiny model still learns enough to be promoted; the validity self-test (tests/test_validity.py) and the encoder
+metrics (tests/test_metrics.py) have tests of their own."""
+
+
+def small_loop_overrides(*extra: str) -> list[str]:
+    return [*TINY, *SMALL_LOOP, *extra]
 
 
 def _run(cmd: list[str], cwd: Path) -> None:
@@ -58,6 +69,29 @@ def make_workspace(dest: Path, overrides: list[str] | None = None) -> Path:
     _run(["git", "add", "-A"], dest)
     _run(["git", "commit", "-qm", "workspace"], dest)
     return dest
+
+
+def copy_project(src: Path, dest: Path) -> Path:
+    """A trained project copied to ``dest`` for a test to change: files, git, DVC cache and the MLflow store, whose
+    artifact locations (absolute file URIs) are rewritten to the copy's own folder."""
+    import sqlite3
+
+    shutil.copytree(src, dest, symlinks=True, ignore=shutil.ignore_patterns("tmp"))  # .dvc/tmp: locks, state
+    old, new = str(src.resolve()), str(dest.resolve())
+    with contextlib.closing(sqlite3.connect(dest / "mlruns/mlflow.db")) as db, db:
+        for (table,) in db.execute("select name from sqlite_master where type = 'table'").fetchall():
+            for column in [c[1] for c in db.execute(f"pragma table_info('{table}')") if c[2].upper() in ("TEXT", "VARCHAR")
+                           or c[2].upper().startswith("VARCHAR")]:
+                db.execute(f'update "{table}" set "{column}" = replace("{column}", ?, ?) where instr("{column}", ?) > 0',
+                           (old, new, old))
+    return dest
+
+
+@dataclass
+class Golden:
+    """The session's trained project (tests/conftest.py `golden`): v1 production, v2 refused, v3 candidate."""
+    root: Path
+    runs: list[subprocess.CompletedProcess]
 
 
 # Servers the integration tests start on loopback and stop themselves

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import make_workspace, prefect_api, prefect_with_deployments, tiny_overrides
+from helpers import make_workspace, prefect_api, prefect_with_deployments, small_loop_overrides
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 CHROMIUM = Path("/usr/bin/chromium")
@@ -22,7 +22,7 @@ CHROMIUM = Path("/usr/bin/chromium")
 def approval_project(tmp_path_factory):
     """A project whose gate needs a reviewer, served on a Prefect server, with v1 registered (not promoted)."""
     tmp = tmp_path_factory.mktemp("approval")
-    ws = make_workspace(tmp / "ws", tiny_overrides("registry.gate.require_approval=true", "eval.self_test=false"))
+    ws = make_workspace(tmp / "ws", small_loop_overrides("registry.gate.require_approval=true"))
     with prefect_with_deployments(tmp, ws) as served:
         done = _loraops(served, "run")
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -196,3 +196,16 @@ def test_a_stage_depends_only_on_code_it_runs(stage):
                   "cli/review", "registry", "tracking", "workspace", "concurrency"):
         assert f"src/loraops/{other}.py" not in files, f"stage {stage} depends on {other}.py"
     assert ("src/loraops/metrics.py" in files) == (stage in ("augment", "index", "evaluate"))
+
+
+def test_the_fault_hook_is_off_unless_set_and_refuses_a_spec_it_cannot_carry_out(monkeypatch):
+    from loraops import train
+
+    monkeypatch.delenv(train.FAULT_ENV, raising=False)
+    assert train.fault_injection() is None
+    monkeypatch.setenv(train.FAULT_ENV, "50:wait:/tmp/go")
+    assert train.fault_injection() is not None
+    for bad in ("kill", "50", "50:explode", "x:kill"):
+        monkeypatch.setenv(train.FAULT_ENV, bad)
+        with pytest.raises(ConfigError, match="LORAOPS_FAULT_AFTER_CHECKPOINT"):
+            train.fault_injection()

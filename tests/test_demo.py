@@ -65,7 +65,7 @@ def test_demo_compares_rates_into_mlflow_and_keeps_approved_corrections(page, se
     tab.locator("#ask").click()
     tab.wait_for_function("document.querySelector('#candidate-answer textarea').value.length > 0", timeout=120_000)
     assert "production · interior-qa-lora/1" in tab.locator("#production-label").inner_text()
-    assert "candidate · interior-qa-lora/2" in tab.locator("#candidate-label").inner_text()
+    assert "candidate · interior-qa-lora/3" in tab.locator("#candidate-label").inner_text()
     assert "base model" in tab.locator("#base-label").inner_text()
 
     monkeypatch.chdir(served_project)
@@ -86,15 +86,15 @@ def test_demo_compares_rates_into_mlflow_and_keeps_approved_corrections(page, se
     tab.wait_for_function("document.querySelector('#status').innerText.includes('saved ratings')", timeout=60_000)
 
     client = mlflow.MlflowClient()
-    runs = {v: client.get_run(client.get_model_version(NAME, v).run_id) for v in ("1", "2")}
+    runs = {v: client.get_run(client.get_model_version(NAME, v).run_id) for v in ("1", "3")}
     assert runs["1"].data.metrics["review/mean/tuned"] == pytest.approx(14 / 3, abs=1e-3)
     assert runs["1"].data.metrics["review/thumbs_up/tuned"] == 1.0
-    assert runs["2"].data.metrics["review/mean/tuned"] == pytest.approx(7 / 3, abs=1e-3)
-    assert runs["2"].data.metrics["review/thumbs_up/base"] == 0.0
-    items = json.load(open(client.download_artifacts(runs["2"].info.run_id, "review/items.json")))
+    assert runs["3"].data.metrics["review/mean/tuned"] == pytest.approx(7 / 3, abs=1e-3)
+    assert runs["3"].data.metrics["review/thumbs_up/base"] == 0.0
+    items = json.load(open(client.download_artifacts(runs["3"].info.run_id, "review/items.json")))
     assert {i["rater"] for i in items.values()} == {"kim"} and {i["model"] for i in items.values()} == {"tuned", "base"}
 
     rows = [json.loads(line) for line in (served_project / "data/feedback/corrections.jsonl").read_text().splitlines()]
     assert rows == [{**rows[0], "question": QUESTION, "answer": "곰팡이는 결로와 환기 부족 때문에 생깁니다.",
-                     "corrects": f"{NAME}/2", "rater": "kim", "source": "demo"}]
+                     "corrects": f"{NAME}/3", "rater": "kim", "source": "demo"}]
     assert (served_project / "data/feedback/corrections.jsonl.dvc").exists()

@@ -12,34 +12,28 @@ import time
 
 import pytest
 
-from helpers import make_workspace, tiny_overrides
+from helpers import make_workspace, small_loop_overrides, tiny_overrides
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def test_run_killed_mid_training_resumes_closes_its_mlflow_run_and_frees_the_slot(tmp_path):
-    ws = make_workspace(tmp_path / "ws", tiny_overrides("train.max_steps=250", "train.early_stopping_patience=0",
-                                                       "eval.self_test=false"))
+    ws = make_workspace(tmp_path / "ws", small_loop_overrides("train.early_stopping_patience=0"))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "LORAOPS_SLOT_LEASE_SECONDS": "60"}
     env.pop("MLFLOW_TRACKING_URI", None)
     run = [sys.executable, "-m", "loraops.cli", "run"]
-    first = subprocess.Popen(run, cwd=ws, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             start_new_session=True)
-    checkpoint = ws / "models/checkpoints/checkpoint-100"
-    deadline = time.time() + 600
-    while not (checkpoint / "rng_state.pth").exists():
-        assert first.poll() is None and time.time() < deadline, "the run ended before its checkpoint-100"
-        time.sleep(0.1)
-    time.sleep(0.5)
-    os.killpg(first.pid, signal.SIGKILL)  # the run, its `dvc repro` and its `loraops train`: a machine dying
-    first.wait()
+    # the train stage SIGKILLs its process group (the run, its `dvc repro`, the stage) once checkpoint-50 is written:
+    # a machine dying at a known step, not a race against a timer
+    first = subprocess.run(run, cwd=ws, env={**env, "LORAOPS_FAULT_AFTER_CHECKPOINT": "50:kill"},
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, timeout=900)
+    assert first.returncode == -signal.SIGKILL and (ws / "models/checkpoints/checkpoint-50/rng_state.pth").exists()
     with sqlite3.connect(ws / "mlruns/mlflow.db") as db:
         assert db.execute("select status from runs").fetchall() == [("RUNNING",)]  # what a crash leaves
 
     second = subprocess.run(run, cwd=ws, env=env, capture_output=True, text=True, timeout=900)
     out = second.stdout + second.stderr
     assert second.returncode == 0, out[-4000:]
-    assert "resuming from checkpoint-100" in out, out[-4000:]
+    assert "resuming from checkpoint-50" in out, out[-4000:]
     assert "was left RUNNING by a process that died; marked KILLED" in out
     assert "registered interior-qa-lora v1" in second.stdout
     with sqlite3.connect(ws / "mlruns/mlflow.db") as db:
@@ -234,7 +228,7 @@ def _wait_for(path, proc, seconds=600):
 def test_tracking_server_down_mid_run_fails_clearly_registers_nothing_and_a_rerun_completes(tmp_path):
     from helpers import free_port, start_server, stop_server, wait_http
 
-    ws = make_workspace(tmp_path / "ws", tiny_overrides("eval.self_test=false"))
+    ws = make_workspace(tmp_path / "ws", small_loop_overrides())
     port = free_port()
     mlflow_cmd = [os.path.join(os.path.dirname(sys.executable), "mlflow"), "server", "--backend-store-uri",
                   f"sqlite:///{tmp_path}/mlflow.db", "--artifacts-destination", str(tmp_path / "artifacts"),
@@ -245,9 +239,12 @@ def test_tracking_server_down_mid_run_fails_clearly_registers_nothing_and_a_reru
     try:
         wait_http(f"http://127.0.0.1:{port}/health", 180, server, tmp_path / "mlflow.log")
         run = [sys.executable, "-m", "loraops.cli", "run"]
-        first = subprocess.Popen(run, cwd=ws, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        _wait_for(ws / "models/checkpoints", first)
+        go = tmp_path / "go"
+        first = subprocess.Popen(run, cwd=ws, env={**env, "LORAOPS_FAULT_AFTER_CHECKPOINT": f"50:wait:{go}"},
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        _wait_for(tmp_path / "go.waiting", first)  # the train stage paused after checkpoint-50
         stop_server(server)  # the tracking server goes away while the run trains
+        go.touch()
         stopped = time.time()
         out, err = first.communicate(timeout=900)
         assert first.returncode == 2, out[-2000:] + err[-3000:]
@@ -281,7 +278,7 @@ def test_a_prefect_server_restart_mid_run_is_survived_and_the_run_reported(tmp_p
 
     from helpers import free_port, start_server, stop_server, wait_http
 
-    ws = make_workspace(tmp_path / "ws", tiny_overrides("eval.self_test=false", "train.max_steps=250"))
+    ws = make_workspace(tmp_path / "ws", small_loop_overrides())
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_API_URL": api,
@@ -294,13 +291,15 @@ def test_a_prefect_server_restart_mid_run_is_survived_and_the_run_reported(tmp_p
     server = start_server(prefect_cmd, tmp_path / "prefect.log", tmp_path, env)
     try:
         wait_http(f"{api}/health", 180, server, tmp_path / "prefect.log")
-        run = subprocess.Popen([sys.executable, "-m", "loraops.cli", "run"], cwd=ws, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
-        _wait_for(ws / "models/checkpoints", run)
+        go = tmp_path / "go"
+        run = subprocess.Popen([sys.executable, "-m", "loraops.cli", "run"], cwd=ws, stdout=subprocess.PIPE,
+                               env={**env, "LORAOPS_FAULT_AFTER_CHECKPOINT": f"50:wait:{go}"}, stderr=subprocess.PIPE, text=True)
+        _wait_for(tmp_path / "go.waiting", run)  # the train stage paused after checkpoint-50
         stop_server(server)  # restarted while the run trains
         time.sleep(3)
         server = start_server(prefect_cmd, tmp_path / "prefect2.log", tmp_path, env)
         wait_http(f"{api}/health", 180, server, tmp_path / "prefect2.log")
+        go.touch()
         out, err = run.communicate(timeout=900)
         assert run.returncode == 0, out[-3000:] + err[-3000:]
         assert "registered interior-qa-lora v1" in out

@@ -26,15 +26,16 @@ def _client():
     return mlflow.MlflowClient()
 
 
-def test_finetune_registers_promotes_skips_and_serves(workspace):
-    first = loraops("run")
+def test_finetune_registers_promotes_skips_and_serves(golden, golden_copy):
+    workspace = golden_copy
+    first = golden.runs[0]  # the golden project's first `loraops run`: v1, promoted
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert "registered interior-qa-lora v1" in first.stdout and "PROMOTED" in first.stdout
     assert "Finished in state Promoted(" in first.stdout + first.stderr
 
     client = _client()
     experiment = client.get_experiment_by_name("interior-qa-lora")
-    (run,) = client.search_runs([experiment.experiment_id])
+    run = client.get_run(client.get_model_version("interior-qa-lora", "1").run_id)
     assert run.info.status == "FINISHED"
     assert run.data.tags["prefect.flow_run_id"] and run.data.tags["dvc.train"] == "ran"
     assert float(run.data.params["train.learning_rate"]) == 0.005
@@ -63,20 +64,21 @@ def test_finetune_registers_promotes_skips_and_serves(workspace):
     assert version_tags["lineage.git_commit"] == lineage["git_commit"] and version_tags["loraops.adapter_sha256"]
     assert str(client.get_model_version_by_alias("interior-qa-lora", "production").version) == "1"
 
+    runs_before = len(client.search_runs([experiment.experiment_id]))
     started = time.perf_counter()
-    again = loraops("run")
+    again = loraops("run")  # params.yaml is the last run's (v3): nothing to do
     took = time.perf_counter() - started
     assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stdout.startswith("unchanged: ") and "interior-qa-lora v1" in again.stdout, again.stdout
+    assert again.stdout.startswith("unchanged: ") and "interior-qa-lora v3" in again.stdout, again.stdout
     assert took <= 10, f"a no-op rerun took {took:.1f}s"
-    assert len(client.search_runs([experiment.experiment_id])) == 1  # no new MLflow run, no new gate decision
-    assert len(client.search_model_versions("name = 'interior-qa-lora'")) == 1
+    assert len(client.search_runs([experiment.experiment_id])) == runs_before  # no new MLflow run, no gate decision
+    assert len(client.search_model_versions("name = 'interior-qa-lora'")) == 3
 
-    # a fresh process loads the production model and answers exactly as evaluate's tuned answers
+    # a fresh process loads the last registered model and answers exactly as evaluate's tuned answers
     probe = (
         "import mlflow, pandas as pd, json;"
         "from loraops.tracking import tracking_setup; tracking_setup();"
-        "m = mlflow.pyfunc.load_model('models:/interior-qa-lora@production');"
+        "m = mlflow.pyfunc.load_model('models:/interior-qa-lora/3');"
         "t = pd.read_csv('reports/eval_questions.csv', keep_default_na=False).drop_duplicates('question').head(8);"
         "print(json.dumps([list(t.tuned_answer), m.predict(list(t.question))], ensure_ascii=False))"
     )
@@ -95,7 +97,8 @@ def test_finetune_registers_promotes_skips_and_serves(workspace):
 
     question = "벽지 곰팡이 문제는 어떻게 해결하나요?"
     asked = loraops("ask", question)
-    single = probe.replace("list(t.tuned_answer), m.predict(list(t.question))", f"m.predict([{question!r}])")
+    single = probe.replace("list(t.tuned_answer), m.predict(list(t.question))", f"m.predict([{question!r}])").replace(
+        "interior-qa-lora/3", "interior-qa-lora@production")
     out = subprocess.run([sys.executable, "-c", single], capture_output=True, text=True, timeout=300, check=True)
     assert asked.returncode == 0 and asked.stdout.strip() == json.loads(out.stdout.strip().splitlines()[-1])[0][0]
 
@@ -117,9 +120,8 @@ def test_finetune_registers_promotes_skips_and_serves(workspace):
     assert "Lineage: base `tiny-ko`" in client.get_model_version("interior-qa-lora", "1").description
 
 
-def test_promote_refuses_worse_and_rollback_restores(workspace):
-    assert loraops("run").returncode == 0
-    worse = loraops("run", "--set", "train.learning_rate=1e-6")  # learns nothing: the default gate must refuse it
+def test_promote_refuses_worse_and_rollback_restores(golden, golden_copy):
+    worse = golden.runs[1]  # the golden project's second run learns nothing: the default gate must refuse it
     # exit codes a script reads: 3 refused, 4 worse than base
     assert ("outcome: Refused" in worse.stdout and worse.returncode == 3) or \
         ("outcome: Worse than base" in worse.stdout and worse.returncode == 4), worse.stdout[-2000:] + worse.stderr[-2000:]
@@ -128,7 +130,7 @@ def test_promote_refuses_worse_and_rollback_restores(workspace):
     mv = _client().get_model_version("interior-qa-lora", "2")
     assert mv.tags["gate.verdict"] == "refused" and "## Gate: REFUSED vs production v1" in mv.description
     assert "Gate metric **morph_f1**" in mv.description  # the headline scores, from registration
-    refused = loraops("promote", "--json")
+    refused = loraops("promote", "--version", "2", "--json")
     assert refused.returncode == 3
     decision = json.loads(refused.stdout)
     assert decision["promoted"] is False and decision["version"] == "2" and decision["previous"] == "1"

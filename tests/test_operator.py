@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import make_workspace, prefect_api, prefect_with_deployments, tiny_overrides, trigger_finetune, wait_flow_runs
+from helpers import make_workspace, prefect_api, prefect_with_deployments, small_loop_overrides, trigger_finetune, wait_flow_runs
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 BIN = Path(sys.executable).parent
@@ -28,7 +28,7 @@ CHROMIUM = Path("/usr/bin/chromium")
 def local_ui(tmp_path_factory):
     """A fresh project (no MLflow store yet) served as deployments on a Prefect server with its UI."""
     tmp = tmp_path_factory.mktemp("local")
-    ws = make_workspace(tmp / "ws", tiny_overrides())
+    ws = make_workspace(tmp / "ws", small_loop_overrides("train.max_steps=40", "train.eval_steps=20"))
     assert not (ws / "mlruns" / "mlflow.db").exists()
     with prefect_with_deployments(tmp, ws) as served:
         yield served
@@ -113,7 +113,7 @@ def test_finetune_form_in_chromium_shows_common_settings_first_and_submits_a_run
 
 def test_dvc_exp_show_compares_main_and_every_experiment(tmp_path):
     """Metrics and plots are in git, so `dvc exp show` has values for main and for each `dvc exp run -S`."""
-    ws = make_workspace(tmp_path / "ws", tiny_overrides("eval.self_test=false"))
+    ws = make_workspace(tmp_path / "ws", small_loop_overrides())
     dvc = str(BIN / "dvc")
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     for rate in ("0.004", "0.002"):

@@ -53,7 +53,7 @@ def _chat(client, model: str, question: str, **kwargs) -> str:
 
 def test_models_list_base_aliases_and_versions(client):
     ids = {m.id for m in client.models.list()}
-    assert {"base", f"{NAME}@production", f"{NAME}@candidate", f"{NAME}/1", f"{NAME}/2"} <= ids
+    assert {"base", f"{NAME}@production", f"{NAME}@candidate", f"{NAME}/1", f"{NAME}/2", f"{NAME}/3"} <= ids
     assert client.models.retrieve(f"{NAME}@production").root == f"{NAME}/1"
 
 
@@ -64,7 +64,7 @@ def test_chat_answers_equal_the_registered_pyfunc_models(client, served_project,
 
     monkeypatch.chdir(served_project)
     tracking_setup(served_project)
-    for alias, version in (("production", "1"), ("candidate", "2")):
+    for alias, version in (("production", "1"), ("candidate", "3")):
         expected = mlflow.pyfunc.load_model(f"models:/{NAME}@{alias}").predict(QUESTIONS[:3])
         assert [_chat(client, f"{NAME}@{alias}", q) for q in QUESTIONS[:3]] == expected
         assert _chat(client, f"{NAME}/{version}", QUESTIONS[0]) == expected[0]
@@ -133,11 +133,11 @@ def test_an_alias_move_is_served_without_a_restart(client, served_project, monke
     monkeypatch.chdir(served_project)
     tracking_setup(served_project)
     registry = mlflow.MlflowClient()
-    v2 = _chat(client, f"{NAME}/2", QUESTIONS[2])
-    registry.set_registered_model_alias(NAME, "production", "2")
+    v3 = _chat(client, f"{NAME}/3", QUESTIONS[2])
+    registry.set_registered_model_alias(NAME, "production", "3")
     try:
-        assert _chat(client, f"{NAME}@production", QUESTIONS[2]) == v2
-        assert client.models.retrieve(f"{NAME}@production").root == f"{NAME}/2"
+        assert _chat(client, f"{NAME}@production", QUESTIONS[2]) == v3
+        assert client.models.retrieve(f"{NAME}@production").root == f"{NAME}/3"
     finally:
         registry.set_registered_model_alias(NAME, "production", "1")
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from helpers import (free_port, make_workspace, start_server, stop_server, tiny_overrides, trigger_finetune,
+from helpers import (free_port, make_workspace, small_loop_overrides, start_server, stop_server, trigger_finetune,
                      wait_flow_runs, wait_http)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -82,7 +82,8 @@ def servers(postgres, tmp_path_factory):
 def test_team_mode_three_concurrent_runs(servers, tmp_path):
     import mlflow
 
-    ws = make_workspace(tmp_path / "ws", tiny_overrides("registry.auto_promote=false"))
+    ws = make_workspace(tmp_path / "ws", small_loop_overrides("registry.auto_promote=false", "train.max_steps=40",
+                                                                  "train.eval_steps=20"))
     env = {**os.environ, "MLFLOW_TRACKING_URI": servers["mlflow"], "PREFECT_API_URL": servers["prefect"],
            "PREFECT_HOME": str(servers["tmp"] / "client-home"), "LORAOPS_GPU_SLOTS": "1"}
     deploy = start_server([sys.executable, "-m", "loraops.cli", "deploy"], tmp_path / "deploy.log", ws, env)
@@ -121,7 +122,7 @@ def test_team_mode_three_concurrent_runs(servers, tmp_path):
     assert len({r.data.tags["lineage.adapter_sha256"] for r in runs}) == 3
     assert all(r.data.tags["lineage.prefect_deployment"] == "loraops" for r in runs)
     keys = [sorted(k for k in r.data.metrics if k.startswith(("gate/", "tuned/"))) for r in runs]
-    assert keys[0] == keys[1] == keys[2] and "tuned/cosine" in keys[0]
+    assert keys[0] == keys[1] == keys[2] and "tuned/morph_f1" in keys[0]
     versions = client.search_model_versions("name = 'interior-qa-lora'")
     assert len(versions) == 3
     assert not list((ws / ".loraops" / "runs").glob("*"))  # workspaces removed

@@ -79,9 +79,9 @@ class LeakageGuard:
     def __init__(self, held_out: list[str], others: list[str] = ()) -> None:  # type: ignore[assignment]
         import math
 
-        from kiwipiepy import Kiwi
+        from loraops.korean import analyser
 
-        self._kiwi, self._terms = Kiwi(), {}
+        self._kiwi, self._terms = analyser(), {}
         self.questions = sorted(set(held_out))
         sets = [self.terms(q) for q in self.questions]
         every = [self.terms(q) for q in sorted(set(others) - set(self.questions))] + sets
@@ -122,9 +122,9 @@ class Rules:
     """The rule-based question variants; kiwipiepy re-conjugates the endings."""
 
     def __init__(self) -> None:
-        from kiwipiepy import Kiwi
+        from loraops.korean import analyser
 
-        self.kiwi = Kiwi()
+        self.kiwi = analyser()
 
     def endings(self, question: str) -> list[str]:
         """The question with its final ending in each other politeness; none when it is not a question ending in a

@@ -115,19 +115,14 @@ def word_salad(answer: str, min_modifiers: int = 3, max_dangling: float = 0.5) -
 
 def _eojeols(text: str) -> list[list]:
     """Morphemes grouped by the space-separated word they belong to (kiwipiepy, loaded once)."""
-    global _KIWI
-    if _KIWI is None:
-        from kiwipiepy import Kiwi
+    from loraops.korean import analyser
 
-        _KIWI = Kiwi()
     groups: dict[tuple[int, int], list] = {}
-    for token in _KIWI.tokenize(text):  # word_position restarts with each sentence
+    for token in analyser().tokenize(text):  # word_position restarts with each sentence
         if token.tag not in ("SF", "SP", "SS", "SE", "SO", "SW"):
             groups.setdefault((token.sent_position, token.word_position), []).append(token)
     return [groups[k] for k in sorted(groups)]
 
-
-_KIWI = None
 
 
 def wrong_script(answer: str, reference: str, min_share: float = 0.3) -> str | None:

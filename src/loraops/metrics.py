@@ -72,9 +72,9 @@ class Morphemes:
     """Content morphemes of Korean text from kiwipiepy, with the POS tags kept set in ``eval.morph_pos``."""
 
     def __init__(self, pos: list[str], analyzer: str = "kiwi-cong"):
-        from kiwipiepy import Kiwi
+        from loraops.korean import analyser
 
-        self._kiwi, self._pos = Kiwi(model_type=analyzer.removeprefix("kiwi-")), tuple(pos)
+        self._kiwi, self._pos = analyser(analyzer), tuple(pos)
         self._cache: dict[str, list[str]] = {}
 
     def __call__(self, text: str) -> list[str]:

@@ -40,9 +40,9 @@ class SpeechLevel:
     """Classify lines as formal, polite, casual or none (see the module's rules)."""
 
     def __init__(self, analyzer: str = "kiwi-cong") -> None:
-        from kiwipiepy import Kiwi
+        from loraops.korean import analyser
 
-        self._kiwi = Kiwi(model_type=analyzer.removeprefix("kiwi-"))
+        self._kiwi = analyser(analyzer)
 
     def sentences(self, text: str) -> list[str]:
         """The level of each sentence of ``text`` that has one, in order."""

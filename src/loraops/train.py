@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from loraops import packing
-from loraops.config import LoraSection, Params, TrainSection
+from loraops.config import ConfigError, LoraSection, Params, TrainSection
 from loraops.prepare import load_split
 from loraops.model import TINY_BASE, base_location, build_tiny_base, check_base, load_base, load_tokenizer, write_base_card
 from loraops.paths import ADAPTER_DIR, BASE_DIR, CHECKPOINT_DIR, TRAIN_LOG, TRAIN_METRICS, prompts_folder
@@ -128,6 +128,42 @@ def _progress_callback() -> Any:
     return LineProgress()
 
 
+FAULT_ENV = "LORAOPS_FAULT_AFTER_CHECKPOINT"
+"""Fault injection for crash tests, read by the train stage: ``N:kill`` SIGKILLs the stage's whole process group
+(the run, `dvc repro` and the stage: a machine dying) right after checkpoint N is written; ``N:wait:PATH`` pauses
+there until PATH exists, after creating PATH.waiting (a server can be stopped while the run is mid-training).
+Unset in normal use."""
+
+
+def fault_injection() -> Any:
+    """The callback that carries out ``LORAOPS_FAULT_AFTER_CHECKPOINT``, or None when it is unset."""
+    import os
+
+    spec = os.environ.get(FAULT_ENV, "")
+    if not spec:
+        return None
+    step, _, action = spec.partition(":")
+    if not step.isdigit() or not (action == "kill" or action.startswith("wait:")):
+        raise ConfigError(f"{FAULT_ENV}={spec!r}: expected N:kill or N:wait:PATH")
+    from transformers import TrainerCallback
+
+    class Fault(TrainerCallback):
+        def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if state.global_step != int(step):
+                return
+            say(f"{FAULT_ENV}: checkpoint-{step} written; {action}")
+            if action == "kill":
+                import signal
+
+                os.killpg(os.getpgid(0), signal.SIGKILL)
+            flag = Path(action.removeprefix("wait:"))
+            flag.with_name(flag.name + ".waiting").touch()  # the test sees the stage paused, then acts
+            while not flag.exists():
+                time.sleep(0.1)
+
+    return Fault()
+
+
 def _history_rows(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows: dict[int, dict[str, Any]] = {}
     for entry in log_history:
@@ -224,6 +260,8 @@ def fit(params: Params, train_rows: list[dict], val_rows: list[dict], base: str,
     callbacks += extra_callbacks or []
     if progress_lines():
         callbacks.append(_progress_callback())
+    fault = fault_injection()
+    callbacks += [fault] if fault is not None else []
     cut = sum(len(tokenize_pair(tokenizer, r["prompt"], r["answer"], 10**9)["input_ids"]) > params.model.max_length
               for r in train_rows)
     if cut:
