@@ -123,11 +123,10 @@ def test_training_killed_mid_run_resumes_from_its_checkpoint_bit_identical(tmp_p
     import signal
     import subprocess
     import sys
-    import time
 
     from helpers import make_workspace, tiny_overrides
 
-    ws = make_workspace(tmp_path / "ws", tiny_overrides("train.max_steps=250", "train.eval_steps=50",
+    ws = make_workspace(tmp_path / "ws", tiny_overrides("train.max_steps=100", "train.eval_steps=50",
                                                         "train.early_stopping_patience=0"))
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     train = [sys.executable, "-m", "loraops.cli", "train"]
@@ -137,30 +136,20 @@ def test_training_killed_mid_run_resumes_from_its_checkpoint_bit_identical(tmp_p
     expected = json.loads((ws / "metrics/train.json").read_text())["adapter_sha256"]
     assert not (ws / "models/checkpoints").exists()  # a finished training leaves nothing to resume
 
-    killed = subprocess.Popen(train, cwd=ws, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    checkpoint = ws / "models/checkpoints/checkpoint-100"
-    deadline = time.time() + 300
-    while not ((checkpoint / "trainer_state.json").exists() and (checkpoint / "rng_state.pth").exists()):
-        assert killed.poll() is None and time.time() < deadline, "training ended before its checkpoint-100"
-        time.sleep(0.05)
-    time.sleep(0.5)
-    killed.send_signal(signal.SIGKILL)
-    killed.wait()
+    def killed_after_checkpoint_50() -> None:  # SIGKILL right after checkpoint-50 is written (its own process group)
+        done = subprocess.run(train, cwd=ws, env={**env, "LORAOPS_FAULT_AFTER_CHECKPOINT": "50:kill"},
+                              capture_output=True, start_new_session=True, timeout=600)
+        assert done.returncode == -signal.SIGKILL and (ws / "models/checkpoints/checkpoint-50/rng_state.pth").exists()
 
+    killed_after_checkpoint_50()
     resumed = subprocess.run(train, cwd=ws, env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "resuming from checkpoint-" in resumed.stdout, resumed.stdout[-2000:]
+    assert "resuming from checkpoint-50" in resumed.stdout, resumed.stdout[-2000:]
     figures = json.loads((ws / "metrics/train.json").read_text())
-    assert figures["resumed_from"].startswith("checkpoint-") and figures["steps"] == 250
+    assert figures["resumed_from"] == "checkpoint-50" and figures["steps"] == 100
     assert figures["adapter_sha256"] == expected
 
-    again = subprocess.Popen(train, cwd=ws, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while not (checkpoint / "rng_state.pth").exists():
-        assert again.poll() is None
-        time.sleep(0.05)
-    time.sleep(0.5)
-    again.send_signal(signal.SIGKILL)
-    again.wait()
+    killed_after_checkpoint_50()
     changed = subprocess.run([*train, "--set", "train.learning_rate=0.004"], cwd=ws, env=env, capture_output=True,
                              text=True, timeout=600)
     assert changed.returncode == 0 and "training from scratch: params changed since the checkpoint: train.learning_rate" \
