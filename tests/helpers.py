@@ -71,6 +71,20 @@ def make_workspace(dest: Path, overrides: list[str] | None = None) -> Path:
     return dest
 
 
+def run_cli(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`loraops ARGS` in this process (Typer's test runner), for tests of what a command prints and returns rather than
+    of a process's life: no interpreter start, torch import or Kiwi load per call. Returns what subprocess.run would."""
+    from typer.testing import CliRunner
+
+    from loraops.cli import load_commands
+
+    with contextlib.chdir(cwd):  # the command may chdir to the project root; the test's own directory comes back
+        result = CliRunner().invoke(load_commands(), [str(a) for a in args], env=env)
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return subprocess.CompletedProcess(["loraops", *map(str, args)], result.exit_code, result.stdout, result.stderr)
+
+
 def copy_project(src: Path, dest: Path) -> Path:
     """A trained project copied to ``dest`` for a test to change: files, git, DVC cache and the MLflow store, whose
     artifact locations (absolute file URIs) are rewritten to the copy's own folder."""

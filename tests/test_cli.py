@@ -8,35 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO
+from helpers import REPO, run_cli
 
 LORAOPS = [sys.executable, "-m", "loraops.cli"]
 
 
-class _Result:
-    def __init__(self, returncode: int, stdout: str, stderr: str):
-        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
-
-
-def loraops(*args: str, cwd: Path = REPO) -> _Result:
+def loraops(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
     """Run the CLI in-process (fast); the subprocess test below checks the real console entry."""
-    import os
-
-    from typer.testing import CliRunner
-
-    from loraops.cli import load_commands
-
-    app = load_commands()
-
-    old = Path.cwd()
-    os.chdir(cwd)
-    try:
-        result = CliRunner().invoke(app, list(args))
-    finally:
-        os.chdir(old)
-    if result.exception and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return _Result(result.exit_code, result.stdout, result.stderr)
+    return run_cli(list(args), cwd)
 
 
 @pytest.mark.parametrize("args,message", [
@@ -166,7 +145,7 @@ def test_init_data_guesses_format_and_columns_and_writes_a_loadable_params_file(
 @pytest.mark.integration
 def test_run_from_an_installed_wheel_pointed_at_the_project(tmp_path):
     """`loraops run` from a wheel (its flows inside the package), started outside the project with --project."""
-    from helpers import make_workspace, tiny_overrides
+    from helpers import make_workspace, small_loop_overrides
 
     wheel_dir, site = tmp_path / "dist", tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheel_dir),
@@ -175,7 +154,7 @@ def test_run_from_an_installed_wheel_pointed_at_the_project(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(wheel)],
                    check=True, capture_output=True, timeout=300)
     assert (site / "loraops" / "flows" / "finetune.py").exists()
-    project = make_workspace(tmp_path / "ws", tiny_overrides("eval.self_test=false"))
+    project = make_workspace(tmp_path / "ws", small_loop_overrides())
     outside = tmp_path / "outside"
     outside.mkdir()
     import os

@@ -147,3 +147,27 @@ def test_promote_refuses_worse_and_rollback_restores(golden, golden_copy):
     assert actions == [("promote", "None", "1"), ("refuse", "1", "2"), ("refuse", "1", "2"), ("promote", "1", "2"),
                        ("rollback", "2", "1")]
     assert str(_client().get_model_version_by_alias("interior-qa-lora", "production").version) == "1"
+
+
+def test_editing_serving_demo_review_or_cli_code_leaves_every_stage_up_to_date(golden_copy):
+    """DVC's own verdict on a trained project: code no stage runs does not make one stale; a judge module does,
+    for the stages that import it and no other."""
+    from dvc.repo import Repo
+
+    from loraops.codedeps import stage_files
+    from loraops.paths import STAGES
+
+    def stale() -> set[str]:
+        with Repo(str(golden_copy)) as repo:
+            return {name.rsplit(":", 1)[-1].split("@")[0] for name in repo.status(targets=list(STAGES))}
+
+    assert stale() == set()
+    for module in ("demo.py", "api.py", "review.py", "approval.py", "registry.py", "cli/serving.py", "cli/models.py"):
+        with (golden_copy / "src/loraops" / module).open("a", encoding="utf-8") as fh:
+            fh.write("\n# an edit no stage runs\n")
+    assert stale() == set()
+    with (golden_copy / "src/loraops/degenerate.py").open("a", encoding="utf-8") as fh:
+        fh.write("\n# a judge edit\n")
+    expected = {s for s in STAGES if "src/loraops/degenerate.py" in stage_files(s)}
+    assert "evaluate" in expected and "train" not in expected
+    assert stale() == expected

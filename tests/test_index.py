@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 
@@ -111,27 +108,26 @@ def test_retrieve_cli_json_file_and_errors(built, tmp_path):
     params, root = built["morphemes"]
     for name in ("params.yaml", "dvc.yaml"):
         shutil.copy(REPO / name, root / name)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    cli = [sys.executable, "-m", "loraops.cli"]
-    one = subprocess.run([*cli, "retrieve", "창문에 물방울이 맺혀요", "--k", "2", "--json"], cwd=root, env=env,
-                         capture_output=True, text=True)
+    from helpers import run_cli
+
+    one = run_cli(["retrieve", "창문에 물방울이 맺혀요", "--k", "2", "--json"], root)
     assert one.returncode == 0, one.stderr
     line = json.loads(one.stdout)
     assert line["question"] == "창문에 물방울이 맺혀요" and len(line["results"]) == 2
     assert line["results"][0]["id"] == "condensation" and set(line["results"][0]) == {"id", "score", "text"}
     (tmp_path / "q.csv").write_text("문의,x\n벽지가 들떴어요,1\n거실이 좁아 보여요,2\n", encoding="utf-8")
-    many = subprocess.run([*cli, "retrieve", "--file", str(tmp_path / "q.csv"), "--out", str(tmp_path / "r.jsonl"),
-                           "--k", "1", "--question-column", "문의"], cwd=root, env=env, capture_output=True, text=True)
+    many = run_cli(["retrieve", "--file", str(tmp_path / "q.csv"), "--out", str(tmp_path / "r.jsonl"), "--k", "1",
+                    "--question-column", "문의"], root)
     assert many.returncode == 0, many.stderr
     rows = [json.loads(x) for x in (tmp_path / "r.jsonl").read_text(encoding="utf-8").splitlines()]
     assert [r["results"][0]["id"] for r in rows] == ["wallpaper-lifting", "small-living-room"]
     for args, message in ((["retrieve", "x", "--k", "0"], "--k: must be at least 1"),
                           (["retrieve", "--file", str(tmp_path / "q.csv")], "missing question column 'question'"),
                           (["retrieve", "x", "--mode", "dense"], "rebuild with `loraops index --set rag.mode=dense`")):
-        bad = subprocess.run([*cli, *args], cwd=root, env=env, capture_output=True, text=True)
+        bad = run_cli(args, root)
         assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
     (root / "data/index/card.json").unlink()
-    missing = subprocess.run([*cli, "retrieve", "x"], cwd=root, env=env, capture_output=True, text=True)
+    missing = run_cli(["retrieve", "x"], root)
     assert missing.returncode == 2 and "run `loraops index`" in missing.stderr
 
 

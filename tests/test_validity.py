@@ -78,15 +78,15 @@ def test_user_probe_pairs_are_added_and_bad_files_name_file_and_row(tmp_path):
 
 
 def test_self_test_cli_prints_accuracies_and_refuses_an_invalid_gate_metric(tmp_path):
-    loraops = [sys.executable, "-m", "loraops.cli"]
-    ok = subprocess.run([*loraops, "evaluate", "--self-test", "--params", str(REPO / "params.yaml"),
-                         "--set", "eval.metrics=[morph_f1,exact_match]"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    from helpers import run_cli
+
+    ok = run_cli(["evaluate", "--self-test", "--params", str(REPO / "params.yaml"),
+                  "--set", "eval.metrics=[morph_f1,exact_match]"], tmp_path)
     assert ok.returncode == 0, ok.stderr
     assert "paraphrase>unrelated" in ok.stdout and "gate metric morph_f1 (registry.gate.metric) is valid" in ok.stdout
     assert "exact_match" in ok.stdout and "NOT VALID for Korean" in ok.stdout
-    bad = subprocess.run([*loraops, "evaluate", "--self-test", "--params", str(REPO / "params.yaml"),
-                          "--set", "eval.metrics=[exact_match]", "--set", "registry.gate.metric=exact_match"],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    bad = run_cli(["evaluate", "--self-test", "--params", str(REPO / "params.yaml"),
+                   "--set", "eval.metrics=[exact_match]", "--set", "registry.gate.metric=exact_match"], tmp_path)
     assert bad.returncode == 2 and "registry.gate.metric: 'exact_match' is not valid" in bad.stderr
     assert "Traceback" not in bad.stderr
 
