@@ -185,6 +185,8 @@ def finetune(
     eval_questions: int = form.quick_field("eval_questions", _D.eval.max_samples or 0),
     model_name: str = form.quick_field("model_name", _D.registry.model_name),
     auto_promote: bool = form.quick_field("auto_promote", _D.registry.auto_promote),
+    # The valid-type ignores below: the groups are pydantic models built at import time (form.GROUPS), which
+    # Prefect renders as form sections; mypy cannot use a variable as a type
     data: DataGroup = DataGroup(),  # type: ignore[valid-type]
     model: ModelGroup = ModelGroup(),  # type: ignore[valid-type]
     lora: LoraGroup = LoraGroup(),  # type: ignore[valid-type]

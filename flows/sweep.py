@@ -92,6 +92,8 @@ def _run_name() -> str:
 @flow(name="sweep", log_prints=True, validate_parameters=True, flow_run_name=_run_name,
       on_cancellation=[_close_mlflow_runs], on_crashed=[_close_mlflow_runs], on_failure=[_close_mlflow_runs])
 def sweep_flow(
+    # The valid-type ignores below: the groups are pydantic models built at import time (form.GROUPS), which
+    # Prefect renders as form sections; mypy cannot use a variable as a type
     sweep: SweepGroup = SweepGroup(),  # type: ignore[valid-type]
     params_file: str = Field("params.yaml", description="The params file every trial starts from."),
     overrides: list[str] = Field([], description="Extra dotted.key=value settings, applied before the trial's values "

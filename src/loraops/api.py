@@ -187,7 +187,7 @@ class Catalog:
         for name in self.names:
             try:
                 aliases = self.client.get_registered_model(name).aliases or {}
-            except Exception:  # noqa: BLE001
+            except Exception:  # noqa: BLE001 - a model the catalogue cannot read (deleted, not allowed) is skipped
                 continue
             number = aliases.get("production") or next((str(v.version) for v in reversed(_versions(self.client, name))), None)
             if number:
@@ -208,7 +208,7 @@ class Job:
     stops: list[str]
     temperature: float
     top_p: float
-    sink: Callable[[tuple], None]  # receives ("delta", text), ("done", finish, usage) or ("error", message)
+    sink: Callable[[tuple], object]  # receives ("delta", text), ("done", finish, usage) or ("error", message)
     cancelled: bool = False
     sent: str = ""
     text: str = ""
@@ -563,7 +563,7 @@ def create_app(catalog: Catalog, engine: Engine, settings: Settings) -> Any:
         stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         if len(stops) > 4:
             raise ApiError(400, "stop: at most 4 sequences", param="stop")
-        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        loop, events = asyncio.get_running_loop(), asyncio.Queue[tuple]()
         job = Job(prompt=prompt, version=version, max_tokens=max_tokens, stops=[*generation.get("stop_strings", []), *stops],
                   temperature=body.temperature or 0.0, top_p=body.top_p or 1.0,
                   sink=lambda event: loop.call_soon_threadsafe(events.put_nowait, event))

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from prefect.input import RunInput
 from pydantic import Field
@@ -64,6 +64,7 @@ def request_approval(name: str, version: str | None, params_file: str, overrides
     Raises:
         ConfigError: no Prefect server (PREFECT_API_URL), or no promote deployment served on it.
     """
+    from prefect.client.schemas.objects import FlowRun
     from prefect.deployments import run_deployment
     from prefect.exceptions import ObjectNotFound
 
@@ -73,15 +74,16 @@ def request_approval(name: str, version: str | None, params_file: str, overrides
                           "Prefect server: start one and the deployments (`make ui`, `loraops deploy`), set "
                           "PREFECT_API_URL, and run `loraops promote` again (or start the promote deployment in the UI)")
     try:
-        run = run_deployment(DEPLOYMENT, parameters={"name": name, "version": version or "", "params_file": params_file,
-                                                         "overrides": list(overrides or [])},
-                             timeout=0)
+        started = run_deployment(DEPLOYMENT, parameters={"name": name, "version": version or "", "params_file": params_file,
+                                                          "overrides": list(overrides or [])},
+                                 timeout=0)
+        run = cast(FlowRun, started)  # called from sync code, Prefect's sync_compatible returns the FlowRun itself
     except ObjectNotFound:
         raise ConfigError(f"no deployment {DEPLOYMENT} on {api}: start `loraops deploy` in the project") from None
     ui = os.environ.get("PREFECT_UI_URL") or api.removesuffix("/").removesuffix("/api")
     link = f"{ui}/runs/flow-run/{run.id}"
     deadline = time.time() + wait_s
-    state = run.state
+    state: Any = run.state  # a State (None only before the server has set one; the loop reads it again)
     while time.time() < deadline:
         state = _state(run.id)
         if state.type.value == "PAUSED" or state.is_final():

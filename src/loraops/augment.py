@@ -28,6 +28,7 @@ import shutil
 import time
 import unicodedata
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Callable
 
@@ -76,12 +77,12 @@ class LeakageGuard:
     scores 1 while a question that only shares the template (``… 문제를 예방하려면 어떻게 해야 하나요?``) with
     another topic scores low; the weights come from every question the guard has seen."""
 
-    def __init__(self, held_out: list[str], others: list[str] = ()) -> None:  # type: ignore[assignment]
+    def __init__(self, held_out: list[str], others: Sequence[str] = ()) -> None:
         import math
 
         from loraops.korean import analyser
 
-        self._kiwi, self._terms = analyser(), {}
+        self._kiwi, self._terms = analyser(), dict[str, frozenset[str]]()
         self.questions = sorted(set(held_out))
         sets = [self.terms(q) for q in self.questions]
         every = [self.terms(q) for q in sorted(set(others) - set(self.questions))] + sets
@@ -299,6 +300,8 @@ class Teacher:
         from loraops.model import load_base, load_tokenizer
 
         if self._local is None:
+            if not self.cfg.model:
+                raise TeacherError("augment.teacher.model: a local teacher needs a hub id or a local directory")
             cfg = ModelSection(base=self.cfg.model)
             self._local = (load_base(self.cfg.model, cfg, self.device), load_tokenizer(self.cfg.model, cfg))
         model, tokenizer = self._local

@@ -65,7 +65,7 @@ def slot(name: str, timeout_seconds: float | None = None, lease_duration: float 
          holder: dict[str, Any] | None = None) -> Any:
     """Hold one leased slot of the limit ``name`` (which must exist)."""
     from prefect.concurrency.sync import concurrency
-    from prefect.types._concurrency import ConcurrencyLeaseHolder
+    from prefect.client.schemas.objects import ConcurrencyLeaseHolder
 
     return concurrency(name, occupy=1, timeout_seconds=timeout_seconds, lease_duration=lease_duration, strict=True,
                        holder=ConcurrencyLeaseHolder(**holder) if holder else None)
@@ -236,6 +236,11 @@ def reclaim(name: str, suspects: int = 0) -> tuple[int, int]:
     return run_coro_as_sync(_reclaim(name, suspects)) or (0, 0)
 
 
+def _untyped(func: Any) -> Any:
+    """Prefect's ``@db_injector`` server functions, as mypy cannot see that they stay coroutine functions."""
+    return func
+
+
 async def _reclaim(name: str, suspects: int) -> tuple[int, int]:
     from datetime import datetime, timezone
 
@@ -249,7 +254,7 @@ async def _reclaim(name: str, suspects: int) -> tuple[int, int]:
         await revoke_expired_lease(lease_id, db=db, lease_storage=storage)
     now = datetime.now(timezone.utc)
     async with db.session_context(begin_transaction=True) as session:
-        limit = await read_concurrency_limit(session, name=name)
+        limit = await _untyped(read_concurrency_limit)(session, name=name)
         if limit is None or not limit.active_slots:
             return 0, 0
         held = 0
@@ -260,7 +265,7 @@ async def _reclaim(name: str, suspects: int) -> tuple[int, int]:
         orphans = max(limit.active_slots - held, 0)
         freed = min(orphans, suspects)
         if freed:
-            await bulk_decrement_active_slots(session=session, concurrency_limit_ids=[limit.id], slots=freed)
+            await _untyped(bulk_decrement_active_slots)(session=session, concurrency_limit_ids=[limit.id], slots=freed)
         return orphans - freed, freed
 
 
@@ -283,7 +288,7 @@ async def _describe(name: str) -> str:
 
     db, storage = provide_database_interface(), get_concurrency_lease_storage()
     async with db.session_context() as session:
-        limit = await read_concurrency_limit(session, name=name)
+        limit = await _untyped(read_concurrency_limit)(session, name=name)
     if limit is None:
         return "no such limit"
     if not limit.active_slots:

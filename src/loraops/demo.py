@@ -118,7 +118,9 @@ class Demo:
             number = shown.get(arm, {}).get("version")
             if number:
                 name, version = number.split("/")
-                runs[arm] = client.get_model_version(name, version).run_id
+                run_id = client.get_model_version(name, version).run_id
+                if run_id:  # a version registered from outside a run has no run to hold its ratings
+                    runs[arm] = run_id
         when, saved = time.strftime("%Y-%m-%dT%H:%M:%S%z"), []
         for arm, item in rated.items():
             targets = [runs[arm]] if arm in runs else ([] if arm != "base" else list(dict.fromkeys(runs.values())))

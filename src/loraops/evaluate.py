@@ -242,7 +242,8 @@ def run(params: Params, root: Path = Path("."), self_test: bool | None = None) -
         say("metric validity on the Korean probes (eval.self_test): " +
             ("measured before with these settings and code (cache)" if kept else "measured"))
         require_valid(validity, params.registry.gate.metric, params.eval)
-    classifier, probed = None, None
+    classifier: SpeechLevel | None = None
+    probed = None
     if params.eval.tone is not None:
         classifier = SpeechLevel(params.eval.morph_analyzer)
         if params.eval.self_test if self_test is None else self_test:
@@ -264,7 +265,7 @@ def run(params: Params, root: Path = Path("."), self_test: bool | None = None) -
     for frame in tables:
         for column in params.data.attribute_columns:
             frame[column] = [r.get("attributes", {}).get(column, "") for r in rows]
-        if expected is not None:
+        if expected is not None and classifier is not None:
             add_tone(frame, expected, classifier)
     table, plain = tables[0], tables[-1]
     if rag:

@@ -94,7 +94,7 @@ def _jsonl_documents(path: Path) -> list[tuple[str, str]]:
             continue
         try:
             row = json.loads(line)
-        except ValueError as exc:
+        except json.JSONDecodeError as exc:
             raise DataError(f"{path}: line {number}: not JSON ({exc.msg})") from None
         if not isinstance(row, dict):
             raise DataError(f"{path}: line {number}: expected an object with id and text")
@@ -261,6 +261,7 @@ class Retriever:
         return [(int(i), float(scores[i])) for i in order if scores[i] > 0]
 
     def _dense_ranked(self, query: str, depth: int) -> list[tuple[int, float]]:
+        assert self._encoder is not None, "dense ranking needs an index built with vectors (search checks the mode)"
         vector = self._encoder.encode([query], normalize_embeddings=True, show_progress_bar=False, convert_to_numpy=True)[0]
         scores = self.vectors @ vector
         order = scores.argsort()[::-1][:depth]

@@ -131,7 +131,7 @@ def _varlen_mask(*args: Any, attention_mask: Any = None, **kwargs: Any) -> Any:
     """No mask without padding (a packed row's boundaries travel as ``cu_seq_lens_q``), else SDPA's."""
     from transformers.masking_utils import sdpa_mask
 
-    return None if attention_mask is None else sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
+    return None if attention_mask is None else sdpa_mask(*args, **{**kwargs, "attention_mask": attention_mask})
 
 
 def register() -> None:

@@ -197,7 +197,7 @@ def read_qa(path: Path, cfg: DataSection) -> tuple[list[QARecord], str]:
     _require_category(path, cfg, header)
     if not rows:
         raise DataError(f"{path}: header only, no data rows")
-    use_ids = bool(cfg.id_column and cfg.id_column in header)
+    id_column = cfg.id_column if cfg.id_column and cfg.id_column in header else None
     records = []
     for number, row in rows:
         question, answer = row[cfg.question_column], row[cfg.answer_column]
@@ -205,7 +205,7 @@ def read_qa(path: Path, cfg: DataSection) -> tuple[list[QARecord], str]:
             raise DataError(f"{path}: {unit} {number}: empty {cfg.question_column!r}")
         if not answer.strip():
             raise DataError(f"{path}: {unit} {number}: no usable answer in column {cfg.answer_column!r}")
-        group = row[cfg.id_column].strip() if use_ids else " ".join(question.split())
+        group = row[id_column].strip() if id_column else " ".join(question.split())
         attrs = {c: row[c] for c in cfg.attribute_columns}
         records.append(QARecord(group or f"{unit}{number}", question, answer, _category(row, cfg, header), f"{unit} {number}", attrs))
     return records, used

@@ -58,9 +58,9 @@ def register(params: Params, run_id: str, adapter_dir: Path, base_location: str,
     client, name = _client(), params.registry.model_name
     existing = _versions(client, name, f"tags.`{SHA_TAG}` = '{adapter_sha}'")
     if existing:
-        version = str(existing[0].version)
-        client.set_registered_model_alias(name, "candidate", version)
-        return {"name": name, "version": version, "reused": True}
+        reused = str(existing[0].version)
+        client.set_registered_model_alias(name, "candidate", reused)
+        return {"name": name, "version": reused, "reused": True}
     spec_dir = adapter_dir.parent / ".pyfunc-spec"
     spec_dir.mkdir(parents=True, exist_ok=True)
     floors = quality_of(adapter_dir.parent.parent, params)
@@ -142,7 +142,11 @@ def resolve(client: mlflow.MlflowClient, name: str, version: str | None = None, 
         known = ", ".join(m.name for m in client.search_registered_models()) or "none"
         raise RegistryError(f"no registered model {name!r}; registered: {known}") from None
     try:
-        return client.get_model_version(name, version) if version else client.get_model_version_by_alias(name, alias)
+        if version:
+            return client.get_model_version(name, version)
+        if not alias:
+            raise RegistryError("give a version or an alias")
+        return client.get_model_version_by_alias(name, alias)
     except MlflowException:
         what = f"version {version}" if version else f"alias @{alias}"
         raise RegistryError(f"model {name!r} has no {what}{_what_there_is(client, name)}") from None
@@ -254,7 +258,7 @@ def _reference_scores(client: mlflow.MlflowClient, name: str, candidate: pd.Data
     except MlflowException:
         return scores_from_table(candidate, f"base_{metric}"), "base model (no production yet)"
     table = eval_table(client, prod)
-    keys = lambda t: set(zip(t["question"], t["reference"]))  # noqa: E731
+    keys = lambda t: set(zip(t["question"], t["reference"]))
     if keys(table) >= keys(candidate):
         return scores_from_table(table, f"tuned_{metric}"), f"production v{prod.version}"
     return _rescore(f"models:/{name}/{prod.version}", candidate, params, metric), f"production v{prod.version} (re-evaluated)"
@@ -283,7 +287,7 @@ def _rescore(uri: str, candidate: pd.DataFrame, params: Params, metric: str) -> 
 
 
 def promote(name: str, version: str | None, params: Params, force: bool = False, reason: str | None = None,
-            approval: dict[str, str] | None = None, dry_run: bool = False) -> dict[str, Any]:
+            approval: dict[str, Any] | None = None, dry_run: bool = False) -> dict[str, Any]:
     """Move ``production`` to ``version`` (default: ``candidate``) when the gate passes, or when forced with a reason.
 
     ``approval`` (``reviewer``, ``comment``) is the human sign-off ``registry.gate.require_approval`` asks for; it is

@@ -290,8 +290,8 @@ def plots(summary: dict[str, Any], table: pd.DataFrame, primary: str, out_dir: P
     written = []
     fig, ax = plt.subplots(figsize=(6, 4))
     bins = np.linspace(min(table[f"base_{primary}"].min(), table[f"tuned_{primary}"].min()), 1.0, 21)
-    ax.hist(table[f"base_{primary}"], bins=bins, alpha=0.6, label="base")
-    ax.hist(table[f"tuned_{primary}"], bins=bins, alpha=0.6, label="tuned")
+    ax.hist(table[f"base_{primary}"], bins=bins.tolist(), alpha=0.6, label="base")
+    ax.hist(table[f"tuned_{primary}"], bins=bins.tolist(), alpha=0.6, label="tuned")
     ax.set_xlabel(primary)
     ax.set_ylabel("questions")
     ax.legend()
@@ -353,6 +353,6 @@ def top_losses(root: Path, metric: str, n: int = 10, width: int = 120) -> list[d
     table = pd.read_csv(root / EVAL_TABLE, keep_default_na=False)
     table["delta"] = table[f"tuned_{metric}"] - table[f"base_{metric}"]
     worst = table[table["delta"] < 0].sort_values("delta").drop_duplicates("question").head(n)
-    cut = lambda text: text if len(text) <= width else text[: width - 1] + "…"  # noqa: E731
+    cut = lambda text: text if len(text) <= width else text[: width - 1] + "…"
     return [{"delta": round(float(r["delta"]), 4), "question": cut(r["question"]), "base": cut(r["base_answer"]),
              "tuned": cut(r["tuned_answer"])} for _, r in worst.iterrows()]

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import mlflow.pyfunc
+from mlflow.pyfunc.model import PythonModel
 import pandas as pd
 
 _log = logging.getLogger("loraops.serve")
@@ -43,7 +44,7 @@ def signature(template_fields: list[str], retrieval: bool = False) -> Any:
     return ModelSignature(inputs=inputs, outputs=outputs)
 
 
-class LoraQAModel(mlflow.pyfunc.PythonModel):
+class LoraQAModel(PythonModel):
     """Base + LoRA adapter answering domain questions."""
 
     def load_context(self, context: Any) -> None:

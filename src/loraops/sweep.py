@@ -34,7 +34,9 @@ def distributions(params: Params) -> dict[str, Any]:
     for key, space in params.sweep.space.items():
         if space.choices is not None:
             out[key] = CategoricalDistribution(space.choices)
-        elif kinds[key] is int:
+            continue
+        assert space.low is not None and space.high is not None, key  # Params' cross-checks: choices, or low and high
+        if kinds[key] is int:
             out[key] = IntDistribution(int(space.low), int(space.high), log=space.log, step=int(space.step or 1))
         else:
             out[key] = FloatDistribution(float(space.low), float(space.high), log=space.log,
@@ -100,7 +102,7 @@ class Reporter:
                                       pruner=pruner(bool(os.environ.get(PRUNING_ENV))))
             self.trial = optuna.trial.Trial(study, int(os.environ[TRIAL_ENV]))
 
-    def report(self, value: float, step: int) -> bool:
+    def report(self, value: float | None, step: int) -> bool:
         """Report an intermediate validation loss; True when the pruner says to stop this trial."""
         if self.trial is None or value is None or math.isnan(value):
             return False
@@ -156,7 +158,7 @@ def plots(study: Any, out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     complete = sum(t.state.name == "COMPLETE" for t in study.trials)
-    drawings = [("parallel_coordinate", vis.plot_parallel_coordinate)]
+    drawings: list[tuple[str, Any]] = [("parallel_coordinate", vis.plot_parallel_coordinate)]
     if complete >= MIN_TRIALS_FOR_IMPORTANCE:
         drawings.append(("param_importances", vis.plot_param_importances))
     for name, draw in drawings:
@@ -166,7 +168,7 @@ def plots(study: Any, out_dir: Path) -> list[Path]:
                 axes = draw(study)
         except (ValueError, RuntimeError):  # too few completed trials, or a param that never varied
             continue
-        figure = axes.figure if hasattr(axes, "figure") else axes.flat[0].figure
+        figure: Any = axes.figure if hasattr(axes, "figure") else axes.flat[0].figure  # one Axes, or an array of them
         figure.set_size_inches(10, 5)
         figure.tight_layout()
         path = out_dir / f"{name}.png"

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from loraops.config import Params, ToneSection
-from loraops.errors import DataError
+from loraops.errors import ConfigError, DataError
 
 LEVELS = ("formal", "polite", "casual")
 _FORMAL = ("니다", "니까", "시오", "시다")
@@ -46,7 +46,8 @@ class SpeechLevel:
 
     def sentences(self, text: str) -> list[str]:
         """The level of each sentence of ``text`` that has one, in order."""
-        levels, current = [], []
+        levels: list[str | None] = []
+        current: list[Any] = []
         for token in self._kiwi.tokenize(text):
             if token.tag == "SF":
                 levels.append(_sentence_level(current))
@@ -54,7 +55,7 @@ class SpeechLevel:
             else:
                 current.append(token)
         levels.append(_sentence_level(current))
-        return [level for level in levels if level]
+        return [level for level in levels if level is not None]
 
     def __call__(self, text: str) -> str:
         levels = self.sentences(text)
@@ -87,7 +88,7 @@ def expected_levels(rows: list[dict[str, Any]], cfg: ToneSection, where: str) ->
     Raises:
         DataError: a row without a value, or with a value ``eval.tone.levels`` does not map (naming row and value).
     """
-    out = []
+    out: list[str] = []
     for row in rows:
         value = str(row.get("attributes", {}).get(cfg.column, "")).strip()
         if value not in cfg.levels:
@@ -106,6 +107,8 @@ def check_data(params: Params, root: Path = Path(".")) -> int:
     """
     from loraops.readers import read_records
 
+    if params.eval.tone is None:
+        raise ConfigError("eval.tone is not set: there is no expected speech level to check the data against")
     path = root / params.data.path if not Path(params.data.path).is_absolute() else Path(params.data.path)
     records, _ = read_records(path, params.data)
     expected_levels([{"attributes": r.attributes, "source": r.source} for r in records], params.eval.tone, str(path))

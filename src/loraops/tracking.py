@@ -113,7 +113,10 @@ def experiment_for(model_name: str, root: Path = Path(".")) -> str:
     except mlflow.exceptions.MlflowException as exc:
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
-        return client.get_experiment_by_name(model_name).experiment_id  # a concurrent run created it first
+        created = client.get_experiment_by_name(model_name)  # a concurrent run created it first
+        if created is None:
+            raise
+        return created.experiment_id
 
 
 def close_runs_of(flow_run_id: str, status: str) -> int:

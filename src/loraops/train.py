@@ -377,7 +377,7 @@ def training_identity(params: Params, train_rows: list[dict], val_rows: list[dic
     import hashlib
     import json
 
-    digest = lambda rows: hashlib.sha256(json.dumps(rows, ensure_ascii=False, sort_keys=True).encode()).hexdigest()  # noqa: E731
+    digest = lambda rows: hashlib.sha256(json.dumps(rows, ensure_ascii=False, sort_keys=True).encode()).hexdigest()
     return {"params": {s: getattr(params, s).model_dump(mode="json") for s in ("base", "model", "lora", "train")},
             "train_sha256": digest(train_rows), "validation_sha256": digest(val_rows), "processes": processes}
 

@@ -101,6 +101,7 @@ def retrieve(query: Optional[str] = typer.Argument(None, help="A question to loo
         count = index_stage.retrieve_file(retriever, source, target, top, question_column)
         typer.echo(f"wrote {target} ({count} questions, top {top} each)")
         return
+    assert query is not None  # checked above: a question or --file
     results = retriever.search(query, top)
     if as_json:
         typer.echo(json.dumps({"question": query, "results": results}, ensure_ascii=False))
