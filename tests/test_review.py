@@ -101,3 +101,20 @@ def test_demo_ratings_are_refused_without_a_name_with_half_a_rubric_or_with_noth
         demo.save("kim", "질문", {}, shown, {"production": {"correction": "고친 답", "approve": False}})
     with pytest.raises(ConfigError, match="ask a question first"):
         demo.save("kim", "질문", {}, {}, half)
+
+
+def test_a_rating_saved_twice_counts_once_and_saving_again_updates_it(run_with_table):
+    """The demo's Save pressed twice (or again to add a correction) must not double the rating the gate reads."""
+    from loraops import review
+
+    run_id, _ = run_with_table
+    rating = {"relevance": 2, "accuracy": 2, "completeness": 3, "model": "tuned", "rater": "kim"}
+    key = review.rating_key("demo", "kim", "m/2", "벽지에 곰팡이가  생겼어요")
+    assert key == review.rating_key("demo", " kim ", "m/2", "벽지에 곰팡이가 생겼어요")  # the same question, spaced
+    assert key != review.rating_key("demo", "lee", "m/2", "벽지에 곰팡이가 생겼어요")  # another rater counts apart
+    assert key != review.rating_key("demo", "kim", "m/3", "벽지에 곰팡이가 생겼어요")  # as does another version
+    review.record(run_id, [{**rating, "key": key}])
+    twice = review.record(run_id, [{**rating, "key": key}])
+    assert twice["review/n"] == 1 and twice["review/mean/tuned"] == pytest.approx(7 / 3, abs=1e-4)
+    updated = review.record(run_id, [{**rating, "key": key, "accuracy": 5}])
+    assert updated["review/n"] == 1 and updated["review/mean/tuned"] == pytest.approx(10 / 3, abs=1e-4)

@@ -16,7 +16,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -127,7 +126,8 @@ class Demo:
             if arm != "base" and arm not in runs:
                 continue
             for run_id in targets:
-                entry = {**item, "key": f"demo:{uuid.uuid4().hex}", "source": "demo", "model": "base" if arm == "base" else "tuned",
+                key = review.rating_key("demo", rater, shown[arm].get("version") or "base", question)
+                entry = {**item, "key": key, "source": "demo", "model": "base" if arm == "base" else "tuned",
                          "rater": rater, "question": question, "answer": shown[arm]["answer"], "created": when}
                 with _ratings_lock:
                     review.record(run_id, [entry])

@@ -123,8 +123,18 @@ def means(items: list[dict[str, Any]]) -> dict[str, float]:
     return out
 
 
+def rating_key(source: str, rater: str, answered_by: str, question: str) -> str:
+    """The key of one rater's rating of one model's answer to one question: saving the same rating again (a second
+    Save, a correction added later) replaces it instead of counting it twice in the means the gate reads."""
+    import hashlib
+
+    who = json.dumps([rater.strip(), answered_by, " ".join(question.split())], ensure_ascii=False)
+    return f"{source}:{hashlib.sha256(who.encode('utf-8')).hexdigest()[:24]}"
+
+
 def record(run_id: str, items: list[dict[str, Any]]) -> dict[str, float]:
-    """Add rated items (each with a unique ``key``) to the run's ``review/items.json`` and log the means over all."""
+    """Add rated items to the run's ``review/items.json`` (an item with a key already there replaces it: see
+    :func:`rating_key`) and log the means over all."""
     known: dict[str, Any] = {}
     try:
         known = json.loads(run_artifact(run_id, ITEMS, "").read_text(encoding="utf-8"))
