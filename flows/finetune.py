@@ -46,6 +46,8 @@ IO_RETRIES = {"retries": 3, "retry_delay_seconds": [2, 5, 10], "retry_condition_
 
 @task(name="params")
 def resolve_params(work: Path, params_file: str, overrides: list[str]) -> Params:
+    shown = ", ".join(redact_text(o) for o in overrides) or "none (the file's values as they are)"
+    get_run_logger().info("settings: %s with overrides: %s", params_file, shown)
     return workspace.write_params(params_file, overrides, work)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
 import yaml
 
 from helpers import REPO
@@ -114,3 +115,27 @@ def test_the_shipped_dvc_remote_holds_everything_dvc_lock_and_the_dvc_files_name
             listing = json.loads((remote / md5[:2] / md5[2:]).read_text())
             missing += [(f"{path}/{item['relpath']}", item["md5"]) for item in listing if not stored(item["md5"])]
     assert not missing, f"not in dvc-remote/ (run `dvc push` and commit dvc-remote/): {missing[:5]}"
+
+
+@pytest.mark.slow
+def test_a_stage_log_keeps_dvcs_report_and_drops_its_terminal_advice(tmp_path):
+    """`dvc repro`'s lines reach the run's log, except the advice for a person at a terminal (git add, dvc push)."""
+    import subprocess
+    import sys
+
+    from loraops.workspace import run_stage
+
+    dvc = str(Path(sys.executable).parent / "dvc")
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run([dvc, "init", "-q"], cwd=tmp_path, check=True)
+    (tmp_path / "dvc.yaml").write_text("stages:\n  hello:\n    cmd: echo 안녕 > out.txt\n    outs: [out.txt]\n",
+                                       encoding="utf-8")
+    raw = subprocess.run([dvc, "repro", "hello"], cwd=tmp_path, capture_output=True, text=True, check=True).stdout
+    assert "git add" in raw and "dvc push" in raw  # what DVC says at a terminal
+    (tmp_path / "out.txt").unlink()
+    lines: list[str] = []
+    assert run_stage("hello", tmp_path, lines.append) is True
+    text = "\n".join(lines)
+    assert "Running stage 'hello'" in text and "> echo 안녕 > out.txt" in text, text
+    assert "git add" not in text and "dvc push" not in text and "autostage" not in text, text
+    assert (tmp_path / "out.txt").read_text(encoding="utf-8").strip() == "안녕"

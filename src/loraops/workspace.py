@@ -92,6 +92,12 @@ def _stage_env(root: Path) -> dict[str, str]:
     return env
 
 
+TERMINAL_ADVICE = ("To track the changes with git, run:", "git add ", "To enable auto staging, run:",
+                   "dvc config core.autostage", "Use `dvc push` to send your updates")
+"""What `dvc repro` tells a person at a terminal after each stage; in a run (often a throw-away worktree) the
+flow commits nothing and pushes nothing itself, so these lines are dropped from the run's log."""
+
+
 def run_stage(stage: str, root: Path = Path("."), say: Callable[[str], Any] = print,
               env: dict[str, str] | None = None) -> bool:
     """Run one DVC stage (and anything stale upstream) with `dvc repro`; return whether it ran.
@@ -111,7 +117,7 @@ def run_stage(stage: str, root: Path = Path("."), say: Callable[[str], Any] = pr
         assert proc.stdout is not None
         for raw in proc.stdout:
             line = raw.rstrip()
-            if not line.strip():
+            if not line.strip() or line.strip().startswith(TERMINAL_ADVICE):
                 continue
             ran = ran or f"Running stage '{stage}'" in line
             if line.lower().startswith("error"):
