@@ -98,3 +98,12 @@ def test_demo_compares_rates_into_mlflow_and_keeps_approved_corrections(page, se
     assert rows == [{**rows[0], "question": QUESTION, "answer": "곰팡이는 결로와 환기 부족 때문에 생깁니다.",
                      "corrects": f"{NAME}/3", "rater": "kim", "source": "demo"}]
     assert (served_project / "data/feedback/corrections.jsonl.dvc").exists()
+
+
+def test_a_refused_rejected_or_forced_version_is_labelled_so():
+    from loraops.demo import verdict_note
+
+    assert "refused by the gate" in verdict_note("refused")
+    assert "rejected by a reviewer" in verdict_note("rejected by reviewer")
+    assert "by force" in verdict_note("forced")
+    assert verdict_note("promoted") == verdict_note(None) == ""

@@ -31,6 +31,19 @@ _feedback_lock = threading.Lock()
 _ratings_lock = threading.Lock()  # review.record reads, merges and rewrites a run's items: one save at a time
 
 
+VERDICT_NOTES = {
+    "refused": " · ✗ refused by the gate (not promotable as it is)",
+    "rejected by reviewer": " · ✗ rejected by a reviewer",
+    "forced": " · ⚠ promoted by force: the gate was overridden",
+}
+"""What an arm's label adds for the gate verdict its version carries (the `gate.verdict` tag); promoted and
+not-yet-gated versions add nothing."""
+
+
+def verdict_note(verdict: str | None) -> str:
+    return VERDICT_NOTES.get(verdict or "", "")
+
+
 class Demo:
     """What the page calls: answers for the three arms, and saving ratings and corrections."""
 
@@ -46,6 +59,15 @@ class Demo:
             except LoraopsError:
                 shown[alias] = None
         return shown
+
+    def verdict_of(self, version: Version | None) -> str | None:
+        """The gate's verdict on ``version`` (read at every question: a promotion or refusal shows at once)."""
+        if version is None:
+            return None
+        try:
+            return self.catalog.client.get_model_version(version.name, version.number).tags.get("gate.verdict")
+        except Exception:  # noqa: BLE001 - the label is best effort; the answer is shown either way
+            return None
 
     def ask(self, question: str, fields: dict[str, str]) -> dict[str, dict[str, Any]]:
         """Each arm's label, version and answer (arms without a version say so)."""
@@ -70,6 +92,7 @@ class Demo:
             answer, raw = self.engine.answer(prompt, version, int(generation["max_new_tokens"]),
                                              list(generation.get("stop_strings", [])))
             label = f"{arm} · {version.name}/{version.number}" if version else "base model (no adapter)"
+            label += verdict_note(self.verdict_of(version))
             if version is not None and version.warning:
                 label += " · ⚠ below the gate's quality floors (forced): its answers may be broken"
             if sources:
