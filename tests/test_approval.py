@@ -104,7 +104,8 @@ def test_a_rejection_moves_nothing_and_an_approval_promotes_both_audited(approva
     assert _wait_final(served, flow_run)["state_type"] == "COMPLETED"
     state = _registry(served)
     assert state["production"] is None
-    assert [(a["action"], a["to"], a["reviewer"]) for a in state["trail"]] == [("reject", "1", "박검토")]
+    assert [(a["action"], a["to"], a["reviewer"], a["comment"]) for a in state["trail"]] == [
+        ("reject", "1", "박검토", "톤이 아직 거칠어요")]
 
     link, flow_run = _promote_and_wait(served, "--set", "registry.gate.approval_timeout_hours=48")
     request = _answer_in_the_ui(served, link, "approve", "김승인", "샘플 확인 완료", "approve.png")
@@ -112,7 +113,8 @@ def test_a_rejection_moves_nothing_and_an_approval_promotes_both_audited(approva
     assert _wait_final(served, flow_run)["state_type"] == "COMPLETED"
     state = _registry(served)
     assert state["production"] == "1"
-    assert [(a["action"], a["to"], a["reviewer"]) for a in state["trail"]][-1] == ("promote", "1", "김승인")
+    assert [(a["action"], a["to"], a["reviewer"], a["comment"]) for a in state["trail"]][-1] == (
+        "promote", "1", "김승인", "샘플 확인 완료")
 
 
 def test_promote_without_a_prefect_server_says_where_approval_happens(approval_project, tmp_path):

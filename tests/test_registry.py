@@ -177,7 +177,8 @@ def test_no_answer_within_the_approval_timeout_rejects_and_moves_nothing(store):
     assert result["promoted"] is False and result["approval"] == {"reviewer": "(nobody)", "approved": False,
                                                                    "comment": "no approval within 0.0006 h"}
     assert registry._alias_version(registry._client(), "m", "production") is None
-    assert [(a["action"], a["to"]) for a in registry.audit_trail("m")] == [("reject", version)]
+    assert [(a["action"], a["to"], a["comment"]) for a in registry.audit_trail("m")] == [
+        ("reject", version, "no approval within 0.0006 h")]  # the reason is in the audit trail, not only in the log
     assert mlflow.MlflowClient().get_model_version("m", version).tags["gate.verdict"] == "rejected by reviewer"
 
 

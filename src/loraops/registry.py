@@ -437,17 +437,18 @@ def audit(client: mlflow.MlflowClient, name: str, action: str, from_version: str
     when = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     entry = {"when": when, "by": actor(), "action": action, "from": from_version, "to": to_version, **record}
     reviewer = (record.get("approval") or {}).get("reviewer")
+    comment = str((record.get("approval") or {}).get("comment") or "")[:1000]
+    said = ({"reviewer": reviewer} if reviewer else {}) | ({"comment": comment} if comment else {})
     if to_version:
         client.set_model_version_tag(name, to_version, f"audit.{int(time.time() * 1000)}", json.dumps(
-            {k: entry[k] for k in ("when", "by", "action", "from", "to")} | ({"reviewer": reviewer} if reviewer else {}),
-            ensure_ascii=False))
+            {k: entry[k] for k in ("when", "by", "action", "from", "to")} | said, ensure_ascii=False))
         if reviewer:
             client.set_model_version_tag(name, to_version, "gate.reviewer", reviewer)
     experiment = experiment_for(f"{name}-audit")
     with mlflow.start_run(experiment_id=experiment, run_name=audit_name(action, from_version, to_version),
                           nested=mlflow.active_run() is not None):
         mlflow.set_tags({"loraops.action": action, "loraops.by": entry["by"], "loraops.model": name,
-                         **({"loraops.reviewer": reviewer} if reviewer else {})})
+                         **{f"loraops.{key}": value for key, value in said.items()}})
         mlflow.log_params({"action": action, "from_version": str(from_version), "to_version": str(to_version),
                            "forced": str(record.get("forced", False)), "reason": str(record.get("reason"))})
         mlflow.log_dict(entry, "audit.json")
@@ -471,7 +472,7 @@ def audit_trail(name: str) -> list[dict[str, Any]]:
     runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
     return [{"when": r.info.start_time, "action": r.data.params.get("action"), "from": r.data.params.get("from_version"),
              "to": r.data.params.get("to_version"), "by": r.data.tags.get("loraops.by"),
-             "reviewer": r.data.tags.get("loraops.reviewer")} for r in runs]
+             "reviewer": r.data.tags.get("loraops.reviewer"), "comment": r.data.tags.get("loraops.comment")} for r in runs]
 
 
 def describe(result: dict[str, Any]) -> str:
