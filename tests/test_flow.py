@@ -129,6 +129,8 @@ def test_promote_refuses_worse_and_rollback_restores(golden, golden_copy):
         "Finished in state Worse than base(" in worse.stdout + worse.stderr
     mv = _client().get_model_version("interior-qa-lora", "2")
     assert mv.tags["gate.verdict"] == "refused" and "## Gate: REFUSED vs production v1" in mv.description
+    trained = _client().get_run(mv.run_id).data.tags  # the run's own page says so too
+    assert trained["gate.verdict"] == "refused" and "## Gate: REFUSED vs production v1" in trained["mlflow.note.content"]
     assert "Gate metric **morph_f1**" in mv.description  # the headline scores, from registration
     refused = loraops("promote", "--version", "2", "--json")
     assert refused.returncode == 3

@@ -379,7 +379,8 @@ def review_sample(name: str, version: str, params: Params, per_slice: int = 2) -
 
 
 def record_verdict(client: mlflow.MlflowClient, name: str, version: str, result: dict[str, Any]) -> None:
-    """Put the gate's decision and its reasons on the judged version: tags and its description."""
+    """Put the gate's decision and its reasons on the judged version (tags, description) and on the MLflow run that
+    trained it (the same tags, and its description), so the run's page says "refused" too."""
     verdict = "forced" if result["forced"] else ("promoted" if result["promoted"] else "refused")
     decision = result["decision"]
     client.set_model_version_tag(name, version, "gate.verdict", verdict)
@@ -390,6 +391,10 @@ def record_verdict(client: mlflow.MlflowClient, name: str, version: str, result:
     lines = [f"## Gate: {verdict.upper()} vs {decision['against']} ({time.strftime('%Y-%m-%d %H:%M')})", ""]
     lines += [f"- {reason}" for reason in decision["reasons"]]
     client.update_model_version(name, version, description=(head + "\n\n" if head else "") + "\n".join(lines))
+    if mv.run_id:
+        client.set_tag(mv.run_id, "gate.verdict", verdict)
+        client.set_tag(mv.run_id, "gate.against", decision["against"])
+        client.set_tag(mv.run_id, "mlflow.note.content", "\n".join([f"{name} v{version}", "", *lines]))
 
 
 def rollback(name: str, params: Params) -> dict[str, Any]:
