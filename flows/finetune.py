@@ -247,7 +247,7 @@ def _finetune(work: Path, params_file: str, overrides: list[str], allow_dirty: b
             **tracking.owner_tags(), "prefect.flow_run_id": str(flow_run.id), "prefect.flow_run_name": str(flow_run.name),
             "prefect.deployment": str(deployment.name), "loraops.workspace": str(work.resolve())}
     with mlflow.start_run(experiment_id=experiment, run_name=tracking.run_name(params), tags=tags,
-                          log_system_metrics=True) as run:
+                          log_system_metrics=None) as run:  # MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING=true turns them on
         tracking.log_params(params)
         if uri.startswith("http"):
             get_run_logger().info("MLflow run: %s/#/experiments/%s/runs/%s?workflowType=machine_learning", uri.rstrip("/"), experiment, run.info.run_id)
