@@ -87,6 +87,48 @@ def test_no_import_cycle_and_nothing_imports_upward():
         visit(name, [])
 
 
+LAYERS = {
+    "core": (0, "errors paths secrets config utils readers korean codedeps remote concurrency __init__"),
+    "judge": (1, "degenerate metrics tone validity gate score report"),
+    "modeling": (1, "model packing sweep"),
+    "stages": (2, "prepare augment index train evaluate datainit"),
+    "registry": (3, "tracking lineage modelspec registry reproduce workspace form"),
+    "review": (4, "review approval"),
+    "serving": (4, "serve pyfunc_model api demo export"),
+}
+"""Each module's layer (docs/where-to-change.md draws them): a module imports only from its own layer or lower ones,
+the CLI and the flows sit on top. Siblings at one level (judge · modeling, review · serving) may import each other."""
+
+
+def _imports(source: Path) -> set[str]:
+    """The loraops modules a file imports, at module level or inside functions (a lazy import is a dependency too)."""
+    found = set()
+    for node in ast.walk(ast.parse(source.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("loraops."):
+            found.add(node.module.split(".", 1)[1])
+        elif isinstance(node, ast.ImportFrom) and node.module == "loraops":
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.Import):
+            found |= {a.name.split(".", 1)[1] for a in node.names if a.name.startswith("loraops.")}
+    return found
+
+
+def test_every_module_has_a_layer_and_none_imports_a_layer_above_it():
+    package = Path(paths.__file__).parent
+    level = {module: rank for rank, names in LAYERS.values() for module in names.split()}
+    upward = []
+    for source in package.glob("*.py"):
+        name = source.stem
+        assert name in level, f"src/loraops/{name}.py has no layer: add it to LAYERS (tests/test_paths.py)"
+        for imported in _imports(source):
+            target = imported.split(".")[0]
+            if target in ("cli", "flows"):
+                upward.append(f"{name} → {imported} (the CLI and flows are the top)")
+            elif target in level and level[target] > level[name]:
+                upward.append(f"{name} (level {level[name]}) → {target} (level {level[target]})")
+    assert not upward, "imports from a layer above: " + "; ".join(sorted(upward))
+
+
 def test_the_shipped_dvc_remote_holds_everything_dvc_lock_and_the_dvc_files_name():
     """A fresh clone's plain `dvc pull` exits 0: the repository's remote holds the data and every cached output of the
     committed dvc.lock (after `make run` changes dvc.lock: `dvc push` and commit dvc-remote/)."""

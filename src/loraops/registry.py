@@ -51,7 +51,7 @@ def register(params: Params, run_id: str, adapter_dir: Path, base_location: str,
     An adapter already registered under the same sha256 is not registered again; the candidate alias
     moves to the existing version.
     """
-    from loraops import serve
+    from loraops import modelspec
     from loraops.prepare import template_fields
     from loraops.utils import write_json
 
@@ -64,21 +64,21 @@ def register(params: Params, run_id: str, adapter_dir: Path, base_location: str,
     spec_dir = adapter_dir.parent / ".pyfunc-spec"
     spec_dir.mkdir(parents=True, exist_ok=True)
     floors = quality_of(adapter_dir.parent.parent, params)
-    write_json(spec_dir / "spec.json", {**serve.model_spec(params, base_location), "quality": floors})
+    write_json(spec_dir / "spec.json", {**modelspec.model_spec(params, base_location), "quality": floors})
     write_json(spec_dir / "lineage.json", lineage)
     artifacts = {"adapter": str(adapter_dir), "spec": str(spec_dir / "spec.json"), "lineage": str(spec_dir / "lineage.json")}
-    if serve.should_bundle(base_location):
+    if modelspec.should_bundle(base_location):
         artifacts["base"] = base_location
     if params.rag.enabled:  # the configuration registered is adapter + retrieval: the index travels with it
         artifacts["index"] = str(adapter_dir.parent.parent / INDEX_DIR)
     import loraops
 
-    example = _input_example(params, adapter_dir) if serve.should_bundle(base_location) else None
+    example = _input_example(params, adapter_dir) if modelspec.should_bundle(base_location) else None
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
-            name="model", python_model=str(Path(serve.__file__).with_name("pyfunc_model.py")), artifacts=artifacts,
+            name="model", python_model=str(modelspec.PYFUNC_MODEL), artifacts=artifacts,
             code_paths=[str(Path(loraops.__file__).parent)], pip_requirements=_requirements(params.rag.enabled),
-            signature=serve.signature(template_fields(params.prompt_template),
+            signature=modelspec.signature(template_fields(params.prompt_template),
                                       retrieval=params.rag.enabled),
             input_example=example,
         )
@@ -264,6 +264,15 @@ def _reference_scores(client: mlflow.MlflowClient, name: str, candidate: pd.Data
     return _rescore(f"models:/{name}/{prod.version}", candidate, params, metric), f"production v{prod.version} (re-evaluated)"
 
 
+def load_model(uri: str) -> Any:
+    """Load a registered model (its pyfunc), turning MLflow's not-found errors into RegistryError."""
+    tracking_setup()
+    try:
+        return mlflow.pyfunc.load_model(uri)
+    except MlflowException as exc:
+        raise RegistryError(f"{uri}: {exc.message.splitlines()[0]}") from None
+
+
 def _rescore(uri: str, candidate: pd.DataFrame, params: Params, metric: str) -> pd.DataFrame:
     """Answer the candidate's test questions with another registered version and judge them as evaluate does.
 
@@ -271,11 +280,10 @@ def _rescore(uri: str, candidate: pd.DataFrame, params: Params, metric: str) -> 
     so production is held to the same standard as the candidate.
     """
     from loraops.metrics import MetricPack, family_of
-    from loraops.serve import load
 
     fields = ["question", "category", *(c for c in params.data.attribute_columns if c in candidate.columns)]
     inputs = candidate[fields].astype(str).drop_duplicates()  # the prompt depends on every template field, not the question alone
-    model = load(uri).unwrap_python_model()
+    model = load_model(uri).unwrap_python_model()
     answers = dict(zip(map(tuple, inputs.to_numpy()), model.answer_raw(inputs)))
     pack = MetricPack(params.eval.model_copy(update={"metrics": [family_of(metric)]}))
     keys = map(tuple, candidate[fields].astype(str).to_numpy())

@@ -16,32 +16,10 @@ import logging
 from pathlib import Path
 from typing import Any, Iterator
 
-import mlflow.pyfunc
 from mlflow.pyfunc.model import PythonModel
 import pandas as pd
 
 _log = logging.getLogger("loraops.serve")
-BUNDLE_LIMIT_BYTES = 200 * 1024 * 1024  # local bases under this size travel inside the model
-
-
-def signature(template_fields: list[str], retrieval: bool = False) -> Any:
-    """Question strings in, answer strings out.
-
-    A template that uses only ``{question}`` takes a list of questions (or a one-column table); one that also
-    uses ``{category}`` or attribute columns takes a table with a ``question`` column and optional columns for
-    the other fields (MLflow checks inputs against this before ``predict``).
-    """
-    from mlflow.models import ModelSignature
-    from mlflow.types.schema import Array, ColSpec, Schema
-
-    others = [name for name in dict.fromkeys(template_fields) if name not in ("question", "context")]
-    if not others:
-        inputs = Schema([ColSpec("string")])
-    else:
-        inputs = Schema([ColSpec("string", "question"), *(ColSpec("string", name, required=False) for name in others)])
-    outputs = Schema([ColSpec("string", "answer"), ColSpec(Array("string"), "sources")]) if retrieval \
-        else Schema([ColSpec("string")])
-    return ModelSignature(inputs=inputs, outputs=outputs)
 
 
 class LoraQAModel(PythonModel):
@@ -170,30 +148,6 @@ class _Defaults(dict):
         return ""
 
 
-def model_spec(params: Any, base_location: str) -> dict[str, Any]:
-    """What the pyfunc needs besides the adapter: base reference, template, decoding settings, and for a version
-    trained with retrieval the settings that look up its passages."""
-    rag = params.rag
-    retrieval = {"rag": {"mode": rag.mode, "k": rag.k, "max_context_chars": rag.max_context_chars, "rrf_k": rag.rrf_k,
-                         "tokenizer": rag.tokenizer, "encoder": rag.encoder, "corpus": rag.corpus},
-                 "morphemes": {"morph_pos": params.eval.morph_pos, "morph_analyzer": params.eval.morph_analyzer}}
-    return {
-        "base": {"id": str(Path(base_location).resolve()) if Path(base_location).exists() else params.model.base,
-                 "configured": params.model.base, "revision": params.model.revision,
-                 "trust_remote_code": params.model.trust_remote_code},
-        "template": params.prompt_template,
-        "generation": {"max_new_tokens": params.eval.max_new_tokens, "batch_size": params.eval.batch_size,
-                       "stop_strings": params.eval.stop_strings},
-        "retrieval": retrieval if rag.enabled else None,
-    }
-
-
-def should_bundle(base_location: str) -> bool:
-    """Bundle a local base directory into the model when it is small enough."""
-    path = Path(base_location)
-    return path.is_dir() and sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) < BUNDLE_LIMIT_BYTES
-
-
 def model_files(name: str, number: str, dst: Path) -> dict[str, Any]:
     """Download a registered version into ``dst``: paths of its ``adapter``, ``base`` (when bundled) and
     ``lineage``, and its parsed ``spec``.
@@ -236,20 +190,6 @@ def parse_uri(uri: str) -> tuple[str, str | None, str | None]:
     return name, version, None
 
 
-def load(uri: str) -> Any:
-    """Load a registered model, turning MLflow's not-found errors into RegistryError."""
-    from mlflow.exceptions import MlflowException
-
-    from loraops.errors import RegistryError
-    from loraops.tracking import tracking_setup
-
-    tracking_setup()
-    try:
-        return mlflow.pyfunc.load_model(uri)
-    except MlflowException as exc:
-        raise RegistryError(f"{uri}: {exc.message.splitlines()[0]}") from None
-
-
 def stream_answer(uri: str, question: str, dropped: list[int] | None = None,
                   sources: list[dict[str, Any]] | None = None) -> Iterator[str]:
     """Yield the answer to one question piece by piece as tokens are generated, without U+FFFD.
@@ -273,7 +213,9 @@ def _raw_stream(uri: str, question: str, sources: list[dict[str, Any]]) -> Itera
     import torch
     from transformers import TextIteratorStreamer
 
-    inner = load(uri).unwrap_python_model()
+    from loraops.registry import load_model
+
+    inner = load_model(uri).unwrap_python_model()
     prompts, found = inner.prompts_and_sources([question])
     prompt = prompts[0]
     sources.extend(found[0])
@@ -301,9 +243,10 @@ def answer_file(uri: str, path: Path, out: Path, column: str = "question") -> Pa
     from tqdm.auto import tqdm
 
     from loraops.readers import read_question_column
+    from loraops.registry import load_model
 
     frame = read_question_column(path, column)
-    model = load(uri)
+    model = load_model(uri)
     questions = frame[column].astype(str).tolist()
     answers: list[str] = []
     sources: list[str] = []
