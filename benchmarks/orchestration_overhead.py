@@ -29,15 +29,60 @@ SMOKE = ["model.tiny.layers=1", "model.tiny.vocab_size=1000", "model.max_length=
 OUTCOMES = (0, 3, 4)  # promoted/registered/unchanged, refused, worse than base: the run completed (README "Exit codes")
 
 
-def _timed_cli(cwd: Path, *args: str) -> tuple[float, list[str]]:
-    """Seconds `loraops ARGS` took in ``cwd``, and the DVC stages it ran."""
+PHASES: list[tuple[str, float]] = []
+"""Where the first `loraops run`'s seconds went (filled by _timed_cli from its output as it arrives)."""
+_TASK = re.compile(r"Task run '([a-z-]+)-[0-9a-z]+' - ")
+
+
+def _timed_cli(cwd: Path, *args: str, phases: bool = False) -> tuple[float, list[str]]:
+    """Seconds `loraops ARGS` took in ``cwd``, and the DVC stages it ran; with ``phases``, the seconds of each part
+    of the run (start-up to the flow, each Prefect task from its previous line to its last, the end) in PHASES."""
     start = time.perf_counter()
-    out = subprocess.run([sys.executable, "-m", "loraops.cli", *args], cwd=cwd, capture_output=True, text=True,
-                         env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(cwd / "src")}, check=False)
-    if out.returncode not in OUTCOMES:
-        sys.exit(f"loraops {' '.join(args)} failed:\n{out.stderr[-3000:]}")
-    ran = sorted(set(re.findall(r"Running stage '(\w+)'", out.stdout + out.stderr)))
-    return time.perf_counter() - start, ran
+    proc = subprocess.Popen([sys.executable, "-m", "loraops.cli", *args], cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, encoding="utf-8", errors="replace",
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(cwd / "src"),
+                                 "PYTHONUNBUFFERED": "1"})
+    lines, marks = [], []  # (seconds since start, what the line belongs to)
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        lines.append(line)
+        task = _TASK.search(line)
+        what = task.group(1) if task else ("flow start" if "Beginning flow run" in line else None)
+        if what:
+            marks.append((time.perf_counter() - start, what))
+    code, took = proc.wait(), time.perf_counter() - start
+    out = "".join(lines)
+    if code not in OUTCOMES:
+        sys.exit(f"loraops {' '.join(args)} failed:\n{out[-3000:]}")
+    if phases:  # a task's time runs from the previous task's last line to its own last line (its start-up included)
+        PHASES.clear()
+        runs: list[list] = []
+        for at, what in marks:
+            if runs and runs[-1][0] == what:
+                runs[-1][1] = at
+            else:
+                runs.append([what, at])
+        previous = 0.0
+        for what, last in runs:
+            PHASES.append(("start-up: imports, Prefect's temporary server" if what == "flow start" else what,
+                           last - previous))
+            previous = last
+        PHASES.append(("end: results printed, Prefect's server stopped", took - previous))
+    ran = sorted(set(re.findall(r"Running stage '(\w+)'", out)))
+    return took, ran
+
+
+def _phase_table(direct: float) -> None:
+    """The first run's seconds by phase, merged per name (a task's lines may come in several stretches)."""
+    merged: dict[str, float] = {}
+    for name, seconds in PHASES:
+        merged[name] = merged.get(name, 0.0) + seconds
+    print(f"{'where the first run spent its time':<52}{'s':>7}")
+    for name, seconds in merged.items():
+        print(f"  {name:<50}{seconds:>7.1f}")
+    stages = sum(seconds for name, seconds in merged.items() if name in ("prepare", "augment", "index", "train",
+                                                                          "evaluate"))
+    print(f"  {'(the five DVC stage tasks together)':<50}{stages:>7.1f}   vs {direct:.1f} s for three stages in-process")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -55,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     with isolated_workspace(ROOT, f"bench-{os.getpid()}", [params.data.path, params.rag.docs_path]) as ws:
         dvc = str(Path(sys.executable).parent / "dvc")
         subprocess.run([dvc, "cache", "dir", "--local", str(ws / ".bench-dvc-cache")], cwd=ws, check=True)
-        flow_first, ran_first = _timed_cli(ws, "run", *[arg for kv in CONFIG for arg in ("--set", kv)])
+        flow_first, ran_first = _timed_cli(ws, "run", *[arg for kv in CONFIG for arg in ("--set", kv)], phases=True)
         flow_noop, ran_noop = _timed_cli(ws, "run")
         if ran_first != sorted(STAGES) or ran_noop:
             sys.exit(f"expected every stage to run first and none on the rerun; ran {ran_first}, then {ran_noop}")
@@ -72,6 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{'stages called directly (in-process)':<44}{direct:>8.1f} s")
     print(f"{'loraops run (Prefect + DVC + MLflow + gate)':<44}{flow_first:>8.1f} s")
     print(f"{'loraops run again, nothing changed':<44}{flow_noop:>8.1f} s")
+    _phase_table(direct)
     print(f"orchestration_overhead_ratio: {flow_first / direct:.2f}")
     print(f"noop_rerun_seconds: {flow_noop:.1f}")
 
