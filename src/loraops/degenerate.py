@@ -114,7 +114,7 @@ def word_salad(answer: str, min_modifiers: int = 3, max_dangling: float = 0.5) -
 
 
 def _eojeols(text: str) -> list[list]:
-    """Morphemes grouped by the space-separated word they belong to (kiwipiepy, loaded once)."""
+    """Morphemes grouped by the space-separated word they belong to (the shared analyser, loraops.korean)."""
     from loraops.korean import analyser
 
     groups: dict[tuple[int, int], list] = {}
@@ -122,7 +122,6 @@ def _eojeols(text: str) -> list[list]:
         if token.tag not in ("SF", "SP", "SS", "SE", "SO", "SW"):
             groups.setdefault((token.sent_position, token.word_position), []).append(token)
     return [groups[k] for k in sorted(groups)]
-
 
 
 def wrong_script(answer: str, reference: str, min_share: float = 0.3) -> str | None:
