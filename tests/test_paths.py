@@ -58,6 +58,19 @@ def test_no_module_spells_a_catalogued_path():
                 raise AssertionError(f"{source.relative_to(REPO)}:{node.lineno} spells {node.value!r}; use loraops.paths")
 
 
+def _imports(source: Path) -> set[str]:
+    """The loraops modules a file imports, at module level or inside functions (a lazy import is a dependency too)."""
+    found = set()
+    for node in ast.walk(ast.parse(source.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("loraops."):
+            found.add(node.module.split(".", 1)[1])
+        elif isinstance(node, ast.ImportFrom) and node.module == "loraops":
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.Import):
+            found |= {a.name.split(".", 1)[1] for a in node.names if a.name.startswith("loraops.")}
+    return found
+
+
 def test_no_import_cycle_and_nothing_imports_upward():
     """Module-level imports between loraops modules form no cycle; library code never imports the CLI or flows."""
     package = Path(paths.__file__).parent
@@ -66,13 +79,7 @@ def test_no_import_cycle_and_nothing_imports_upward():
                for p in package.rglob("*.py")}
     modules |= {f"flows.{p.stem}".removesuffix(".__init__"): p for p in (REPO / "flows").glob("*.py")}
     for name, source in modules.items():
-        found = set()
-        for node in ast.walk(ast.parse(source.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("loraops."):
-                found.add(node.module.split(".", 1)[1])
-            elif isinstance(node, ast.ImportFrom) and node.module == "loraops":
-                found |= {a.name for a in node.names}
-        graph[name] = {m for m in found if m in modules and m != name}
+        graph[name] = {m for m in _imports(source) if m in modules and m != name}
         if not name.startswith(("cli", "flows")):
             upward = {m for m in graph[name] if m.startswith(("cli", "flows"))}
             assert not upward, f"{name} imports {upward}: library code must not import the CLI or the flows"
@@ -98,19 +105,6 @@ LAYERS = {
 }
 """Each module's layer (docs/where-to-change.md draws them): a module imports only from its own layer or lower ones,
 the CLI and the flows sit on top. Siblings at one level (judge · modeling, review · serving) may import each other."""
-
-
-def _imports(source: Path) -> set[str]:
-    """The loraops modules a file imports, at module level or inside functions (a lazy import is a dependency too)."""
-    found = set()
-    for node in ast.walk(ast.parse(source.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("loraops."):
-            found.add(node.module.split(".", 1)[1])
-        elif isinstance(node, ast.ImportFrom) and node.module == "loraops":
-            found |= {a.name for a in node.names}
-        elif isinstance(node, ast.Import):
-            found |= {a.name.split(".", 1)[1] for a in node.names if a.name.startswith("loraops.")}
-    return found
 
 
 def test_every_module_has_a_layer_and_none_imports_a_layer_above_it():
