@@ -94,7 +94,7 @@ class Demo:
             label = f"{arm} · {version.name}/{version.number}" if version else "base model (no adapter)"
             label += verdict_note(self.verdict_of(version))
             if version is not None and version.warning:
-                label += " · ⚠ below the gate's quality floors (forced): its answers may be broken"
+                label += " · ⚠ below the gate's quality floors: its answers may be broken"
             if sources:
                 label += f" · with retrieval, sources: {', '.join(r['id'] for r in sources)}"
             if arm == "candidate" and version and out.get("production", {}).get("version") == f"{version.name}/{version.number}":
