@@ -69,9 +69,19 @@ def tone_check(work: Path, params: Params) -> int:
     return tone.check_data(params, work)
 
 
+def stage_runner() -> workspace.CommandRunner | None:
+    """How a flow runs its stages' ``loraops …`` commands: in this process (``loraops.cli.invoke``), or each in a
+    `dvc repro` process of its own with ``LORAOPS_STAGE_PROCESSES=1`` (e.g. to give a GPU back between stages)."""
+    import os
+
+    from loraops.cli import invoke
+
+    return None if os.environ.get("LORAOPS_STAGE_PROCESSES", "") not in ("", "0") else invoke
+
+
 def _stage(stage: str, work: Path) -> bool:
     log = get_run_logger()
-    ran = workspace.run_stage(stage, work, log.info)
+    ran = workspace.run_stage(stage, work, log.info, in_process=stage_runner())
     log.info("DVC stage %s: %s", stage, "ran" if ran else "skipped (code, params and inputs unchanged)")
     return ran
 

@@ -33,6 +33,14 @@ from loraops.report import headline, outcome
 SweepGroup = form.SWEEP_GROUP
 
 
+def in_process(params: Params) -> workspace.CommandRunner | None:
+    """Trials one at a time (sweep.parallel 1) run their stages' commands in this process, as the finetune flow does;
+    concurrent trials each start `dvc repro` (a stage in this process changes its directory and environment)."""
+    from loraops.flows.finetune import stage_runner
+
+    return stage_runner() if params.sweep.parallel == 1 else None
+
+
 @task(name="trial")
 def trial(work: Path, number: int, trial_id: int, params: Params, values: dict[str, Any], study: dict[str, str],
           parent: dict[str, str]) -> dict[str, Any]:
@@ -40,11 +48,13 @@ def trial(work: Path, number: int, trial_id: int, params: Params, values: dict[s
     log = get_run_logger()
     dump_params(params, work / "params.yaml")  # the resolved params of this trial, as DVC reads them
     remote.pull_stage_inputs(work, log.info)
+    here = in_process(params)
     for stage in ("prepare", "augment", "index"):
-        workspace.run_stage(stage, work, log.info)
+        workspace.run_stage(stage, work, log.info, in_process=here)
     with concurrency.gpu_slot(log.warning, {"type": "flow_run", "id": str(flow_run.id)}):
         workspace.run_stage("train", work, log.info, sweep.trial_env(Path(study["path"]), study["name"], trial_id,
-                                                                         params.sweep.pruning, params.sweep.objective))
+                                                                         params.sweep.pruning, params.sweep.objective),
+                            in_process=here)
     figures = json.loads((work / TRAIN_METRICS).read_text(encoding="utf-8"))
     value = sweep.objective(figures, params)
     client = mlflow.MlflowClient()
@@ -178,7 +188,7 @@ def _sweep(params: Params, allow_dirty: bool) -> Any:
         log.info("best trial %d (objective %.4f): evaluating it on the test split, then registering", best,
                  result["best"]["value"])
         with concurrency.gpu_slot(log.warning, {"type": "flow_run", "id": str(flow_run.id)}):
-            workspace.run_stage("evaluate", best_work, log.info)
+            workspace.run_stage("evaluate", best_work, log.info, in_process=in_process(best_params))
         summary = log_run(best_work, best_run, best_params.registry.gate.metric)
         registered = register(best_work, best_params, best_run, allow_dirty, summary)
         approval = best_params.registry.gate.require_approval

@@ -18,9 +18,24 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
-# One cache of deterministic measurements (metric validity) for the session and its subprocesses, not ~/.cache
-os.environ.setdefault("LORAOPS_CACHE_DIR", tempfile.mkdtemp(prefix="loraops-test-cache-"))
+# `make test` runs on two workers (pytest-xdist), which inherit the environment of the process that starts them:
+# one session folder for them all (the golden project, the cache of deterministic measurements such as metric
+# validity, not ~/.cache), and a Prefect home per worker, so runs without a server keep their local slots and
+# database to their own worker.
+_OWNS_SESSION = "LORAOPS_TEST_SESSION" not in os.environ
+if _OWNS_SESSION:
+    os.environ["LORAOPS_TEST_SESSION"] = tempfile.mkdtemp(prefix="loraops-tests-")
+_SESSION = Path(os.environ["LORAOPS_TEST_SESSION"])
+os.environ.setdefault("LORAOPS_CACHE_DIR", str(_SESSION / "cache"))
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="prefect-home-", dir=_SESSION)
 os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _OWNS_SESSION and "PYTEST_XDIST_WORKER" not in os.environ:
+        import shutil
+
+        shutil.rmtree(_SESSION, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)
@@ -56,23 +71,34 @@ GOLDEN_RUNS = (
 
 
 @pytest.fixture(scope="session")
-def golden(tmp_path_factory):
+def golden():
     """The trained project built once per session by three real `loraops run`s (GOLDEN_RUNS), kept as built: tests
-    never change it; they read it, or change a copy (`golden_copy`). Its `runs` are the three runs' outputs."""
+    never change it; they read it, or change a copy (`golden_copy`). Its `runs` are the three runs' outputs.
+
+    The first worker that needs it builds it under a lock; the other worker waits for it and reads the same one."""
+    import fcntl
+    import json
     import subprocess
 
     from helpers import Golden
 
-    root = make_workspace(tmp_path_factory.mktemp("golden") / "ws", tiny_overrides())
-    env = {**os.environ, "LORAOPS_API_KEY": "", "HF_HUB_OFFLINE": "1"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    runs = []
-    for what, extra in GOLDEN_RUNS:
-        done = subprocess.run([sys.executable, "-m", "loraops.cli", "run", *extra], cwd=root, env=env,
-                              capture_output=True, text=True, timeout=900)
-        assert done.returncode in (0, 3, 4), f"{what}: " + done.stdout[-3000:] + done.stderr[-3000:]
-        runs.append(done)
-    return Golden(root, runs)
+    folder, done_file = _SESSION / "golden", _SESSION / "golden.json"
+    with open(_SESSION / "golden.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done_file.exists():
+            root = make_workspace(folder / "ws", tiny_overrides())
+            env = {**os.environ, "LORAOPS_API_KEY": "", "HF_HUB_OFFLINE": "1"}
+            env.pop("MLFLOW_TRACKING_URI", None)
+            runs = []
+            for what, extra in GOLDEN_RUNS:
+                run = subprocess.run([sys.executable, "-m", "loraops.cli", "run", *extra], cwd=root, env=env,
+                                     capture_output=True, text=True, timeout=900)
+                assert run.returncode in (0, 3, 4), f"{what}: " + run.stdout[-3000:] + run.stderr[-3000:]
+                runs.append({"args": run.args, "returncode": run.returncode, "stdout": run.stdout,
+                             "stderr": run.stderr})
+            done_file.write_text(json.dumps(runs))
+    runs = [subprocess.CompletedProcess(**run) for run in json.loads(done_file.read_text())]
+    return Golden(folder / "ws", runs)
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 import pytest
@@ -181,3 +182,75 @@ def test_a_stage_log_keeps_dvcs_report_and_drops_its_terminal_advice(tmp_path):
     assert "Running stage 'hello'" in text and "> echo 안녕 > out.txt" in text, text
     assert "git add" not in text and "dvc push" not in text and "autostage" not in text, text
     assert (tmp_path / "out.txt").read_text(encoding="utf-8").strip() == "안녕"
+
+
+def _dvc_project(folder: Path, stages: str) -> Path:
+    import subprocess
+    import sys
+
+    dvc = str(Path(sys.executable).parent / "dvc")
+    subprocess.run(["git", "init", "-q"], cwd=folder, check=True)
+    subprocess.run([dvc, "init", "-q"], cwd=folder, check=True)
+    (folder / "dvc.yaml").write_text(stages, encoding="utf-8")
+    return folder
+
+
+@pytest.mark.slow
+def test_a_loraops_stage_runs_in_process_records_its_lock_and_fails_naming_its_error(tmp_path):
+    """In a flow, DVC runs in-process and a `loraops …` stage command runs through the CLI in the same process: the
+    same lock file and skip decisions as `dvc repro`; other commands still run in a shell; a failing command fails
+    the stage with its error line and records nothing."""
+    import os
+
+    import yaml
+
+    from loraops.errors import StageError
+    from loraops.workspace import run_stage
+
+    root = _dvc_project(tmp_path, "stages:\n  greet:\n    cmd: loraops greet --to 세계\n    outs: [hello.txt]\n"
+                                  "  shout:\n    cmd: tr a-z A-Z < hello.txt > loud.txt\n    deps: [hello.txt]\n"
+                                  "    outs: [loud.txt]\n")
+    calls = []
+
+    def invoke(argv):
+        calls.append((argv, Path.cwd(), os.environ.get("DVC_STAGE")))
+        Path("hello.txt").write_text(f"hello {argv[-1]}\n", encoding="utf-8")
+        print(f"greeted {argv[-1]}")
+        return 0
+
+    lines: list[str] = []
+    assert run_stage("shout", root, lines.append, in_process=invoke) is True
+    assert calls == [(["greet", "--to", "세계"], root, "greet")], calls
+    text = "\n".join(lines)
+    assert "Running stage 'greet'" in text and "greeted 세계" in text and "Running stage 'shout'" in text, text
+    assert (root / "loud.txt").read_text(encoding="utf-8") == "HELLO 세계\n"  # the shell command ran too
+    lock = yaml.safe_load((root / "dvc.lock").read_text(encoding="utf-8"))
+    assert lock["stages"]["greet"]["outs"][0]["path"] == "hello.txt" and lock["stages"]["greet"]["outs"][0]["md5"]
+    assert run_stage("shout", root, lines.append, in_process=invoke) is False and len(calls) == 1  # up to date
+
+    def failing(argv):
+        Path("hello.txt").write_text("half\n", encoding="utf-8")
+        print("error: data/raw/qa.csv row 3: the answer is empty", file=sys.stderr)
+        return 2
+
+    (root / "dvc.yaml").write_text("stages:\n  greet:\n    cmd: loraops greet --to 모두\n    outs: [hello.txt]\n",
+                                   encoding="utf-8")
+    before = (root / "dvc.lock").read_text(encoding="utf-8")
+    with pytest.raises(StageError, match="stage greet failed: error: data/raw/qa.csv row 3: the answer is empty"):
+        run_stage("greet", root, lines.append, in_process=failing)
+    assert (root / "dvc.lock").read_text(encoding="utf-8") == before
+
+
+def test_a_checkout_of_other_code_runs_its_stages_in_their_own_process(tmp_path):
+    """A worktree of another commit runs its own code, so its stages cannot run in this process."""
+    import shutil
+
+    import loraops
+    from loraops.workspace import runs_this_code
+
+    assert runs_this_code(tmp_path)  # no checkout: the installed package runs either way
+    shutil.copytree(Path(loraops.__file__).parent, tmp_path / "src/loraops",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    assert runs_this_code(tmp_path)
+    (tmp_path / "src/loraops/train.py").write_text("# another commit\n", encoding="utf-8")
+    assert not runs_this_code(tmp_path)

@@ -6,11 +6,14 @@ The finetune flow (``loraops.flows.finetune``) is wiring only; these are the ste
 from __future__ import annotations
 
 import contextlib
+import io
+import logging
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, TextIO, cast
 
 from loraops.config import Params, dump_params, load_params, parse_override
 from loraops.errors import RegistryError, StageError
@@ -98,19 +101,37 @@ TERMINAL_ADVICE = ("To track the changes with git, run:", "git add ", "To enable
 flow commits nothing and pushes nothing itself, so these lines are dropped from the run's log."""
 
 
+CommandRunner = Callable[[list[str]], int]
+"""Runs ``loraops ARGS`` in this process and returns its exit code (``loraops.cli.invoke``)."""
+
+
 def run_stage(stage: str, root: Path = Path("."), say: Callable[[str], Any] = print,
-              env: dict[str, str] | None = None) -> bool:
-    """Run one DVC stage (and anything stale upstream) with `dvc repro`; return whether it ran.
+              env: dict[str, str] | None = None, in_process: CommandRunner | None = None) -> bool:
+    """Run one DVC stage (and anything stale upstream) as `dvc repro` does; return whether its command ran.
 
     DVC skips a stage whose code, params sections and inputs are unchanged (dvc.lock, run cache). Every
     line DVC and the stage print goes to ``say`` (the Prefect run logger in a flow) as it comes; ``env`` adds
     environment variables (a sweep trial's Optuna study).
 
+    With ``in_process``, DVC runs in this process (its Python API) and a stage whose command is ``loraops …`` runs
+    through ``in_process`` instead of a new interpreter, when this process runs the same loraops code as ``root``
+    would (its checkout's ``src/loraops``) and no other stage is running here: the same command, the same lock file
+    and cache, without an interpreter start and torch import per stage. Anything else goes through `dvc repro`.
+
     Raises:
         StageError: the stage failed; the message carries its error lines.
     """
+    if in_process is not None and runs_this_code(root) and _IN_PROCESS.acquire(blocking=False):
+        try:
+            return _repro_in_process(stage, root, say, env or {}, in_process)
+        finally:
+            _IN_PROCESS.release()
+    return _repro_subprocess(stage, root, say, env or {})
+
+
+def _repro_subprocess(stage: str, root: Path, say: Callable[[str], Any], env: dict[str, str]) -> bool:
     dvc = str(Path(sys.executable).parent / "dvc")
-    proc = subprocess.Popen([dvc, "repro", stage], cwd=root, env=_stage_env(root) | (env or {}), stdout=subprocess.PIPE,
+    proc = subprocess.Popen([dvc, "repro", stage], cwd=root, env=_stage_env(root) | env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, encoding="utf-8", errors="replace", bufsize=1)
     ran, errors = False, []
     try:
@@ -133,6 +154,170 @@ def run_stage(stage: str, root: Path = Path("."), say: Callable[[str], Any] = pr
         detail = "; ".join(errors[-3:]) or f"dvc repro exited with {code}"
         raise StageError(f"stage {stage} failed: {detail}")
     return ran
+
+
+_IN_PROCESS = threading.Lock()
+"""One in-process stage at a time: a stage changes the process's directory, environment and output streams (threads
+such as a sweep's concurrent trials take the `dvc repro` path)."""
+
+
+def runs_this_code(root: Path) -> bool:
+    """Whether `loraops` started in ``root`` would run the code this process runs: ``root`` has no checkout of its
+    own (the installed package runs), or its ``src/loraops`` holds the same files (a worktree of the same commit)."""
+    import loraops
+
+    here, theirs = Path(loraops.__file__).parent, root / "src" / "loraops"
+    if not theirs.is_dir() or theirs.resolve() == here.resolve():
+        return True
+    return _tree_digest(theirs) == _tree_digest(here)
+
+
+def _tree_digest(folder: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
+        digest.update(path.relative_to(folder).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def _repro_in_process(stage: str, root: Path, say: Callable[[str], Any], env: dict[str, str],
+                      invoke: CommandRunner) -> bool:
+    """`dvc repro STAGE` through DVC's Python API, with DVC's command runner swapped, for this call only, for one
+    that runs ``loraops …`` commands through ``invoke`` (others still start their shell command)."""
+    import shlex
+    import traceback
+
+    import dvc.stage.run as dvc_run
+    from dvc.exceptions import DvcException
+    from dvc.repo import Repo
+    from dvc.stage.exceptions import StageCmdFailedError
+
+    ran: list[str] = []
+    errors: list[str] = []
+    shell_run = dvc_run._run
+
+    def run_command(executable: Any, cmd: str, **kwargs: Any) -> None:
+        ran.append(kwargs["env"].get("DVC_STAGE", ""))
+        argv = shlex.split(cmd)
+        if argv[:1] != ["loraops"]:
+            return shell_run(executable, cmd, **kwargs)
+        stage_vars = {key: kwargs["env"][key] for key in ("DVC_ROOT", "DVC_STAGE") if key in kwargs["env"]}
+        with _environment(stage_vars), contextlib.chdir(kwargs["cwd"] or root):
+            try:
+                code = invoke(argv[1:])
+            except Exception:  # noqa: BLE001 - a bug in a stage fails the stage, as a crashed process would
+                sys.stderr.write(traceback.format_exc())
+                code = 1
+        _free_accelerator_memory()
+        if code != 0:
+            raise StageCmdFailedError(cmd, code)
+        return None
+
+    dvc_logger = logging.getLogger("dvc")  # `import dvc` gives it handlers that print to the terminal
+    handlers, level = dvc_logger.handlers, dvc_logger.level
+    dvc_logger.handlers, dvc_logger.level = [_SayHandler(say)], logging.INFO
+    dvc_run._run = run_command
+    try:
+        with _environment(_stage_env(root) | env), contextlib.chdir(root), _lines_to(say, errors), \
+                Repo(".") as repo:
+            repo.reproduce(stage)  # targets are read relative to the working directory, as at a terminal
+    except DvcException as exc:
+        cause = f" ({exc.__cause__})" if exc.__cause__ is not None else ""
+        detail = "; ".join(errors[-3:]) or f"{exc}{cause}"
+        raise StageError(f"stage {stage} failed: {detail}") from exc
+    finally:
+        dvc_run._run = shell_run
+        dvc_logger.handlers, dvc_logger.level = handlers, level
+    return stage in ran
+
+
+class _SayHandler(logging.Handler):
+    """DVC's log records (``Running stage 'x':``, ``> loraops x``, ``Updating lock file``) as lines for ``say``."""
+
+    def __init__(self, say: Callable[[str], Any]) -> None:
+        super().__init__(logging.INFO)
+        self.say = say
+
+    def emit(self, record: logging.LogRecord) -> None:
+        for line in record.getMessage().splitlines():
+            if line.strip() and not line.strip().startswith(TERMINAL_ADVICE):
+                self.say(redact_text(line))
+
+
+@contextlib.contextmanager
+def _environment(values: dict[str, str]) -> Iterator[None]:
+    """``os.environ`` with ``values`` set for the block, as it was afterwards."""
+    before = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+class _LineWriter(io.TextIOBase):
+    """A text stream that hands each complete line to ``say`` (``\\r`` ends a line too, as in a subprocess's text
+    output), keeping the lines that start with "error" in ``error_lines``."""
+
+    encoding = "utf-8"
+
+    def __init__(self, say: Callable[[str], Any], errors: list[str], fallback: Any) -> None:
+        self.say, self.error_lines, self.fallback, self.pending, self.busy = say, errors, fallback, "", False
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        if self.busy:  # ``say`` itself writes to this stream (a logging handler on sys.stderr): let it through
+            return self.fallback.write(text)
+        self.pending += text
+        *lines, self.pending = self.pending.replace("\r", "\n").split("\n")
+        for line in lines:
+            self._emit(line)
+        return len(text)
+
+    def flush(self) -> None:
+        if self.pending:
+            line, self.pending = self.pending, ""
+            self._emit(line)
+
+    def _emit(self, line: str) -> None:
+        line = line.rstrip()
+        if not line.strip() or line.strip().startswith(TERMINAL_ADVICE):
+            return
+        if line.lower().startswith("error"):
+            self.error_lines.append(line)
+        self.busy = True
+        try:
+            self.say(redact_text(line))
+        finally:
+            self.busy = False
+
+
+@contextlib.contextmanager
+def _lines_to(say: Callable[[str], Any], errors: list[str]) -> Iterator[None]:
+    out, err = _LineWriter(say, errors, sys.__stdout__), _LineWriter(say, errors, sys.__stderr__)
+    try:
+        with contextlib.redirect_stdout(cast(TextIO, out)), contextlib.redirect_stderr(cast(TextIO, err)):
+            yield
+    finally:
+        out.flush()
+        err.flush()
+
+
+def _free_accelerator_memory() -> None:
+    """After an in-process stage: what its models held on the GPU goes back (the next stage loads its own)."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        import gc
+
+        gc.collect()
+        torch.cuda.empty_cache()
 
 
 @contextlib.contextmanager

@@ -177,7 +177,26 @@ def _command_of(argv: list[str]) -> str | None:
     return None
 
 
-__all__ = ["app", "friendly", "load_commands", "params_of", "user_path", "ConfigError", "COMMANDS"]
+def invoke(argv: list[str]) -> int:
+    """`loraops ARGV` in this process; returns its exit code. The finetune flow runs its DVC stages' commands
+    (``loraops train``…) this way (``loraops.workspace.run_stage``): the command's own code, without a new
+    interpreter and its imports per stage."""
+    import sys
+
+    command = typer.main.get_command(load_commands(_command_of(argv)))
+    try:
+        code = command.main(args=list(argv), prog_name="loraops", standalone_mode=False)
+    except SystemExit as exc:
+        code = exc.code
+    except typer.TyperException as exc:  # a usage error: what the console entry prints, and its exit code
+        print(f"error: {exc}", file=sys.stderr)
+        return int(getattr(exc, "exit_code", 2))
+    except typer.Abort:
+        return 1
+    return code if isinstance(code, int) else 0
+
+
+__all__ = ["app", "friendly", "invoke", "load_commands", "params_of", "user_path", "ConfigError", "COMMANDS"]
 
 
 def main() -> None:  # pragma: no cover - console entry

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import typer
 
@@ -22,6 +22,37 @@ def prefect_defaults() -> None:
     from loraops.concurrency import local_defaults
 
     local_defaults()
+
+
+def start_temporary_server() -> Callable[[], None]:
+    """Start Prefect's temporary server now, in the background, when the run will need one (no PREFECT_API_URL):
+    its process starts while this one imports the flow, MLflow and the rest, instead of after. Returns the call that
+    waits until it answers (Prefect's client then finds it started and uses it)."""
+    import threading
+
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value():
+        return lambda: None
+    failed: list[BaseException] = []
+
+    def start() -> None:
+        from prefect.server.api.server import SubprocessASGIServer
+
+        try:
+            SubprocessASGIServer().start()
+        except BaseException as exc:  # noqa: BLE001 - raised again in the caller's thread by ready()
+            failed.append(exc)
+
+    thread = threading.Thread(target=start, name="prefect-temporary-server", daemon=True)
+    thread.start()
+
+    def ready() -> None:
+        thread.join()
+        if failed:
+            raise failed[0]
+
+    return ready
 
 
 def _quiet_expected_tracebacks() -> None:
@@ -60,10 +91,12 @@ def run(params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt,
             typer.echo(same)
             return
     prefect_defaults()
+    server_ready = start_temporary_server()
     from loraops.flows.finetune import finetune
 
     _quiet_expected_tracebacks()
     _terminate_cleanly()
+    server_ready()
     with workspace.restored_on_failure(PARAMS):
         try:
             result = finetune(params_file=str(path), overrides=list(set_ or []), allow_dirty=allow_dirty,
