@@ -215,8 +215,8 @@ def _repro_in_process(stage: str, root: Path, say: Callable[[str], Any], env: di
         return None
 
     dvc_logger = logging.getLogger("dvc")  # `import dvc` gives it handlers that print to the terminal
-    handlers, level = dvc_logger.handlers, dvc_logger.level
-    dvc_logger.handlers, dvc_logger.level = [_SayHandler(say)], logging.INFO
+    handlers, level, propagate = dvc_logger.handlers, dvc_logger.level, dvc_logger.propagate
+    dvc_logger.handlers, dvc_logger.level, dvc_logger.propagate = [_SayHandler(say)], logging.INFO, False
     dvc_run._run = run_command
     try:
         with _environment(_stage_env(root) | env), contextlib.chdir(root), _lines_to(say, errors), \
@@ -228,7 +228,7 @@ def _repro_in_process(stage: str, root: Path, say: Callable[[str], Any], env: di
         raise StageError(f"stage {stage} failed: {detail}") from exc
     finally:
         dvc_run._run = shell_run
-        dvc_logger.handlers, dvc_logger.level = handlers, level
+        dvc_logger.handlers, dvc_logger.level, dvc_logger.propagate = handlers, level, propagate
     return stage in ran
 
 

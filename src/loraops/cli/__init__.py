@@ -15,6 +15,7 @@ a failed stage) print one message and exit 2, without a traceback; a refused pro
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -81,7 +82,7 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=UserWarning)
-    for name in ("mlflow", "alembic", "httpx", "transformers", "peft", "accelerate", "urllib3", "filelock"):
+    for name in ("mlflow", "alembic", "httpx", "transformers", "peft", "accelerate", "urllib3", "filelock", "bm25s"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
@@ -200,6 +201,29 @@ __all__ = ["app", "friendly", "invoke", "load_commands", "params_of", "user_path
 
 
 def main() -> None:  # pragma: no cover - console entry
+    """The ``loraops`` console entry. Once the command has finished and Python's exit handlers have run (files
+    closed, logs and MLflow flushed, Prefect's temporary server stopped), the process ends without tearing down
+    every module one by one: torch, transformers and the Korean analyser take seconds to unload for nothing."""
     import sys
 
-    load_commands(_command_of(sys.argv[1:]))()
+    try:
+        load_commands(_command_of(sys.argv[1:]))()
+    except SystemExit as done:
+        _exit_now(done.code)
+    _exit_now(0)
+
+
+def _exit_now(code: Any) -> None:  # pragma: no cover - ends the process
+    import atexit
+    import sys
+    import threading
+
+    if isinstance(code, str):
+        print(code, file=sys.stderr)
+    status = code if isinstance(code, int) else (0 if code is None else 1)
+    threading._shutdown()  # type: ignore[attr-defined]  # what the interpreter does first: thread pools told to stop, threads joined
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(status)
