@@ -29,6 +29,24 @@ _SESSION = Path(os.environ["LORAOPS_TEST_SESSION"])
 os.environ.setdefault("LORAOPS_CACHE_DIR", str(_SESSION / "cache"))
 os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="prefect-home-", dir=_SESSION)
 os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
+if "PYTEST_XDIST_WORKER" in os.environ:  # two workers on two cores: one compute thread each, not two fighting over both
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
+
+_GOLDEN_FIXTURES = {"golden", "golden_copy", "served_project"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """With `--dist loadgroup` (make test), a module's tests run on one worker, so its module-scoped fixtures are built
+    once; the tests on the golden project form one group, scheduled first, so the worker that builds it uses it and
+    the other never waits for it."""
+    golden = [item for item in items if _GOLDEN_FIXTURES & set(item.fixturenames)]
+    others = [item for item in items if not _GOLDEN_FIXTURES & set(item.fixturenames)]
+    for item in golden:
+        item.add_marker(pytest.mark.xdist_group("golden"))
+    for item in others:
+        item.add_marker(pytest.mark.xdist_group(item.module.__name__ if item.module else item.nodeid))
+    items[:] = golden + others
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -126,8 +126,8 @@ def test_training_killed_mid_run_resumes_from_its_checkpoint_bit_identical(tmp_p
 
     from helpers import make_workspace, tiny_overrides
 
-    ws = make_workspace(tmp_path / "ws", tiny_overrides("train.max_steps=100", "train.eval_steps=50",
-                                                        "train.early_stopping_patience=0"))
+    ws = make_workspace(tmp_path / "ws", tiny_overrides("train.max_steps=40", "train.eval_steps=20",
+                                                        "train.logging_steps=5", "train.early_stopping_patience=0"))
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     train = [sys.executable, "-m", "loraops.cli", "train"]
     subprocess.run([sys.executable, "-m", "loraops.cli", "prepare"], cwd=ws, env=env, check=True, capture_output=True)
@@ -136,20 +136,20 @@ def test_training_killed_mid_run_resumes_from_its_checkpoint_bit_identical(tmp_p
     expected = json.loads((ws / "metrics/train.json").read_text())["adapter_sha256"]
     assert not (ws / "models/checkpoints").exists()  # a finished training leaves nothing to resume
 
-    def killed_after_checkpoint_50() -> None:  # SIGKILL right after checkpoint-50 is written (its own process group)
-        done = subprocess.run(train, cwd=ws, env={**env, "LORAOPS_FAULT_AFTER_CHECKPOINT": "50:kill"},
+    def killed_after_checkpoint_20() -> None:  # SIGKILL right after checkpoint-20 is written (its own process group)
+        done = subprocess.run(train, cwd=ws, env={**env, "LORAOPS_FAULT_AFTER_CHECKPOINT": "20:kill"},
                               capture_output=True, start_new_session=True, timeout=600)
-        assert done.returncode == -signal.SIGKILL and (ws / "models/checkpoints/checkpoint-50/rng_state.pth").exists()
+        assert done.returncode == -signal.SIGKILL and (ws / "models/checkpoints/checkpoint-20/rng_state.pth").exists()
 
-    killed_after_checkpoint_50()
+    killed_after_checkpoint_20()
     resumed = subprocess.run(train, cwd=ws, env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "resuming from checkpoint-50" in resumed.stdout, resumed.stdout[-2000:]
+    assert "resuming from checkpoint-20" in resumed.stdout, resumed.stdout[-2000:]
     figures = json.loads((ws / "metrics/train.json").read_text())
-    assert figures["resumed_from"] == "checkpoint-50" and figures["steps"] == 100
+    assert figures["resumed_from"] == "checkpoint-20" and figures["steps"] == 40
     assert figures["adapter_sha256"] == expected
 
-    killed_after_checkpoint_50()
+    killed_after_checkpoint_20()
     changed = subprocess.run([*train, "--set", "train.learning_rate=0.004"], cwd=ws, env=env, capture_output=True,
                              text=True, timeout=600)
     assert changed.returncode == 0 and "training from scratch: params changed since the checkpoint: train.learning_rate" \
