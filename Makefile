@@ -31,7 +31,7 @@ test: data
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not gpu" -n 2 --dist loadgroup --durations=30
 
 test-fast: data
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n 2
 
 ui-mlflow: install
 	@echo "MLflow UI: http://127.0.0.1:5000/#/experiments?workflowType=machine_learning (the model-training view)"

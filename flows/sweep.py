@@ -27,7 +27,8 @@ from loraops import concurrency, form, registry, remote, sweep, tracking, worksp
 from loraops.config import Params, apply_overrides, dump_params, load_params, validate
 from loraops.errors import StageError
 from loraops.flows.finetune import IO_RETRIES, REPO, _close_mlflow_runs, gate, log_run, register
-from loraops.paths import SWEEPS_DIR, TRAIN_LOG, TRAIN_METRICS
+from loraops.paths import SWEEPS_DIR, TRAIN_LOG
+from loraops.results import TrainFigures
 from loraops.report import headline, outcome
 
 SweepGroup = form.SWEEP_GROUP
@@ -55,14 +56,14 @@ def trial(work: Path, number: int, trial_id: int, params: Params, values: dict[s
         workspace.run_stage("train", work, log.info, sweep.trial_env(Path(study["path"]), study["name"], trial_id,
                                                                          params.sweep.pruning, params.sweep.objective),
                             in_process=here)
-    figures = json.loads((work / TRAIN_METRICS).read_text(encoding="utf-8"))
+    figures = TrainFigures.read(work)
     value = sweep.objective(figures, params)
     client = mlflow.MlflowClient()
     run = client.create_run(parent["experiment"], run_name=f"trial-{number}", tags={
         "mlflow.parentRunId": parent["run_id"], "loraops.sweep.trial": str(number), "mlflow.source.type": "JOB",
         "mlflow.source.name": "loraops sweep flow (flows/sweep.py)", **tracking.owner_tags(),
         "prefect.flow_run_id": str(flow_run.id), "loraops.workspace": str(work.resolve()),
-        "optuna.state": "PRUNED" if figures.get("pruned") else "COMPLETE"})
+        "optuna.state": "PRUNED" if figures.pruned else "COMPLETE"})
     run_id = run.info.run_id
     tracking.log_params(params, run_id)
     tracking.log_curves(run_id, work / TRAIN_LOG)
@@ -70,8 +71,8 @@ def trial(work: Path, number: int, trial_id: int, params: Params, values: dict[s
     client.set_terminated(run_id, "FINISHED")
     shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
     log.info("trial %d (%s): objective %s%s", number, shown, "—" if value is None else f"{value:.4f}",
-             f", pruned at {figures.get('pruned_at')}" if figures.get("pruned") else "")
-    return {"value": value, "pruned": bool(figures.get("pruned")), "run_id": run_id, "figures": figures}
+             f", pruned at {figures.pruned_at}" if figures.pruned else "")
+    return {"value": value, "pruned": bool(figures.pruned), "run_id": run_id, "figures": figures.model_dump(mode="json")}
 
 
 @task(name="study-summary", **IO_RETRIES)

@@ -36,6 +36,7 @@ if "PYTEST_XDIST_WORKER" in os.environ:  # two workers on two cores: one compute
 _GOLDEN_FIXTURES = {"golden", "golden_copy", "served_project"}
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups into the test ids
 def pytest_collection_modifyitems(config, items):
     """With `--dist loadgroup` (make test), a module's tests run on one worker, so its module-scoped fixtures are built
     once; the tests on the golden project form one group, scheduled first, so the worker that builds it uses it and

@@ -17,7 +17,9 @@ import pytest
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 HOLD = """
-import sys, time, uuid
+import signal, sys, time, uuid
+signal.signal(signal.SIGINT, signal.default_int_handler)  # a parent that ignores SIGINT (a background job, an
+# xdist worker) passes that on; this holder must leave on SIGINT as at a terminal
 from loraops import concurrency
 from loraops.cli.flows import prefect_defaults
 prefect_defaults()

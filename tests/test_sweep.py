@@ -69,14 +69,19 @@ def test_folds_are_by_source_group_and_added_rows_never_cross_into_their_origins
 
 
 def test_cv_figures_become_mlflow_metrics_per_fold():
-    figures = {"best_val_loss": 1.2, "steps": 40, "cv": {"folds": 3, "folds_run": 3, "val_loss": [1.0, 1.2, 1.4],
-                                                          "val_loss_mean": 1.2, "val_loss_sd": 0.2}}
+    from loraops.results import TrainFigures
+
+    common = dict(train_loss=1.5, steps=40, stopped_early=False, train_seconds=2.0, started_at=1.0, finished_at=3.0,
+                  train_pairs=100, trainable_params=1000, device="cpu", torch_threads=2, answer_tokens_per_epoch=500,
+                  pairs_cut_by_max_length=0, batching="packed")
+    figures = TrainFigures(**common, best_val_loss=1.2, cv={"folds": 3, "folds_run": 3, "val_loss": [1.0, 1.2, 1.4],
+                                                            "val_loss_mean": 1.2, "val_loss_sd": 0.2})
     metrics = tracking.train_figures(figures)
     assert metrics["train/cv_val_loss_mean"] == 1.2 and metrics["train/cv_val_loss_sd"] == 0.2
     assert [metrics[f"train/cv_fold_{i}_val_loss"] for i in range(3)] == [1.0, 1.2, 1.4]
     assert sweep.objective(figures, load_params(REPO / "params.yaml")) == 1.2
     cv = load_params(REPO / "params.yaml", ["train.cv_folds=3", "sweep.objective=cv_val_loss"])
-    assert sweep.objective(figures, cv) == 1.2 and sweep.objective({"best_val_loss": 1.0}, cv) is None
+    assert sweep.objective(figures, cv) == 1.2 and sweep.objective(TrainFigures(**common, best_val_loss=1.0), cv) is None
 
 
 @pytest.mark.slow

@@ -154,3 +154,26 @@ def test_training_killed_mid_run_resumes_from_its_checkpoint_bit_identical(tmp_p
                              text=True, timeout=600)
     assert changed.returncode == 0 and "training from scratch: params changed since the checkpoint: train.learning_rate" \
         in changed.stdout, changed.stdout[-2000:]
+
+
+def test_train_figures_are_typed_and_a_wrong_file_names_itself_and_its_key(tmp_path):
+    """metrics/train.json is read as TrainFigures: a missing or renamed key fails where it is read, naming both."""
+    from loraops.errors import DataError
+    from loraops.paths import TRAIN_METRICS
+    from loraops.results import TrainFigures
+
+    figures = TrainFigures(train_loss=1.5, best_val_loss=1.2, steps=10, stopped_early=False, train_seconds=2.0,
+                           started_at=1.0, finished_at=3.0, train_pairs=100, trainable_params=1000, device="cpu",
+                           torch_threads=2, answer_tokens_per_epoch=500, pairs_cut_by_max_length=0, batching="packed",
+                           cv={"folds": 2, "folds_run": 2, "val_loss": [1.0, 1.4], "val_loss_mean": 1.2, "val_loss_sd": 0.28})
+    (tmp_path / TRAIN_METRICS).parent.mkdir(parents=True)
+    (tmp_path / TRAIN_METRICS).write_text(figures.to_json(), encoding="utf-8")
+    assert TrainFigures.read(tmp_path) == figures and "adapter_sha256" not in figures.to_json()
+    from loraops.tracking import train_figures
+
+    assert train_figures(figures)["train/cv_fold_1_val_loss"] == 1.4
+    (tmp_path / TRAIN_METRICS).write_text(figures.to_json().replace('"best_val_loss"', '"best_loss"'), encoding="utf-8")
+    with pytest.raises(DataError, match=r"metrics/train.json: not the train stage's figures \(best_loss: Extra inputs"):
+        TrainFigures.read(tmp_path)
+    with pytest.raises(DataError, match="run `loraops train`"):
+        TrainFigures.read(tmp_path / "elsewhere")

@@ -193,5 +193,5 @@ def load_base(location: str, cfg: ModelSection, device: str, dtype: str = "fp32"
     except (OSError, ValueError) as exc:
         raise ModelError(f"model.base: cannot load {location!r}: {exc}") from None
     if quantization != "4bit":
-        model.to(device)  # type: ignore[arg-type]  # transformers wraps .to() in a decorator typed as if unbound
+        model.to(device)
     return model

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from loraops.config import Params, leaf_types
+from loraops.results import TrainFigures
 
 STORAGE_ENV, STUDY_ENV, TRIAL_ENV = "LORAOPS_OPTUNA_STORAGE", "LORAOPS_OPTUNA_STUDY", "LORAOPS_OPTUNA_TRIAL_ID"
 PRUNING_ENV, OBJECTIVE_ENV = "LORAOPS_OPTUNA_PRUNING", "LORAOPS_OPTUNA_OBJECTIVE"
@@ -80,11 +81,11 @@ def trial_env(path: Path, study: str, trial_id: int, pruning: bool, objective: s
             OBJECTIVE_ENV: objective}
 
 
-def objective(figures: dict[str, Any], params: Params) -> float | None:
+def objective(figures: TrainFigures, params: Params) -> float | None:
     """The trial's value from its train figures: best validation loss, or the mean over the grouped folds."""
     if params.sweep.objective == "cv_val_loss":
-        return (figures.get("cv") or {}).get("val_loss_mean")
-    return figures.get("best_val_loss")
+        return figures.cv.val_loss_mean if figures.cv is not None else None
+    return figures.best_val_loss
 
 
 class Reporter:

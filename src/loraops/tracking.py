@@ -16,6 +16,7 @@ from mlflow.entities import Metric
 
 from loraops.paths import (AUGMENT_CARD, DATA_CARD, EVAL_METRICS, EVAL_REPORT, EVAL_TABLE, LOCKS_DIR, MLFLOW_ARTIFACTS, MLFLOW_DB,
                            MLRUNS, PLOTS_DIR, TRAIN_LOG, TRAIN_METRICS)
+from loraops.results import TrainFigures
 
 _BATCH = 900  # MLflow accepts up to 1000 metrics per log_batch
 _USER_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
@@ -188,14 +189,14 @@ def log_params(params: Any, run_id: str | None = None) -> None:
         mlflow.MlflowClient().log_batch(run_id, params=items[start: start + 100])
 
 
-def train_figures(figures: dict[str, Any]) -> dict[str, float]:
+def train_figures(figures: TrainFigures) -> dict[str, float]:
     """The train stage's figures as metrics (``train/best_val_loss``, ``train/cv_val_loss_mean`` …)."""
-    out = {f"train/{key}": float(figures[key]) for key in ("best_val_loss", "steps", "train_seconds", "train_pairs")
-           if figures.get(key) is not None}  # not train_loss: the curve of that name has it, step by step
-    cv = figures.get("cv")
-    if cv:
-        out |= {"train/cv_val_loss_mean": cv["val_loss_mean"], "train/cv_val_loss_sd": cv["val_loss_sd"]}
-        out |= {f"train/cv_fold_{i}_val_loss": loss for i, loss in enumerate(cv["val_loss"])}
+    values = {"best_val_loss": figures.best_val_loss, "steps": figures.steps, "train_seconds": figures.train_seconds,
+              "train_pairs": figures.train_pairs}  # not train_loss: the curve of that name has it, step by step
+    out = {f"train/{key}": float(value) for key, value in values.items() if value is not None}
+    if figures.cv is not None:
+        out |= {"train/cv_val_loss_mean": figures.cv.val_loss_mean, "train/cv_val_loss_sd": figures.cv.val_loss_sd}
+        out |= {f"train/cv_fold_{i}_val_loss": loss for i, loss in enumerate(figures.cv.val_loss)}
     return out
 
 
@@ -242,7 +243,7 @@ def log_eval(run_id: str, root: Path, flat: dict[str, float], details: tuple[dic
         if (root / name).exists():
             mlflow.log_artifact(str(root / name), "stages/" + name.parent.name if name == AUGMENT_CARD else "stages")
     if (root / TRAIN_METRICS).exists():  # best validation loss, cross-validation mean ± sd per fold
-        log_metrics_batch(run_id, train_figures(json.loads((root / TRAIN_METRICS).read_text(encoding="utf-8"))))
+        log_metrics_batch(run_id, train_figures(TrainFigures.read(root)))
     _loss_plot(root)
 
 

@@ -21,7 +21,8 @@ from loraops.config import ConfigError, LoraSection, Params, TrainSection
 from loraops.prepare import load_split
 from loraops.model import TINY_BASE, base_location, build_tiny_base, check_base, load_base, load_tokenizer, write_base_card
 from loraops.paths import ADAPTER_DIR, BASE_DIR, CHECKPOINT_DIR, TRAIN_LOG, TRAIN_METRICS, prompts_folder
-from loraops.utils import atomic_dir, pick_device, progress_lines, say, sha256_dir, write_json
+from loraops.results import TrainFigures
+from loraops.utils import atomic_dir, atomic_write, pick_device, progress_lines, say, sha256_dir, write_json
 
 
 
@@ -450,7 +451,7 @@ def ensure_base(params: Params, root: Path = Path(".")) -> str:
     return location
 
 
-def run(params: Params, root: Path = Path(".")) -> dict[str, Any]:
+def run(params: Params, root: Path = Path(".")) -> TrainFigures:
     """Train on the prepared splits and write the adapter, curves and figures.
 
     Under ``accelerate launch`` (DDP) every process trains; only the main process builds the tiny base
@@ -489,17 +490,14 @@ def run(params: Params, root: Path = Path(".")) -> dict[str, Any]:
     except BaseException:
         _drop_incomplete(work_dir)  # a checkpoint cut short (disk full, kill during its save) is never resumed from
         raise
-    out["figures"]["processes"] = state.num_processes
-    out["figures"]["resumed_from"] = resume.name if resume else None
-    if cv is not None:
-        out["figures"]["cv"] = cv
-    if reporter.trial is not None:
-        out["figures"]["pruned"] = reporter.pruned_at is not None
-        out["figures"]["pruned_at"] = reporter.pruned_at  # a step, or a fold with the cv objective
+    pruned = reporter.pruned_at is not None if reporter.trial is not None else None
+    figures = TrainFigures(**out["figures"], processes=state.num_processes,
+                           resumed_from=resume.name if resume else None, cv=cv, pruned=pruned,
+                           pruned_at=reporter.pruned_at if reporter.trial is not None else None)  # a step, or a fold
     if state.is_main_process:
-        out["figures"]["adapter_sha256"] = save_adapter(out["model"], out["tokenizer"], root / ADAPTER_DIR)
+        figures.adapter_sha256 = save_adapter(out["model"], out["tokenizer"], root / ADAPTER_DIR)
         _write_history(root / TRAIN_LOG, out["history"])
-        write_json(root / TRAIN_METRICS, out["figures"])
+        atomic_write(root / TRAIN_METRICS, figures.to_json() + "\n")
         shutil.rmtree(work_dir, ignore_errors=True)  # finished: nothing to resume, and no optimizer state left on disk
     state.wait_for_everyone()
-    return out["figures"]
+    return figures

@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, TextIO, cast
 
 from loraops.config import Params, dump_params, load_params, parse_override
-from loraops.errors import RegistryError, StageError
-from loraops.paths import DVC_LOCK, PARAMS, STAGES, TRAIN_METRICS, WORKSPACES_DIR
+from loraops.errors import LoraopsError, RegistryError, StageError
+from loraops.paths import DVC_LOCK, PARAMS, STAGES, WORKSPACES_DIR
 from loraops.remote import pull_inputs
+from loraops.results import TrainFigures
 from loraops.secrets import redact_text
 
 
@@ -338,11 +339,10 @@ def unchanged(root: Path, params: Params) -> str | None:
     Returns the message for the user, or None when something changed (or was never registered).
     """
     import hashlib
-    import json
 
     try:
-        sha = json.loads((root / TRAIN_METRICS).read_text(encoding="utf-8"))["adapter_sha256"]
-    except (OSError, ValueError, KeyError):
+        sha = TrainFigures.read(root).adapter_sha256  # figures of another version's format: not the same run
+    except LoraopsError:
         return None
     from dvc.exceptions import DvcException
     from dvc.repo import Repo

@@ -119,10 +119,10 @@ def train(params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt) -> None:
     from loraops import train as train_stage
 
     figures = train_stage.run(params_of(params, set_))
-    if "adapter_sha256" not in figures:  # a non-main process under accelerate launch
+    if figures.adapter_sha256 is None:  # a non-main process under accelerate launch
         return
-    typer.echo(f"trained {figures['steps']} steps in {figures['train_seconds']}s; train loss {figures['train_loss']}, "
-               f"best validation loss {figures['best_val_loss']}; adapter sha256 {figures['adapter_sha256'][:12]}")
+    typer.echo(f"trained {figures.steps} steps in {figures.train_seconds}s; train loss {figures.train_loss}, "
+               f"best validation loss {figures.best_val_loss}; adapter sha256 {figures.adapter_sha256[:12]}")
 
 
 @app.command()
