@@ -45,4 +45,4 @@ def test_qlora_and_bf16_train_on_cuda(tmp_path):
             "lora.modules_to_save=[]"))
         prepare.run(params, tmp_path)
         figures = train.run(params, tmp_path)
-        assert figures["device"] == "cuda" and (tmp_path / "models/adapter/adapter_model.safetensors").exists()
+        assert figures.device == "cuda" and (tmp_path / "models/adapter/adapter_model.safetensors").exists()

@@ -91,11 +91,10 @@ def test_train_stage_cross_validates_by_group_before_the_final_training(tmp_path
     params = load_params(REPO / "params.yaml", tiny_overrides(f"data.path={REPO / 'data/raw/interior_qa.csv'}",
                                                              "train.max_steps=20", "train.eval_steps=10", "train.cv_folds=2"))
     prepare.run(params, tmp_path)
-    figures = train.run(params, tmp_path)
-    cv = figures["cv"]
-    assert cv["folds"] == cv["folds_run"] == 2 and len(cv["val_loss"]) == 2
-    assert cv["val_loss_mean"] == pytest.approx(sum(cv["val_loss"]) / 2, abs=1e-5) and cv["val_loss_sd"] > 0
-    assert json.loads((tmp_path / "metrics/train.json").read_text())["cv"] == cv
+    cv = train.run(params, tmp_path).cv
+    assert cv is not None and cv.folds == cv.folds_run == 2 and len(cv.val_loss) == 2
+    assert cv.val_loss_mean == pytest.approx(sum(cv.val_loss) / 2, abs=1e-5) and cv.val_loss_sd > 0
+    assert json.loads((tmp_path / "metrics/train.json").read_text())["cv"] == cv.model_dump()
     assert (tmp_path / "models/adapter/adapter_model.safetensors").exists()
 
 

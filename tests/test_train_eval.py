@@ -31,16 +31,16 @@ def test_adapter_saved_as_safetensors_with_curves(trained):
     params, root, figures = trained
     adapter = root / "models/adapter"
     assert (adapter / "adapter_model.safetensors").exists() and (adapter / "adapter_config.json").exists()
-    assert figures["steps"] == params.train.max_steps and figures["device"] == "cpu"
+    assert figures.steps == params.train.max_steps and figures.device == "cpu"
     log = (root / "metrics/train_log.csv").read_text().splitlines()
     assert log[0] == "step,train_loss,val_loss,learning_rate" and len(log) > 2
-    assert json.loads((root / "metrics/train.json").read_text())["adapter_sha256"] == figures["adapter_sha256"]
+    assert json.loads((root / "metrics/train.json").read_text())["adapter_sha256"] == figures.adapter_sha256
 
 
 def test_training_is_bit_identical_on_cpu(trained, tmp_path):
     params, root, figures = trained
     prepare.run(params, tmp_path)
-    assert train.run(params, tmp_path)["adapter_sha256"] == figures["adapter_sha256"]
+    assert train.run(params, tmp_path).adapter_sha256 == figures.adapter_sha256
 
 
 def test_labels_mask_the_prompt(trained):
@@ -82,7 +82,7 @@ def test_training_lowers_the_validation_loss(trained):
     val = [float(r[2]) for r in rows if r[2]]
     assert len(val) >= 2 and val == sorted(val, reverse=True)  # every evaluation better than the one before
     # an untrained model's loss is about ln(vocabulary): learning must take it far below that
-    assert figures["best_val_loss"] < 0.5 * math.log(params.model.tiny.vocab_size)
+    assert figures.best_val_loss < 0.5 * math.log(params.model.tiny.vocab_size)
 
 
 def test_base_answers_equal_a_freshly_loaded_base(trained):
