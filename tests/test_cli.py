@@ -169,3 +169,14 @@ def test_run_from_an_installed_wheel_pointed_at_the_project(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "registered interior-qa-lora v1" in result.stdout
     assert (project / "mlruns" / "mlflow.db").exists() and not (outside / "mlruns").exists()
+
+
+def test_invoke_runs_a_command_in_this_process_and_returns_its_exit_code(monkeypatch, capsys):
+    """What a flow runs its stage commands with: the console entry's exit codes, without a new process."""
+    from loraops.cli import invoke
+
+    monkeypatch.chdir(REPO)
+    assert invoke(["prepare", "--set", "nosuch.key=1"]) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and "nosuch" in err, err
+    assert invoke(["prepare", "--no-such-option"]) == 2

@@ -188,6 +188,9 @@ def invoke(argv: list[str]) -> int:
     try:
         code = command.main(args=list(argv), prog_name="loraops", standalone_mode=False)
     except SystemExit as exc:
+        if isinstance(exc.code, str):  # sys.exit("message"): printed, exit status 1, as Python does
+            print(exc.code, file=sys.stderr)
+            return 1
         code = exc.code
     except typer.TyperException as exc:  # a usage error: what the console entry prints, and its exit code
         print(f"error: {exc}", file=sys.stderr)
