@@ -39,8 +39,9 @@ _GOLDEN_FIXTURES = {"golden", "golden_copy", "served_project"}
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups into the test ids
 def pytest_collection_modifyitems(config, items):
     """The tests on the golden project first, and xdist groups (`--dist loadgroup`): the golden tests one group, each
-    module its own. (2026-12-04: xdist 3.8 does not pick these groups up yet, so tests are distributed one by one; the
-    golden project is still built once, under the lock in `golden`.)"""
+    module its own. (2026-12-04: pytest 9.2 derives `nodeid` from `_id`, so pytest-xdist 3.8, the newest, cannot add
+    its `@group` suffix and loadgroup hands tests out one by one; the golden project is still built once, under the
+    lock in `golden`.)"""
     golden = [item for item in items if _GOLDEN_FIXTURES & set(item.fixturenames)]
     others = [item for item in items if not _GOLDEN_FIXTURES & set(item.fixturenames)]
     for item in golden:
