@@ -28,10 +28,10 @@ run: data
 	HF_HUB_OFFLINE=$${HF_HUB_OFFLINE:-1} loraops run
 
 test: data
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not gpu" -n 2 --dist loadgroup --durations=30
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not gpu" -n 2 --dist loadfile --no-loadscope-reorder --durations=30
 
 test-fast: data
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n 2
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 ui-mlflow: install
 	@echo "MLflow UI: http://127.0.0.1:5000/#/experiments?workflowType=machine_learning (the model-training view)"

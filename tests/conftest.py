@@ -36,19 +36,29 @@ if "PYTEST_XDIST_WORKER" in os.environ:  # two workers on two cores: one compute
 _GOLDEN_FIXTURES = {"golden", "golden_copy", "served_project"}
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups into the test ids
+def _weight(items) -> float:
+    """A module's expected cost from its marks: a test that starts servers or runs the loop costs most."""
+    return sum(3 if item.get_closest_marker("integration") else 1 if item.get_closest_marker("slow") else 0.05
+               for item in items)
+
+
 def pytest_collection_modifyitems(config, items):
-    """The tests on the golden project first, and xdist groups (`--dist loadgroup`): the golden tests one group, each
-    module its own. (2026-12-04: pytest 9.2 derives `nodeid` from `_id`, so pytest-xdist 3.8, the newest, cannot add
-    its `@group` suffix and loadgroup hands tests out one by one; the golden project is still built once, under the
-    lock in `golden`.)"""
-    golden = [item for item in items if _GOLDEN_FIXTURES & set(item.fixturenames)]
-    others = [item for item in items if not _GOLDEN_FIXTURES & set(item.fixturenames)]
-    for item in golden:
-        item.add_marker(pytest.mark.xdist_group("golden"))
-    for item in others:
-        item.add_marker(pytest.mark.xdist_group(item.module.__name__ if item.module else item.nodeid))
-    items[:] = golden + others
+    """The order `make test` hands modules to its two workers (`--dist loadfile --no-loadscope-reorder`: a module
+    runs on one worker, so its module fixtures are built once).
+
+    The golden project takes ~3 minutes to build, once, under a lock; a second worker that needs it meanwhile
+    only waits. So one worker starts with the heaviest module on the golden project (and builds it), the other
+    with the heaviest module that does not need it; the modules that do not need it follow, heaviest first, and
+    the other golden modules come last, when the project is there. Heaviest first keeps the last module short."""
+    modules: dict[str, list] = {}
+    for item in items:
+        modules.setdefault(item.nodeid.split("::", 1)[0], []).append(item)
+    golden = sorted((m for m in modules.values() if any(_GOLDEN_FIXTURES & set(i.fixturenames) for i in m)),
+                    key=_weight, reverse=True)
+    others = sorted((m for m in modules.values() if not any(_GOLDEN_FIXTURES & set(i.fixturenames) for i in m)),
+                    key=_weight, reverse=True)
+    order = golden[:1] + others + golden[1:]
+    items[:] = [item for module in order for item in module]
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -61,14 +61,24 @@ def _answer_in_the_ui(served: dict, link: str, decision: str, reviewer: str, com
             dialog.get_by_role("button", name="Submit").click()
             dialog.get_by_text("'reviewer' is a required property").wait_for(timeout=10_000)
             empty = dialog.inner_text()
-            dialog.locator(".p-select-button__control").press("ArrowDown")  # the select opens from the keyboard
-            page.get_by_role("option", name=decision, exact=True).click()
+            select = dialog.locator(".p-select-button__control")
+            for _ in range(3):  # on a loaded machine a click can land while the list is still opening
+                select.press("ArrowDown")  # the select opens from the keyboard
+                page.get_by_role("option", name=decision, exact=True).click()
+                if decision in select.inner_text():
+                    break
+                page.keyboard.press("Escape")
+            assert decision in select.inner_text(), dialog.inner_text()
             areas = dialog.locator("textarea")
             areas.nth(0).fill(reviewer)
             areas.nth(1).fill(comment)
             page.screenshot(path=str(served["tmp"] / shot))
             dialog.get_by_role("button", name="Submit").click()
-            dialog.wait_for(state="hidden", timeout=30_000)
+            try:
+                dialog.wait_for(state="hidden", timeout=60_000)
+            except Exception:
+                page.screenshot(path=str(served["tmp"] / f"stuck-{shot}"))
+                raise AssertionError(f"the Resume form did not close; it shows: {dialog.inner_text()[-1500:]}")
         finally:
             browser.close()
     assert "'decision' is a required property" in empty
