@@ -148,7 +148,7 @@ def _trainer(a: argparse.Namespace, base: str, rows: list[dict], device: str) ->
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments, set_seed
 
     from loraops.config import load_params
-    from loraops.model import load_base, load_tokenizer
+    from loraops.model import base_config, load_base, load_tokenizer
     from loraops.train import lora_config, make_trainer, prepare_model, resolve_batching, tokenize_pair
 
     total = a.steps + a.warmup
@@ -162,7 +162,7 @@ def _trainer(a: argparse.Namespace, base: str, rows: list[dict], device: str) ->
     items = Dataset.from_list([tokenize_pair(tok, r["prompt"], r["answer"], a.max_length) for r in rows])
     out = Path(a.workdir) / f"ckpt-{a.arm}"
     if a.arm == "loraops":
-        batching = resolve_batching(params.train.batching)
+        batching = resolve_batching(params.train.batching, base_config(base, params.model), device, a.max_length)
         model = prepare_model(base, params, device, batching)
         return make_trainer(model, tok, params.train, 0, device, out, items, batching=batching), model, batching
     model = load_base(base, params.model, device, dtype="bf16" if device == "cuda" else "fp32", quantization=a.quantization)

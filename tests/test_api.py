@@ -15,19 +15,19 @@ class _Tok:
         return "".join(PIECES[t] for t in tokens)
 
 
-def _job(max_tokens=32, stops=("\n질문:",)):
+def _job(max_tokens=32, stops=("\n질문:",), stop_ids=(0,)):
     events = []
     return Job(prompt="p", version=None, max_tokens=max_tokens, stops=list(stops), temperature=0.0, top_p=1.0,
-               sink=events.append), events
+               sink=events.append, stop_ids=list(stop_ids)), events
 
 
 def _stream(tokens, **kwargs):
     job, events = _job(**kwargs)
     for n in range(1, len(tokens) + 1):
         if job.finish is None:
-            _advance(job, tokens[:n], _Tok(), eos=0)
+            _advance(job, tokens[:n], _Tok())
     if job.finish is None:
-        _advance(job, tokens, _Tok(), eos=0, final=True)
+        _advance(job, tokens, _Tok(), final=True)
     return job, [e[1] for e in events if e[0] == "delta"]
 
 
@@ -40,14 +40,16 @@ def test_a_stop_string_is_never_shown_and_the_stream_adds_up_to_the_answer():
 
 def test_torn_characters_and_trailing_spaces_wait_for_the_next_token():
     job, events = _job()
-    _advance(job, [1, 2, 8], _Tok(), eos=0)
+    _advance(job, [1, 2, 8], _Tok())
     assert job.sent == "습기가"  # the space and the torn character are held back
-    _advance(job, [1, 2, 8, 3], _Tok(), eos=0)
+    _advance(job, [1, 2, 8, 3], _Tok())
     assert job.sent == "습기가 원인"  # an undecodable character inside the text is dropped, as `ask` drops it
 
 
-def test_end_of_text_and_max_tokens_finish_a_row():
+def test_end_of_text_end_of_turn_and_max_tokens_finish_a_row():
     job, _ = _stream([1, 2, 0, 3])
+    assert job.finish == "stop" and job.text == "습기가" and job.tokens == 2
+    job, _ = _stream([1, 2, 9, 3, 0], stop_ids=(0, 9))  # an end-of-turn token that is not EOS ends the row too
     assert job.finish == "stop" and job.text == "습기가" and job.tokens == 2
     job, _ = _stream([1, 2, 3, 4], max_tokens=2)
     assert job.finish == "length" and job.text == "습기가" and job.tokens == 2

@@ -98,8 +98,8 @@ def test_no_import_cycle_and_nothing_imports_upward():
 LAYERS = {
     "core": (0, "errors paths secrets config utils readers results korean codedeps remote concurrency __init__"),
     "judge": (1, "degenerate metrics tone validity gate score report"),
-    "modeling": (1, "model packing sweep"),
-    "stages": (2, "prepare augment index train evaluate datainit"),
+    "modeling": (1, "model packing prompting sweep"),
+    "stages": (2, "prepare augment index train evaluate datainit preview"),
     "registry": (3, "tracking lineage modelspec registry reproduce workspace form"),
     "review": (4, "review approval"),
     "serving": (4, "serve pyfunc_model api demo export"),

@@ -113,6 +113,13 @@ def test_unknown_models_and_bad_bodies_get_openai_errors(client, server):
         assert r.status_code == 400, (extra, r.text)  # refused, never silently ignored
     r = httpx.post(f"{server}/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 400 and "error" in r.json()
+    # the tiny default trains with the plain template: a system turn or earlier turns have no place in its prompt
+    for messages in ([{"role": "system", "content": "존댓말로 답하세요."}, {"role": "user", "content": QUESTIONS[0]}],
+                     [{"role": "user", "content": QUESTIONS[0]}, {"role": "assistant", "content": "네."},
+                      {"role": "user", "content": QUESTIONS[1]}]):
+        r = httpx.post(f"{server}/chat/completions", json={"model": f"{NAME}@production", "messages": messages}, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "unsupported_messages", r.text
+        assert "plain prompt template" in r.json()["error"]["message"] and "--last-user-message-only" in r.text
 
 
 def test_concurrent_requests_are_batched_to_the_same_answers(client):
@@ -143,7 +150,7 @@ def test_an_alias_move_is_served_without_a_restart(client, served_project, monke
 
 
 def test_api_key_and_a_full_queue(served_project):
-    with _server(served_project, "--queue-size", "1", "--max-batch", "1", key="s3cret") as url:
+    with _server(served_project, "--queue-size", "1", "--max-batch", "1", "--last-user-message-only", key="s3cret") as url:
         with pytest.raises(openai.AuthenticationError):
             _chat(openai.OpenAI(base_url=url, api_key="wrong", max_retries=0), "base", "질문")
         keyed = openai.OpenAI(base_url=url, api_key="s3cret", max_retries=0, timeout=120)
@@ -158,3 +165,7 @@ def test_api_key_and_a_full_queue(served_project):
         with ThreadPoolExecutor(16) as pool:
             answers = list(pool.map(ask, QUESTIONS * 2))
         assert "429" in answers and any(a != "429" for a in answers)
+        # started with --last-user-message-only: a plain-template version answers the last user message of a chat
+        chat = keyed.chat.completions.create(model=f"{NAME}@production", max_tokens=16, messages=[
+            {"role": "system", "content": "존댓말로 답하세요."}, {"role": "user", "content": QUESTIONS[0]}])
+        assert chat.choices[0].message.content == _chat(keyed, f"{NAME}@production", QUESTIONS[0], max_tokens=16)

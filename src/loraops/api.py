@@ -3,8 +3,11 @@
 - ``GET /v1/models`` lists ``base``, ``<name>@<alias>`` and ``<name>/<version>`` of the served registered
   models, read from the MLflow registry on every call (an alias moved by ``promote`` is served at once).
 - ``POST /v1/chat/completions`` answers the last user message through the version's prompt template,
-  exactly as ``loraops ask`` and the pyfunc model do (same prompt, greedy by default, same stop strings,
-  undecodable characters dropped); template fields other than ``question`` come from ``metadata``.
+  exactly as ``loraops ask`` and the pyfunc model do (same prompt, greedy by default, same stop strings and
+  end-of-turn tokens, undecodable characters dropped); template fields other than ``question`` come from
+  ``metadata``. For a version trained with a chat template, the system message and earlier turns are rendered
+  through that template (the trained system prompt when none is sent); a plain-template version refuses them with
+  a 400 unless the server was started with ``--last-user-message-only``.
   A version registered with retrieval looks up the question's passages in its bundled index first and returns
   them as ``sources`` (an extra top-level field; in a stream, on the first chunk).
   ``POST /v1/completions`` continues a raw prompt. Both stream as server-sent events ending in ``[DONE]``.
@@ -18,6 +21,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import logging
@@ -35,6 +39,7 @@ from typing import Any, Callable, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field
 
 from loraops.errors import LoraopsError
+from loraops.prompting import PromptFormat
 
 _log = logging.getLogger("loraops.api")
 BASE = "base"
@@ -79,6 +84,12 @@ class Version:
             return None
         text = f"{self.name} v{self.number} is below the gate's quality floors: {'; '.join(breaches)}"
         return text.encode("ascii", "replace").decode()  # an HTTP header value
+
+
+@functools.lru_cache(maxsize=64)
+def version_format(adapter_dir: str) -> PromptFormat:
+    """The prompt format saved with a downloaded adapter (plain for one trained before formats were recorded)."""
+    return PromptFormat.read(adapter_dir)
 
 
 def base_identity(spec: dict[str, Any], base_dir: str | None) -> str:
@@ -202,13 +213,14 @@ class Catalog:
 class Job:
     """One request waiting for, or being answered in, a batch; the worker pushes its events to ``sink``."""
 
-    prompt: str
+    prompt: str  # the text the model reads, as the tokenizer encodes it without adding special tokens
     version: Version | None
     max_tokens: int
     stops: list[str]
     temperature: float
     top_p: float
     sink: Callable[[tuple], object]  # receives ("delta", text), ("done", finish, usage) or ("error", message)
+    stop_ids: list[int] = field(default_factory=list)  # token ids that end the answer (EOS, end of turn)
     cancelled: bool = False
     sent: str = ""
     text: str = ""
@@ -238,6 +250,7 @@ class Engine:
     queue_size: int = 64
     max_adapters: int = 8
     device: str = "cpu"
+    base_format: PromptFormat = field(default_factory=PromptFormat)  # how the ``base`` model id is prompted
     _queue: "queue.Queue[Job]" = field(init=False)
     _loaded: "OrderedDict[str, Version]" = field(init=False, default_factory=OrderedDict)
     _dora: set[str] = field(init=False, default_factory=set)
@@ -260,8 +273,15 @@ class Engine:
     def loaded(self) -> list[str]:
         return list(self._loaded)
 
-    def count_tokens(self, prompt: str) -> int:
-        return len(self.tokenizer((self.tokenizer.bos_token or "") + prompt, add_special_tokens=False)["input_ids"])
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def format_of(self, version: Version | None) -> PromptFormat:
+        """The prompt format ``version`` was trained with (saved with its adapter); the base's for ``base``."""
+        return version_format(version.adapter_dir) if version is not None else self.base_format
+
+    def stop_ids(self, version: Version | None) -> list[int]:
+        return self.format_of(version).stop_ids(self.tokenizer, self.model)
 
     def serves(self, version: Version | None) -> bool:
         """Whether ``version``'s adapter was trained on the base this engine holds (the base arm always is)."""
@@ -283,7 +303,8 @@ class Engine:
         """Greedy answer for one prompt, waiting for its batch (for in-process callers such as the demo): the answer
         as shown (undecodable characters dropped) and as generated."""
         box: "queue.Queue[tuple]" = queue.Queue()
-        job = Job(prompt=prompt, version=version, max_tokens=max_tokens, stops=stops, temperature=0.0, top_p=1.0, sink=box.put)
+        job = Job(prompt=self.format_of(version).text(self.tokenizer, prompt), version=version, max_tokens=max_tokens,
+                  stops=stops, temperature=0.0, top_p=1.0, sink=box.put, stop_ids=self.stop_ids(version))
         self.submit(job)
         while True:
             event = box.get()
@@ -362,12 +383,12 @@ class Engine:
         from transformers import StoppingCriteria, StoppingCriteriaList
 
         tok = self.tokenizer
-        enc = tok([(tok.bos_token or "") + j.prompt for j in jobs], return_tensors="pt", padding=True,
-                  add_special_tokens=False).to(self.device)
+        enc = tok([j.prompt for j in jobs], return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
         width = enc["input_ids"].shape[1]
         for job, mask in zip(jobs, enc["attention_mask"]):
             job.prompt_tokens = int(mask.sum())
-        eos = tok.eos_token_id
+            job.stop_ids = job.stop_ids or ([tok.eos_token_id] if tok.eos_token_id is not None else [])
+        eos = list(dict.fromkeys(i for j in jobs for i in j.stop_ids)) or None
 
         class _Rows(StoppingCriteria):
             """Per row: decode the new tokens, stream what is final, stop on its own limits."""
@@ -376,7 +397,7 @@ class Engine:
                 done = []
                 for row, job in enumerate(jobs):
                     if job.finish is None:
-                        _advance(job, input_ids[row, width:].tolist(), tok, eos)
+                        _advance(job, input_ids[row, width:].tolist(), tok)
                     done.append(job.finish is not None or job.cancelled)
                 return torch.tensor(done, device=input_ids.device)
 
@@ -390,18 +411,19 @@ class Engine:
                                       eos_token_id=eos, **sampling, **kwargs)
         for row, job in enumerate(jobs):
             if job.finish is None:
-                _advance(job, out[row, width:].tolist(), tok, eos, final=True)
+                _advance(job, out[row, width:].tolist(), tok, final=True)
             job.push("done", job.finish, {"prompt_tokens": job.prompt_tokens, "completion_tokens": job.tokens,
                                           "total_tokens": job.prompt_tokens + job.tokens})
 
 
-def _advance(job: Job, tokens: list[int], tok: Any, eos: int | None, final: bool = False) -> None:
+def _advance(job: Job, tokens: list[int], tok: Any, final: bool = False) -> None:
     """Take a row's new tokens: settle its text, push the part no later token can change, note why it ended."""
     from loraops.degenerate import clean
     from loraops.evaluate import clean_answer
 
-    if eos is not None and eos in tokens:
-        tokens, job.finish = tokens[: tokens.index(eos)], "stop"
+    ended = [tokens.index(i) for i in job.stop_ids if i in tokens]
+    if ended:
+        tokens, job.finish = tokens[: min(ended)], "stop"
     if len(tokens) >= job.max_tokens:
         tokens = tokens[: job.max_tokens]
         job.finish = job.finish or "length"
@@ -486,6 +508,7 @@ class Settings:
     default_generation: dict[str, Any]
     max_tokens_limit: int = 1024
     api_key: str | None = None
+    last_user_only: bool = False  # a plain-template version answers the last user message of a longer chat
 
     def prompt(self, version: Version | None, question: str, fields: dict[str, str] | None = None) -> str:
         """The question through the version's template (the project's for ``base``); absent fields render empty."""
@@ -546,6 +569,7 @@ def create_app(catalog: Catalog, engine: Engine, settings: Settings) -> Any:
 
     async def _answer(body: _Body, prompt: str, version: Version | None, kind: str,
                       sources: list[dict[str, Any]] | None = None) -> Any:
+        """Answer ``prompt``, the text the model reads (rendered through the version's prompt format)."""
         missing = body.unsupported()
         if missing:
             raise ApiError(400, f"{missing}: not supported by loraops serve", param=missing, code="unsupported_parameter")
@@ -566,7 +590,8 @@ def create_app(catalog: Catalog, engine: Engine, settings: Settings) -> Any:
         loop, events = asyncio.get_running_loop(), asyncio.Queue[tuple]()
         job = Job(prompt=prompt, version=version, max_tokens=max_tokens, stops=[*generation.get("stop_strings", []), *stops],
                   temperature=body.temperature or 0.0, top_p=body.top_p or 1.0,
-                  sink=lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+                  sink=lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
+                  stop_ids=engine.stop_ids(version))
         try:
             engine.submit(job)
         except QueueFull:
@@ -633,13 +658,37 @@ def create_app(catalog: Catalog, engine: Engine, settings: Settings) -> Any:
     @app.post("/v1/chat/completions")
     async def chat(body: ChatBody) -> Any:
         version = await run_in_threadpool(catalog.resolve, body.model)
-        users = [m for m in body.messages if m.role == "user"]
-        if not users or not users[-1].text().strip():
+        users = [i for i, m in enumerate(body.messages) if m.role == "user"]
+        if not users or not body.messages[users[-1]].text().strip():
             raise ApiError(400, "messages: needs a user message with text (the question)", param="messages")
-        question = users[-1].text()
+        last = users[-1]
+        if last != len(body.messages) - 1:
+            raise ApiError(400, "messages: the last message must be the user's (the question to answer)", param="messages")
+        if any(m.role == "tool" for m in body.messages):
+            raise ApiError(400, "messages: tool messages are not supported by loraops serve", param="messages",
+                           code="unsupported_parameter")
+        question = body.messages[last].text()
         context, sources = await run_in_threadpool(catalog.passages, version, question)
         fields = {**(body.metadata or {}), **({"context": context} if sources else {})}
-        return await _answer(body, settings.prompt(version, question, fields), version, "chat", sources)
+        prompt = settings.prompt(version, question, fields)
+        fmt = engine.format_of(version)
+        if fmt.chat:  # the earlier turns as sent, the question through the template the version was trained with
+            turns = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+            turns[last]["content"] = prompt
+            try:
+                text = fmt.conversation(engine.tokenizer, turns)
+            except Exception as exc:  # noqa: BLE001 - the template's own refusal (raise_exception), e.g. roles out of order
+                raise ApiError(400, f"messages: the chat template refuses them: {str(exc)[:300]}", param="messages") from None
+        else:
+            extra = [m.role for m in body.messages[:last]]
+            if extra and not settings.last_user_only:
+                name = f"{version.name}/{version.number}" if version else "base"
+                raise ApiError(400, f"messages: {name} was trained with a plain prompt template (no chat template), "
+                               f"which has no place for {', '.join(sorted(set(extra)))} messages; send only the user's "
+                               "question, or start the server with --last-user-message-only", param="messages",
+                               code="unsupported_messages")
+            text = fmt.text(engine.tokenizer, prompt)
+        return await _answer(body, text, version, "chat", sources)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody) -> Any:
@@ -647,7 +696,7 @@ def create_app(catalog: Catalog, engine: Engine, settings: Settings) -> Any:
             raise ApiError(400, "prompt: one prompt per request", param="prompt")
         prompt = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
         version = await run_in_threadpool(catalog.resolve, body.model)
-        return await _answer(body, prompt, version, "completion")
+        return await _answer(body, (engine.tokenizer.bos_token or "") + prompt, version, "completion")
 
     return app
 
@@ -658,10 +707,11 @@ class _Blank(dict):
 
 
 def open_engine(params: Any, names: list[str], max_batch: int = 16, queue_size: int = 64, max_tokens_limit: int = 1024,
-                cache_dir: Path | None = None) -> tuple[Catalog, Engine, Settings, Version | None]:
+                cache_dir: Path | None = None, last_user_only: bool = False) -> tuple[Catalog, Engine, Settings, Version | None]:
     """Catalog, engine and settings for the served models; the base is the startup version's (else ``model.base``)."""
     from loraops.config import ModelSection
     from loraops.model import base_location
+    from loraops.prompting import resolve as resolve_format
     from loraops.utils import pick_device
 
     catalog = Catalog(names, cache_dir or Path(tempfile.mkdtemp(prefix="loraops-serve-")))
@@ -677,6 +727,11 @@ def open_engine(params: Any, names: list[str], max_batch: int = 16, queue_size: 
         tokenizer, identity = location, base_identity({"base": {"configured": params.model.base, "revision": params.model.revision}},
                                                       location if Path(location).is_dir() else None)
     engine = Engine(location, cfg, tokenizer, identity, max_batch=max_batch, queue_size=queue_size, device=pick_device("auto"))
+    try:  # `base` is prompted as the project would train it (an instruct base through its chat template)
+        engine.base_format = resolve_format(params.data.chat_template, params.data.system_prompt, engine.tokenizer)
+    except LoraopsError as exc:
+        _log.warning("the base model id answers with the plain template: %s", exc)
     generation = {"max_new_tokens": params.eval.max_new_tokens, "stop_strings": params.eval.stop_strings}
-    settings = Settings(names, params.data.template, generation, max_tokens_limit, os.environ.get("LORAOPS_API_KEY") or None)
+    settings = Settings(names, params.data.template, generation, max_tokens_limit, os.environ.get("LORAOPS_API_KEY") or None,
+                        last_user_only)
     return catalog, engine, settings, first

@@ -59,7 +59,13 @@ class DataSection(_Section):
     attribute_columns: list[str] = Field(default_factory=list, description="Extra columns usable in the template, e.g. target_age.")
     question_prefix: str = Field("질문_", description="Prefix of the question phrasing columns (format wide).")
     answer_prefix: str = Field("답변_", description="Prefix of the answer variant columns (format wide).")
-    template: str = Field("질문: {question}\n답변: ", description="Prompt template; fields: question, category, attribute columns.")
+    template: str = Field("질문: {question}\n답변: ", description="Prompt template; fields: question, category, attribute columns. "
+                          "With a chat template it is the user turn's content.")
+    chat_template: str = Field("auto", description="auto: the base tokenizer's chat template when it has one (instruct "
+                               "bases), else the plain template; none: always the plain template; or a Jinja file in "
+                               "prompts/ that overrides the tokenizer's.")
+    system_prompt: str | None = Field(None, description="The system turn under a chat template (none: the template's own "
+                                      "default, if any).")
     max_question_chars: int = Field(512, gt=0, description="Length policy limit for questions, in characters.")
     max_answer_chars: int = Field(1024, gt=0, description="Length policy limit for answers, in characters.")
     length_policy: Literal["truncate", "drop"] = Field("truncate", description="What to do with pairs over the limits.")

@@ -27,6 +27,7 @@ from loraops.tone import SpeechLevel
 from loraops.validity import measure_cached, require_valid
 from loraops.model import ModelError, base_location, load_base, load_tokenizer
 from loraops.report import flat_metrics, markdown, plots, summarize
+from loraops.prompting import PromptFormat
 from loraops.paths import ADAPTER_DIR, EVAL_METRICS, EVAL_REPORT, EVAL_TABLE, PLOTS_DIR, prompts_folder
 from loraops.utils import atomic_write, pick_device, progress_lines, say, write_json
 
@@ -41,8 +42,9 @@ def clean_answer(text: str, stop_strings: list[str]) -> str:
 
 
 def generate(model: Any, tokenizer: Any, prompts: list[str], cfg: EvalSection, device: str,
-             progress: bool = True, label: str = "generate") -> list[str]:
-    """Greedy answers for ``prompts``, batched over length-sorted, left-padded prompts; input order kept.
+             progress: bool = True, label: str = "generate", fmt: PromptFormat | None = None) -> list[str]:
+    """Greedy answers for ``prompts`` (filled templates) in the prompt format ``fmt`` (plain by default), batched over
+    length-sorted, left-padded prompts; input order kept. Generation stops on the format's stop tokens.
 
     Each distinct prompt is generated once (a wide-format question has several reference answers).
     """
@@ -51,18 +53,19 @@ def generate(model: Any, tokenizer: Any, prompts: list[str], cfg: EvalSection, d
 
     unique = sorted(set(prompts), key=lambda p: (len(p), p))
     answers: dict[str, str] = {}
-    bos = tokenizer.bos_token or ""
+    fmt = fmt or PromptFormat()
+    stops = fmt.eos_argument(tokenizer, model)
     model.eval()
     batches = [unique[i: i + cfg.batch_size] for i in range(0, len(unique), cfg.batch_size)]
     lines = progress and progress_lines()
     for number, batch in enumerate(tqdm(batches, desc=label, disable=not progress or lines, leave=False), start=1):
         if lines:
             say(f"{label}: batch {number}/{len(batches)} ({min(number * cfg.batch_size, len(unique))}/{len(unique)} questions)")
-        texts = [bos + prompt for prompt in batch]
+        texts = [fmt.text(tokenizer, prompt) for prompt in batch]
         enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
         with torch.inference_mode():
             out = model.generate(**enc, max_new_tokens=cfg.max_new_tokens, do_sample=False, num_beams=1,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=stops)
         new_tokens = out[:, enc["input_ids"].shape[1]:]
         for prompt, text in zip(batch, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
             answers[prompt] = clean_answer(text, cfg.stop_strings)
@@ -85,8 +88,10 @@ def load_tuned(params: Params, adapter_dir: Path, device: str, root: Path = Path
     return PeftModel.from_pretrained(base, str(adapter_dir)).to(device), tokenizer
 
 
-def score_table(rows: list[dict], base_answers: list[str], tuned_answers: list[str], pack: MetricPack) -> pd.DataFrame:
-    """The per-question table: question, reference, both answers as a reader sees them, degenerate flags, scores.
+def score_table(rows: list[dict], base_answers: list[str], tuned_answers: list[str], pack: MetricPack,
+                prompts: list[str] | None = None) -> pd.DataFrame:
+    """The per-question table: question, the prompt the models read (when given), reference, both answers as a
+    reader sees them, degenerate flags, scores.
 
     Answers are judged as generated (undecodable bytes included, so they count against the model);
     the table keeps them cleaned of U+FFFD, with the number of dropped characters.
@@ -94,7 +99,8 @@ def score_table(rows: list[dict], base_answers: list[str], tuned_answers: list[s
     references = [r["answer"] for r in rows]
     table = pd.DataFrame({
         "id": [r["id"] for r in rows], "group": [r["group"] for r in rows], "category": [r["category"] for r in rows],
-        "question": [r["question"] for r in rows], "reference": references,
+        "question": [r["question"] for r in rows], **({"prompt": prompts} if prompts is not None else {}),
+        "reference": references,
     })
     for prefix, answers in (("base", base_answers), ("tuned", tuned_answers)):
         cleaned = [clean(a) for a in answers]
@@ -256,12 +262,16 @@ def run(params: Params, root: Path = Path("."), self_test: bool | None = None) -
     if room["warning"]:
         say(f"warning: {room['warning']}")
     rag = params.rag.enabled
-    answers = _answers(model, tokenizer, [r["prompt"] for r in rows], params, device, " with retrieval" if rag else "")
+    fmt = PromptFormat.read(root / ADAPTER_DIR)
+    if fmt.chat:
+        say(f"prompt format: {fmt.describe}")
+    answers = _answers(model, tokenizer, [r["prompt"] for r in rows], params, device, " with retrieval" if rag else "", fmt)
     say(f"scoring {len(rows)} base and tuned answers with {', '.join(params.eval.metrics)}")
-    tables = [score_table(rows, *answers, pack)]
+    tables = [score_table(rows, *answers, pack, [fmt.shown(tokenizer, r["prompt"]) for r in rows])]
     if rag:
         tables.append(score_table(rows, *_answers(model, tokenizer, [r["prompt_plain"] for r in rows], params, device,
-                                                  " without retrieval"), pack))
+                                                  " without retrieval", fmt), pack,
+                                  [fmt.shown(tokenizer, r["prompt_plain"]) for r in rows]))
     for frame in tables:
         for column in params.data.attribute_columns:
             frame[column] = [r.get("attributes", {}).get(column, "") for r in rows]
@@ -321,11 +331,12 @@ def answer_room(tokenizer: Any, references: list[str], max_new_tokens: int) -> d
 
 
 def _answers(model: Any, tokenizer: Any, prompts: list[str], params: Params, device: str,
-             arm: str) -> tuple[list[str], list[str]]:
-    """Base and tuned answers to ``prompts`` from one PeftModel (the base with its adapter disabled)."""
-    tuned = generate(model, tokenizer, prompts, params.eval, device, label=f"tuned answers{arm}")
+             arm: str, fmt: PromptFormat) -> tuple[list[str], list[str]]:
+    """Base and tuned answers to ``prompts`` from one PeftModel (the base with its adapter disabled), both in the
+    prompt format the adapter was trained with (an instruct base is asked through its own chat template)."""
+    tuned = generate(model, tokenizer, prompts, params.eval, device, label=f"tuned answers{arm}", fmt=fmt)
     with model.disable_adapter():
-        base = generate(model, tokenizer, prompts, params.eval, device, label=f"base answers{arm}")
+        base = generate(model, tokenizer, prompts, params.eval, device, label=f"base answers{arm}", fmt=fmt)
     return base, tuned
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from loraops.errors import ConfigError
+from loraops.prompting import PromptFormat
 
 
 def _version(uri: str, work: Path) -> tuple[str, str, dict[str, Any]]:
@@ -50,11 +51,16 @@ def merge(base_location: str, model_cfg: Any, adapter_dir: str, out: Path, meta:
     _target(out)
     base = load_base(base_location, model_cfg, "cpu", dtype="fp32")
     merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    tokenizer = load_tokenizer(adapter_dir, model_cfg)
+    fmt = PromptFormat.read(adapter_dir)
+    tokenizer.chat_template = fmt.chat_template  # what it was trained with; a plain version keeps none of the base's
+    if fmt.chat:  # plain `generate` and vLLM stop where the trained turn ends
+        merged.generation_config.eos_token_id = fmt.stop_ids(tokenizer, merged)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
         merged.save_pretrained(tmp, safe_serialization=True)
-        load_tokenizer(adapter_dir, model_cfg).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
         write_json(tmp / "loraops_export.json", meta)
         if out.exists():
             out.rmdir()
@@ -83,8 +89,13 @@ def merged(uri: str, out: Path) -> dict[str, Any]:
                          "full-precision base, so answers can differ slightly from the 4-bit model's")
         if peft_type.get("use_dora"):
             notes.append("DoRA adapter: magnitude and direction folded into the weights")
+        fmt = PromptFormat.read(files["adapter"])
+        if not fmt.chat:
+            notes.append("trained with the plain prompt template (no chat template): prompt the merged model with "
+                         f"{spec['template']!r}; it carries no chat template")
         meta = {"source": f"models:/{name}/{number}", "requested": uri, "base": spec["base"], "template": spec["template"],
-                "generation": spec["generation"], "adapter_sha256": lineage.get("adapter_sha256"), "notes": notes}
+                "prompt_format": fmt.to_json(), "generation": spec["generation"],
+                "adapter_sha256": lineage.get("adapter_sha256"), "notes": notes}
         merge(files.get("base") or spec["base"]["id"], cfg, files["adapter"], out, meta)
     return {"out": str(out), "source": meta["source"], "notes": notes}
 
@@ -114,6 +125,11 @@ def vllm(uri: str, out: Path) -> dict[str, Any]:
                    "--lora-modules", json.dumps(module, ensure_ascii=False)]
         if spec["base"].get("revision"):
             command[3:3] = ["--revision", spec["base"]["revision"]]
+        fmt = PromptFormat.read(files["adapter"])
+        if fmt.chat:  # vLLM renders chat requests with the base's template unless told: the one it was trained with
+            assert fmt.chat_template is not None
+            (stage / "chat_template.jinja").write_text(fmt.chat_template, encoding="utf-8")
+            command += ["--chat-template", str(final / "chat_template.jinja")]
         (stage / "lora-modules.json").write_text(json.dumps([module], ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
         (stage / "serve.sh").write_text("#!/bin/sh\n# " + f"models:/{name}/{number} ({uri})\n" + shlex.join(command) + "\n",
                                         encoding="utf-8")
@@ -123,6 +139,12 @@ def vllm(uri: str, out: Path) -> dict[str, Any]:
                         "LoRA to linear layers only and will refuse or ignore them: serve `loraops export merged` instead")
     if config.get("use_dora"):
         warnings.append("DoRA adapters are not served by vLLM's LoRA support: serve `loraops export merged` instead")
+    if not fmt.chat:
+        warnings.append(f"trained with the plain prompt template {spec['template']!r}: send it through vLLM's "
+                        "/v1/completions; its chat endpoint would apply the base's chat template, which it was not "
+                        "trained on")
+    if fmt.system_prompt:
+        warnings.append("trained with a system prompt: send it as the system message (vLLM adds none by itself)")
     return {"out": str(out), "source": f"models:/{name}/{number}", "command": shlex.join(command), "module": module,
             "warnings": warnings, "template": spec["template"]}
 

@@ -10,6 +10,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from loraops.prompting import PromptFormat
 from loraops.config import Params
 from loraops.paths import AUGMENTED_DIR, DVC_LOCK, PARAMS, PREPARED_DIR, RUN_OUTPUTS
 from loraops.secrets import redact
@@ -90,6 +91,8 @@ def card(params: Params, root: Path, base_location: str, adapter_dir: Path, mlfl
         "params": params.model_dump(mode="json"),
         **base_identity(params, base_location),
         "adapter_sha256": sha256_dir(adapter_dir, "*.safetensors"),
+        "prompt": PromptFormat.read(adapter_dir).describe,  # what training rendered; the format itself is next to
+        "prompt_format": PromptFormat.read(adapter_dir).to_json(),  # the adapter, which serving reads
         "seed": params.base.seed,
         "versions": _versions(),
         "device": _device(),

@@ -65,6 +65,13 @@ def check_base(cfg: ModelSection, root: Path = Path(".")) -> str:
     return location
 
 
+def base_config(location: str, cfg: ModelSection) -> Any:
+    """The base's ``config.json`` as transformers reads it (no weights)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(location, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+
+
 def _offline() -> bool:
     import os
 

@@ -75,6 +75,24 @@ def _check_supported(cu_seq_lens: Any, kwargs: dict[str, Any]) -> None:
                          "support only with flash_attn installed on CUDA; set train.batching=padded")
 
 
+def packing_problem(config: Any, device: str, max_length: int | None) -> str | None:
+    """What in ``config``'s attention packed rows would get wrong here (as :func:`_check_supported` finds while
+    training), or None: soft-capped scores, or a sliding window shorter than ``max_length``. flash_attn on CUDA
+    handles both."""
+    import importlib.util
+
+    if device == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return None
+    if getattr(config, "attn_logit_softcapping", None) is not None:
+        return "soft-capped attention scores"
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    sliding = "sliding_attention" in layer_types if layer_types else bool(getattr(config, "use_sliding_window", True))
+    if window and sliding and max_length and window < max_length:
+        return f"a {window}-token sliding window, shorter than model.max_length={max_length}"
+    return None
+
+
 @functools.lru_cache(maxsize=1)
 def _varlen_kernel() -> tuple[Any, frozenset[str]] | None:
     """PyTorch's ``varlen_attn`` and the names of its parameters (they changed between releases), or None."""

@@ -84,12 +84,14 @@ STAGE_OUTPUTS: dict[str, dict[str, list[Path]]] = {
 }
 """What each DVC stage writes, by kind (``outs`` go to the DVC cache; ``metrics``/``plots`` are kept by git)."""
 
+TEMPLATES_DIR = Path("prompts")
+"""The project's own chat templates (``data.chat_template: prompts/<file>.jinja``)."""
 STAGE_INPUTS: dict[str, list[Path]] = {
     "prepare": [],  # plus ${data.path}
     "augment": [split(s) for s in SPLITS],  # plus ${rag.docs_path} (augment.documents)
     "index": [split("train"), split("train", AUGMENTED_DIR), split("validation"), split("test")],
     # plus ${rag.docs_path}; rag.corpus: train indexes the prepared training answers
-    "train": [split("train", RETRIEVED_DIR), split("validation", RETRIEVED_DIR)],
+    "train": [split("train", RETRIEVED_DIR), split("validation", RETRIEVED_DIR), TEMPLATES_DIR],
     "evaluate": [BASE_DIR, ADAPTER_DIR, split("test", RETRIEVED_DIR)],
 }
 """The stage outputs each DVC stage reads (besides its code, params and the raw data)."""

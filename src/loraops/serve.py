@@ -19,6 +19,8 @@ from typing import Any, Iterator
 from mlflow.pyfunc.model import PythonModel
 import pandas as pd
 
+from loraops.prompting import PromptFormat
+
 _log = logging.getLogger("loraops.serve")
 
 
@@ -41,6 +43,7 @@ class LoraQAModel(PythonModel):
         dtype = "bf16" if self.device == "cuda" else "fp32"
         base = load_base(location, model_cfg, self.device, dtype=dtype)
         self.tokenizer = load_tokenizer(context.artifacts["adapter"], model_cfg)
+        self.fmt = PromptFormat.read(context.artifacts["adapter"])  # the prompt format it was trained with
         self.model = PeftModel.from_pretrained(base, context.artifacts["adapter"]).to(self.device)
         self.eval_cfg = EvalSection(**spec["generation"])
         self.retriever = retriever_for(spec, context.artifacts.get("index"))
@@ -87,7 +90,8 @@ class LoraQAModel(PythonModel):
         """Answers exactly as generated, undecodable characters included (what the gate judges)."""
         from loraops.evaluate import generate
 
-        return generate(self.model, self.tokenizer, self._prompts(model_input), self.eval_cfg, self.device, progress=False)
+        return generate(self.model, self.tokenizer, self._prompts(model_input), self.eval_cfg, self.device, progress=False,
+                        fmt=self.fmt)
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict | None = None) -> Any:
         """Answers without undecodable characters, for a list of questions or a table (see :func:`signature`);
@@ -99,7 +103,8 @@ class LoraQAModel(PythonModel):
         from loraops.evaluate import generate
 
         prompts, sources = self.prompts_and_sources(model_input)
-        answers = clean_answers(generate(self.model, self.tokenizer, prompts, self.eval_cfg, self.device, progress=False))
+        answers = clean_answers(generate(self.model, self.tokenizer, prompts, self.eval_cfg, self.device, progress=False,
+                                         fmt=self.fmt))
         if self.retriever is None:
             return answers
         return pd.DataFrame({"answer": answers, "sources": [[r["id"] for r in found] for found in sources]})
@@ -220,10 +225,11 @@ def _raw_stream(uri: str, question: str, sources: list[dict[str, Any]]) -> Itera
     prompt = prompts[0]
     sources.extend(found[0])
     tok = inner.tokenizer
-    enc = tok([(tok.bos_token or "") + prompt], return_tensors="pt", add_special_tokens=False).to(inner.device)
+    fmt = getattr(inner, "fmt", None) or PromptFormat()
+    enc = tok([fmt.text(tok, prompt)], return_tensors="pt", add_special_tokens=False).to(inner.device)
     streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
     kwargs = dict(**enc, max_new_tokens=inner.eval_cfg.max_new_tokens, do_sample=False, streamer=streamer,
-                  pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+                  pad_token_id=tok.pad_token_id, eos_token_id=fmt.eos_argument(tok, inner.model))
     with torch.inference_mode():
         thread = Thread(target=inner.model.generate, kwargs=kwargs)
         thread.start()

@@ -17,20 +17,25 @@ from pathlib import Path
 from typing import Any
 
 from loraops import packing
+from loraops import prompting
 from loraops.config import ConfigError, LoraSection, Params, TrainSection
 from loraops.prepare import load_split
-from loraops.model import TINY_BASE, base_location, build_tiny_base, check_base, load_base, load_tokenizer, write_base_card
+from loraops.model import (TINY_BASE, base_config, base_location, build_tiny_base, check_base, load_base, load_tokenizer,
+                           write_base_card)
+from loraops.prompting import PromptFormat
 from loraops.paths import ADAPTER_DIR, BASE_DIR, CHECKPOINT_DIR, TRAIN_LOG, TRAIN_METRICS, prompts_folder
 from loraops.results import TrainFigures
 from loraops.utils import atomic_dir, atomic_write, pick_device, progress_lines, say, sha256_dir, write_json
 
 
 
-def tokenize_pair(tokenizer: Any, prompt: str, answer: str, max_length: int) -> dict[str, list[int]]:
-    """Token ids for ``<bos> prompt answer <eos>`` with labels masked (-100) on everything but the answer."""
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    prompt_ids = bos + tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+def tokenize_pair(tokenizer: Any, prompt: str, answer: str, max_length: int,
+                  fmt: PromptFormat | None = None) -> dict[str, list[int]]:
+    """Token ids of the prompt and the answer in ``fmt`` (plain: ``<bos> prompt answer <eos>``; chat: the rendered
+    prompt and the assistant turn with its end-of-turn token), labels masked (-100) on everything but the answer."""
+    prompt_ids, answer_ids = (fmt or PromptFormat()).pair_ids(tokenizer, prompt, answer)
+    plain = fmt is None or not fmt.chat
+    bos = [tokenizer.bos_token_id] if plain and tokenizer.bos_token_id is not None else []
     if len(prompt_ids) + len(answer_ids) > max_length:  # keep the prompt's end: the question and the answer cue
         prompt_ids = bos + prompt_ids[len(bos):][-(max_length // 2 - len(bos)):]
     answer_ids = answer_ids[: max_length - len(prompt_ids)]
@@ -47,15 +52,24 @@ def lora_config(cfg: LoraSection) -> Any:
     )
 
 
-def resolve_batching(requested: str) -> str:
-    """``auto`` → ``packed`` on every device (:func:`loraops.packing.packed_attention` picks the kernel).
+def resolve_batching(requested: str, base_config: Any = None, device: str = "cpu", max_length: int | None = None) -> str:
+    """``auto`` → ``packed`` (:func:`loraops.packing.packed_attention` picks the kernel), or ``padded`` for a base
+    whose attention packed rows cannot reproduce on this device (Gemma 2's soft-capped scores, a sliding window
+    shorter than ``max_length``; :func:`loraops.packing.packing_problem`).
 
     Packing keeps each batch's composition, so the loss is the padded loss without the padding compute.
     ``length_grouped`` is opt-in: it batches sequences of similar length, which in Q&A data with
     paraphrased answers means variants of one source row together — on the sample data it raised the
     validation loss from 1.38 to 1.64.
     """
-    return "packed" if requested == "auto" else requested
+    if requested != "auto":
+        return requested
+    problem = packing.packing_problem(base_config, device, max_length) if base_config is not None else None
+    if problem:
+        say(f"train.batching=auto: padded batches, since this model's attention uses {problem} (packed rows need "
+            "flash_attn on CUDA for that)")
+        return "padded"
+    return "packed"
 
 
 def collator(tokenizer: Any, packed: bool) -> Any:
@@ -240,21 +254,25 @@ def make_trainer(model: Any, tokenizer: Any, cfg: TrainSection, seed: int, devic
 
 
 def fit(params: Params, train_rows: list[dict], val_rows: list[dict], base: str, device: str, work_dir: Path,
-        resume_from: Path | None = None, extra_callbacks: list | None = None) -> dict[str, Any]:
+        resume_from: Path | None = None, extra_callbacks: list | None = None, root: Path = Path(".")) -> dict[str, Any]:
     """Train an adapter (continuing ``resume_from``, a Trainer checkpoint, when given); return the trained peft
-    model, tokenizer, log history and figures."""
+    model, tokenizer, prompt format, log history and figures."""
     import torch
     from datasets import Dataset
     from transformers import EarlyStoppingCallback, set_seed
 
     set_seed(params.base.seed)
     cfg = params.train
-    batching = resolve_batching(cfg.batching)
     tokenizer = load_tokenizer(base, params.model)
+    batching = resolve_batching(cfg.batching, base_config(base, params.model), device, params.model.max_length)
+    fmt = prompting.resolve(params.data.chat_template, params.data.system_prompt, tokenizer, root)
+    if fmt.chat:
+        say(f"prompt format: {fmt.describe}")
     model = prepare_model(base, params, device, batching)
 
     def encode(rows: list[dict]) -> Any:
-        return Dataset.from_list([tokenize_pair(tokenizer, r["prompt"], r["answer"], params.model.max_length) for r in rows])
+        return Dataset.from_list([tokenize_pair(tokenizer, r["prompt"], r["answer"], params.model.max_length, fmt)
+                                  for r in rows])
 
     train_set, val_set = encode(train_rows), (encode(val_rows) if val_rows else None)
     callbacks = [EarlyStoppingCallback(cfg.early_stopping_patience)] if val_set is not None and cfg.early_stopping_patience else []
@@ -263,7 +281,7 @@ def fit(params: Params, train_rows: list[dict], val_rows: list[dict], base: str,
         callbacks.append(_progress_callback())
     fault = fault_injection()
     callbacks += [fault] if fault is not None else []
-    cut = sum(len(tokenize_pair(tokenizer, r["prompt"], r["answer"], 10**9)["input_ids"]) > params.model.max_length
+    cut = sum(len(tokenize_pair(tokenizer, r["prompt"], r["answer"], 10**9, fmt)["input_ids"]) > params.model.max_length
               for r in train_rows)
     if cut:
         say(f"note: {cut} of {len(train_rows)} training pairs are longer than model.max_length={params.model.max_length} "
@@ -295,14 +313,19 @@ def fit(params: Params, train_rows: list[dict], val_rows: list[dict], base: str,
     figures["answer_tokens_per_epoch"] = tokens
     figures["pairs_cut_by_max_length"] = cut
     figures["batching"] = batching
-    return {"model": trainer.model, "tokenizer": tokenizer, "history": history, "figures": figures}
+    return {"model": trainer.model, "tokenizer": tokenizer, "format": fmt, "history": history, "figures": figures}
 
 
-def save_adapter(model: Any, tokenizer: Any, out_dir: Path) -> str:
-    """Save the adapter (safetensors) and tokenizer atomically; return the sha256 over its tensors."""
+def save_adapter(model: Any, tokenizer: Any, out_dir: Path, fmt: PromptFormat | None = None) -> str:
+    """Save the adapter (safetensors), the tokenizer with the chat template it was trained with (none for a plain
+    format) and, for a chat format, the format itself, atomically; return the sha256 over its tensors."""
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
+        if fmt is not None:
+            tokenizer.chat_template = fmt.chat_template
         tokenizer.save_pretrained(tmp)
+        if fmt is not None and fmt.chat:
+            fmt.save(tmp)
         _sort_target_modules(tmp / "adapter_config.json")
     return sha256_dir(out_dir, "*.safetensors")
 
@@ -379,8 +402,11 @@ def training_identity(params: Params, train_rows: list[dict], val_rows: list[dic
     import json
 
     digest = lambda rows: hashlib.sha256(json.dumps(rows, ensure_ascii=False, sort_keys=True).encode()).hexdigest()
-    return {"params": {s: getattr(params, s).model_dump(mode="json") for s in ("base", "model", "lora", "train")},
-            "train_sha256": digest(train_rows), "validation_sha256": digest(val_rows), "processes": processes}
+    identity = {"params": {s: getattr(params, s).model_dump(mode="json") for s in ("base", "model", "lora", "train")},
+                "train_sha256": digest(train_rows), "validation_sha256": digest(val_rows), "processes": processes}
+    if params.data.chat_template != "auto" or params.data.system_prompt:
+        identity["prompt"] = {"chat_template": params.data.chat_template, "system_prompt": params.data.system_prompt}
+    return identity
 
 
 def resumable(work_dir: Path, identity: dict[str, Any]) -> tuple[Path | None, str]:
@@ -486,7 +512,8 @@ def run(params: Params, root: Path = Path(".")) -> TrainFigures:
             f"{cv['folds_run']} fold(s)")
     callbacks = [pruning_callback(reporter)] if reporter.trial is not None and reporter.objective == "val_loss" else []
     try:
-        out = fit(params, train_rows, val_rows, base_location(params.model, root), device, work_dir, resume, callbacks)
+        out = fit(params, train_rows, val_rows, base_location(params.model, root), device, work_dir, resume, callbacks,
+                  root)
     except BaseException:
         _drop_incomplete(work_dir)  # a checkpoint cut short (disk full, kill during its save) is never resumed from
         raise
@@ -495,7 +522,7 @@ def run(params: Params, root: Path = Path(".")) -> TrainFigures:
                            resumed_from=resume.name if resume else None, cv=cv, pruned=pruned,
                            pruned_at=reporter.pruned_at if reporter.trial is not None else None)  # a step, or a fold
     if state.is_main_process:
-        figures.adapter_sha256 = save_adapter(out["model"], out["tokenizer"], root / ADAPTER_DIR)
+        figures.adapter_sha256 = save_adapter(out["model"], out["tokenizer"], root / ADAPTER_DIR, out["format"])
         _write_history(root / TRAIN_LOG, out["history"])
         atomic_write(root / TRAIN_METRICS, figures.to_json() + "\n")
         shutil.rmtree(work_dir, ignore_errors=True)  # finished: nothing to resume, and no optimizer state left on disk

@@ -9,11 +9,15 @@ from typing import Optional
 import typer
 
 from loraops.cli import ParamsOpt, SetOpt, app, friendly, params_of, user_path
+from loraops.config import Params
 
 
 @app.command()
 @friendly
-def prepare(params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt) -> None:
+def prepare(params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt,
+            show: int = typer.Option(0, "--show", min=0, metavar="N",
+                                     help="Then print the first N training pairs as the model reads them (the chat "
+                                          "template applied), with the trained tokens marked ⟦…⟧.")) -> None:
     """Read data.path, clean, split by source row, render prompts → data/prepared."""
     from loraops import prepare as prepare_stage
 
@@ -24,6 +28,16 @@ def prepare(params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt) -> Non
     note = prepare_stage.length_note(card["cleaning"], p.data)
     if note:
         typer.secho(f"note: {note}", fg=typer.colors.YELLOW)
+    if show:
+        _show_prompts(p, show)
+
+
+def _show_prompts(p: Params, count: int) -> None:
+    """`prepare --show N`, kept out of the prepare command's body: the DVC stage (`loraops prepare`) never runs it,
+    so loading the base's tokenizer is no code dependency of the stage."""
+    from loraops import preview
+
+    typer.echo(preview.show(p, Path("."), count))
 
 
 @app.command()
