@@ -207,3 +207,18 @@ def test_folders_written_aside_get_the_usual_mode_not_0700(tmp_path):
     finally:
         os.umask(old)
     assert oct((tmp_path / "export").stat().st_mode & 0o777) == oct(0o755)
+
+
+@pytest.mark.parametrize("breaker", ["\u2028", "\u2029", "\u0085", "\n", "\r\n"])
+def test_a_correction_with_any_line_separator_round_trips_through_the_feedback_file(tmp_path, breaker):
+    """The demo appends corrections as JSON Lines; loraops reads them back as `qa` data, one record a line."""
+    from loraops.demo import append_feedback
+
+    path = tmp_path / "corrections.jsonl"
+    rows = [{"question": f"벽지가{breaker}들떴어요", "answer": f"풀이 부족{breaker}했습니다.", "category": "벽지"},
+            {"question": "곰팡이", "answer": "환기하세요.", "category": "벽지"}]
+    for row in rows:
+        append_feedback(row, path)
+    assert len(path.read_text(encoding="utf-8").splitlines()) == 2  # no line break a text tool sees inside a record
+    records, _ = read_records(path, DataSection(path=str(path), format="qa", id_column=None))
+    assert [(r.question, r.answer) for r in records] == [(row["question"], row["answer"]) for row in rows]

@@ -122,6 +122,40 @@ def test_unknown_models_and_bad_bodies_get_openai_errors(client, server):
         assert "plain prompt template" in r.json()["error"]["message"] and "--last-user-message-only" in r.text
 
 
+def test_huge_bodies_undecodable_text_and_odd_values_are_refused_without_holding_anyone(client, server):
+    import json
+    import threading
+    import time
+
+    sent: dict = {}
+
+    def huge() -> None:
+        body = json.dumps({"model": "base", "messages": [{"role": "user", "content": "벽" * 3_500_000}]})
+        sent["r"] = httpx.post(f"{server}/chat/completions", content=body.encode(), timeout=60,
+                               headers={"content-type": "application/json"})
+
+    thread = threading.Thread(target=huge)
+    thread.start()
+    started = time.perf_counter()
+    assert httpx.get(f"{server.removesuffix('/v1')}/health", timeout=5).status_code == 200
+    assert time.perf_counter() - started < 1.0
+    thread.join()
+    assert sent["r"].status_code == 413 and sent["r"].json()["error"]["code"] == "body_too_large"
+    # a lone surrogate is valid JSON but no text: 400 naming where, and the request beside it is answered
+    bad = b'{"model": "base", "max_tokens": 4, "messages": [{"role": "user", "content": "\\ud800 \xeb\xb2\xbd"}]}'
+    with ThreadPoolExecutor(2) as pool:
+        refused = pool.submit(httpx.post, f"{server}/chat/completions", content=bad, timeout=60,
+                              headers={"content-type": "application/json"})
+        fine = pool.submit(_chat, client, f"{NAME}@production", QUESTIONS[2], max_tokens=8)
+        assert refused.result().status_code == 400 and "surrogate" in refused.result().json()["error"]["message"]
+        assert isinstance(fine.result(), str)
+    # a temperature too small to sample with is greedy; a long model id is cut in the error
+    assert _chat(client, f"{NAME}@production", QUESTIONS[0], temperature=1e-40, max_tokens=8) == \
+        _chat(client, f"{NAME}@production", QUESTIONS[0], max_tokens=8)
+    r = httpx.post(f"{server}/chat/completions", json={"model": "m" * 10_000, "messages": [{"role": "user", "content": "q"}]})
+    assert r.status_code == 404 and len(r.json()["error"]["message"]) < 400
+
+
 def test_concurrent_requests_are_batched_to_the_same_answers(client):
     one_by_one = [_chat(client, f"{NAME}@production", q) for q in QUESTIONS]
     mixed = [(f"{NAME}@production" if i % 2 else f"{NAME}@candidate", q) for i, q in enumerate(QUESTIONS)]
@@ -159,12 +193,15 @@ def test_api_key_and_a_full_queue(served_project):
             try:
                 return _chat(keyed, f"{NAME}@production", q, max_tokens=32)
             except openai.RateLimitError as exc:
-                assert exc.code == "queue_full"
+                assert exc.code == "queue_full" and int(exc.response.headers["retry-after"]) >= 1
                 return "429"
 
         with ThreadPoolExecutor(16) as pool:
             answers = list(pool.map(ask, QUESTIONS * 2))
         assert "429" in answers and any(a != "429" for a in answers)
+        for path in ("/docs", "/openapi.json", "/v1/models"):  # with a key, nothing but /health is open
+            assert httpx.get(url.removesuffix("/v1") + path if path != "/v1/models" else url + "/models").status_code == 401
+        assert httpx.get(url.removesuffix("/v1") + "/openapi.json", headers={"Authorization": "Bearer s3cret"}).status_code == 200
         # started with --last-user-message-only: a plain-template version answers the last user message of a chat
         chat = keyed.chat.completions.create(model=f"{NAME}@production", max_tokens=16, messages=[
             {"role": "system", "content": "존댓말로 답하세요."}, {"role": "user", "content": QUESTIONS[0]}])

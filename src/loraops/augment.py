@@ -35,7 +35,7 @@ from typing import Any, Callable
 from loraops.config import AugmentSection, Params, TeacherSection
 from loraops.errors import DataError, LoraopsError
 from loraops.paths import AUGMENT_CARD, AUGMENTED_DIR, split
-from loraops.utils import atomic_dir, say
+from loraops.utils import atomic_dir, jsonl_line, say
 
 SOURCES = ("original", "rule", "teacher", "document")
 
@@ -503,6 +503,6 @@ def run(params: Params, root: Path = Path("."), say_progress: Callable[[str], An
     with atomic_dir(target) as tmp:
         with (tmp / split("train").name).open("w", encoding="utf-8") as fh:
             for row in rows:
-                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+                fh.write(jsonl_line(row))
         (tmp / AUGMENT_CARD.name).write_text(json.dumps(card, ensure_ascii=False, indent=2), encoding="utf-8")
     return card

@@ -24,6 +24,7 @@ from loraops.degenerate import detect
 from loraops.errors import ConfigError, LoraopsError
 from loraops.paths import FEEDBACK
 from loraops.review import CRITERIA
+from loraops.utils import jsonl_line
 
 ARMS = ("base", "production", "candidate")
 THUMBS = ("👍 good", "👎 bad")
@@ -170,7 +171,7 @@ def append_feedback(row: dict[str, Any], path: Path = FEEDBACK) -> None:
     with _feedback_lock:
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("a", encoding="utf-8") as fh:
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+            fh.write(jsonl_line(row))
         if Path(".dvc").is_dir():
             dvc = Path(sys.executable).with_name("dvc")
             subprocess.run([str(dvc) if dvc.exists() else "dvc", "add", "-q", str(path)], check=False,

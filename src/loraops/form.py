@@ -39,7 +39,7 @@ QUICK: dict[str, tuple[str, str]] = {
 
 SECTIONS: dict[str, type[BaseModel]] = {"data": DataSection, "model": ModelSection, "lora": LoraSection, "train": TrainSection,
             "eval": EvalSection, "registry": RegistrySection, "rag": RagSection, "augment": AugmentSection}
-ESCAPED = ("data.template", "eval.stop_strings", "augment.teacher.prompt", "augment.teacher.document_prompt")
+ESCAPED = ("data.template", "data.system_prompt", "eval.stop_strings", "augment.teacher.prompt", "augment.teacher.document_prompt")
 """Keys whose line breaks the form shows as ``\\n``."""
 
 

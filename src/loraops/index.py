@@ -23,7 +23,7 @@ from loraops.errors import ConfigError, DataError
 from loraops.paths import (AUGMENTED_DIR, INDEX_CARD, INDEX_CHUNKS, INDEX_DIR, INDEX_VECTORS, PREPARED_DIR, RETRIEVED_DIR,
                            SPLITS, split)
 from loraops.readers import decode
-from loraops.utils import atomic_dir, say
+from loraops.utils import atomic_dir, jsonl_line, jsonl_lines, say
 
 DOC_SUFFIXES = (".md", ".txt")
 _SENTENCE_END = re.compile(r"(?<=[.!?。])\s+|\n+")
@@ -89,7 +89,7 @@ def _record(path: Path, where: str, row: dict[str, Any]) -> tuple[str, str]:
 def _jsonl_documents(path: Path) -> list[tuple[str, str]]:
     text, _ = decode(path, path.read_bytes(), "auto")
     docs = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(jsonl_lines(text), start=1):
         if not line.strip():
             continue
         try:
@@ -223,7 +223,7 @@ def build(params: Params, root: Path = Path(".")) -> dict[str, Any]:
     with atomic_dir(root / INDEX_DIR) as tmp:
         with (tmp / INDEX_CHUNKS.name).open("w", encoding="utf-8") as fh:
             for c in chunks:
-                fh.write(json.dumps(asdict(c), ensure_ascii=False) + "\n")
+                fh.write(jsonl_line(asdict(c)))
         retriever.save(str(tmp / BM25_DIR))
         if vectors is not None:
             np.save(tmp / INDEX_VECTORS.name, vectors.astype("float32"))
@@ -243,7 +243,8 @@ class Retriever:
             raise DataError(f"{folder}: no index; run `loraops index` (or `dvc repro index`) first")
         self.card = json.loads((folder / INDEX_CARD.name).read_text(encoding="utf-8"))
         self.params, self.mode = params, mode or params.rag.mode
-        self.chunks = [Chunk(**json.loads(line)) for line in (folder / INDEX_CHUNKS.name).read_text(encoding="utf-8").splitlines()]
+        lines = jsonl_lines((folder / INDEX_CHUNKS.name).read_text(encoding="utf-8"))
+        self.chunks = [Chunk(**json.loads(line)) for line in lines if line.strip()]
         self.terms = Terms(self.card["tokenizer"], params)
         self.bm25 = bm25s.BM25.load(str(folder / BM25_DIR))
         self.vectors = np.load(folder / INDEX_VECTORS.name) if (folder / INDEX_VECTORS.name).exists() else None
@@ -380,7 +381,7 @@ def attach(params: Params, root: Path = Path(".")) -> dict[str, Any]:
         for name in SPLITS:
             with (tmp / split(name).name).open("w", encoding="utf-8") as fh:
                 for row in rows[name]:
-                    fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+                    fh.write(jsonl_line(row))
     return figures
 
 

@@ -196,7 +196,13 @@ def load_base(location: str, cfg: ModelSection, device: str, dtype: str = "fp32"
         )
         kwargs["device_map"] = {"": 0}
     try:
-        model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
+        except ValueError as exc:
+            if "attention implementation" not in str(exc):
+                raise
+            # SDPA is not wired for this architecture in transformers (e.g. Gemma 2's soft-capped scores): eager
+            model = AutoModelForCausalLM.from_pretrained(location, **{**kwargs, "attn_implementation": "eager"})
     except (OSError, ValueError) as exc:
         raise ModelError(f"model.base: cannot load {location!r}: {exc}") from None
     if quantization != "4bit":

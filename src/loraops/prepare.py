@@ -19,7 +19,7 @@ from typing import Any
 from loraops.config import DataSection, Params
 from loraops.readers import DataError, QARecord, read_records
 from loraops.paths import AUGMENTED_DIR, DATA_CARD, PREPARED_DIR, SPLITS, split
-from loraops.utils import atomic_dir
+from loraops.utils import atomic_dir, jsonl_line, jsonl_lines
 
 _SPACES = re.compile(r"[ \t\u00a0\u3000]+")
 _INVISIBLE = re.compile("[\u200b\u200c\u200d\u2060\ufeff\u00ad]")
@@ -215,7 +215,7 @@ def run(params: Params, root: Path = Path(".")) -> dict[str, Any]:
         for name in SPLITS:
             with (tmp / split(name).name).open("w", encoding="utf-8") as fh:
                 for row in rows[name]:
-                    fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+                    fh.write(jsonl_line(row))
         (tmp / DATA_CARD.name).write_text(json.dumps(card, ensure_ascii=False, indent=2), encoding="utf-8")
     return card
 
@@ -230,4 +230,4 @@ def load_split(name: str, root: Path = Path("."), folder: Path = PREPARED_DIR) -
     if not path.exists():
         stage = {PREPARED_DIR: "prepare", AUGMENTED_DIR: "augment"}.get(folder, "index")
         raise DataError(f"{path}: not found; run `loraops {stage}` (or `dvc repro {stage}`) first")
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [json.loads(line) for line in jsonl_lines(path.read_text(encoding="utf-8")) if line.strip()]

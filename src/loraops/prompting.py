@@ -81,6 +81,15 @@ class PromptFormat:
             messages = [{"role": "system", "content": self.system_prompt}, *messages]
         return self.render(tokenizer, messages)
 
+    def around(self, tokenizer: Any, prompt: str) -> tuple[str, str]:
+        """The rendered text before and after the user's content (BOS, system turn, headers; the generation cue)."""
+        sentinel = "\x00loraops-user\x00"
+        rendered = self.text(tokenizer, sentinel)
+        if rendered.count(sentinel) != 1:
+            return "", ""
+        before, after = rendered.split(sentinel)
+        return before, after
+
     # ------------------------------------------------------------------ training
     def pair_ids(self, tokenizer: Any, prompt: str, answer: str) -> tuple[list[int], list[int]]:
         """Token ids of the prompt (not learned) and of the answer with its end of turn (learned).

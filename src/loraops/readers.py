@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 from loraops.errors import DataError
 from loraops.config import DataSection
+from loraops.utils import jsonl_lines
 
 _TEXT_SUFFIXES = {".csv", ".tsv", ".jsonl", ".json"}
 SUFFIXES = _TEXT_SUFFIXES | {".parquet"}
@@ -89,7 +90,7 @@ def _rows_csv(path: Path, text: str) -> tuple[list[str], list[tuple[int, dict[st
 
 def _rows_jsonl(path: Path, text: str) -> list[tuple[int, Any]]:
     rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(jsonl_lines(text), start=1):
         if not line.strip():
             continue
         try:

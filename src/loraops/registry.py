@@ -121,7 +121,8 @@ def _requirements(retrieval: bool = False) -> list[str]:
 
 
 def _lineage_tags(lineage: dict[str, Any]) -> dict[str, str]:
-    keys = ("git_commit", "git_dirty", "dvc_lock_md5", "base_model", "base_revision", "seed", "prefect_flow_run_id", "mlflow_run_id")
+    keys = ("git_commit", "git_dirty", "dvc_lock_md5", "base_model", "base_revision", "prompt", "seed", "prefect_flow_run_id",
+            "mlflow_run_id")
     return {f"lineage.{k}": str(lineage.get(k)) for k in keys if k in lineage}
 
 

@@ -34,12 +34,27 @@ def tokenize_pair(tokenizer: Any, prompt: str, answer: str, max_length: int,
     """Token ids of the prompt and the answer in ``fmt`` (plain: ``<bos> prompt answer <eos>``; chat: the rendered
     prompt and the assistant turn with its end-of-turn token), labels masked (-100) on everything but the answer."""
     prompt_ids, answer_ids = (fmt or PromptFormat()).pair_ids(tokenizer, prompt, answer)
-    plain = fmt is None or not fmt.chat
-    bos = [tokenizer.bos_token_id] if plain and tokenizer.bos_token_id is not None else []
-    if len(prompt_ids) + len(answer_ids) > max_length:  # keep the prompt's end: the question and the answer cue
-        prompt_ids = bos + prompt_ids[len(bos):][-(max_length // 2 - len(bos)):]
+    if len(prompt_ids) + len(answer_ids) > max_length:
+        prompt_ids = _shortened(tokenizer, prompt, prompt_ids, max_length // 2, fmt)
     answer_ids = answer_ids[: max_length - len(prompt_ids)]
     return {"input_ids": prompt_ids + answer_ids, "labels": [-100] * len(prompt_ids) + answer_ids}
+
+
+def _shortened(tokenizer: Any, prompt: str, prompt_ids: list[int], budget: int, fmt: PromptFormat | None) -> list[int]:
+    """A prompt cut to ``budget`` tokens keeping its end (the question's end and the answer cue): after the BOS for
+    the plain template; under a chat template the start of the user's content is cut, so BOS, the system turn and
+    the headers stay as trained and served (unless they alone exceed the budget)."""
+    if fmt is None or not fmt.chat:
+        bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+        return bos + prompt_ids[len(bos):][-(budget - len(bos)):]
+    head, tail = fmt.around(tokenizer, prompt)
+    text = fmt.text(tokenizer, prompt)
+    before, after = (tokenizer(part, add_special_tokens=False)["input_ids"] for part in (head, tail))
+    room = budget - len(before) - len(after)
+    if not (head or tail) or room <= 0 or not (text.startswith(head) and text.endswith(tail)):
+        return prompt_ids[-budget:]
+    user = tokenizer(text[len(head): len(text) - len(tail)], add_special_tokens=False)["input_ids"]  # as rendered
+    return before + user[-room:] + after
 
 
 def lora_config(cfg: LoraSection) -> Any:

@@ -62,6 +62,24 @@ def write_json(path: Path, data: Any) -> None:
     atomic_write(path, json.dumps(data, ensure_ascii=False, indent=2) + "\n")
 
 
+_LINE_BREAKS = {"\u0085": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+
+
+def jsonl_line(obj: Any) -> str:
+    """One JSON Lines line (with its ``\\n``), readable as UTF-8 text: the characters other tools also take for line
+    breaks (U+0085, U+2028, U+2029; JSON escapes the control ones itself) are written as escapes, so no reader that
+    splits lines the Unicode way (Python's ``str.splitlines``, editors) cuts a record in two."""
+    text = json.dumps(obj, ensure_ascii=False)
+    for char, escaped in _LINE_BREAKS.items():
+        text = text.replace(char, escaped)
+    return text + "\n"
+
+
+def jsonl_lines(text: str) -> list[str]:
+    """The lines of JSON Lines text, split on ``\\n`` only (as the format defines), without a trailing ``\\r``."""
+    return [line.removesuffix("\r") for line in text.split("\n")]
+
+
 def sha256_files(paths: list[Path]) -> str:
     """One sha256 over the names and bytes of ``paths`` (sorted), for content identity of a directory."""
     digest = hashlib.sha256()
