@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import hashlib
+import hmac
 import json
 import logging
 import os
@@ -46,13 +47,18 @@ BASE = "base"
 PEFT_BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
 
 
+MIN_TEMPERATURE = 1e-5
+"""Below this a temperature cannot be sampled with (the logits overflow): such a request is answered greedily."""
+
+
 class ApiError(LoraopsError):
     """An error answered to the client in OpenAI's shape."""
 
     def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None) -> None:
+                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
+        self.headers = headers
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
@@ -154,13 +160,14 @@ class Catalog:
         else:
             alias = "production"
         if name not in self.names:
-            raise ApiError(404, f"The model `{model_id}` does not exist; served: base, "
+            raise ApiError(404, f"The model `{_cut(model_id)}` does not exist; served: base, "
                            + ", ".join(f"{n}@production, {n}@candidate, {n}/<version>" for n in self.names),
                            param="model", code="model_not_found")
         try:
             mv = resolve(self.client, name, version=number, alias=alias)
         except RegistryError as exc:
-            raise ApiError(404, f"The model `{model_id}` does not exist: {exc}", param="model", code="model_not_found") from None
+            raise ApiError(404, f"The model `{_cut(model_id)}` does not exist: {_cut(str(exc), 200)}", param="model",
+                           code="model_not_found") from None
         return self.download(name, str(mv.version))
 
     def download(self, name: str, number: str) -> Version:
@@ -509,6 +516,8 @@ class Settings:
     max_tokens_limit: int = 1024
     api_key: str | None = None
     last_user_only: bool = False  # a plain-template version answers the last user message of a longer chat
+    max_prompt_tokens: int = 4096
+    max_body_bytes: int = 1_000_000
 
     def prompt(self, version: Version | None, question: str, fields: dict[str, str] | None = None) -> str:
         """The question through the version's template (the project's for ``base``); absent fields render empty."""
@@ -531,7 +540,7 @@ def create_app(catalog: Catalog, engine: Engine, settings: Settings) -> Any:
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -545,12 +554,14 @@ def create_app(catalog: Catalog, engine: Engine, settings: Settings) -> Any:
 
     @app.middleware("http")
     async def _key(request: Request, call_next: Any) -> Any:
-        if settings.api_key and request.url.path.startswith("/v1/"):
-            given = request.headers.get("authorization", "")
-            if given != f"Bearer {settings.api_key}":
+        if settings.api_key and request.url.path != "/health":  # the API and its docs (/docs, /openapi.json)
+            given = request.headers.get("authorization", "").encode("utf-8", "replace")
+            if not hmac.compare_digest(given, f"Bearer {settings.api_key}".encode()):
                 return JSONResponse(ApiError(401, "Incorrect API key provided (Authorization: Bearer $LORAOPS_API_KEY)",
                                              code="invalid_api_key").body(), status_code=401)
         return await call_next(request)
+
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)  # outermost: before anything reads the body
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -579,7 +590,15 @@ def create_app(catalog: Catalog, engine: Engine, settings: Settings) -> Any:
             raise ApiError(400, f"max_tokens is {limit}; this server allows at most {settings.max_tokens_limit} "
                            "(loraops serve --max-tokens-limit)", param="max_tokens", code="max_tokens_too_large")
         max_tokens = limit or int(generation["max_new_tokens"])
-        prompt_tokens = engine.count_tokens(prompt)
+        if len(prompt) > settings.max_prompt_tokens * 8:  # more characters than any tokenizer packs into the limit
+            raise ApiError(400, f"The prompt has {len(prompt)} characters; this server takes at most "
+                           f"{settings.max_prompt_tokens} prompt tokens (loraops serve --max-prompt-tokens)",
+                           param="messages" if kind == "chat" else "prompt", code="prompt_too_long")
+        prompt_tokens = await run_in_threadpool(engine.count_tokens, prompt)  # never on the event loop
+        if prompt_tokens > settings.max_prompt_tokens:
+            raise ApiError(400, f"The prompt has {prompt_tokens} tokens; this server takes at most "
+                           f"{settings.max_prompt_tokens} (loraops serve --max-prompt-tokens)",
+                           param="messages" if kind == "chat" else "prompt", code="prompt_too_long")
         if engine.context and prompt_tokens + max_tokens > engine.context:
             raise ApiError(400, f"This model's maximum context length is {engine.context} tokens; the prompt has "
                            f"{prompt_tokens} and max_tokens asks for {max_tokens}", param="max_tokens",
@@ -588,15 +607,17 @@ def create_app(catalog: Catalog, engine: Engine, settings: Settings) -> Any:
         if len(stops) > 4:
             raise ApiError(400, "stop: at most 4 sequences", param="stop")
         loop, events = asyncio.get_running_loop(), asyncio.Queue[tuple]()
+        temperature = body.temperature or 0.0
+        temperature = 0.0 if temperature < MIN_TEMPERATURE else temperature  # too small to sample with: greedy
         job = Job(prompt=prompt, version=version, max_tokens=max_tokens, stops=[*generation.get("stop_strings", []), *stops],
-                  temperature=body.temperature or 0.0, top_p=body.top_p or 1.0,
+                  temperature=temperature, top_p=body.top_p or 1.0,
                   sink=lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
                   stop_ids=engine.stop_ids(version))
         try:
             engine.submit(job)
         except QueueFull:
             raise ApiError(429, f"The server is busy: {engine.waiting()} requests are waiting; retry shortly",
-                           kind="rate_limit_error", code="queue_full") from None
+                           kind="rate_limit_error", code="queue_full", headers={"Retry-After": "1"}) from None
         made, ident = int(time.time()), f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         headers = {"X-Loraops-Warning": version.warning} if version is not None and version.warning else None
         if body.stream:
@@ -657,6 +678,9 @@ def create_app(catalog: Catalog, engine: Engine, settings: Settings) -> Any:
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatBody) -> Any:
+        for number, message in enumerate(body.messages):
+            _text_or_400(message.text(), f"messages[{number}].content")
+        _text_or_400(json.dumps(body.metadata or {}, ensure_ascii=False), "metadata")
         version = await run_in_threadpool(catalog.resolve, body.model)
         users = [i for i, m in enumerate(body.messages) if m.role == "user"]
         if not users or not body.messages[users[-1]].text().strip():
@@ -695,10 +719,76 @@ def create_app(catalog: Catalog, engine: Engine, settings: Settings) -> Any:
         if isinstance(body.prompt, list) and len(body.prompt) != 1:
             raise ApiError(400, "prompt: one prompt per request", param="prompt")
         prompt = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
+        _text_or_400(prompt, "prompt")
         version = await run_in_threadpool(catalog.resolve, body.model)
         return await _answer(body, (engine.tokenizer.bos_token or "") + prompt, version, "completion")
 
     return app
+
+
+def _cut(text: str, limit: int = 120) -> str:
+    """``text`` cut for an error message (a client's id is echoed, never a megabyte of it)."""
+    return text if len(text) <= limit else text[:limit] + f"… ({len(text)} characters)"
+
+
+def _text_or_400(text: str, param: str) -> None:
+    """Refuse text that is no Unicode text: JSON may carry a lone surrogate (``"\\ud800"``), which no tokenizer
+    encodes; it would fail the whole batch it joined."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ApiError(400, f"{param}: not valid Unicode text (a lone surrogate at character {exc.start})",
+                       param=param, code="invalid_text") from None
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over ``limit`` bytes is answered 413 before it is read (by its
+    Content-Length) or as soon as the bytes read pass the limit (chunked); nothing downstream sees it."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            await self._refuse(send)
+            return
+        seen, started = 0, False
+
+        async def counted() -> Any:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _TooLarge()
+            return message
+
+        async def tracked(message: Any) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted, tracked)
+        except _TooLarge:
+            if not started:
+                await self._refuse(send)
+
+    async def _refuse(self, send: Any) -> None:
+        body = json.dumps(ApiError(413, f"The request body is larger than {self.limit} bytes (loraops serve "
+                                   "--max-body-bytes)", code="body_too_large").body()).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
+
+
+class _TooLarge(Exception):
+    pass
 
 
 class _Blank(dict):
@@ -707,7 +797,8 @@ class _Blank(dict):
 
 
 def open_engine(params: Any, names: list[str], max_batch: int = 16, queue_size: int = 64, max_tokens_limit: int = 1024,
-                cache_dir: Path | None = None, last_user_only: bool = False) -> tuple[Catalog, Engine, Settings, Version | None]:
+                cache_dir: Path | None = None, last_user_only: bool = False, max_prompt_tokens: int = 4096,
+                max_body_bytes: int = 1_000_000) -> tuple[Catalog, Engine, Settings, Version | None]:
     """Catalog, engine and settings for the served models; the base is the startup version's (else ``model.base``)."""
     from loraops.config import ModelSection
     from loraops.model import base_location
@@ -733,5 +824,5 @@ def open_engine(params: Any, names: list[str], max_batch: int = 16, queue_size: 
         _log.warning("the base model id answers with the plain template: %s", exc)
     generation = {"max_new_tokens": params.eval.max_new_tokens, "stop_strings": params.eval.stop_strings}
     settings = Settings(names, params.data.template, generation, max_tokens_limit, os.environ.get("LORAOPS_API_KEY") or None,
-                        last_user_only)
+                        last_user_only, max_prompt_tokens, max_body_bytes)
     return catalog, engine, settings, first

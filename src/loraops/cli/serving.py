@@ -31,6 +31,10 @@ def serve(host: str = typer.Option("127.0.0.1", "--host", help="Interface to lis
           max_batch: int = typer.Option(16, "--max-batch", min=1, help="Requests answered together in one batch."),
           queue_size: int = typer.Option(64, "--queue-size", min=1, help="Waiting requests beyond which the server answers 429."),
           max_tokens_limit: int = typer.Option(1024, "--max-tokens-limit", min=1, help="Largest max_tokens a request may ask for."),
+          max_prompt_tokens: int = typer.Option(4096, "--max-prompt-tokens", min=1,
+                                                help="Longest prompt a request may send, in tokens (400 beyond)."),
+          max_body_bytes: int = typer.Option(1_000_000, "--max-body-bytes", min=1024,
+                                             help="Largest request body (413 beyond), read by nobody."),
           last_user_only: bool = typer.Option(False, "--last-user-message-only",
                                               help="A version trained without a chat template answers the last user "
                                                    "message of a longer chat (else such a request is refused with 400)."),
@@ -44,7 +48,8 @@ def serve(host: str = typer.Option("127.0.0.1", "--host", help="Interface to lis
     names = model or [p.registry.model_name]
     _loopback_warning(host)
     catalog, engine, settings, first = api.open_engine(p, names, max_batch=max_batch, queue_size=queue_size,
-                                                       max_tokens_limit=max_tokens_limit, last_user_only=last_user_only)
+                                                       max_tokens_limit=max_tokens_limit, last_user_only=last_user_only,
+                                                       max_prompt_tokens=max_prompt_tokens, max_body_bytes=max_body_bytes)
     where = f"{first.name}/{first.number}'s base" if first else f"model.base {p.model.base!r} (nothing registered yet)"
     typer.echo(f"serving base + {', '.join(names)} (@production, @candidate, /<version>) on http://{host}:{port}/v1; "
                f"base from {where}; device {engine.device}")
