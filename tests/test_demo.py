@@ -28,13 +28,14 @@ def page(served_project, tmp_path):
     port = free_port()
     log = tmp_path / "demo.log"
     proc = start_server([sys.executable, "-m", "loraops.cli", "demo", "--port", str(port)], log, served_project,
-                        {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"})
+                        {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "LORAOPS_DEMO_USERS": "kim:pw-kim,lee:pw-lee"})
     try:
         wait_http(f"http://127.0.0.1:{port}/", 180, proc, log)
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
             tab = browser.new_page(viewport={"width": 1400, "height": 1100})
             tab.goto(f"http://127.0.0.1:{port}/")
+            tab.url_root = f"http://127.0.0.1:{port}"
             yield tab
             tab.screenshot(path=str(tmp_path / "demo.png"), full_page=True)
             browser.close()
@@ -60,7 +61,15 @@ def test_demo_compares_rates_into_mlflow_and_keeps_approved_corrections(page, se
 
     from loraops.tracking import tracking_setup
 
+    import httpx
+
     tab = page
+    # without signing in nothing is saved, not even by a script calling the save endpoint directly
+    blocked = httpx.post(f"{tab.url_root}/gradio_api/call/on_save", json={"data": ["mallory", {}, {}]}, timeout=30)
+    assert blocked.status_code in (401, 403), blocked.text
+    tab.get_by_label("username").fill("kim")
+    tab.get_by_label("password").fill("pw-kim")
+    tab.get_by_role("button", name="Login").click()
     tab.locator("#question textarea").fill(QUESTION)
     tab.locator("#ask").click()
     tab.wait_for_function("document.querySelector('#candidate-answer textarea').value.length > 0", timeout=120_000)
@@ -73,7 +82,7 @@ def test_demo_compares_rates_into_mlflow_and_keeps_approved_corrections(page, se
     assert _answer(tab, "production") == mlflow.pyfunc.load_model(f"models:/{NAME}@production").predict([QUESTION])[0]
 
     _rate(tab, "production", "good", {"relevance": "5", "accuracy": "4"})  # half a rubric: refused, nothing saved
-    tab.locator("#rater textarea").fill("kim")
+    assert not tab.locator("#rater textarea").is_visible()  # signed in: the account is the rater
     tab.locator("#save").click()
     tab.get_by_text("production: completeness not rated").wait_for(timeout=60_000)
 
@@ -82,8 +91,10 @@ def test_demo_compares_rates_into_mlflow_and_keeps_approved_corrections(page, se
     _rate(tab, "base", "bad", {})
     tab.locator("#candidate-correction textarea").fill("곰팡이는 결로와 환기 부족 때문에 생깁니다.")
     tab.locator("#candidate-approve input").check()
-    tab.locator("#save").click()
+    for _ in range(5):  # rapid saves of the same ratings: one rating each, as the gate counts them
+        tab.locator("#save").click()
     tab.wait_for_function("document.querySelector('#status').innerText.includes('saved ratings')", timeout=60_000)
+    tab.wait_for_timeout(3000)  # the queued saves finish
 
     client = mlflow.MlflowClient()
     runs = {v: client.get_run(client.get_model_version(NAME, v).run_id) for v in ("1", "3")}
@@ -93,10 +104,11 @@ def test_demo_compares_rates_into_mlflow_and_keeps_approved_corrections(page, se
     assert runs["3"].data.metrics["review/thumbs_up/base"] == 0.0
     items = json.load(open(client.download_artifacts(runs["3"].info.run_id, "review/items.json")))
     assert {i["rater"] for i in items.values()} == {"kim"} and {i["model"] for i in items.values()} == {"tuned", "base"}
+    assert len(items) == 2 and runs["1"].data.metrics["review/n"] == 1  # five saves, one rating per answer
 
     rows = [json.loads(line) for line in (served_project / "data/feedback/corrections.jsonl").read_text().splitlines()]
-    assert rows == [{**rows[0], "question": QUESTION, "answer": "곰팡이는 결로와 환기 부족 때문에 생깁니다.",
-                     "corrects": f"{NAME}/3", "rater": "kim", "source": "demo"}]
+    assert len(rows) == 1 and rows[0] == {**rows[0], "question": QUESTION, "answer": "곰팡이는 결로와 환기 부족 때문에 생깁니다.",
+                                          "corrects": f"{NAME}/3", "rater": "kim", "source": "demo"}
     assert (served_project / "data/feedback/corrections.jsonl.dvc").exists()
 
 
@@ -107,3 +119,19 @@ def test_a_refused_rejected_or_forced_version_is_labelled_so():
     assert "rejected by a reviewer" in verdict_note("rejected by reviewer")
     assert "by force" in verdict_note("forced")
     assert verdict_note("promoted") == verdict_note(None) == ""
+
+
+def test_the_pages_inputs_are_bounded_and_must_be_text():
+    from loraops.demo import LIMITS, authentication, check_text, demo_users
+    from loraops.errors import ConfigError
+
+    problems = check_text({"question": "벽지\ud800", "target_age": "x" * 500, "category": "벽지"}, LIMITS)
+    assert problems == ["question: not valid Unicode text (a lone surrogate at character 2)",
+                        "target_age: 500 characters; at most 200"]  # every problem at once
+    assert check_text({"question": "q" * LIMITS["question"]}, LIMITS) == []
+    assert demo_users({"LORAOPS_DEMO_USERS": "kim:a:b, lee:pw"}) == [("kim", "a:b"), ("lee", "pw")]
+    with pytest.raises(ConfigError, match="LORAOPS_DEMO_USERS"):
+        demo_users({"LORAOPS_DEMO_USERS": "kim"})
+    keyed = authentication({"LORAOPS_API_KEY": "k3y"})
+    assert keyed("park", "k3y") and not keyed("park", "nope") and not keyed("", "k3y")
+    assert authentication({}) is None

@@ -24,7 +24,7 @@ from loraops.degenerate import detect
 from loraops.errors import ConfigError, LoraopsError
 from loraops.paths import FEEDBACK
 from loraops.review import CRITERIA
-from loraops.utils import jsonl_line
+from loraops.utils import jsonl_line, jsonl_lines
 
 ARMS = ("base", "production", "candidate")
 THUMBS = ("👍 good", "👎 bad")
@@ -45,11 +45,54 @@ def verdict_note(verdict: str | None) -> str:
     return VERDICT_NOTES.get(verdict or "", "")
 
 
-class Demo:
-    """What the page calls: answers for the three arms, and saving ratings and corrections."""
+LIMITS = {"question": 2000, "field": 200, "rater": 80, "correction": 4000}
+"""Longest text (characters) the page takes per input: the question, each template field, the rater's name, a
+corrected answer."""
 
-    def __init__(self, catalog: Catalog, engine: Engine, settings: Settings, name: str, fields: list[str]) -> None:
+
+def check_text(values: dict[str, str], limits: dict[str, int]) -> list[str]:
+    """Every problem with the page's inputs at once: text over its limit, or not Unicode text (a lone surrogate,
+    which JSON can carry and no tokenizer encodes)."""
+    problems = []
+    for key, value in values.items():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            problems.append(f"{key}: not valid Unicode text (a lone surrogate at character {exc.start})")
+            continue
+        limit = limits.get(key, limits["field"])
+        if len(value) > limit:
+            problems.append(f"{key}: {len(value)} characters; at most {limit}")
+    return problems
+
+
+def demo_users(environ: dict[str, str]) -> list[tuple[str, str]] | None:
+    """The accounts that may use the page: ``LORAOPS_DEMO_USERS`` (``name:password,…``); None when unset.
+
+    Raises:
+        ConfigError: an entry without a name or a password.
+    """
+    raw = environ.get("LORAOPS_DEMO_USERS", "").strip()
+    if not raw:
+        return None
+    users = []
+    for entry in (e.strip() for e in raw.split(",") if e.strip()):
+        name, _, password = entry.partition(":")
+        if not name.strip() or not password:
+            raise ConfigError("LORAOPS_DEMO_USERS: each entry is name:password, separated by commas")
+        users.append((name.strip(), password))
+    return users
+
+
+class Demo:
+    """What the page calls: answers for the three arms, and saving ratings and corrections.
+
+    With ``signed_in`` the rater is the signed-in account (the page has no name box to type another's)."""
+
+    def __init__(self, catalog: Catalog, engine: Engine, settings: Settings, name: str, fields: list[str],
+                 signed_in: bool = False) -> None:
         self.catalog, self.engine, self.settings, self.name, self.fields = catalog, engine, settings, name, fields
+        self.signed_in = signed_in
 
     def versions(self) -> dict[str, Version | None]:
         """The arm → version shown now (aliases are read at every question)."""
@@ -74,6 +117,9 @@ class Demo:
         """Each arm's label, version and answer (arms without a version say so)."""
         if not question.strip():
             raise ConfigError("question: type a question first")
+        problems = check_text({"question": question, **fields}, LIMITS)
+        if problems:
+            raise ConfigError("; ".join(problems))
         out: dict[str, dict[str, Any]] = {}
         for arm, version in self.versions().items():
             if arm != "base" and version is None:
@@ -90,6 +136,9 @@ class Demo:
             generation = self.settings.generation(version)
             context, sources = self.catalog.passages(version, question)
             prompt = self.settings.prompt(version, question, {**fields, **({"context": context} if sources else {})})
+            tokens = self.engine.count_tokens(self.engine.format_of(version).text(self.engine.tokenizer, prompt))
+            if tokens > self.settings.max_prompt_tokens:
+                raise ConfigError(f"question: the prompt has {tokens} tokens; at most {self.settings.max_prompt_tokens}")
             answer, raw = self.engine.answer(prompt, version, int(generation["max_new_tokens"]),
                                              list(generation.get("stop_strings", [])))
             label = f"{arm} · {version.name}/{version.number}" if version else "base model (no adapter)"
@@ -120,6 +169,11 @@ class Demo:
             raise ConfigError("your name: ratings are recorded with the rater's name")
         if not shown:
             raise ConfigError("ask a question first")
+        problems = check_text({"rater": rater, **{f"{arm} correction": str(given.get("correction") or "")
+                                                   for arm, given in ratings.items()}},
+                              {**LIMITS, **{f"{arm} correction": LIMITS["correction"] for arm in ratings}})
+        if problems:
+            raise ConfigError("; ".join(problems))
         rated = {}
         for arm, given in ratings.items():
             scores = {c: given.get(c) for c in CRITERIA}
@@ -156,26 +210,35 @@ class Demo:
                 with _ratings_lock:
                     review.record(run_id, [entry])
                 saved.append(f"{arm} → run {run_id[:8]}")
+        added = 0
         for arm, text in corrections:
-            append_feedback({"question": question, "answer": text, "category": fields.get("category", ""),
+            added += append_feedback({"question": question, "answer": text, "category": fields.get("category", ""),
                              "source": "demo", "corrects": shown.get(arm, {}).get("version") or "base",
                              "rater": rater, "created": when})
         note = f"saved ratings: {', '.join(saved)}" if saved else "no ratings recorded (no version to record them against)"
         if corrections:
-            note += f"; appended {len(corrections)} approved correction(s) to {FEEDBACK}"
+            note += (f"; appended {added} approved correction(s) to {FEEDBACK}" if added else
+                     f"; the approved correction(s) were already in {FEEDBACK}")
         return note
 
 
-def append_feedback(row: dict[str, Any], path: Path = FEEDBACK) -> None:
-    """Append one corrected answer and keep the file tracked by DVC (``dvc add``) when the project uses DVC."""
+def append_feedback(row: dict[str, Any], path: Path = FEEDBACK) -> bool:
+    """Append one corrected answer and keep the file tracked by DVC (``dvc add``) when the project uses DVC; False
+    (nothing written) when the same rater already gave this correction to this question for this version."""
+    same = ("question", "answer", "corrects", "rater")
     with _feedback_lock:
         path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists():
+            for line in jsonl_lines(path.read_text(encoding="utf-8")):
+                if line.strip() and all(json.loads(line).get(k) == row.get(k) for k in same):
+                    return False
         with path.open("a", encoding="utf-8") as fh:
             fh.write(jsonl_line(row))
         if Path(".dvc").is_dir():
             dvc = Path(sys.executable).with_name("dvc")
             subprocess.run([str(dvc) if dvc.exists() else "dvc", "add", "-q", str(path)], check=False,
                            capture_output=True, text=True)
+    return True
 
 
 def build_ui(demo: Demo) -> Any:
@@ -206,7 +269,8 @@ def build_ui(demo: Demo) -> Any:
                     c["approve"] = gr.Checkbox(label="Approve this correction for the training data",
                                                elem_id=f"{arm}-approve")
         with gr.Row():
-            rater = gr.Textbox(label="Your name", scale=1, elem_id="rater")
+            rater = gr.Textbox(label="Your name", scale=1, elem_id="rater", max_length=LIMITS["rater"],
+                               visible=not demo.signed_in)  # signed in: the account is the rater
             save = gr.Button("Save ratings", scale=1, elem_id="save")
         status = gr.Markdown(elem_id="status")
         shown = gr.State({})
@@ -231,9 +295,13 @@ def build_ui(demo: Demo) -> Any:
         ask.click(on_ask, [question, *field_boxes], ask_outputs)
         question.submit(on_ask, [question, *field_boxes], ask_outputs)
 
-        def on_save(name: str, result: dict, context: dict, *values: Any) -> str:
+        def on_save(name: str, result: dict, context: dict, *values: Any, request: gr.Request) -> str:
             per_arm = {arm: dict(zip(rating_keys, values[i * len(rating_keys):(i + 1) * len(rating_keys)]))
                        for i, arm in enumerate(ARMS)}
+            if demo.signed_in:
+                name = getattr(request, "username", None) or ""
+                if not name:
+                    raise gr.Error("sign in first: ratings are recorded under your account")
             try:
                 return demo.save(name, context.get("question", ""), context.get("fields", {}), result, per_arm)
             except LoraopsError as exc:
@@ -241,6 +309,21 @@ def build_ui(demo: Demo) -> Any:
 
         save.click(on_save, [rater, shown, asked, *rating_inputs], [status])
     return page
+
+
+def authentication(environ: dict[str, str]) -> Any:
+    """Gradio's ``auth``: the ``LORAOPS_DEMO_USERS`` accounts, else any name with ``LORAOPS_API_KEY`` as the password
+    (the name becomes the rater), else None (no sign-in: loopback use only)."""
+    import hmac
+
+    users = demo_users(environ)
+    if users is not None:
+        return users
+    key = environ.get("LORAOPS_API_KEY")
+    if key:
+        return lambda user, password: bool(user.strip()) and len(user) <= LIMITS["rater"] and hmac.compare_digest(
+            password.encode("utf-8", "replace"), key.encode())
+    return None
 
 
 def launch(params: Any, name: str, host: str, port: int) -> None:
@@ -251,7 +334,10 @@ def launch(params: Any, name: str, host: str, port: int) -> None:
     from loraops import api
     from loraops.prepare import template_fields
 
+    auth = authentication(dict(os.environ))
     catalog, engine, settings, _ = api.open_engine(params, [name])
     fields = [f for f in dict.fromkeys(template_fields(params.prompt_template)) if f not in ("question", "context")]
-    build_ui(Demo(catalog, engine, settings, name, fields)).queue(default_concurrency_limit=8).launch(
-        server_name=host, server_port=port, share=False, show_error=True, quiet=True)
+    build_ui(Demo(catalog, engine, settings, name, fields, signed_in=auth is not None)).queue(
+        default_concurrency_limit=8).launch(server_name=host, server_port=port, share=False, show_error=True,
+                                            quiet=True, auth=auth, auth_message="Sign in to rate: your account is "
+                                            "recorded with every rating the promotion gate reads.")

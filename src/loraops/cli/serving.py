@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -16,8 +17,6 @@ ModelsOpt = typer.Option(None, "--model", help="Registered model to serve (repea
 
 
 def _loopback_warning(host: str) -> None:
-    import os
-
     if host not in ("127.0.0.1", "localhost", "::1") and not os.environ.get("LORAOPS_API_KEY"):
         typer.secho(f"warning: listening on {host} without LORAOPS_API_KEY: anyone who reaches this port can use it",
                     fg=typer.colors.YELLOW, err=True)
@@ -97,6 +96,9 @@ def demo(host: str = typer.Option("127.0.0.1", "--host", help="Interface to list
     from loraops import demo as page
 
     p = params_of(params, set_)
-    _loopback_warning(host)
+    if host not in ("127.0.0.1", "localhost", "::1") and page.authentication(dict(os.environ)) is None:
+        typer.secho(f"warning: the demo listens on {host} without sign-in (set LORAOPS_DEMO_USERS=name:password,… or "
+                    "LORAOPS_API_KEY): anyone who reaches this port can rate the versions, and the gate reads ratings",
+                    fg=typer.colors.YELLOW, err=True)
     typer.echo(f"demo of {model or p.registry.model_name} on http://{host}:{port}")
     page.launch(p, model or p.registry.model_name, host, port)
