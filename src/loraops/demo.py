@@ -295,7 +295,7 @@ def build_ui(demo: Demo) -> Any:
         ask.click(on_ask, [question, *field_boxes], ask_outputs)
         question.submit(on_ask, [question, *field_boxes], ask_outputs)
 
-        def on_save(name: str, result: dict, context: dict, *values: Any, request: gr.Request) -> str:
+        def on_save(request: gr.Request, name: str, result: dict, context: dict, *values: Any) -> str:
             per_arm = {arm: dict(zip(rating_keys, values[i * len(rating_keys):(i + 1) * len(rating_keys)]))
                        for i, arm in enumerate(ARMS)}
             if demo.signed_in:
@@ -307,6 +307,9 @@ def build_ui(demo: Demo) -> Any:
             except LoraopsError as exc:
                 raise gr.Error(str(exc)) from None
 
+        # Gradio passes the request (the signed-in user) to a parameter annotated gr.Request; with postponed
+        # annotations the string "gr.Request" cannot be resolved from this module, so the class is given directly
+        on_save.__annotations__["request"] = gr.Request
         save.click(on_save, [rater, shown, asked, *rating_inputs], [status])
     return page
 
