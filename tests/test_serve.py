@@ -156,6 +156,22 @@ def test_huge_bodies_undecodable_text_and_odd_values_are_refused_without_holding
     assert r.status_code == 404 and len(r.json()["error"]["message"]) < 400
 
 
+def test_a_client_that_goes_away_is_not_answered_past_the_next_step(server):
+    """A non-streaming request whose client disconnects stops generating (no one would read it)."""
+    import time
+
+    health = server.removesuffix("/v1") + "/health"
+    before = httpx.get(health).json()["cancelled"]
+    body = {"model": "base", "prompt": "질문: 벽지가 들떴어요\n답변: ", "max_tokens": 1000, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server}/completions", json=body, timeout=1.0)
+    gone = time.perf_counter()
+    while httpx.get(health).json()["generating"] and time.perf_counter() - gone < 5:
+        time.sleep(0.02)
+    stopped = time.perf_counter() - gone
+    assert httpx.get(health).json()["cancelled"] == before + 1 and stopped < 1.0, stopped
+
+
 def test_concurrent_requests_are_batched_to_the_same_answers(client):
     one_by_one = [_chat(client, f"{NAME}@production", q) for q in QUESTIONS]
     mixed = [(f"{NAME}@production" if i % 2 else f"{NAME}@candidate", q) for i, q in enumerate(QUESTIONS)]

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, Callable, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.requests import Request  # module level: FastAPI resolves the endpoints' annotations here
 
 from loraops.errors import LoraopsError
 from loraops.prompting import PromptFormat
@@ -47,6 +48,8 @@ BASE = "base"
 PEFT_BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
 
 
+DISCONNECT_POLL_S = 0.25
+"""How often a waiting non-streaming request checks that its client is still there."""
 MIN_TEMPERATURE = 1e-5
 """Below this a temperature cannot be sampled with (the logits overflow): such a request is answered greedily."""
 
@@ -228,6 +231,7 @@ class Job:
     top_p: float
     sink: Callable[[tuple], object]  # receives ("delta", text), ("done", finish, usage) or ("error", message)
     stop_ids: list[int] = field(default_factory=list)  # token ids that end the answer (EOS, end of turn)
+    ignore_eos: bool = False
     cancelled: bool = False
     sent: str = ""
     text: str = ""
@@ -258,6 +262,8 @@ class Engine:
     max_adapters: int = 8
     device: str = "cpu"
     base_format: PromptFormat = field(default_factory=PromptFormat)  # how the ``base`` model id is prompted
+    generating: int = field(init=False, default=0)  # rows of the running batch still generating (``/health``)
+    cancelled: int = field(init=False, default=0)  # rows stopped because their client went away (``/health``)
     _queue: "queue.Queue[Job]" = field(init=False)
     _loaded: "OrderedDict[str, Version]" = field(init=False, default_factory=OrderedDict)
     _dora: set[str] = field(init=False, default_factory=set)
@@ -389,13 +395,17 @@ class Engine:
         import torch
         from transformers import StoppingCriteria, StoppingCriteriaList
 
-        tok = self.tokenizer
+        tok, engine = self.tokenizer, self
+        self.generating = len(jobs)
         enc = tok([j.prompt for j in jobs], return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
         width = enc["input_ids"].shape[1]
         for job, mask in zip(jobs, enc["attention_mask"]):
             job.prompt_tokens = int(mask.sum())
-            job.stop_ids = job.stop_ids or ([tok.eos_token_id] if tok.eos_token_id is not None else [])
-        eos = list(dict.fromkeys(i for j in jobs for i in j.stop_ids)) or None
+            if not job.ignore_eos:
+                job.stop_ids = job.stop_ids or ([tok.eos_token_id] if tok.eos_token_id is not None else [])
+        # rows stop on their own ids (the criteria below); generate's list only ends rows early, so none if a row
+        # ignores EOS
+        eos = None if any(j.ignore_eos for j in jobs) else list(dict.fromkeys(i for j in jobs for i in j.stop_ids)) or None
 
         class _Rows(StoppingCriteria):
             """Per row: decode the new tokens, stream what is final, stop on its own limits."""
@@ -403,9 +413,13 @@ class Engine:
             def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
                 done = []
                 for row, job in enumerate(jobs):
-                    if job.finish is None:
+                    if job.finish is None and not job.cancelled:
                         _advance(job, input_ids[row, width:].tolist(), tok)
-                    done.append(job.finish is not None or job.cancelled)
+                    elif job.finish is None and job.cancelled:
+                        job.finish = "cancelled"
+                        engine.cancelled += 1
+                    done.append(job.finish is not None)
+                engine.generating = done.count(False)
                 return torch.tensor(done, device=input_ids.device)
 
         kwargs: dict[str, Any] = {}
@@ -416,6 +430,7 @@ class Engine:
             out = self.model.generate(**enc, max_new_tokens=max(j.max_tokens for j in jobs), num_beams=1,
                                       stopping_criteria=StoppingCriteriaList([_Rows()]), pad_token_id=tok.pad_token_id,
                                       eos_token_id=eos, **sampling, **kwargs)
+        self.generating = 0
         for row, job in enumerate(jobs):
             if job.finish is None:
                 _advance(job, out[row, width:].tolist(), tok, final=True)
@@ -473,6 +488,7 @@ class _Body(BaseModel):
     n: int = Field(1, ge=1, le=1)
     metadata: Optional[dict[str, str]] = None
     stream_options: Optional[dict[str, Any]] = None
+    ignore_eos: bool = False  # vLLM's extension (benchmarks use it): generate max_tokens, ending only on stop strings
     logprobs: Union[bool, int, None] = None
     tools: Optional[list[Any]] = None
     echo: bool = False
@@ -530,7 +546,7 @@ class Settings:
 
 def create_app(catalog: Catalog, engine: Engine, settings: Settings) -> Any:
     """The FastAPI app: routes, OpenAI-shaped errors, optional bearer key."""
-    from fastapi import FastAPI, Request
+    from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, StreamingResponse
     from starlette.concurrency import run_in_threadpool
@@ -565,7 +581,8 @@ def create_app(catalog: Catalog, engine: Engine, settings: Settings) -> Any:
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "queued": engine.waiting(), "adapters": engine.loaded()}
+        return {"status": "ok", "queued": engine.waiting(), "generating": engine.generating,
+                "cancelled": engine.cancelled, "adapters": engine.loaded()}
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -579,7 +596,7 @@ def create_app(catalog: Catalog, engine: Engine, settings: Settings) -> Any:
         raise ApiError(404, f"The model `{model_id}` does not exist", param="model", code="model_not_found")
 
     async def _answer(body: _Body, prompt: str, version: Version | None, kind: str,
-                      sources: list[dict[str, Any]] | None = None) -> Any:
+                      sources: list[dict[str, Any]] | None = None, request: Request | None = None) -> Any:
         """Answer ``prompt``, the text the model reads (rendered through the version's prompt format)."""
         missing = body.unsupported()
         if missing:
@@ -612,7 +629,7 @@ def create_app(catalog: Catalog, engine: Engine, settings: Settings) -> Any:
         job = Job(prompt=prompt, version=version, max_tokens=max_tokens, stops=[*generation.get("stop_strings", []), *stops],
                   temperature=temperature, top_p=body.top_p or 1.0,
                   sink=lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
-                  stop_ids=engine.stop_ids(version))
+                  stop_ids=[] if body.ignore_eos else engine.stop_ids(version), ignore_eos=body.ignore_eos)
         try:
             engine.submit(job)
         except QueueFull:
@@ -626,7 +643,13 @@ def create_app(catalog: Catalog, engine: Engine, settings: Settings) -> Any:
                                      media_type="text/event-stream", headers=headers)
         try:
             while True:
-                event = await events.get()
+                try:
+                    event = await asyncio.wait_for(events.get(), timeout=DISCONNECT_POLL_S)
+                except asyncio.TimeoutError:
+                    if request is not None and await request.is_disconnected():
+                        job.cancelled = True  # the client went away: its row stops at the next step
+                        return JSONResponse({}, status_code=499)  # nobody reads it
+                    continue
                 if event[0] == "error":
                     raise ApiError(500, event[1], kind="server_error")
                 if event[0] == "done":
@@ -677,7 +700,7 @@ def create_app(catalog: Catalog, engine: Engine, settings: Settings) -> Any:
             job.cancelled = job.finish is None
 
     @app.post("/v1/chat/completions")
-    async def chat(body: ChatBody) -> Any:
+    async def chat(body: ChatBody, request: Request) -> Any:
         for number, message in enumerate(body.messages):
             _text_or_400(message.text(), f"messages[{number}].content")
         _text_or_400(json.dumps(body.metadata or {}, ensure_ascii=False), "metadata")
@@ -712,16 +735,16 @@ def create_app(catalog: Catalog, engine: Engine, settings: Settings) -> Any:
                                "question, or start the server with --last-user-message-only", param="messages",
                                code="unsupported_messages")
             text = fmt.text(engine.tokenizer, prompt)
-        return await _answer(body, text, version, "chat", sources)
+        return await _answer(body, text, version, "chat", sources, request)
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionBody) -> Any:
+    async def completions(body: CompletionBody, request: Request) -> Any:
         if isinstance(body.prompt, list) and len(body.prompt) != 1:
             raise ApiError(400, "prompt: one prompt per request", param="prompt")
         prompt = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
         _text_or_400(prompt, "prompt")
         version = await run_in_threadpool(catalog.resolve, body.model)
-        return await _answer(body, (engine.tokenizer.bos_token or "") + prompt, version, "completion")
+        return await _answer(body, (engine.tokenizer.bos_token or "") + prompt, version, "completion", request=request)
 
     return app
 
