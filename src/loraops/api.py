@@ -568,15 +568,8 @@ def create_app(catalog: Catalog, engine: Engine, settings: Settings) -> Any:
     async def _http(request: Request, exc: HTTPException) -> JSONResponse:
         return JSONResponse(ApiError(exc.status_code, str(exc.detail)).body(), status_code=exc.status_code)
 
-    @app.middleware("http")
-    async def _key(request: Request, call_next: Any) -> Any:
-        if settings.api_key and request.url.path != "/health":  # the API and its docs (/docs, /openapi.json)
-            given = request.headers.get("authorization", "").encode("utf-8", "replace")
-            if not hmac.compare_digest(given, f"Bearer {settings.api_key}".encode()):
-                return JSONResponse(ApiError(401, "Incorrect API key provided (Authorization: Bearer $LORAOPS_API_KEY)",
-                                             code="invalid_api_key").body(), status_code=401)
-        return await call_next(request)
-
+    if settings.api_key:
+        app.add_middleware(KeyGuard, key=settings.api_key)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)  # outermost: before anything reads the body
 
     @app.get("/health")
@@ -642,14 +635,17 @@ def create_app(catalog: Catalog, engine: Engine, settings: Settings) -> Any:
             return StreamingResponse(_sse(job, events, body.model, kind, made, ident, usage, sources),
                                      media_type="text/event-stream", headers=headers)
         try:
+            checked = time.monotonic()
             while True:
                 try:
                     event = await asyncio.wait_for(events.get(), timeout=DISCONNECT_POLL_S)
                 except asyncio.TimeoutError:
-                    if request is not None and await request.is_disconnected():
+                    event = ("wait",)
+                if request is not None and time.monotonic() - checked >= DISCONNECT_POLL_S:
+                    checked = time.monotonic()
+                    if await request.is_disconnected():
                         job.cancelled = True  # the client went away: its row stops at the next step
                         return JSONResponse({}, status_code=499)  # nobody reads it
-                    continue
                 if event[0] == "error":
                     raise ApiError(500, event[1], kind="server_error")
                 if event[0] == "done":
@@ -812,6 +808,31 @@ class BodyLimit:
 
 class _TooLarge(Exception):
     pass
+
+
+async def _send_error(send: Any, error: ApiError) -> None:
+    body = json.dumps(error.body()).encode()
+    await send({"type": "http.response.start", "status": error.status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class KeyGuard:
+    """ASGI middleware: with ``LORAOPS_API_KEY`` set, every path but ``/health`` (the API, ``/docs``,
+    ``/openapi.json``) needs ``Authorization: Bearer <key>``, compared in constant time. (Plain ASGI, not
+    Starlette's BaseHTTPMiddleware, so a request still sees its client disconnect.)"""
+
+    def __init__(self, app: Any, key: str) -> None:
+        self.app, self.expected = app, f"Bearer {key}".encode()
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"] != "/health":
+            given = dict(scope.get("headers") or []).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                await _send_error(send, ApiError(401, "Incorrect API key provided (Authorization: Bearer "
+                                                 "$LORAOPS_API_KEY)", code="invalid_api_key"))
+                return
+        await self.app(scope, receive, send)
 
 
 class _Blank(dict):
