@@ -28,7 +28,7 @@ run: data
 	HF_HUB_OFFLINE=$${HF_HUB_OFFLINE:-1} loraops run
 
 test: data
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not gpu" -n 2 --dist loadfile --no-loadscope-reorder --durations=30
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not gpu" -n 3 --dist loadfile --no-loadscope-reorder --durations=30
 
 test-fast: data
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
