@@ -15,14 +15,15 @@ import mlflow
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import deployment, flow_run
-from prefect.states import Completed
+from prefect.states import Completed, Failed
 from pydantic import Field
 
 from loraops import concurrency, form, lineage, registry, remote, tone, tracking, validity, workspace
 from loraops.config import Params, load_params
 from loraops.model import base_location, check_base
 from loraops.paths import ADAPTER_DIR, EVAL_METRICS, TRAIN_LOG
-from loraops.report import details, flat_metrics, headline, outcome, summary_markdown, top_losses, version_description
+from loraops.report import (NOT_SUCCESS, details, flat_metrics, headline, outcome, summary_markdown, top_losses,
+                            version_description)
 from loraops.secrets import redact_text
 
 REPO = Path(".")  # the project checkout the flow was started in; MLflow's local store lives here
@@ -161,8 +162,17 @@ def _log_to_ui(text: str) -> None:
     ui.info(redact_text(text), extra=dict(adapter.extra))
 
 
+def final_state(name: str, message: str, data: dict[str, Any]) -> Any:
+    """The flow run's last state, named after its outcome: Failed-type for an outcome that is no success (a refusal,
+    a model worse than its base, a rejection, a timed-out approval) so the Prefect UI shows it red and counts it
+    among failed runs; Completed-type otherwise. The data (summary, outcome) is the same either way."""
+    return (Failed if name in NOT_SUCCESS else Completed)(name=name, message=message[:1000], data=data)
+
+
 def _close_mlflow_runs(flow: Any, flow_run_: Any, state: Any) -> None:
     """A cancelled, crashed or failed flow run leaves no MLflow run RUNNING."""
+    if state.name in NOT_SUCCESS:  # an outcome, not a failure of the run: its MLflow run finished as it should
+        return
     tracking.tracking_setup(REPO)
     try:
         tracking.close_runs_of(str(flow_run_.id), "KILLED" if state.is_cancelled() or state.is_cancelling() else "FAILED")
@@ -242,7 +252,7 @@ def _finetune(work: Path, params_file: str, overrides: list[str], allow_dirty: b
     same = workspace.unchanged(work, params)
     if same is not None:
         get_run_logger().info(same)
-        return Completed(name="Unchanged", message=same, data={"summary_text": same, "outcome": "Unchanged"})
+        return final_state("Unchanged", same, {"summary_text": same, "outcome": "Unchanged"})
     base_check(work, params)
     if params.eval.self_test:
         metric_check(params)
@@ -288,4 +298,4 @@ def _finetune(work: Path, params_file: str, overrides: list[str], allow_dirty: b
     _log_to_ui(text)
     log = get_run_logger().info if name in ("Promoted", "Registered", "Unchanged") else get_run_logger().warning
     log("%s: %s", name, message)
-    return Completed(name=name, message=message, data=result)  # the run's state says what happened
+    return final_state(name, message, result)  # the run's state says what happened

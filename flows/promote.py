@@ -16,6 +16,8 @@ from pydantic import Field
 from loraops import registry
 from loraops.approval import with_approval
 from loraops.config import load_params
+from loraops.flows.finetune import final_state
+from loraops.report import promotion_outcome
 
 
 @flow(name="promote", log_prints=True)
@@ -26,7 +28,7 @@ def promote(
     reason: str = Field("", description="Why, when forcing; recorded in the audit trail."),
     params_file: str = Field("params.yaml", description="Params file with the gate policy (registry.gate)."),
     overrides: list[str] = Field([], description="Extra dotted.key=value settings (as `loraops promote --set`)."),
-) -> dict[str, Any]:
+) -> Any:
     """Move alias production to a version (default: candidate) only if the gate passes (and, with
     registry.gate.require_approval, a reviewer approves here), or when forced with a reason."""
     params = load_params(params_file, list(overrides or []))
@@ -38,7 +40,7 @@ def promote(
     text = registry.describe(result)
     create_markdown_artifact("```\n" + text + "\n```", key="promotion-decision")
     print(text)
-    return result
+    return final_state(promotion_outcome(result), text, result)  # Rejected, Refused, Timed out: not green
 
 
 @flow(name="rollback", log_prints=True)

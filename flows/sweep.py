@@ -20,13 +20,12 @@ import mlflow
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import deployment, flow_run
-from prefect.states import Completed
 from pydantic import Field
 
 from loraops import concurrency, form, registry, remote, sweep, tracking, workspace
 from loraops.config import Params, apply_overrides, dump_params, load_params, validate
 from loraops.errors import StageError
-from loraops.flows.finetune import IO_RETRIES, REPO, _close_mlflow_runs, gate, log_run, register
+from loraops.flows.finetune import IO_RETRIES, REPO, _close_mlflow_runs, final_state, gate, log_run, register
 from loraops.paths import SWEEPS_DIR, TRAIN_LOG
 from loraops.results import TrainFigures
 from loraops.report import headline, outcome
@@ -206,5 +205,5 @@ def _sweep(params: Params, allow_dirty: bool) -> Any:
              **{k: v for k, v in t["params"].items()}} for t in result["trials"]]
     create_table_artifact(rows, key="sweep-trials", description="every trial: state, validation objective, values")
     create_markdown_artifact(f"```\n{text}\n```", key="sweep-summary", description="trials, the best, its gate")
-    return Completed(name=name_, message=message, data={"summary_text": text, "result": result, "outcome": name_,
-                                                         "version": registered["version"], "parent_run_id": parent_id})
+    return final_state(name_, message, {"summary_text": text, "result": result, "outcome": name_,
+                                        "version": registered["version"], "parent_run_id": parent_id})

@@ -199,3 +199,13 @@ def wait_flow_runs(api: str, ids: list[str], seconds: float) -> dict[str, dict]:
             return states
         time.sleep(3)
     raise TimeoutError(f"flow runs not finished: { {i: s['state_type'] for i, s in states.items()} }")
+
+
+OUTCOME_TYPES = {"Promoted": "COMPLETED", "Registered": "COMPLETED", "Unchanged": "COMPLETED", "Approved": "COMPLETED",
+                 "Refused": "FAILED", "Worse than base": "FAILED", "Rejected": "FAILED", "Timed out": "FAILED"}
+"""A finished run's state name → its type: an outcome that is no success is a Failed-type state (red in the UI)."""
+
+
+def ended_with_an_outcome(state: dict) -> bool:
+    """The flow run ended with one of loraops' outcomes (not crashed, not failed by an error), typed as it should be."""
+    return OUTCOME_TYPES.get(state["state_name"]) == state["state_type"]

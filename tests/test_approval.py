@@ -85,6 +85,23 @@ def _answer_in_the_ui(served: dict, link: str, decision: str, reviewer: str, com
     return request
 
 
+def _badge(served: dict, link: str, name: str, shot: str) -> str:
+    """The background colour of the flow run page's state badge reading ``name``, as Chromium draws it."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM))
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.goto(link)
+            badge = page.locator(".state-badge", has_text=name).first
+            badge.wait_for(timeout=60_000)
+            page.screenshot(path=str(served["tmp"] / shot))
+            return str(badge.evaluate("e => getComputedStyle(e).backgroundColor"))
+        finally:
+            browser.close()
+
+
 def _wait_final(served: dict, flow_run: str, seconds: float = 180) -> dict:
     deadline = time.time() + seconds
     while time.time() < deadline:
@@ -111,7 +128,9 @@ def test_a_rejection_moves_nothing_and_an_approval_promotes_both_audited(approva
     link, flow_run = _promote_and_wait(served)
     request = _answer_in_the_ui(served, link, "reject", "박검토", "톤이 아직 거칠어요", "reject.png")
     assert "Approve interior-qa-lora v1 for production?" in request and "category = " in request
-    assert _wait_final(served, flow_run)["state_type"] == "COMPLETED"
+    rejected = _wait_final(served, flow_run)
+    assert (rejected["state_type"], rejected["state_name"]) == ("FAILED", "Rejected")  # not a success, in any screen
+    rejected_link = link
     state = _registry(served)
     assert state["production"] is None
     assert [(a["action"], a["to"], a["reviewer"], a["comment"]) for a in state["trail"]] == [
@@ -120,7 +139,11 @@ def test_a_rejection_moves_nothing_and_an_approval_promotes_both_audited(approva
     link, flow_run = _promote_and_wait(served, "--set", "registry.gate.approval_timeout_hours=48")
     request = _answer_in_the_ui(served, link, "approve", "김승인", "샘플 확인 완료", "approve.png")
     assert "No answer within 48 h rejects" in request  # --set travels to the promote deployment
-    assert _wait_final(served, flow_run)["state_type"] == "COMPLETED"
+    approved = _wait_final(served, flow_run)
+    assert (approved["state_type"], approved["state_name"]) == ("COMPLETED", "Approved")
+    red, green = _badge(served, rejected_link, "Rejected", "rejected-badge.png"), _badge(served, link, "Approved",
+                                                                                        "approved-badge.png")
+    assert red != green, (red, green)  # the rejection is not drawn in the success colour
     state = _registry(served)
     assert state["production"] == "1"
     assert [(a["action"], a["to"], a["reviewer"], a["comment"]) for a in state["trail"]][-1] == (

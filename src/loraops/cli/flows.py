@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, cast
 
 import typer
 
@@ -99,14 +99,24 @@ def run(params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt,
     server_ready()
     with workspace.restored_on_failure(PARAMS):
         try:
-            result = finetune(params_file=str(path), overrides=list(set_ or []), allow_dirty=allow_dirty,
-                              isolate=False, use_form=False)
+            result = _outcome_of(finetune(params_file=str(path), overrides=list(set_ or []), allow_dirty=allow_dirty,
+                                          isolate=False, use_form=False, return_state=True))
         except KeyboardInterrupt as stop:
             typer.secho(f"stopped ({stop or 'interrupted'}): the MLflow run is closed and the gpu slot released",
                         err=True, fg=typer.colors.YELLOW)
             raise typer.Exit(130) from None
     typer.echo(result["summary_text"])
     _exit_for(result["outcome"])
+
+
+def _outcome_of(state: Any) -> dict[str, Any]:
+    """A flow run's result, whether its outcome ended it Completed or Failed-type (a refusal is red in the UI: see
+    ``flows/finetune.final_state``); a run that really failed raises its error."""
+    from loraops.report import NOT_SUCCESS
+
+    if state.is_failed() and state.name in NOT_SUCCESS:
+        return cast(dict[str, Any], state.result(raise_on_failure=False))
+    return cast(dict[str, Any], state.result())
 
 
 def _exit_for(outcome: str) -> None:
@@ -142,7 +152,8 @@ def sweep(params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt,
     with contextlib.suppress(ValueError):
         path = path.resolve().relative_to(Path.cwd().resolve())
     try:
-        result = sweep_flow(params_file=str(path), overrides=list(set_ or []), allow_dirty=allow_dirty, use_form=False)
+        result = _outcome_of(sweep_flow(params_file=str(path), overrides=list(set_ or []), allow_dirty=allow_dirty,
+                                        use_form=False, return_state=True))
     except KeyboardInterrupt as stop:
         typer.secho(f"stopped ({stop or 'interrupted'}): the MLflow runs are closed and the gpu slot released",
                     err=True, fg=typer.colors.YELLOW)
