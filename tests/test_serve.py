@@ -172,6 +172,31 @@ def test_a_client_that_goes_away_is_not_answered_past_the_next_step(server):
     assert httpx.get(health).json()["cancelled"] == before + 1 and stopped < 1.0, stopped
 
 
+def test_a_short_request_does_not_wait_for_a_long_one(client, server):
+    """Batches take turns a few tokens at a time: an 8-token answer asked while a 1,000-token one is being generated
+    comes back long before that one ends, and the same as asked alone."""
+    import threading
+    import time
+
+    alone = _chat(client, f"{NAME}@production", QUESTIONS[3], max_tokens=8)
+    long: dict = {}
+
+    def long_request() -> None:
+        started = time.perf_counter()
+        httpx.post(f"{server}/completions", json={"model": "base", "prompt": "질문: 벽지\n답변: ", "max_tokens": 1000,
+                                                  "ignore_eos": True}, timeout=120)
+        long["took"] = time.perf_counter() - started
+
+    thread = threading.Thread(target=long_request)
+    thread.start()
+    time.sleep(0.3)  # the long answer is under way
+    started = time.perf_counter()
+    short = _chat(client, f"{NAME}@production", QUESTIONS[3], max_tokens=8)
+    took = time.perf_counter() - started
+    thread.join()
+    assert short == alone and took < long["took"] / 3, (took, long)
+
+
 def test_concurrent_requests_are_batched_to_the_same_answers(client):
     one_by_one = [_chat(client, f"{NAME}@production", q) for q in QUESTIONS]
     mixed = [(f"{NAME}@production" if i % 2 else f"{NAME}@candidate", q) for i, q in enumerate(QUESTIONS)]

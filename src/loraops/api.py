@@ -261,6 +261,7 @@ class Engine:
     queue_size: int = 64
     max_adapters: int = 8
     device: str = "cpu"
+    step_tokens: int = 8  # tokens a batch generates per turn before the worker turns to the next batch or new requests
     base_format: PromptFormat = field(default_factory=PromptFormat)  # how the ``base`` model id is prompted
     generating: int = field(init=False, default=0)  # rows of the running batch still generating (``/health``)
     cancelled: int = field(init=False, default=0)  # rows stopped because their client went away (``/health``)
@@ -326,36 +327,71 @@ class Engine:
             if event[0] == "done":
                 return job.text, job.raw
 
-    # -- worker
+    # -- worker: batches advance a few tokens at a time, in turn, so a request that arrives while a long answer is
+    # being generated starts at the next turn instead of waiting for the end of it
     def _work(self) -> None:
+        running: list[_Batch] = []
         while True:
-            jobs = [self._queue.get()]
-            deadline = time.monotonic() + self.window_s
-            while len(jobs) < self.max_batch:
+            arrived = self._arrivals(wait=not running)
+            if arrived:
+                running += self._batches(arrived, running)
+            for batch in list(running):
                 try:
-                    jobs.append(self._queue.get(timeout=max(0.0, deadline - time.monotonic())))
-                except queue.Empty:
-                    break
-            jobs = [j for j in jobs if not j.cancelled]
-            groups: dict[tuple[float, float], list[Job]] = {}
-            for job in jobs:
-                groups.setdefault((job.temperature, job.top_p if job.temperature else 1.0), []).append(job)
-            for (temperature, top_p), group in groups.items():
-                try:
-                    self._generate(group, temperature, top_p)
+                    finished = self._advance_batch(batch)
                 except Exception as exc:  # noqa: BLE001 - one failed batch answers its requests with 500, the server lives
                     _log.exception("generation failed")
-                    for job in group:
+                    for job in batch.jobs:
                         job.push("error", f"generation failed: {exc}")
+                    finished = True
+                if finished:
+                    running.remove(batch)
+            self.generating = sum(1 for b in running for j in b.jobs if j.finish is None)
 
-    def _ensure_adapters(self, versions: list[Version]) -> None:
+    def _arrivals(self, wait: bool) -> list[Job]:
+        """The requests waiting now (blocking for the first when nothing runs; then a short window for company)."""
+        jobs: list[Job] = []
+        try:
+            jobs.append(self._queue.get() if wait else self._queue.get_nowait())
+        except queue.Empty:
+            return []
+        deadline = time.monotonic() + (self.window_s if wait else 0.0)
+        while len(jobs) < self.max_batch:
+            try:
+                jobs.append(self._queue.get(timeout=max(0.0, deadline - time.monotonic())) if wait
+                            else self._queue.get_nowait())
+            except queue.Empty:
+                break
+        return [j for j in jobs if not j.cancelled]
+
+    def _batches(self, jobs: list[Job], running: list["_Batch"]) -> list["_Batch"]:
+        """New batches for ``jobs``: one per sampling setting; adapters mixed in one batch (peft's ``adapter_names``),
+        or one batch per adapter where a DoRA adapter is among them, since peft cannot mix DoRA adapters."""
+        keep = {j.version.adapter_name for b in running for j in b.jobs if j.version is not None}
+        self._ensure_adapters([j.version for j in jobs if j.version is not None], keep)
+        out = []
+        groups: dict[tuple[float, float], list[Job]] = {}
+        for job in jobs:
+            groups.setdefault((job.temperature, job.top_p if job.temperature else 1.0), []).append(job)
+        for (temperature, top_p), group in groups.items():
+            if not any(j.version is not None and j.version.adapter_name in self._dora for j in group):
+                out.append(_Batch(group, temperature, top_p, "mixed"))
+                continue
+            by_adapter: dict[str | None, list[Job]] = {}
+            for job in group:
+                by_adapter.setdefault(job.version.adapter_name if job.version else None, []).append(job)
+            out += [_Batch(part, temperature, top_p, name or PEFT_BASE) for name, part in by_adapter.items()]
+        return out
+
+    def _ensure_adapters(self, versions: list[Version], keep: set[str] | None = None) -> None:
+        """Load the versions' adapters beside the base; the least recently used goes when there are too many, never
+        one a running batch (``keep``) or this batch needs."""
         from peft import PeftModel
 
         for version in versions:
             if version.adapter_name in self._loaded:
                 self._loaded.move_to_end(version.adapter_name)
                 continue
-            needed = {v.adapter_name for v in versions}
+            needed = {v.adapter_name for v in versions} | (keep or set())
             while len(self._loaded) >= self.max_adapters:
                 old = next((n for n in self._loaded if n not in needed), None)
                 if old is None:
@@ -373,36 +409,23 @@ class Engine:
                 self._dora.add(version.adapter_name)
             _log.info("loaded adapter %s", version.adapter_name)
 
-    def _generate(self, jobs: list[Job], temperature: float, top_p: float) -> None:
-        """One batch with the adapters mixed (peft's ``adapter_names``); per adapter where a DoRA adapter is among
-        them, since peft cannot mix DoRA adapters in one batch."""
-        self._ensure_adapters([j.version for j in jobs if j.version is not None])
-        if not any(j.version is not None and j.version.adapter_name in self._dora for j in jobs):
-            self._batch(jobs, temperature, top_p, mixed=True)
-            return
-        by_adapter: dict[str | None, list[Job]] = {}
-        for job in jobs:
-            by_adapter.setdefault(job.version.adapter_name if job.version else None, []).append(job)
-        for name, group in by_adapter.items():
-            if name is None:
-                with self.model.disable_adapter():
-                    self._batch(group, temperature, top_p, mixed=False)
-            else:
-                self.model.set_adapter(name)
-                self._batch(group, temperature, top_p, mixed=False)
+    def _advance_batch(self, batch: "_Batch") -> bool:
+        """Generate up to ``step_tokens`` more tokens for ``batch`` (prefilling its prompts on its first turn), from
+        its own cache; True when every row has ended (answered: its "done" event pushed)."""
+        import contextlib
 
-    def _batch(self, jobs: list[Job], temperature: float, top_p: float, mixed: bool) -> None:
         import torch
         from transformers import StoppingCriteria, StoppingCriteriaList
 
-        tok, engine = self.tokenizer, self
-        self.generating = len(jobs)
-        enc = tok([j.prompt for j in jobs], return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
-        width = enc["input_ids"].shape[1]
-        for job, mask in zip(jobs, enc["attention_mask"]):
-            job.prompt_tokens = int(mask.sum())
-            if not job.ignore_eos:
-                job.stop_ids = job.stop_ids or ([tok.eos_token_id] if tok.eos_token_id is not None else [])
+        tok, engine, jobs = self.tokenizer, self, batch.jobs
+        if batch.sequences is None:
+            enc = tok([j.prompt for j in jobs], return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+            batch.sequences, batch.mask, batch.width = enc["input_ids"], enc["attention_mask"], enc["input_ids"].shape[1]
+            for job, mask in zip(jobs, enc["attention_mask"]):
+                job.prompt_tokens = int(mask.sum())
+                if not job.ignore_eos:
+                    job.stop_ids = job.stop_ids or ([tok.eos_token_id] if tok.eos_token_id is not None else [])
+        width = batch.width
         # rows stop on their own ids (the criteria below); generate's list only ends rows early, so none if a row
         # ignores EOS
         eos = None if any(j.ignore_eos for j in jobs) else list(dict.fromkeys(i for j in jobs for i in j.stop_ids)) or None
@@ -419,23 +442,57 @@ class Engine:
                         job.finish = "cancelled"
                         engine.cancelled += 1
                     done.append(job.finish is not None)
-                engine.generating = done.count(False)
                 return torch.tensor(done, device=input_ids.device)
 
         kwargs: dict[str, Any] = {}
-        if mixed and hasattr(self.model, "peft_config"):
+        scope: Any = contextlib.nullcontext()
+        if batch.adapter == "mixed" and hasattr(self.model, "peft_config"):
             kwargs["adapter_names"] = [j.version.adapter_name if j.version else PEFT_BASE for j in jobs]
-        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
-        with torch.inference_mode():
-            out = self.model.generate(**enc, max_new_tokens=max(j.max_tokens for j in jobs), num_beams=1,
-                                      stopping_criteria=StoppingCriteriaList([_Rows()]), pad_token_id=tok.pad_token_id,
-                                      eos_token_id=eos, **sampling, **kwargs)
-        self.generating = 0
+        elif batch.adapter == PEFT_BASE:
+            scope = self.model.disable_adapter()
+        elif batch.adapter != "mixed":
+            self.model.set_adapter(batch.adapter)
+        sampling = ({"do_sample": True, "temperature": batch.temperature, "top_p": batch.top_p} if batch.temperature > 0
+                    else {"do_sample": False})
+        made = batch.sequences.shape[1] - width
+        left = max(j.max_tokens for j in jobs if j.finish is None) - made if any(j.finish is None for j in jobs) else 0
+        if left > 0 and not all(j.cancelled for j in jobs if j.finish is None):
+            with torch.inference_mode(), scope:
+                out = self.model.generate(input_ids=batch.sequences, attention_mask=batch.mask,
+                                          past_key_values=batch.cache, max_new_tokens=min(self.step_tokens, left),
+                                          num_beams=1, stopping_criteria=StoppingCriteriaList([_Rows()]),
+                                          pad_token_id=tok.pad_token_id, eos_token_id=eos, return_dict_in_generate=True,
+                                          **sampling, **kwargs)
+            grown = out.sequences.shape[1] - batch.sequences.shape[1]
+            batch.mask = torch.cat([batch.mask, batch.mask.new_ones((len(jobs), grown))], dim=1)
+            batch.sequences, batch.cache = out.sequences, out.past_key_values
+            made += grown
+            if any(j.finish is None for j in jobs) and made < max(j.max_tokens for j in jobs) and grown:
+                return False
         for row, job in enumerate(jobs):
             if job.finish is None:
-                _advance(job, out[row, width:].tolist(), tok, final=True)
+                if job.cancelled:
+                    job.finish = "cancelled"
+                    engine.cancelled += 1
+                else:
+                    _advance(job, batch.sequences[row, width:].tolist(), tok, final=True)
             job.push("done", job.finish, {"prompt_tokens": job.prompt_tokens, "completion_tokens": job.tokens,
                                           "total_tokens": job.prompt_tokens + job.tokens})
+        return True
+
+
+@dataclass
+class _Batch:
+    """Requests generated together: their tokens so far, attention mask and cache between turns."""
+
+    jobs: list[Job]
+    temperature: float
+    top_p: float
+    adapter: str  # "mixed" (peft's adapter_names per row), PEFT_BASE (adapters off) or one adapter's name
+    sequences: Any = None
+    mask: Any = None
+    cache: Any = None
+    width: int = 0  # prompt width (left-padded): a row's answer is sequences[row, width:]
 
 
 def _advance(job: Job, tokens: list[int], tok: Any, final: bool = False) -> None:
