@@ -4,8 +4,12 @@ concurrent clients (the server micro-batches what is waiting, adapters mixed in 
 It starts `loraops serve` on a free loopback port of the project given (default: this repository, which
 must have a registered version — `make run` makes one), sends the same test questions in every arm through
 the official `openai` client, and prints requests/s, p50/p95 latency, completion tokens/s and the ratio
-to the sequential arm. It checks that every arm gave the same answers (greedy). The last line is
-``speedup_16_concurrent: X.XX``.
+to the sequential arm. It checks that every arm gave the same answers (greedy); ``speedup_16_concurrent: X.XX``.
+
+Then a mixed load: 8-token requests one after another, alone and while another client's long answer
+(``--long-tokens``, 1,000) is generated, on a server whose batches run to the end (``--step-tokens 100000``, the
+engine before batches took turns) and on the default one (turns of 8 tokens); the last line is
+``short_beside_long_ratio_p50: X.XX`` (beside / alone).
 
     python benchmarks/serve_throughput.py
     python benchmarks/serve_throughput.py --requests 64 --model interior-qa-lora@production
@@ -23,6 +27,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,33 +63,74 @@ def _arm(client, model: str, questions: list[str], clients: int) -> dict:
             "tok_s": sum(r[2] for r in results) / wall, "answers": [r[1] for r in results]}
 
 
+def _mixed(client, model: str, questions: list[str], long_tokens: int) -> dict:
+    """Short requests (8 tokens) one after another, alone and while a ``long_tokens`` answer is being generated
+    for another client: their latencies."""
+    import threading
+
+    def short(q: str) -> float:
+        start = time.perf_counter()
+        client.chat.completions.create(model=model, max_tokens=8, messages=[{"role": "user", "content": q}])
+        return time.perf_counter() - start
+
+    alone = sorted(short(q) for q in questions)
+    done = threading.Event()
+
+    def long() -> None:
+        client.completions.create(model=model, prompt=questions[0], max_tokens=long_tokens, extra_body={"ignore_eos": True})
+        done.set()
+
+    thread = threading.Thread(target=long)
+    thread.start()
+    time.sleep(0.2)
+    beside = sorted(short(q) for q in questions)
+    finished_first = not done.is_set()
+    thread.join()
+    pct = lambda xs, q: xs[min(len(xs) - 1, int(q * len(xs)))] * 1000  # noqa: E731
+    return {"alone_p50": statistics.median(alone) * 1000, "alone_p95": pct(alone, 0.95),
+            "beside_p50": statistics.median(beside) * 1000, "beside_p95": pct(beside, 0.95),
+            "before_long_ended": finished_first}
+
+
+def _serve(project: Path, *flags: str) -> tuple[subprocess.Popen, int, Any]:
+    port = _free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "LORAOPS_API_KEY": ""}
+    log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"serve_throughput-{port}.log", "w")
+    server = subprocess.Popen([sys.executable, "-m", "loraops.cli", "serve", "--port", str(port), "--queue-size", "256",
+                               *flags], cwd=project, env=env, stdout=log, stderr=subprocess.STDOUT)
+    return server, port, log
+
+
+def _client(server: subprocess.Popen, port: int, log: Any) -> Any:
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=600)
+    for _ in range(240):
+        try:
+            client.models.list()
+            return client
+        except Exception:  # noqa: BLE001 - still starting
+            if server.poll() is not None:
+                raise SystemExit(f"loraops serve exited; see {log.name}")
+            time.sleep(0.5)
+    raise SystemExit(f"loraops serve did not start; see {log.name}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--project", type=Path, default=ROOT)
     parser.add_argument("--model", default=None, help="served model id (default <registry.model_name>@production)")
     parser.add_argument("--requests", type=int, default=32)
+    parser.add_argument("--long-tokens", type=int, default=1000, help="length of the long answer in the mixed load")
     args = parser.parse_args()
 
     import yaml
-    from openai import OpenAI
 
     name = yaml.safe_load((args.project / "params.yaml").read_text(encoding="utf-8"))["registry"]["model_name"]
     model = args.model or f"{name}@production"
-    port = _free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "LORAOPS_API_KEY": ""}
-    log = open(Path(os.environ.get("TMPDIR", "/tmp")) / "serve_throughput.log", "w")
-    server = subprocess.Popen([sys.executable, "-m", "loraops.cli", "serve", "--port", str(port), "--queue-size", "256"],
-                              cwd=args.project, env=env, stdout=log, stderr=subprocess.STDOUT)
+    server, port, log = _serve(args.project)
     try:
-        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=600)
-        for _ in range(240):
-            try:
-                client.models.list()
-                break
-            except Exception:  # noqa: BLE001 - still starting
-                if server.poll() is not None:
-                    raise SystemExit(f"loraops serve exited; see {log.name}")
-                time.sleep(0.5)
+        client = _client(server, port, log)
         questions = _questions(args.project, args.requests)
         _arm(client, model, questions[:4], 4)  # warm-up: adapter loaded, first batch compiled
         arms = {c: _arm(client, model, questions, c) for c in (1, 4, 16)}
@@ -99,6 +145,27 @@ def main() -> None:
         print(f"| {c} | {r['rps']:.2f} | {r['p50']:.0f} | {r['p95']:.0f} | {r['tok_s']:.1f} | {r['wall']:.2f} | "
               f"{arms[1]['wall'] / r['wall']:.2f}x |")
     print(f"speedup_16_concurrent: {arms[1]['wall'] / arms[16]['wall']:.2f}")
+
+    # mixed load: short requests beside a long answer, whole batches (as before: --step-tokens beyond any answer)
+    # against batches that take turns every 8 tokens (the default)
+    mixed = {}
+    for label, flags in (("whole batches (before)", ("--step-tokens", "100000")), ("turns of 8 tokens (now)", ())):
+        server, port, log = _serve(args.project, *flags)
+        try:
+            client = _client(server, port, log)
+            _mixed(client, model, questions[:2], 8)  # warm-up
+            mixed[label] = _mixed(client, model, questions[: max(4, args.requests // 4)], args.long_tokens)
+        finally:
+            server.terminate()
+            server.wait(30)
+    print(f"\nmixed load: 8-token requests one after another, alone and beside a {args.long_tokens}-token answer")
+    print("| engine | alone p50 ms | alone p95 ms | beside p50 ms | beside p95 ms | beside/alone p50 | answered before the long one |")
+    print("|---|---|---|---|---|---|---|")
+    for label, r in mixed.items():
+        print(f"| {label} | {r['alone_p50']:.0f} | {r['alone_p95']:.0f} | {r['beside_p50']:.0f} | {r['beside_p95']:.0f} | "
+              f"{r['beside_p50'] / r['alone_p50']:.2f}x | {r['before_long_ended']} |")
+    now = mixed["turns of 8 tokens (now)"]
+    print(f"short_beside_long_ratio_p50: {now['beside_p50'] / now['alone_p50']:.2f}")
 
 
 if __name__ == "__main__":

@@ -65,5 +65,5 @@ def test_benchmark_smoke(command):
 
 @pytest.mark.slow
 def test_serve_benchmark_smoke(served_project):
-    out = _bench(f"serve_throughput.py --project {served_project} --requests 4")
-    assert "every arm the same answers" in out
+    out = _bench(f"serve_throughput.py --project {served_project} --requests 4 --long-tokens 200")
+    assert "every arm the same answers" in out and "short_beside_long_ratio_p50:" in out

@@ -899,7 +899,7 @@ class _Blank(dict):
 
 def open_engine(params: Any, names: list[str], max_batch: int = 16, queue_size: int = 64, max_tokens_limit: int = 1024,
                 cache_dir: Path | None = None, last_user_only: bool = False, max_prompt_tokens: int = 4096,
-                max_body_bytes: int = 1_000_000) -> tuple[Catalog, Engine, Settings, Version | None]:
+                max_body_bytes: int = 1_000_000, step_tokens: int = 8) -> tuple[Catalog, Engine, Settings, Version | None]:
     """Catalog, engine and settings for the served models; the base is the startup version's (else ``model.base``)."""
     from loraops.config import ModelSection
     from loraops.model import base_location
@@ -918,7 +918,8 @@ def open_engine(params: Any, names: list[str], max_batch: int = 16, queue_size: 
         cfg, location = params.model, base_location(params.model)
         tokenizer, identity = location, base_identity({"base": {"configured": params.model.base, "revision": params.model.revision}},
                                                       location if Path(location).is_dir() else None)
-    engine = Engine(location, cfg, tokenizer, identity, max_batch=max_batch, queue_size=queue_size, device=pick_device("auto"))
+    engine = Engine(location, cfg, tokenizer, identity, max_batch=max_batch, queue_size=queue_size, device=pick_device("auto"),
+                    step_tokens=step_tokens)
     try:  # `base` is prompted as the project would train it (an instruct base through its chat template)
         engine.base_format = resolve_format(params.data.chat_template, params.data.system_prompt, engine.tokenizer)
     except LoraopsError as exc:

@@ -34,6 +34,8 @@ def serve(host: str = typer.Option("127.0.0.1", "--host", help="Interface to lis
                                                 help="Longest prompt a request may send, in tokens (400 beyond)."),
           max_body_bytes: int = typer.Option(1_000_000, "--max-body-bytes", min=1024,
                                              help="Largest request body (413 beyond), read by nobody."),
+          step_tokens: int = typer.Option(8, "--step-tokens", min=1,
+                                          help="Tokens a batch generates per turn before new requests join in."),
           last_user_only: bool = typer.Option(False, "--last-user-message-only",
                                               help="A version trained without a chat template answers the last user "
                                                    "message of a longer chat (else such a request is refused with 400)."),
@@ -48,7 +50,8 @@ def serve(host: str = typer.Option("127.0.0.1", "--host", help="Interface to lis
     _loopback_warning(host)
     catalog, engine, settings, first = api.open_engine(p, names, max_batch=max_batch, queue_size=queue_size,
                                                        max_tokens_limit=max_tokens_limit, last_user_only=last_user_only,
-                                                       max_prompt_tokens=max_prompt_tokens, max_body_bytes=max_body_bytes)
+                                                       max_prompt_tokens=max_prompt_tokens, max_body_bytes=max_body_bytes,
+                                                       step_tokens=step_tokens)
     where = f"{first.name}/{first.number}'s base" if first else f"model.base {p.model.base!r} (nothing registered yet)"
     typer.echo(f"serving base + {', '.join(names)} (@production, @candidate, /<version>) on http://{host}:{port}/v1; "
                f"base from {where}; device {engine.device}")
