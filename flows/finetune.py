@@ -22,8 +22,8 @@ from loraops import concurrency, form, lineage, registry, remote, tone, tracking
 from loraops.config import Params, load_params
 from loraops.model import base_location, check_base
 from loraops.paths import ADAPTER_DIR, EVAL_METRICS, TRAIN_LOG
-from loraops.report import (NOT_SUCCESS, details, flat_metrics, headline, outcome, summary_markdown, top_losses,
-                            version_description)
+from loraops.outcomes import NOT_SUCCESS
+from loraops.report import details, flat_metrics, headline, outcome, summary_markdown, top_losses, version_description
 from loraops.secrets import redact_text
 
 REPO = Path(".")  # the project checkout the flow was started in; MLflow's local store lives here

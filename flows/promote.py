@@ -17,7 +17,7 @@ from loraops import registry
 from loraops.approval import with_approval
 from loraops.config import load_params
 from loraops.flows.finetune import final_state
-from loraops.report import promotion_outcome
+from loraops.outcomes import promotion_outcome
 
 
 @flow(name="promote", log_prints=True)

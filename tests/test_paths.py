@@ -96,7 +96,7 @@ def test_no_import_cycle_and_nothing_imports_upward():
 
 
 LAYERS = {
-    "core": (0, "errors paths secrets config utils readers results korean codedeps remote concurrency __init__"),
+    "core": (0, "errors paths secrets config utils readers results korean codedeps remote concurrency outcomes __init__"),
     "judge": (1, "degenerate metrics tone validity gate score report"),
     "modeling": (1, "model packing prompting sweep"),
     "stages": (2, "prepare augment index train evaluate datainit preview"),

@@ -42,3 +42,16 @@ def test_outcome_names_what_happened():
     summary["degenerate"]["tuned"]["rate"] = 0.1  # better mean, but more garbage than its base
     assert outcome(summary, "m", None)[0] == "Worse than base"
     assert [exit_code(n) for n in ("Promoted", "Registered", "Unchanged", "Refused", "Worse than base")] == [0, 0, 0, 3, 4]
+
+
+def test_outcomes_that_are_no_success_and_the_promote_flows_names():
+    from loraops.outcomes import NOT_SUCCESS, promotion_outcome
+
+    base = {"name": "m", "version": "2", "previous": "1", "forced": False}
+    assert promotion_outcome({**base, "promoted": True}) == "Promoted"
+    assert promotion_outcome({**base, "promoted": True, "approval": {"reviewer": "김", "approved": True}}) == "Approved"
+    assert promotion_outcome({**base, "promoted": False}) == "Refused"
+    assert promotion_outcome({**base, "promoted": False, "approval": {"reviewer": "박", "approved": False}}) == "Rejected"
+    assert promotion_outcome({**base, "promoted": False, "approval": {"reviewer": "(nobody)", "approved": False}}) == "Timed out"
+    assert promotion_outcome({**base, "previous": "2", "promoted": True}) == "Unchanged"
+    assert set(NOT_SUCCESS) == {"Refused", "Worse than base", "Rejected", "Timed out"}

@@ -155,24 +155,6 @@ def versus(gate: dict[str, Any]) -> str:
             f"({f['gain']:+.4f}, 95% CI [{low:+.4f}, {high:+.4f}])")
 
 
-NOT_SUCCESS = ("Refused", "Worse than base", "Rejected", "Timed out")
-"""Outcomes that end a Prefect flow run in a Failed-type state (red, counted among failed runs); every other outcome
-(Promoted, Approved, Registered, Unchanged) ends Completed."""
-
-
-def promotion_outcome(result: dict[str, Any]) -> str:
-    """The promote flow's outcome: Promoted, Approved (by a reviewer), Unchanged (already production), Refused (by
-    the gate), Rejected (by a reviewer) or Timed out (no reviewer answered)."""
-    approval = result.get("approval") or {}
-    if result.get("promoted"):
-        if result.get("previous") == result.get("version") and not approval:
-            return "Unchanged"
-        return "Approved" if approval.get("approved") else "Promoted"
-    if approval:
-        return "Timed out" if approval.get("reviewer") == "(nobody)" else "Rejected"
-    return "Refused"
-
-
 def outcome(summary: dict[str, Any], primary: str, gate: dict[str, Any] | None,
             awaiting_approval: bool = False) -> tuple[str, str]:
     """The run's outcome as a Prefect state name and a one-line message (its exit code: :func:`exit_code`).

@@ -112,7 +112,7 @@ def run(params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt,
 def _outcome_of(state: Any) -> dict[str, Any]:
     """A flow run's result, whether its outcome ended it Completed or Failed-type (a refusal is red in the UI: see
     ``flows/finetune.final_state``); a run that really failed raises its error."""
-    from loraops.report import NOT_SUCCESS
+    from loraops.outcomes import NOT_SUCCESS
 
     if state.is_failed() and state.name in NOT_SUCCESS:
         return cast(dict[str, Any], state.result(raise_on_failure=False))
