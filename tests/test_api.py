@@ -94,3 +94,28 @@ def test_lora_dora_and_base_requests_in_one_batch_answer_as_they_do_alone(served
     for t in threads:
         t.join()
     assert together == alone and len(set(alone[:3])) == 3  # three different models, each as it answers alone
+
+
+def test_decoding_is_incremental_and_equals_decoding_the_whole_answer():
+    """Each step decodes the few tokens since the last settled character, and the text equals a full decode — with a
+    byte-level BPE whose characters span tokens, on real text and on random ids as an untrained model emits them."""
+    import random
+    from pathlib import Path
+
+    from bases import _tokenizer, sample_texts
+    from loraops.api import _decoded
+
+    texts = sample_texts(Path(__file__).resolve().parents[1])
+    tok = _tokenizer(texts[:400], "qwen2_instruct", 600)
+    widths: list[int] = []
+    decode = tok.decode
+    tok.decode = lambda ids, **kw: (widths.append(len(ids)), decode(ids, **kw))[1]
+    rng = random.Random(0)
+    long = tok(" ".join(texts[:40]), add_special_tokens=False)["input_ids"][:400]
+    for seq in (long, *[[rng.randrange(len(tok)) for _ in range(60)] for _ in range(20)]):
+        job, _ = _job(max_tokens=10**6)
+        widths.clear()
+        for n in range(1, len(seq) + 1):
+            text = _decoded(job, seq[:n], tok)
+        assert text == decode(seq, skip_special_tokens=True)
+        assert max(widths) < 40, max(widths)  # not the answer so far (400 tokens for the first sequence)

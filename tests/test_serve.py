@@ -100,6 +100,9 @@ def test_unknown_models_and_bad_bodies_get_openai_errors(client, server):
     assert err.value.code == "model_not_found"
     with pytest.raises(openai.NotFoundError):
         _chat(client, f"{NAME}/99", "질문")
+    for odd in (f"{NAME}/01", f"{NAME}/ 1", f"{NAME}/１"):  # one id per version, echoed as sent only when canonical
+        with pytest.raises(openai.NotFoundError):
+            _chat(client, odd, "질문")
     with pytest.raises(openai.BadRequestError) as err:
         _chat(client, f"{NAME}@production", "질문", max_tokens=100_000)
     assert err.value.code == "max_tokens_too_large"

@@ -160,6 +160,9 @@ class Catalog:
             name, alias = model_id.split("@", 1)
         elif "/" in model_id:
             name, number = model_id.rsplit("/", 1)
+            if not number.isascii() or not number.isdigit() or number.startswith("0"):  # one id per version: name/1
+                raise ApiError(404, f"The model `{_cut(model_id)}` does not exist; a version is written "
+                               f"{_cut(name)}/<number>, e.g. {_cut(name)}/1", param="model", code="model_not_found")
         else:
             alias = "production"
         if name not in self.names:
@@ -232,6 +235,12 @@ class Job:
     sink: Callable[[tuple], object]  # receives ("delta", text), ("done", finish, usage) or ("error", message)
     stop_ids: list[int] = field(default_factory=list)  # token ids that end the answer (EOS, end of turn)
     ignore_eos: bool = False
+    # incremental decoding (:func:`_decoded`): text settled so far, and where the next decode starts
+    settled: str = ""
+    prefix: int = 0
+    read: int = 0
+    checked: int = 0  # tokens already searched for a stop id
+    scanned: int = 0  # characters already searched for a stop string
     cancelled: bool = False
     sent: str = ""
     text: str = ""
@@ -500,15 +509,19 @@ def _advance(job: Job, tokens: list[int], tok: Any, final: bool = False) -> None
     from loraops.degenerate import clean
     from loraops.evaluate import clean_answer
 
-    ended = [tokens.index(i) for i in job.stop_ids if i in tokens]
-    if ended:
-        tokens, job.finish = tokens[: min(ended)], "stop"
+    stops = set(job.stop_ids)
+    end = next((k for k in range(job.checked, len(tokens)) if tokens[k] in stops), None)  # only the new tokens
+    if end is not None:
+        tokens, job.finish = tokens[:end], "stop"
+    job.checked = len(tokens)
     if len(tokens) >= job.max_tokens:
         tokens = tokens[: job.max_tokens]
         job.finish = job.finish or "length"
-    raw = tok.decode(tokens, skip_special_tokens=True)
+    raw = _decoded(job, tokens, tok)
     job.tokens = len(tokens)
-    if any(s and s in raw for s in job.stops):
+    tail = raw[max(0, job.scanned - max((len(s) for s in job.stops), default=0)):]  # a stop string ending in new text
+    job.scanned = len(raw)
+    if any(s and s in tail for s in job.stops):
         job.finish = "stop"
     if final and job.finish is None:
         job.finish = "length"
@@ -527,6 +540,29 @@ def _advance(job: Job, tokens: list[int], tok: Any, final: bool = False) -> None
         job.push("delta", text[len(job.sent):])
         job.sent = text
     job.text = text
+
+
+def _decoded(job: Job, tokens: list[int], tok: Any) -> str:
+    """The text of ``tokens``, decoding only what is new since the last step: the text up to ``job.read`` is settled
+    once it ends in whole characters; the new part is what decoding ``tokens[job.prefix:]`` adds to decoding
+    ``tokens[job.prefix:job.read]`` (the same start, so a tokenizer that drops a leading space drops it from both).
+    Cost per step: the few tokens since the last settled one, not the answer so far."""
+    if len(tokens) < job.read:  # cut back (a stop token, max_tokens): decode from the start once
+        job.settled, job.prefix, job.read = "", 0, 0
+    head = tok.decode(tokens[job.prefix:job.read], skip_special_tokens=True)
+    new = tok.decode(tokens[job.prefix:], skip_special_tokens=True)
+    if not new.startswith(head):  # a decoder that rewrites across the boundary: this once, decode it all
+        whole = tok.decode(tokens, skip_special_tokens=True)
+        if whole.endswith("\ufffd"):
+            return whole
+        job.settled, job.prefix, job.read = whole, job.read, len(tokens)
+        return whole
+    fresh = new[len(head):]
+    if fresh and not fresh.endswith("\ufffd"):  # whole characters: settle them
+        job.settled += fresh
+        job.prefix, job.read = job.read, len(tokens)
+        return job.settled
+    return job.settled + fresh
 
 
 # ---------------------------------------------------------------- the HTTP API
