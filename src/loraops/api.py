@@ -343,7 +343,12 @@ class Engine:
         while True:
             arrived = self._arrivals(wait=not running)
             if arrived:
-                running += self._batches(arrived, running)
+                try:
+                    running += self._batches(arrived, running)
+                except Exception as exc:  # noqa: BLE001 - an adapter that cannot load answers its requests with 500
+                    _log.exception("starting a batch failed")
+                    for job in arrived:
+                        job.push("error", f"generation failed: {exc}")
             for batch in list(running):
                 try:
                     finished = self._advance_batch(batch)
