@@ -210,3 +210,15 @@ def test_the_fault_hook_is_off_unless_set_and_refuses_a_spec_it_cannot_carry_out
         monkeypatch.setenv(train.FAULT_ENV, bad)
         with pytest.raises(ConfigError, match="LORAOPS_FAULT_AFTER_CHECKPOINT"):
             train.fault_injection()
+
+
+def test_a_chat_template_outside_prompts_or_a_system_turn_without_one_is_refused_before_anything_runs():
+    from loraops.config import ConfigError, load_params
+
+    for sets, key in ((["data.chat_template=/tmp/t.jinja"], "data.chat_template"),
+                      (["data.chat_template=../t.jinja"], "data.chat_template"),
+                      (["data.chat_template=none", "data.system_prompt=존댓말로 답하세요."], "data.system_prompt")):
+        with pytest.raises(ConfigError, match=key):
+            load_params(REPO / "params.yaml", sets)
+    assert load_params(REPO / "params.yaml", ["data.chat_template=prompts/chat.jinja"]).data.chat_template == \
+        "prompts/chat.jinja"

@@ -400,6 +400,14 @@ class Params(_Section):
             if unknown:
                 problems.append(f"data.template: unknown field(s) {', '.join('{' + u + '}' for u in unknown)}; "
                                 "use {question}, {category} or a column listed in data.attribute_columns")
+        chat = self.data.chat_template
+        if chat not in ("auto", "none"):
+            parts = Path(chat).parts
+            if Path(chat).is_absolute() or not parts or parts[0] != "prompts" or ".." in parts or len(parts) < 2:
+                problems.append(f"data.chat_template: {chat!r} is auto, none, or a Jinja file in prompts/ (train "
+                                "depends on that folder, so editing a template retrains), e.g. prompts/chat.jinja")
+        if chat == "none" and self.data.system_prompt:
+            problems.append("data.system_prompt: a system turn needs a chat template, but data.chat_template is none")
         if self.rag.chunk_overlap >= self.rag.chunk_chars:
             problems.append(f"rag.chunk_overlap: {self.rag.chunk_overlap} must be below rag.chunk_chars ({self.rag.chunk_chars})")
         problems += self._rag_problems()
