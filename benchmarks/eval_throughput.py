@@ -37,19 +37,19 @@ def _timed(fn, *args, **kwargs):
 
 def _random_base(name: str, root: Path, device: str) -> str:
     """``name``'s shape with random weights and a tokenizer learned from the prepared splits."""
-    from loraops import prepare
-    from loraops.config import TinyBase
-    from loraops.model import train_tokenizer
+    from loraops.core.config import TinyBase
+    from loraops.core.readers import load_split
+    from loraops.modeling.model import train_tokenizer
 
-    texts = [r["prompt"] + r["answer"] for r in prepare.load_split("train", root)]
+    texts = [r["prompt"] + r["answer"] for r in load_split("train", root)]
     train_tokenizer(texts, TinyBase().vocab_size).save_pretrained(root / "tokenizer")
     return architectures.build(name, root / "tokenizer", root / name, device)
 
 
 def _untrained_adapter(params, adapter_dir: Path, device: str) -> None:
     """A freshly initialised LoRA adapter (and the base's tokenizer) where evaluate expects a trained one."""
-    from loraops.model import load_tokenizer
-    from loraops.train import prepare_model
+    from loraops.modeling.model import load_tokenizer
+    from loraops.stages.train import prepare_model
 
     prepare_model(params.model.base, params, device, "padded").save_pretrained(adapter_dir)
     load_tokenizer(params.model.base, params.model).save_pretrained(adapter_dir)
@@ -67,11 +67,13 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
 
-    from loraops import evaluate, prepare, train
-    from loraops.paths import ADAPTER_DIR
-    from loraops.config import load_params
-    from loraops.metrics import MetricPack
-    from loraops.utils import pick_device
+    from loraops.core.config import load_params
+    from loraops.core.paths import ADAPTER_DIR
+    from loraops.core.readers import load_split
+    from loraops.core.utils import pick_device
+    from loraops.judge.metrics import MetricPack
+    from loraops.modeling import generation
+    from loraops.stages import evaluate, prepare, train
 
     device = pick_device("auto")
     with tempfile.TemporaryDirectory(prefix="loraops-evalbench-") as tmp:
@@ -86,11 +88,11 @@ def main(argv: list[str] | None = None) -> None:
             _untrained_adapter(params, root / ADAPTER_DIR, device)
         else:
             train.run(params, root)
-        model, tok = evaluate.load_tuned(params, root / ADAPTER_DIR, device, root)
-        rows = prepare.load_split("test", root) + prepare.load_split("validation", root)
+        model, tok = generation.load_tuned(params, root / ADAPTER_DIR, device, root)
+        rows = load_split("test", root) + load_split("validation", root)
         prompts = sorted({r["prompt"] for r in rows})[: a.questions]
         one = params.eval.model_copy(update={"batch_size": 1})
-        evaluate.generate(model, tok, prompts[:2], params.eval, device, progress=False)  # warm-up
+        generation.generate(model, tok, prompts[:2], params.eval, device, progress=False)  # warm-up
         single, t_single = _timed(evaluate.generate, model, tok, prompts, one, device, progress=False)
         batched, t_batched = _timed(evaluate.generate, model, tok, prompts, params.eval, device, progress=False)
         same = sum(x == y for x, y in zip(single, batched))

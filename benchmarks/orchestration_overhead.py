@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -92,10 +92,10 @@ def main(argv: list[str] | None = None) -> None:
     global CONFIG
     if parser.parse_args(argv).smoke:
         CONFIG = SMOKE
-    from loraops import augment, evaluate, index, prepare, train
-    from loraops.config import load_params
-    from loraops.paths import STAGES
-    from loraops.workspace import isolated_workspace
+    from loraops.core.config import load_params
+    from loraops.core.paths import STAGES
+    from loraops.orchestration.workspace import isolated_workspace
+    from loraops.stages import augment, evaluate, index, prepare, train
 
     params = load_params(ROOT / "params.yaml", CONFIG)
     with isolated_workspace(ROOT, f"bench-{os.getpid()}", [params.data.path, params.rag.docs_path]) as ws:

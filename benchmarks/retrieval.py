@@ -79,8 +79,9 @@ def main() -> None:
     parser.add_argument("--encoder", default=None, help="sentence-transformers encoder for dense/hybrid (default rag.encoder)")
     args = parser.parse_args()
 
-    from loraops import index
-    from loraops.config import load_params
+    from loraops.core.config import load_params
+    from loraops.retrieval import index as retrieval
+    from loraops.stages import index
 
     sets = {"sample": _queries(), "customer": _customer()}
     work = Path(tempfile.mkdtemp(prefix="loraops-retrieval-"))
@@ -93,7 +94,7 @@ def main() -> None:
             params = load_params(ROOT / "params.yaml", [f"rag.tokenizer={tokenizer}", "rag.mode=hybrid", *extra])
             if mode == "bm25":
                 card = index.build(params, work)
-            retriever = index.Retriever(params, work, mode=mode)
+            retriever = retrieval.Retriever(params, work, mode=mode)
             for name, queries in sets.items():
                 results[name][label] = _measure(retriever, queries)
     finally:

@@ -39,8 +39,8 @@ def _cli(cwd: Path, *args: str) -> tuple[float, str]:
 
 
 def _fresh(name: str):
-    from loraops.config import load_params
-    from loraops.workspace import isolated_workspace
+    from loraops.core.config import load_params
+    from loraops.orchestration.workspace import isolated_workspace
 
     params = load_params(ROOT / "params.yaml")
     return isolated_workspace(ROOT, f"bench-sweep-{name}-{os.getpid()}", [params.data.path, params.rag.docs_path])
@@ -55,11 +55,12 @@ def _trials(ws: Path) -> list[dict]:
     """The sweep's trials, from its Optuna journal."""
     import optuna
 
-    from loraops import sweep
-    from loraops.paths import SWEEPS_DIR
+    from loraops.core.paths import SWEEPS_DIR
+    from loraops.modeling import trial
+    from loraops.orchestration import sweep
 
     journal = next((ws / SWEEPS_DIR).glob("*.journal"))
-    study = optuna.load_study(study_name=journal.stem, storage=sweep.storage(journal))
+    study = optuna.load_study(study_name=journal.stem, storage=trial.storage(journal))
     return sweep.summary(study, {})["trials"]
 
 

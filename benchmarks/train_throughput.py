@@ -80,20 +80,21 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def _setup(a: argparse.Namespace, work: Path) -> tuple[str, list[dict]]:
     """Prepared rows and a base model dir (built once, shared by both arms)."""
-    from loraops import prepare
-    from loraops.config import TinyBase, load_params
-    from loraops.model import build_tiny_base
+    from loraops.core.config import TinyBase, load_params
+    from loraops.core.readers import load_split
+    from loraops.modeling.model import build_tiny_base
+    from loraops.stages import prepare
 
     if a.split:
         rows = _read_split(a.split)
     else:
         params = load_params(ROOT / "params.yaml", [f"data.path={ROOT / 'data/raw/interior_qa.csv'}"])
         prepare.run(params, work)
-        rows = prepare.load_split("train", work)
+        rows = load_split("train", work)
     base, texts = a.base, [r["prompt"] + r["answer"] for r in rows]
     if a.arch:
-        from loraops.model import train_tokenizer
-        from loraops.utils import pick_device
+        from loraops.core.utils import pick_device
+        from loraops.modeling.model import train_tokenizer
 
         train_tokenizer(texts, TinyBase().vocab_size).save_pretrained(work / "tokenizer")
         base = architectures.build(a.arch, work / "tokenizer", work / a.arch, pick_device("auto"))
@@ -132,7 +133,7 @@ def _random_init(location: str, out: Path) -> str:
     """``location``'s architecture (a hub id or directory), randomly initialised, with its tokenizer."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from loraops.utils import pick_device
+    from loraops.core.utils import pick_device
 
     try:
         tokenizer, config = AutoTokenizer.from_pretrained(location), AutoConfig.from_pretrained(location)
@@ -147,9 +148,9 @@ def _trainer(a: argparse.Namespace, base: str, rows: list[dict], device: str) ->
     from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments, set_seed
 
-    from loraops.config import load_params
-    from loraops.model import base_config, load_base, load_tokenizer
-    from loraops.train import lora_config, make_trainer, prepare_model, resolve_batching, tokenize_pair
+    from loraops.core.config import load_params
+    from loraops.modeling.model import base_config, load_base, load_tokenizer
+    from loraops.stages.train import lora_config, make_trainer, prepare_model, resolve_batching, tokenize_pair
 
     total = a.steps + a.warmup
     params = load_params(ROOT / "params.yaml", [
@@ -182,7 +183,7 @@ def _run_arm(a: argparse.Namespace, base: str, rows: list[dict]) -> dict:
     import torch
     from transformers import TrainerCallback
 
-    from loraops.utils import pick_device
+    from loraops.core.utils import pick_device
 
     device = pick_device("auto")
     trainer, model, batching = _trainer(a, base, rows, device)

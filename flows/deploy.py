@@ -9,12 +9,13 @@ from typing import Any
 
 from prefect.runner import Runner
 
-from loraops import concurrency, form
-from loraops.config import load_params
+from loraops.core import concurrency
+from loraops.core.config import load_params
 from loraops.flows.finetune import finetune
 from loraops.flows.promote import promote, rollback
 from loraops.flows.reproduce import reproduce
 from loraops.flows.sweep import sweep_flow
+from loraops.orchestration import form
 
 
 def deployments(params_file: str = "params.yaml") -> list:

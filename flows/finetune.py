@@ -18,13 +18,18 @@ from prefect.runtime import deployment, flow_run
 from prefect.states import Completed, Failed
 from pydantic import Field
 
-from loraops import concurrency, form, lineage, registry, remote, tone, tracking, validity, workspace
-from loraops.config import Params, load_params
-from loraops.model import base_location, check_base
-from loraops.paths import ADAPTER_DIR, EVAL_METRICS, TRAIN_LOG
-from loraops.outcomes import NOT_SUCCESS
-from loraops.report import details, flat_metrics, headline, outcome, summary_markdown, top_losses, version_description
-from loraops.secrets import redact_text
+from loraops.core import concurrency, remote
+from loraops.core.config import Params, load_params
+from loraops.core.outcomes import NOT_SUCCESS
+from loraops.core.paths import ADAPTER_DIR, EVAL_METRICS, TRAIN_LOG
+from loraops.core.secrets import redact_text
+from loraops.judge import tone, validity
+from loraops.judge.report import (details, flat_metrics, headline, outcome, summary_markdown, top_losses,
+                                  version_description)
+from loraops.modeling.model import base_location, check_base
+from loraops.orchestration import form, workspace
+from loraops.registry import lineage, tracking
+from loraops.registry import versions as registry
 
 REPO = Path(".")  # the project checkout the flow was started in; MLflow's local store lives here
 
@@ -169,7 +174,7 @@ def final_state(name: str, message: str, data: dict[str, Any]) -> Any:
     return (Failed if name in NOT_SUCCESS else Completed)(name=name, message=message[:1000], data=data)
 
 
-def _close_mlflow_runs(flow: Any, flow_run_: Any, state: Any) -> None:
+def close_mlflow_runs(flow: Any, flow_run_: Any, state: Any) -> None:
     """A cancelled, crashed or failed flow run leaves no MLflow run RUNNING."""
     if state.name in NOT_SUCCESS:  # an outcome, not a failure of the run: its MLflow run finished as it should
         return
@@ -196,7 +201,7 @@ def _run_name() -> str:
 
 
 @flow(name="finetune", log_prints=True, validate_parameters=True, flow_run_name=_run_name,
-      on_cancellation=[_close_mlflow_runs], on_crashed=[_close_mlflow_runs], on_failure=[_close_mlflow_runs])
+      on_cancellation=[close_mlflow_runs], on_crashed=[close_mlflow_runs], on_failure=[close_mlflow_runs])
 def finetune(
     data_path: str = form.quick_field("data_path", _D.data.path),
     data_format: Literal["wide", "qa", "alpaca", "chat"] = form.quick_field("data_format", _D.data.format),

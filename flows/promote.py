@@ -13,11 +13,11 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 from pydantic import Field
 
-from loraops import registry
-from loraops.approval import with_approval
-from loraops.config import load_params
+from loraops.core.config import load_params
+from loraops.core.outcomes import promotion_outcome
 from loraops.flows.finetune import final_state
-from loraops.outcomes import promotion_outcome
+from loraops.registry import versions as registry
+from loraops.review.approval import with_approval
 
 
 @flow(name="promote", log_prints=True)

@@ -8,8 +8,8 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 from pydantic import Field
 
-from loraops import reproduce as reproducer
-from loraops.config import load_params
+from loraops.core.config import load_params
+from loraops.registry import reproduce as reproducer
 
 
 @flow(name="reproduce", log_prints=True)

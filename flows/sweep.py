@@ -1,6 +1,6 @@
 """The `sweep` flow: Optuna trials of the loop as MLflow child runs of one parent run; the best goes to the gate.
 
-Wiring only (the logic is :mod:`loraops.sweep`, :mod:`loraops.workspace`, the finetune flow's tasks). Each trial
+Wiring only (the logic is :mod:`loraops.orchestration.sweep`, :mod:`loraops.orchestration.workspace`, the finetune flow's tasks). Each trial
 runs prepare → augment → index → train in its own git worktree with the trial's values as overrides, holding the
 `gpu` slot while it trains; its train stage reports validation losses to Optuna, which prunes trials that fall
 behind. The best trial by the validation objective (never the test split) is then evaluated, registered as
@@ -22,13 +22,17 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import deployment, flow_run
 from pydantic import Field
 
-from loraops import concurrency, form, registry, remote, sweep, tracking, workspace
-from loraops.config import Params, apply_overrides, dump_params, load_params, validate
-from loraops.errors import StageError
-from loraops.flows.finetune import IO_RETRIES, REPO, _close_mlflow_runs, final_state, gate, log_run, register
-from loraops.paths import SWEEPS_DIR, TRAIN_LOG
-from loraops.results import TrainFigures
-from loraops.report import headline, outcome
+from loraops.core import concurrency, remote
+from loraops.core.config import Params, apply_overrides, dump_params, load_params, validate
+from loraops.core.errors import StageError
+from loraops.core.paths import SWEEPS_DIR, TRAIN_LOG
+from loraops.core.results import TrainFigures
+from loraops.flows.finetune import IO_RETRIES, REPO, close_mlflow_runs, final_state, gate, log_run, register
+from loraops.judge.report import headline, outcome
+from loraops.modeling.trial import trial_env
+from loraops.orchestration import form, sweep, workspace
+from loraops.registry import tracking
+from loraops.registry import versions as registry
 
 SweepGroup = form.SWEEP_GROUP
 
@@ -52,8 +56,8 @@ def trial(work: Path, number: int, trial_id: int, params: Params, values: dict[s
     for stage in ("prepare", "augment", "index"):
         workspace.run_stage(stage, work, log.info, in_process=here)
     with concurrency.gpu_slot(log.warning, {"type": "flow_run", "id": str(flow_run.id)}):
-        workspace.run_stage("train", work, log.info, sweep.trial_env(Path(study["path"]), study["name"], trial_id,
-                                                                         params.sweep.pruning, params.sweep.objective),
+        workspace.run_stage("train", work, log.info, trial_env(Path(study["path"]), study["name"], trial_id,
+                                                                   params.sweep.pruning, params.sweep.objective),
                             in_process=here)
     figures = TrainFigures.read(work)
     value = sweep.objective(figures, params)
@@ -100,7 +104,7 @@ def _run_name() -> str:
 
 
 @flow(name="sweep", log_prints=True, validate_parameters=True, flow_run_name=_run_name,
-      on_cancellation=[_close_mlflow_runs], on_crashed=[_close_mlflow_runs], on_failure=[_close_mlflow_runs])
+      on_cancellation=[close_mlflow_runs], on_crashed=[close_mlflow_runs], on_failure=[close_mlflow_runs])
 def sweep_flow(
     # The valid-type ignores below: the groups are pydantic models built at import time (form.GROUPS), which
     # Prefect renders as form sections; mypy cannot use a variable as a type
@@ -124,7 +128,7 @@ def sweep_flow(
 def _sweep(params: Params, allow_dirty: bool) -> Any:
     from optuna.trial import TrialState
 
-    from loraops.sweep import create_study, distributions, trial_overrides
+    from loraops.orchestration.sweep import create_study, distributions, trial_overrides
 
     log = get_run_logger()
     if params.sweep.objective == "val_loss" and params.data.validation_fraction == 0:

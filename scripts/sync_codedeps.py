@@ -1,4 +1,4 @@
-"""Rewrite each dvc.yaml stage's code dependencies (the ``src/loraops/...`` lines) from loraops.codedeps.
+"""Rewrite each dvc.yaml stage's code dependencies (the ``src/loraops/...`` lines) from loraops.core.codedeps.
 
     python scripts/sync_codedeps.py          # after adding or moving an import a stage runs
 """
@@ -12,8 +12,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from loraops.codedeps import stage_files  # noqa: E402 - after the path is set
-from loraops.paths import STAGES  # noqa: E402
+from loraops.core.codedeps import stage_files  # noqa: E402 - after the path is set
+from loraops.core.paths import STAGES  # noqa: E402
 
 
 def sync(text: str) -> str:

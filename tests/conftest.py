@@ -79,7 +79,7 @@ def _no_tracking_uri_leaks():
 
 @pytest.fixture
 def tiny_params():
-    from loraops.config import load_params
+    from loraops.core.config import load_params
 
     return load_params(REPO / "params.yaml", tiny_overrides())
 

@@ -63,7 +63,7 @@ def make_workspace(dest: Path, overrides: list[str] | None = None) -> Path:
     _run([dvc, "remote", "modify", "sample", "url", str(REPO / "dvc-remote")], dest)
     _run([dvc, "pull", "-q", "data/raw/interior_qa.csv.dvc", "data/docs.dvc", "data/raw/copy_briefs.csv.dvc"], dest)
     if overrides:
-        from loraops.workspace import write_params
+        from loraops.orchestration.workspace import write_params
 
         write_params("params.yaml", overrides, dest)
     _run(["git", "add", "-A"], dest)

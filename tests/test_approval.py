@@ -36,8 +36,8 @@ def _loraops(served: dict, *args: str) -> subprocess.CompletedProcess:
 
 
 def _registry(served: dict) -> dict:
-    code = ("import json; from loraops import registry; c = registry._client();"
-            "print(json.dumps({'production': registry._alias_version(c, 'interior-qa-lora', 'production'),"
+    code = ("import json; from loraops.registry import versions as registry; c = registry.mlflow_client();"
+            "print(json.dumps({'production': registry.alias_version(c, 'interior-qa-lora', 'production'),"
             " 'trail': registry.audit_trail('interior-qa-lora')}))")
     done = subprocess.run([sys.executable, "-c", code], cwd=served["ws"], capture_output=True, text=True,
                           env=served["env"])

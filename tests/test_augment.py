@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 
 from helpers import REPO, free_port, start_server, stop_server, wait_http
-from loraops import augment
-from loraops.config import load_params
+from loraops.core.config import load_params
+from loraops.stages import augment
 
 
 def _prepared(root: Path, *overrides: str):
-    from loraops import prepare
+    from loraops.stages import prepare
 
     params = load_params(REPO / "params.yaml", [f"data.path={REPO / 'data/raw/interior_qa.csv'}", *overrides])
     prepare.run(params, root)
@@ -229,7 +229,7 @@ def test_teacher_through_a_real_openai_compatible_server_is_cached_and_counts_un
 @pytest.mark.slow
 def test_a_local_transformers_teacher_answers_and_is_cached(served_project, tmp_path):
     """backend local: a transformers model from a directory (here the served project's tiny base) is the teacher."""
-    from loraops.config import TeacherSection
+    from loraops.core.config import TeacherSection
 
     cfg = TeacherSection(enabled=True, backend="local", model=str(served_project / "models/base"), max_tokens=16,
                          temperature=0.7, cache_dir=str(tmp_path / "cache"))

@@ -85,8 +85,8 @@ def test_a_fresh_clone_indexes_first_then_runs_the_loop_on_a_local_llama_instruc
     # the registered version names its base and answers through the pyfunc, as serving loads it
     import mlflow
 
-    from loraops.prompting import PromptFormat
-    from loraops.tracking import tracking_setup
+    from loraops.modeling.prompting import PromptFormat
+    from loraops.registry.tracking import tracking_setup
 
     tracking_setup(clone)
     mv = mlflow.MlflowClient().get_model_version("interior-qa-lora", "1")
@@ -124,8 +124,8 @@ def _chat_api_renders_the_trained_template(clone: Path) -> None:
     """The OpenAI chat endpoint renders system and earlier turns through the version's chat template."""
     from fastapi.testclient import TestClient
 
-    from loraops import api
-    from loraops.config import load_params
+    from loraops.core.config import load_params
+    from loraops.serving import api
 
     params = load_params(clone / "params.yaml")
     catalog, engine, settings, _ = api.open_engine(params, ["interior-qa-lora"], cache_dir=clone / ".serve-cache")
@@ -149,7 +149,7 @@ def _chat_api_renders_the_trained_template(clone: Path) -> None:
 def _merged_export_renders_what_the_adapter_does(clone: Path, fmt) -> None:
     from transformers import AutoTokenizer
 
-    from loraops import export
+    from loraops.serving import export
 
     out = export.merged("models:/interior-qa-lora/1", clone / "exports/merged")
     merged = AutoTokenizer.from_pretrained(out["out"])

@@ -13,12 +13,12 @@ import pytest
 
 from bases import build_base, sample_texts
 from helpers import REPO
-from loraops import prompting
-from loraops.config import ModelSection
-from loraops.errors import ConfigError
-from loraops.model import load_tokenizer
-from loraops.preview import CLOSE, OPEN, marked
-from loraops.train import collator, tokenize_pair
+from loraops.core.config import ModelSection
+from loraops.core.errors import ConfigError
+from loraops.modeling import prompting
+from loraops.modeling.model import load_tokenizer
+from loraops.stages.preview import CLOSE, OPEN, marked
+from loraops.stages.train import collator, tokenize_pair
 
 pytestmark = pytest.mark.slow
 PROMPT, ANSWER = "질문: 벽지가 들떴어요. 왜 그런가요?\n답변: ", "시공 때 풀이 부족했거나 습기 때문입니다."
@@ -105,8 +105,8 @@ def test_a_model_trained_to_end_its_turn_stops_there(bases):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from loraops.config import EvalSection
-    from loraops.evaluate import generate
+    from loraops.core.config import EvalSection
+    from loraops.modeling.generation import generate
 
     tok = _tokenizer(bases["llama_instruct"])
     fmt = prompting.resolve("auto", None, tok)

@@ -103,7 +103,7 @@ def test_commands_run_at_the_project_root_from_any_subfolder_or_with_project(tmp
 
 
 def test_init_data_guesses_format_and_columns_and_writes_a_loadable_params_file(tmp_path):
-    from loraops.config import load_params
+    from loraops.core.config import load_params
 
     project = _mini_project(tmp_path / "proj")
     data = project / "data/raw/tickets.csv"

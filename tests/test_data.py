@@ -8,9 +8,9 @@ import unicodedata
 import pytest
 
 from helpers import REPO
-from loraops import prepare
-from loraops.config import DataSection, load_params
-from loraops.readers import DataError, read_records
+from loraops.core.config import DataSection, load_params
+from loraops.core.readers import DataError, read_records
+from loraops.stages import prepare
 
 WIDE_HEADER = "id,질문_1,질문_2,category,답변_1,답변_2\n"
 
@@ -198,7 +198,7 @@ def test_folders_written_aside_get_the_usual_mode_not_0700(tmp_path):
     folders must be readable by whoever the umask allows, as any folder the user makes."""
     import os
 
-    from loraops.utils import atomic_dir
+    from loraops.core.utils import atomic_dir
 
     old = os.umask(0o022)
     try:
@@ -212,7 +212,7 @@ def test_folders_written_aside_get_the_usual_mode_not_0700(tmp_path):
 @pytest.mark.parametrize("breaker", ["\u2028", "\u2029", "\u0085", "\n", "\r\n"])
 def test_a_correction_with_any_line_separator_round_trips_through_the_feedback_file(tmp_path, breaker):
     """The demo appends corrections as JSON Lines; loraops reads them back as `qa` data, one record a line."""
-    from loraops.demo import append_feedback
+    from loraops.serving.demo import append_feedback
 
     path = tmp_path / "corrections.jsonl"
     rows = [{"question": f"벽지가{breaker}들떴어요", "answer": f"풀이 부족{breaker}했습니다.", "category": "벽지"},

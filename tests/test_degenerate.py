@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from loraops import degenerate as d
-from loraops.validity import BUILTIN
 from helpers import REPO
+from loraops.judge import degenerate as d
+from loraops.judge.validity import BUILTIN
 
 REF = "벽지가 들뜨는 것은 풀칠이 고르지 않았거나 벽면에 습기가 남았기 때문입니다."
 # What the untrained tiny base emitted in this repo (decoded from byte-level BPE, U+FFFD included).

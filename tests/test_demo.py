@@ -57,11 +57,10 @@ def _rate(tab, arm: str, thumb: str | None, scores: dict[str, str]) -> None:
 
 
 def test_demo_compares_rates_into_mlflow_and_keeps_approved_corrections(page, served_project, monkeypatch):
+    import httpx
     import mlflow
 
-    from loraops.tracking import tracking_setup
-
-    import httpx
+    from loraops.registry.tracking import tracking_setup
 
     tab = page
     # without signing in nothing is saved, not even by a script calling the save endpoint directly
@@ -113,7 +112,7 @@ def test_demo_compares_rates_into_mlflow_and_keeps_approved_corrections(page, se
 
 
 def test_a_refused_rejected_or_forced_version_is_labelled_so():
-    from loraops.demo import verdict_note
+    from loraops.serving.demo import verdict_note
 
     assert "refused by the gate" in verdict_note("refused")
     assert "rejected by a reviewer" in verdict_note("rejected by reviewer")
@@ -122,8 +121,8 @@ def test_a_refused_rejected_or_forced_version_is_labelled_so():
 
 
 def test_the_pages_inputs_are_bounded_and_must_be_text():
-    from loraops.demo import LIMITS, authentication, check_text, demo_users
-    from loraops.errors import ConfigError
+    from loraops.core.errors import ConfigError
+    from loraops.serving.demo import LIMITS, authentication, check_text, demo_users
 
     problems = check_text({"question": "벽지\ud800", "target_age": "x" * 500, "category": "벽지"}, LIMITS)
     assert problems == ["question: not valid Unicode text (a lone surrogate at character 2)",

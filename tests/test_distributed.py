@@ -17,8 +17,8 @@ pytestmark = pytest.mark.slow
 
 
 def test_train_under_accelerate_ddp_on_cpu(tmp_path):
-    from loraops import prepare
-    from loraops.config import load_params
+    from loraops.core.config import load_params
+    from loraops.stages import prepare
 
     overrides = tiny_overrides(f"data.path={REPO / 'data/raw/interior_qa.csv'}")
     prepare.run(load_params(REPO / "params.yaml", overrides), tmp_path)

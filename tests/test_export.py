@@ -10,8 +10,10 @@ import sys
 import pytest
 import torch
 
-from loraops import evaluate, export, serve
-from loraops.config import EvalSection, ModelSection
+from loraops.core.config import EvalSection, ModelSection
+from loraops.modeling import generation
+from loraops.serving import export
+from loraops.serving import pyfunc as serve
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 NAME = "interior-qa-lora"
@@ -27,7 +29,7 @@ def test_merged_export_answers_equal_the_adapters(served_project, tmp_path, monk
     import mlflow
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from loraops.tracking import tracking_setup
+    from loraops.registry.tracking import tracking_setup
 
     out = tmp_path / "merged"
     done = _loraops(served_project, "export", "merged", f"models:/{NAME}@production", "--out", str(out))
@@ -40,7 +42,7 @@ def test_merged_export_answers_equal_the_adapters(served_project, tmp_path, monk
     tokenizer = AutoTokenizer.from_pretrained(out)
     tokenizer.padding_side = "left"
     prompts = [meta["template"].format(question=q) for q in QUESTIONS]
-    merged = serve.clean_answers(evaluate.generate(model, tokenizer, prompts, EvalSection(**meta["generation"]), "cpu", progress=False))
+    merged = serve.clean_answers(generation.generate(model, tokenizer, prompts, EvalSection(**meta["generation"]), "cpu", progress=False))
     monkeypatch.chdir(served_project)
     tracking_setup(served_project)
     assert merged == mlflow.pyfunc.load_model(f"models:/{NAME}@production").predict(QUESTIONS)
@@ -54,7 +56,7 @@ def test_merged_export_answers_equal_the_adapters(served_project, tmp_path, monk
 def test_a_dora_adapter_merges_to_the_same_logits(served_project, tmp_path):
     from peft import LoraConfig, PeftModel, get_peft_model
 
-    from loraops.model import load_base
+    from loraops.modeling.model import load_base
 
     base_dir = str(served_project / "models/base")
     cfg = ModelSection(base=base_dir)

@@ -45,9 +45,9 @@ def test_run_killed_mid_training_resumes_closes_its_mlflow_run_and_frees_the_slo
 HOST_SCRIPT = r'''
 import json, sys
 import mlflow, pandas as pd
-from loraops import registry
-from loraops.config import load_params
-from loraops.tracking import experiment_for, tracking_setup
+from loraops.registry import versions as registry
+from loraops.core.config import load_params
+from loraops.registry.tracking import experiment_for, tracking_setup
 
 mode, params_file = sys.argv[1], sys.argv[2]
 params = load_params(params_file, ["registry.gate.min_test_size=5"])
@@ -120,9 +120,9 @@ def test_concurrent_promotions_and_rollbacks_from_two_hosts_leave_one_audited_pr
         ops = [op for out, _ in outputs for op in json.loads(out.splitlines()[-1])]
         moves = sum(1 for op in ops if op.get("moved"))
 
-        check = ("import json; from loraops import registry; from loraops.tracking import tracking_setup; tracking_setup(); "
-                 "c = registry._client(); print(json.dumps({'trail': registry.audit_trail('m'), "
-                 "'production': registry._alias_version(c, 'm', 'production'), 'history': registry._history(c, 'm')}))")
+        check = ("import json; from loraops.registry import versions as registry; from loraops.registry.tracking import tracking_setup; tracking_setup(); "
+                 "c = registry.mlflow_client(); print(json.dumps({'trail': registry.audit_trail('m'), "
+                 "'production': registry.alias_version(c, 'm', 'production'), 'history': registry._history(c, 'm')}))")
         state = json.loads(subprocess.run([sys.executable, "-c", check], cwd=tmp_path, env=env, check=True,
                                                         capture_output=True, text=True).stdout.splitlines()[-1])
     finally:

@@ -17,10 +17,10 @@ def loraops(*args: str) -> subprocess.CompletedProcess:
     return result
 
 
-def _client():
+def mlflow_client():
     import mlflow
 
-    from loraops.tracking import tracking_setup
+    from loraops.registry.tracking import tracking_setup
 
     tracking_setup()
     return mlflow.MlflowClient()
@@ -33,7 +33,7 @@ def test_finetune_registers_promotes_skips_and_serves(golden, golden_copy):
     assert "registered interior-qa-lora v1" in first.stdout and "PROMOTED" in first.stdout
     assert "Finished in state Promoted(" in first.stdout + first.stderr
 
-    client = _client()
+    client = mlflow_client()
     experiment = client.get_experiment_by_name("interior-qa-lora")
     run = client.get_run(client.get_model_version("interior-qa-lora", "1").run_id)
     assert run.info.status == "FINISHED"
@@ -77,7 +77,7 @@ def test_finetune_registers_promotes_skips_and_serves(golden, golden_copy):
     # a fresh process loads the last registered model and answers exactly as evaluate's tuned answers
     probe = (
         "import mlflow, pandas as pd, json;"
-        "from loraops.tracking import tracking_setup; tracking_setup();"
+        "from loraops.registry.tracking import tracking_setup; tracking_setup();"
         "m = mlflow.pyfunc.load_model('models:/interior-qa-lora/3');"
         "t = pd.read_csv('reports/eval_questions.csv', keep_default_na=False).drop_duplicates('question').head(8);"
         "print(json.dumps([list(t.tuned_answer), m.predict(list(t.question))], ensure_ascii=False))"
@@ -127,9 +127,9 @@ def test_promote_refuses_worse_and_rollback_restores(golden, golden_copy):
         ("outcome: Worse than base" in worse.stdout and worse.returncode == 4), worse.stdout[-2000:] + worse.stderr[-2000:]
     assert "Finished in state Refused(" in worse.stdout + worse.stderr or \
         "Finished in state Worse than base(" in worse.stdout + worse.stderr
-    mv = _client().get_model_version("interior-qa-lora", "2")
+    mv = mlflow_client().get_model_version("interior-qa-lora", "2")
     assert mv.tags["gate.verdict"] == "refused" and "## Gate: REFUSED vs production v1" in mv.description
-    trained = _client().get_run(mv.run_id).data.tags  # the run's own page says so too
+    trained = mlflow_client().get_run(mv.run_id).data.tags  # the run's own page says so too
     assert trained["gate.verdict"] == "refused" and "## Gate: REFUSED vs production v1" in trained["mlflow.note.content"]
     assert "Gate metric **morph_f1**" in mv.description  # the headline scores, from registration
     refused = loraops("promote", "--version", "2", "--json")
@@ -143,12 +143,12 @@ def test_promote_refuses_worse_and_rollback_restores(golden, golden_copy):
     back = loraops("rollback")
     assert back.returncode == 0 and "v2 → v1" in back.stdout
 
-    from loraops.registry import audit_trail
+    from loraops.registry.versions import audit_trail
 
     actions = [(a["action"], a["from"], a["to"]) for a in audit_trail("interior-qa-lora")]
     assert actions == [("promote", "None", "1"), ("refuse", "1", "2"), ("refuse", "1", "2"), ("promote", "1", "2"),
                        ("rollback", "2", "1")]
-    assert str(_client().get_model_version_by_alias("interior-qa-lora", "production").version) == "1"
+    assert str(mlflow_client().get_model_version_by_alias("interior-qa-lora", "production").version) == "1"
 
 
 def test_editing_serving_demo_review_or_cli_code_leaves_every_stage_up_to_date(golden_copy):
@@ -156,20 +156,21 @@ def test_editing_serving_demo_review_or_cli_code_leaves_every_stage_up_to_date(g
     for the stages that import it and no other."""
     from dvc.repo import Repo
 
-    from loraops.codedeps import stage_files
-    from loraops.paths import STAGES
+    from loraops.core.codedeps import stage_files
+    from loraops.core.paths import STAGES
 
     def stale() -> set[str]:
         with Repo(str(golden_copy)) as repo:
             return {name.rsplit(":", 1)[-1].split("@")[0] for name in repo.status(targets=list(STAGES))}
 
     assert stale() == set()
-    for module in ("demo.py", "api.py", "review.py", "approval.py", "registry.py", "cli/serving.py", "cli/models.py"):
+    for module in ("serving/demo.py", "serving/api.py", "serving/pyfunc.py", "review/rubric.py", "review/approval.py",
+                   "registry/versions.py", "orchestration/workspace.py", "cli/serving.py", "cli/models.py"):
         with (golden_copy / "src/loraops" / module).open("a", encoding="utf-8") as fh:
             fh.write("\n# an edit no stage runs\n")
     assert stale() == set()
-    with (golden_copy / "src/loraops/degenerate.py").open("a", encoding="utf-8") as fh:
+    with (golden_copy / "src/loraops/judge/degenerate.py").open("a", encoding="utf-8") as fh:
         fh.write("\n# a judge edit\n")
-    expected = {s for s in STAGES if "src/loraops/degenerate.py" in stage_files(s)}
+    expected = {s for s in STAGES if "src/loraops/judge/degenerate.py" in stage_files(s)}
     assert "evaluate" in expected and "train" not in expected
     assert stale() == expected

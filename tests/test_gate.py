@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pandas as pd
 
-from loraops.config import GatePolicy
-from loraops.gate import decide
+from loraops.core.config import GatePolicy
+from loraops.judge.gate import decide
 
 
 def _table(scores, categories=None):

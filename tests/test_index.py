@@ -9,9 +9,10 @@ import shutil
 import pytest
 
 from helpers import REPO
-from loraops import index
-from loraops.config import load_params
-from loraops.errors import ConfigError, DataError
+from loraops.core.config import load_params
+from loraops.core.errors import ConfigError, DataError
+from loraops.retrieval import index as retrieval
+from loraops.stages import index
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +36,7 @@ def test_morpheme_terms_find_what_customers_ask_far_more_often_than_whitespace_w
     """The judgement that makes morphemes the default: held-out customer questions, particles and endings attached."""
     hits = {}
     for tokenizer, (params, root) in built.items():
-        retriever = index.Retriever(params, root)
+        retriever = retrieval.Retriever(params, root)
         hits[tokenizer] = sum(retriever.search(q, 1)[0]["id"] == doc for q, doc in _customer_questions() if retriever.search(q, 1))
     n = len(_customer_questions())
     assert hits["morphemes"] / n >= 0.8 and hits["morphemes"] >= hits["whitespace"] + 0.15 * n, hits
@@ -43,20 +44,20 @@ def test_morpheme_terms_find_what_customers_ask_far_more_often_than_whitespace_w
 
 def test_particles_and_endings_do_not_hide_a_word(built):
     params, root = built["morphemes"]
-    terms = index.Terms("morphemes", params)
+    terms = retrieval.Terms("morphemes", params)
     assert "벽지" in terms("벽지가 들떴어요") and "곰팡이" in terms("곰팡이를")
-    retriever = index.Retriever(params, root)
+    retriever = retrieval.Retriever(params, root)
     assert retriever.search("욕실 실리콘이 까맣게 변했어요", 3)[0]["id"] == "silicone-caulking"
     assert all(set(hit) == {"id", "score", "text"} for hit in retriever.search("결로가 생겨요", 3))
 
 
 def test_chunks_end_at_sentences_stay_under_the_size_and_overlap():
     text = "첫 문장입니다. 두 번째 문장은 조금 더 깁니다. 세 번째 문장입니다. 네 번째 문장으로 끝납니다."
-    chunks = index.chunk("doc", text, size=40, overlap=15)
+    chunks = retrieval.chunk("doc", text, size=40, overlap=15)
     assert [c.id for c in chunks] == [f"doc#{i}" for i in range(len(chunks))] and len(chunks) > 1
     assert all(len(c.text) <= 40 and c.text.endswith(".") for c in chunks)
     assert chunks[1].text.startswith("세 번째 문장입니다.")  # the last sentence (≤ 15 characters) carried over
-    assert index.chunk("short", "한 문장.", 400, 80)[0].id == "short"  # one chunk keeps the document id
+    assert retrieval.chunk("short", "한 문장.", 400, 80)[0].id == "short"  # one chunk keeps the document id
 
 
 def test_documents_from_jsonl_csv_and_cp949_files(tmp_path):
@@ -67,11 +68,11 @@ def test_documents_from_jsonl_csv_and_cp949_files(tmp_path):
     (tmp_path / "docs/sub/b.md").write_text("# 방수\n\n방수층을 올립니다.", encoding="utf-8")
     (tmp_path / "docs/skip.pdf").write_bytes(b"%PDF")
     cfg = params.rag.model_copy(update={"docs_path": "docs"})
-    assert index.read_documents(cfg, tmp_path) == [("a", "결로는 단열 부족으로 생깁니다."), ("sub/b", "# 방수\n\n방수층을 올립니다.")]
+    assert retrieval.read_documents(cfg, tmp_path) == [("a", "결로는 단열 부족으로 생깁니다."), ("sub/b", "# 방수\n\n방수층을 올립니다.")]
     (tmp_path / "d.jsonl").write_text('{"id": "x", "text": "하나"}\n{"id": "y", "text": "둘"}\n', encoding="utf-8")
-    assert len(index.read_documents(cfg.model_copy(update={"docs_path": "d.jsonl"}), tmp_path)) == 2
+    assert len(retrieval.read_documents(cfg.model_copy(update={"docs_path": "d.jsonl"}), tmp_path)) == 2
     (tmp_path / "d.csv").write_text("id,text\nx,하나\n", encoding="utf-8")
-    assert index.read_documents(cfg.model_copy(update={"docs_path": "d.csv"}), tmp_path) == [("x", "하나")]
+    assert retrieval.read_documents(cfg.model_copy(update={"docs_path": "d.csv"}), tmp_path) == [("x", "하나")]
 
 
 @pytest.mark.parametrize("setup, message", [
@@ -87,7 +88,7 @@ def test_bad_documents_name_the_file_and_line(tmp_path, setup, message):
     name = "docs" if (tmp_path / "docs").exists() else next(p.name for p in tmp_path.iterdir())
     cfg = load_params(REPO / "params.yaml").rag.model_copy(update={"docs_path": name})
     with pytest.raises(DataError, match=message):
-        index.read_documents(cfg, tmp_path)
+        retrieval.read_documents(cfg, tmp_path)
 
 
 def test_bad_rag_params_name_their_keys():
@@ -135,7 +136,7 @@ def test_retrieve_cli_json_file_and_errors(built, tmp_path):
 
 
 def _prepared(root, *overrides):
-    from loraops import augment, prepare
+    from loraops.stages import augment, prepare
 
     params = load_params(REPO / "params.yaml", [f"data.path={REPO / 'data/raw/interior_qa.csv'}", *overrides])
     prepare.run(params, root)
@@ -161,7 +162,7 @@ def test_training_prompts_never_hold_their_own_answer_and_mix_in_distractors(tmp
     index.attach(params, tmp_path)
     read = lambda name: [json.loads(line) for line in (tmp_path / f"data/retrieved/{name}.jsonl").open(encoding="utf-8")]  # noqa: E731
     train, test = read("train"), read("test")
-    assert all(row["group"] not in {index.doc_of(s) for s in row["sources"]} for row in train)
+    assert all(row["group"] not in {retrieval.doc_of(s) for s in row["sources"]} for row in train)
     assert all(len(row["sources"]) == 2 and len(row["distractors"]) == 1 for row in train)  # both fit in 600 characters
     positions = {row["sources"].index(row["retrieved"][0]) for row in train if row["retrieved"][0] in row["sources"]}
     assert positions == {0, 1}  # the distractor goes before or after the retrieved passage
@@ -175,14 +176,14 @@ def test_training_prompts_never_hold_their_own_answer_and_mix_in_distractors(tmp
 
 def test_context_keeps_the_best_passages_that_fit():
     results = [{"id": "a", "text": "가" * 50}, {"id": "b", "text": "나" * 50}, {"id": "c", "text": "다" * 50}]
-    context, ids = index.context_of(results, 120)
+    context, ids = retrieval.context_of(results, 120)
     assert ids == ["a", "b"] and context == "[1] " + "가" * 50 + "\n[2] " + "나" * 50
-    context, ids = index.context_of(results, 30)  # a first passage longer than the budget is cut, not dropped
+    context, ids = retrieval.context_of(results, 30)  # a first passage longer than the budget is cut, not dropped
     assert ids == ["a"] and len(context) == 30
 
 
 def test_hit_at_k_and_mrr_against_known_gold_documents():
-    from loraops.evaluate import retrieval_quality
+    from loraops.stages.evaluate import retrieval_quality
 
     rows = [{"attributes": {"doc": "condensation"}, "retrieved": ["condensation#0", "leaks"]},
             {"attributes": {"doc": "leaks|waterproofing"}, "retrieved": ["condensation", "waterproofing#1"]},
@@ -199,7 +200,7 @@ def test_the_index_files_are_the_same_bytes_in_every_process(tmp_path):
     import subprocess
     import sys
 
-    code = ("import sys; from pathlib import Path; from loraops import index; from loraops.config import load_params\n"
+    code = ("import sys; from pathlib import Path; from loraops.stages import index; from loraops.core.config import load_params\n"
             f"p = load_params(Path({str(REPO)!r}) / 'params.yaml')\n"
             "root = Path(sys.argv[1]); (root / 'data').mkdir(parents=True, exist_ok=True)\n"
             f"import shutil; shutil.copytree(Path({str(REPO)!r}) / 'data/docs', root / 'data/docs')\n"

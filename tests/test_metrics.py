@@ -8,9 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from loraops.config import EvalSection
-from loraops.metrics import MetricError, MetricPack, exact_match, lcs_length, morph_f1, token_f1
-from loraops.report import compare, paired_bootstrap, summarize
+from loraops.core.config import EvalSection
+from loraops.judge.metrics import MetricError, MetricPack, exact_match, lcs_length, morph_f1, token_f1
+from loraops.judge.report import compare, paired_bootstrap, summarize
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +73,7 @@ def test_missing_encoder_names_the_key(tmp_path):
 
 def test_broken_encoder_is_not_valid_and_names_the_key():
     """A BERTScore layer the encoder lacks must never feed the gate: validity measures it blind."""
-    from loraops.validity import measure, require_valid
+    from loraops.judge.validity import measure, require_valid
 
     cfg = EvalSection(metrics=["bertscore"], bertscore_layer=40)
     with pytest.raises(MetricError, match="eval.bertscore_model"):

@@ -7,9 +7,9 @@ import copy
 import pytest
 import torch
 
-from loraops import packing
-from loraops.model import train_tokenizer
-from loraops.train import collator, tokenize_pair
+from loraops.modeling import packing
+from loraops.modeling.model import train_tokenizer
+from loraops.stages.train import collator, tokenize_pair
 
 PAIRS = [("질문: 벽지가 들떴어요\n답변: ", "습기 때문입니다."),
          ("질문: 결로는 왜 생기나요? 겨울마다 창가 벽지에 곰팡이가 피어요\n답변: ", "실내외 온도 차로 차가운 벽면에 수증기가 맺히기 때문입니다. 환기하세요."),
@@ -198,7 +198,7 @@ def test_a_sliding_window_model_is_refused_on_packed_rows_and_trains_padded(tiny
     """A real Mistral passes its window to the attention function; a window shorter than a sequence is refused."""
     from transformers import MistralConfig, MistralForCausalLM
 
-    from loraops.config import ConfigError
+    from loraops.core.config import ConfigError
 
     _, tok, items = tiny
     config = MistralConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,

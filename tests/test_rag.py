@@ -42,7 +42,7 @@ def rag_project(tmp_path_factory):
     ws.mkdir()
     make_workspace(ws)
     _sample_with_gold_documents(ws)
-    from loraops.workspace import write_params
+    from loraops.orchestration.workspace import write_params
 
     write_params("params.yaml", tiny_overrides("eval.self_test=false", *RAG), ws)
     subprocess.run(["git", "add", "-A"], cwd=ws, check=True)
@@ -75,7 +75,7 @@ def test_run_reports_four_arms_and_retrieval_quality(rag_project):
 def test_registered_model_carries_the_index_and_answers_with_sources(rag_project):
     ws, _ = rag_project
     env = {**os.environ, "LORAOPS_API_KEY": ""}
-    code = ("import json, mlflow; from loraops.tracking import tracking_setup; tracking_setup();"
+    code = ("import json, mlflow; from loraops.registry.tracking import tracking_setup; tracking_setup();"
             "m = mlflow.pyfunc.load_model('models:/interior-qa-lora@production');"
             "out = m.predict(['창문에 물방울이 맺혀요', '욕실 실리콘이 까맣게 변했어요']);"
             "print(json.dumps({'answers': list(out['answer']), 'sources': [list(s) for s in out['sources']]},"

@@ -12,8 +12,8 @@ import pandas as pd
 import pytest
 
 from helpers import REPO
-from loraops import registry
-from loraops.config import load_params
+from loraops.core.config import load_params
+from loraops.registry import versions as registry
 
 
 @pytest.fixture
@@ -34,7 +34,7 @@ def test_a_second_promote_waits_then_times_out_naming_the_holder(store):
 
 def test_a_lock_of_a_dead_process_is_free_and_a_torn_holder_file_is_no_crash(store):
     """The OS releases a dead holder's lock; a half-written holder file is reported, never parsed into a crash."""
-    code = "import os; from loraops import registry; registry._lock('m').__enter__(); os._exit(0)"
+    code = "import os; from loraops.registry import versions as registry; registry._lock('m').__enter__(); os._exit(0)"
     subprocess.run([sys.executable, "-c", code], cwd=store, check=True)
     (store / "mlruns/.locks/m.holder.json").write_text('{"pid": 12', encoding="utf-8")
     with registry._lock("m", timeout=2):
@@ -59,7 +59,7 @@ class _Garbage(mlflow.pyfunc.PythonModel):
 def _register(store, name: str, tuned: float, base: float = 0.3, n: int = 30, prefix: str = "q",
               model: mlflow.pyfunc.PythonModel | None = None) -> str:
     """A registered version whose run carries an eval table (no training needed to judge it)."""
-    from loraops.tracking import experiment_for, tracking_setup
+    from loraops.registry.tracking import experiment_for, tracking_setup
 
     tracking_setup(store)
     table = pd.DataFrame({"question": [f"{prefix}{i}" for i in range(n)],
@@ -133,7 +133,7 @@ def test_unknown_model_and_force_without_reason(store):
 def test_runs_of_a_cancelled_flow_run_are_marked_killed(store):
     import mlflow
 
-    from loraops.tracking import close_runs_of, experiment_for, tracking_setup
+    from loraops.registry.tracking import close_runs_of, experiment_for, tracking_setup
 
     tracking_setup(store)
     experiment = experiment_for("m", store)
@@ -148,12 +148,12 @@ def test_runs_of_a_cancelled_flow_run_are_marked_killed(store):
 def test_missing_run_artifact_says_what_it_blocks(store):
     import mlflow
 
-    from loraops.tracking import experiment_for, tracking_setup
+    from loraops.registry.tracking import experiment_for, tracking_setup
 
     tracking_setup(store)
     run = mlflow.MlflowClient().create_run(experiment_for("m", store))
     with pytest.raises(registry.RegistryError, match=r"no lineage.json; without its lineage card"):
-        from loraops.reproduce import _lineage
+        from loraops.registry.reproduce import _lineage
 
         _lineage(run.info.run_id)
 
@@ -163,7 +163,7 @@ def test_no_answer_within_the_approval_timeout_rejects_and_moves_nothing(store):
     """require_approval: the promote flow pauses after the gate passes; nobody answering is a rejection, audited."""
     from prefect import flow
 
-    from loraops.approval import with_approval
+    from loraops.review.approval import with_approval
 
     params = load_params(REPO / "params.yaml", ["registry.gate.min_test_size=5", "registry.gate.require_approval=true",
                                                 "registry.gate.approval_timeout_hours=0.0006"])  # about 2 seconds
@@ -176,7 +176,7 @@ def test_no_answer_within_the_approval_timeout_rejects_and_moves_nothing(store):
     result = promote_with_approval()
     assert result["promoted"] is False and result["approval"] == {"reviewer": "(nobody)", "approved": False,
                                                                    "comment": "no approval within 0.0006 h"}
-    assert registry._alias_version(registry._client(), "m", "production") is None
+    assert registry.alias_version(registry.mlflow_client(), "m", "production") is None
     assert [(a["action"], a["to"], a["comment"]) for a in registry.audit_trail("m")] == [
         ("reject", version, "no approval within 0.0006 h")]  # the reason is in the audit trail, not only in the log
     assert mlflow.MlflowClient().get_model_version("m", version).tags["gate.verdict"] == "rejected by reviewer"

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from loraops.report import top_losses
-from loraops.report import exit_code, outcome
+from loraops.judge.report import exit_code, outcome, top_losses
 
 
 def test_biggest_losses_are_real_losses_one_row_per_question_and_readable(tmp_path):
@@ -45,7 +44,7 @@ def test_outcome_names_what_happened():
 
 
 def test_outcomes_that_are_no_success_and_the_promote_flows_names():
-    from loraops.outcomes import NOT_SUCCESS, promotion_outcome
+    from loraops.core.outcomes import NOT_SUCCESS, promotion_outcome
 
     base = {"name": "m", "version": "2", "previous": "1", "forced": False}
     assert promotion_outcome({**base, "promoted": True}) == "Promoted"

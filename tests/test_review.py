@@ -8,15 +8,15 @@ import mlflow
 import pandas as pd
 import pytest
 
-from loraops import review
-from loraops.readers import DataError
+from loraops.core.readers import DataError
+from loraops.review import rubric as review
 
 
 @pytest.fixture
 def run_with_table(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    from loraops.tracking import experiment_for, tracking_setup
+    from loraops.registry.tracking import experiment_for, tracking_setup
 
     tracking_setup(tmp_path)
     table = pd.DataFrame({"id": [f"test-{i:05d}" for i in range(12)], "category": ["a", "b", "c"] * 4,
@@ -79,7 +79,7 @@ def test_sheet_without_score_columns(tmp_path):
 
 
 def test_export_of_an_unknown_run_names_it(run_with_table):
-    from loraops.registry import RegistryError
+    from loraops.registry.versions import RegistryError
 
     _, tmp = run_with_table
     with pytest.raises(RegistryError, match="--run: no MLflow run 'nope'"):
@@ -87,8 +87,8 @@ def test_export_of_an_unknown_run_names_it(run_with_table):
 
 
 def test_demo_ratings_are_refused_without_a_name_with_half_a_rubric_or_with_nothing_rated():
-    from loraops.demo import Demo
-    from loraops.errors import ConfigError
+    from loraops.core.errors import ConfigError
+    from loraops.serving.demo import Demo
 
     demo = Demo(None, None, None, "m", [])
     shown = {"production": {"version": "m/1", "answer": "답"}}
@@ -105,7 +105,7 @@ def test_demo_ratings_are_refused_without_a_name_with_half_a_rubric_or_with_noth
 
 def test_a_rating_saved_twice_counts_once_and_saving_again_updates_it(run_with_table):
     """The demo's Save pressed twice (or again to add a correction) must not double the rating the gate reads."""
-    from loraops import review
+    from loraops.review import rubric as review
 
     run_id, _ = run_with_table
     rating = {"relevance": 2, "accuracy": 2, "completeness": 3, "model": "tuned", "rater": "kim"}

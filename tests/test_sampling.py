@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 
-from loraops.evaluate import select_rows
+from loraops.stages.evaluate import select_rows
 
 CATEGORIES = ["마감하자", "마감재", "시공", "인테리어", "건축구조", "타 하자", "기타"]
 

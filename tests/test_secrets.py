@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from helpers import REPO, make_workspace, small_loop_overrides
-from loraops.config import load_params
-from loraops.errors import ConfigError
-from loraops.secrets import MASK, redact, redact_text, secret_values
+from loraops.core.config import load_params
+from loraops.core.errors import ConfigError
+from loraops.core.secrets import MASK, redact, redact_text, secret_values
 
 HF = "hf_" + "Q" * 10 + "loraopsMarker1"
 OPENAI = "sk-" + "loraopsMarker2" + "x" * 12
@@ -79,7 +79,7 @@ def test_no_marker_secret_reaches_mlflow_prefect_or_the_lineage(tmp_path):
 
 def test_redaction_leaves_ordinary_params_alone():
     """The lineage card's params are what `loraops reproduce` rebuilds from: nothing in them may be masked."""
-    from loraops.config import Params
+    from loraops.core.config import Params
 
     tree = Params().model_dump(mode="json")
     assert redact(tree) == tree

@@ -6,8 +6,8 @@ import importlib.util
 
 import pytest
 
-from loraops.config import TrainSection
-from loraops.train import precision_choice, resolve_batching, training_args
+from loraops.core.config import TrainSection
+from loraops.stages.train import precision_choice, resolve_batching, training_args
 
 
 def test_batching_auto_packs_on_every_device():
@@ -36,8 +36,8 @@ def test_qlora_and_bf16_train_on_cuda(tmp_path):
     if not torch.cuda.is_available() or importlib.util.find_spec("bitsandbytes") is None:
         pytest.skip("needs a CUDA GPU and bitsandbytes")
     from helpers import REPO, tiny_overrides
-    from loraops import prepare, train
-    from loraops.config import load_params
+    from loraops.core.config import load_params
+    from loraops.stages import prepare, train
 
     for quantization in ("none", "4bit"):
         params = load_params(REPO / "params.yaml", tiny_overrides(

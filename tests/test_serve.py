@@ -60,7 +60,7 @@ def test_models_list_base_aliases_and_versions(client):
 def test_chat_answers_equal_the_registered_pyfunc_models(client, served_project, monkeypatch):
     import mlflow
 
-    from loraops.tracking import tracking_setup
+    from loraops.registry.tracking import tracking_setup
 
     monkeypatch.chdir(served_project)
     tracking_setup(served_project)
@@ -213,7 +213,7 @@ def test_concurrent_requests_are_batched_to_the_same_answers(client):
 def test_an_alias_move_is_served_without_a_restart(client, served_project, monkeypatch):
     import mlflow
 
-    from loraops.tracking import tracking_setup
+    from loraops.registry.tracking import tracking_setup
 
     monkeypatch.chdir(served_project)
     tracking_setup(served_project)

@@ -20,7 +20,7 @@ HOLD = """
 import signal, sys, time, uuid
 signal.signal(signal.SIGINT, signal.default_int_handler)  # a parent that ignores SIGINT (a background job, an
 # xdist worker) passes that on; this holder must leave on SIGINT as at a terminal
-from loraops import concurrency
+from loraops.core import concurrency
 from loraops.cli.flows import prefect_defaults
 prefect_defaults()
 concurrency.ensure_gpu_limit()
@@ -29,7 +29,7 @@ with concurrency.gpu_slot(print, {"type": "flow_run", "id": sys.argv[1]}):
     time.sleep(600)
 """
 TAKE = """
-from loraops import concurrency
+from loraops.core import concurrency
 from loraops.cli.flows import prefect_defaults
 prefect_defaults()
 concurrency.ensure_gpu_limit()
@@ -100,7 +100,7 @@ def test_sigterm_ends_a_waiting_run_cleanly(workspace):
         os.killpg(hold.pid, signal.SIGKILL)
     import mlflow
 
-    from loraops.tracking import tracking_setup
+    from loraops.registry.tracking import tracking_setup
 
     tracking_setup(workspace)
     client = mlflow.MlflowClient()
@@ -110,7 +110,7 @@ def test_sigterm_ends_a_waiting_run_cleanly(workspace):
 
 QUEUE = """
 import sys, time, uuid
-from loraops import concurrency
+from loraops.core import concurrency
 from loraops.cli.flows import prefect_defaults
 prefect_defaults()
 concurrency.ensure_gpu_limit()

@@ -12,8 +12,11 @@ from pathlib import Path
 import pytest
 
 from helpers import REPO, make_workspace, tiny_overrides
-from loraops import sweep, train, tracking
-from loraops.config import load_params
+from loraops.core.config import load_params
+from loraops.modeling import trial
+from loraops.orchestration import sweep
+from loraops.registry import tracking
+from loraops.stages import train
 
 
 def test_search_space_becomes_typed_optuna_distributions():
@@ -40,17 +43,17 @@ def test_a_trial_behind_the_median_is_pruned_through_the_shared_journal(tmp_path
         first.report(loss, step)
     study.tell(first, 1.5)
     second = study.ask()
-    for key, value in sweep.trial_env(path, "s", second._trial_id, pruning=True).items():
+    for key, value in trial.trial_env(path, "s", second._trial_id, pruning=True).items():
         monkeypatch.setenv(key, value)
-    reporter = sweep.Reporter()
+    reporter = trial.Reporter()
     assert reporter.report(1.9, 10) is False  # better than the completed trial at step 10
     assert reporter.report(3.0, 20) is True and reporter.pruned_at == 20
-    monkeypatch.setenv(sweep.PRUNING_ENV, "")
+    monkeypatch.setenv(trial.PRUNING_ENV, "")
     third = study.ask()
-    monkeypatch.setenv(sweep.TRIAL_ENV, str(third._trial_id))
-    assert sweep.Reporter().report(9.0, 10) is False  # sweep.pruning off: never pruned
-    monkeypatch.delenv(sweep.STORAGE_ENV)
-    assert sweep.Reporter().trial is None and sweep.Reporter().report(9.0, 10) is False  # outside a sweep: inert
+    monkeypatch.setenv(trial.TRIAL_ENV, str(third._trial_id))
+    assert trial.Reporter().report(9.0, 10) is False  # sweep.pruning off: never pruned
+    monkeypatch.delenv(trial.STORAGE_ENV)
+    assert trial.Reporter().trial is None and trial.Reporter().report(9.0, 10) is False  # outside a sweep: inert
 
 
 def test_folds_are_by_source_group_and_added_rows_never_cross_into_their_origins_fold():
@@ -69,7 +72,7 @@ def test_folds_are_by_source_group_and_added_rows_never_cross_into_their_origins
 
 
 def test_cv_figures_become_mlflow_metrics_per_fold():
-    from loraops.results import TrainFigures
+    from loraops.core.results import TrainFigures
 
     common = dict(train_loss=1.5, steps=40, stopped_early=False, train_seconds=2.0, started_at=1.0, finished_at=3.0,
                   train_pairs=100, trainable_params=1000, device="cpu", torch_threads=2, answer_tokens_per_epoch=500,
@@ -86,7 +89,7 @@ def test_cv_figures_become_mlflow_metrics_per_fold():
 
 @pytest.mark.slow
 def test_train_stage_cross_validates_by_group_before_the_final_training(tmp_path):
-    from loraops import prepare
+    from loraops.stages import prepare
 
     params = load_params(REPO / "params.yaml", tiny_overrides(f"data.path={REPO / 'data/raw/interior_qa.csv'}",
                                                              "train.max_steps=20", "train.eval_steps=10", "train.cv_folds=2"))

@@ -11,9 +11,9 @@ import sys
 import pytest
 
 from helpers import REPO
-from loraops import tone
-from loraops.config import load_params
-from loraops.errors import ConfigError, DataError
+from loraops.core.config import load_params
+from loraops.core.errors import ConfigError, DataError
+from loraops.judge import tone
 
 
 @pytest.fixture(scope="module")

@@ -8,10 +8,12 @@ import pytest
 import torch
 
 from helpers import REPO
-from loraops import evaluate, prepare, train
-from loraops.config import load_params
-from loraops.model import ModelError, load_base, load_tokenizer
-from loraops.train import tokenize_pair
+from loraops.core.config import load_params
+from loraops.core.readers import load_split
+from loraops.modeling import generation
+from loraops.modeling.model import ModelError, load_base, load_tokenizer
+from loraops.stages import evaluate, prepare, train
+from loraops.stages.train import tokenize_pair
 
 pytestmark = pytest.mark.slow
 
@@ -55,7 +57,7 @@ def test_labels_mask_the_prompt(trained):
 def test_evaluate_writes_report_table_and_metrics(trained):
     params, root, _ = trained
     summary = evaluate.run(params, root)
-    total = len(prepare.load_split("test", root))
+    total = len(load_split("test", root))
     assert summary["sample"] == {"n": summary["n"], "of": total, "seed": 42, "stratified_by": "category, whole source groups"}
     assert params.eval.max_samples <= summary["n"] < total
     assert set(summary["metrics"]) == {"morph_f1", "morph_rouge_l", "bertscore_p", "bertscore_r", "bertscore_f1", "cosine",
@@ -65,7 +67,7 @@ def test_evaluate_writes_report_table_and_metrics(trained):
     assert (root / "reports/plots/score_hist.png").exists()
     table = evaluate.read_table(root)
     assert {"question", "reference", "base_answer", "tuned_answer", "tuned_cosine", "base_degenerate"} <= set(table.columns)
-    assert set(summary["slices"]["category"]) == set(table["category"]) == {r["category"] for r in prepare.load_split("test", root)}
+    assert set(summary["slices"]["category"]) == set(table["category"]) == {r["category"] for r in load_split("test", root)}
     assert "\ufffd" not in report and not table["base_answer"].str.contains("\ufffd").any()
     # the untrained base writes garbage, which scores 0; the tuned adapter learned something measurable
     assert summary["degenerate"]["base"]["rate"] > 0.5 > summary["degenerate"]["tuned"]["rate"]
@@ -88,20 +90,20 @@ def test_training_lowers_the_validation_loss(trained):
 def test_base_answers_equal_a_freshly_loaded_base(trained):
     """Disabling the adapter (evaluate's base path) must answer exactly as the untouched base model."""
     params, root, _ = trained
-    model, tok = evaluate.load_tuned(params, root / "models/adapter", "cpu", root)
-    prompts = [r["prompt"] for r in prepare.load_split("test", root)[:4]]
+    model, tok = generation.load_tuned(params, root / "models/adapter", "cpu", root)
+    prompts = [r["prompt"] for r in load_split("test", root)[:4]]
     with model.disable_adapter():
-        via_adapter = evaluate.generate(model, tok, prompts, params.eval, "cpu", progress=False)
+        via_adapter = generation.generate(model, tok, prompts, params.eval, "cpu", progress=False)
     fresh = load_base(str(root / "models/base"), params.model, "cpu")
-    assert evaluate.generate(fresh, tok, prompts, params.eval, "cpu", progress=False) == via_adapter
+    assert generation.generate(fresh, tok, prompts, params.eval, "cpu", progress=False) == via_adapter
 
 
 def test_batched_generation_equals_one_at_a_time(trained):
     params, root, _ = trained
-    model, tok = evaluate.load_tuned(params, root / "models/adapter", "cpu", root)
-    prompts = sorted({r["prompt"] for r in prepare.load_split("test", root)})[:5]
-    batched = evaluate.generate(model, tok, prompts, params.eval, "cpu", progress=False)
-    single = evaluate.generate(model, tok, prompts, params.eval.model_copy(update={"batch_size": 1}), "cpu", progress=False)
+    model, tok = generation.load_tuned(params, root / "models/adapter", "cpu", root)
+    prompts = sorted({r["prompt"] for r in load_split("test", root)})[:5]
+    batched = generation.generate(model, tok, prompts, params.eval, "cpu", progress=False)
+    single = generation.generate(model, tok, prompts, params.eval.model_copy(update={"batch_size": 1}), "cpu", progress=False)
     assert batched == single
 
 
@@ -111,7 +113,7 @@ def test_qlora_on_cpu_is_a_clear_error(tiny_params):
 
 
 def test_stop_strings_cut_answers():
-    assert evaluate.clean_answer(" 습기입니다.\n질문: 다음", ["\n질문:"]) == "습기입니다."
+    assert generation.clean_answer(" 습기입니다.\n질문: 다음", ["\n질문:"]) == "습기입니다."
 
 
 @pytest.mark.slow
@@ -158,9 +160,9 @@ def test_training_killed_mid_run_resumes_from_its_checkpoint_bit_identical(tmp_p
 
 def test_train_figures_are_typed_and_a_wrong_file_names_itself_and_its_key(tmp_path):
     """metrics/train.json is read as TrainFigures: a missing or renamed key fails where it is read, naming both."""
-    from loraops.errors import DataError
-    from loraops.paths import TRAIN_METRICS
-    from loraops.results import TrainFigures
+    from loraops.core.errors import DataError
+    from loraops.core.paths import TRAIN_METRICS
+    from loraops.core.results import TrainFigures
 
     figures = TrainFigures(train_loss=1.5, best_val_loss=1.2, steps=10, stopped_early=False, train_seconds=2.0,
                            started_at=1.0, finished_at=3.0, train_pairs=100, trainable_params=1000, device="cpu",
@@ -169,7 +171,7 @@ def test_train_figures_are_typed_and_a_wrong_file_names_itself_and_its_key(tmp_p
     (tmp_path / TRAIN_METRICS).parent.mkdir(parents=True)
     (tmp_path / TRAIN_METRICS).write_text(figures.to_json(), encoding="utf-8")
     assert TrainFigures.read(tmp_path) == figures and "adapter_sha256" not in figures.to_json()
-    from loraops.tracking import train_figures
+    from loraops.registry.tracking import train_figures
 
     assert train_figures(figures)["train/cv_fold_1_val_loss"] == 1.4
     (tmp_path / TRAIN_METRICS).write_text(figures.to_json().replace('"best_val_loss"', '"best_loss"'), encoding="utf-8")

@@ -8,10 +8,10 @@ import sys
 import pytest
 
 from helpers import REPO
-from loraops.config import EvalSection, load_params
-from loraops.errors import MetricError
-from loraops.metrics import MetricPack
-from loraops.validity import ProbeError, builtin_pairs, measure, read_pairs, require_valid
+from loraops.core.config import EvalSection, load_params
+from loraops.core.errors import MetricError
+from loraops.judge.metrics import MetricPack
+from loraops.judge.validity import ProbeError, builtin_pairs, measure, read_pairs, require_valid
 
 FAST = EvalSection(metrics=["morph_f1", "morph_rouge_l", "chrf", "rouge_l", "exact_match"])
 
@@ -92,7 +92,7 @@ def test_self_test_cli_prints_accuracies_and_refuses_an_invalid_gate_metric(tmp_
 
 
 def test_a_gate_metric_that_is_not_computed_is_a_config_error():
-    from loraops.errors import ConfigError
+    from loraops.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"registry.gate.metric: 'cosine' is not computed by eval.metrics \(chrf\)"):
         load_params(REPO / "params.yaml", ["eval.metrics=[chrf]", "registry.gate.metric=cosine"])
@@ -112,7 +112,7 @@ def test_run_stops_before_training_when_the_gate_metric_is_blind(workspace):
 
 
 def test_check_before_training_loads_every_encoder_and_reads_the_probe_file(tmp_path):
-    from loraops.validity import check_gate
+    from loraops.judge.validity import check_gate
 
     broken = load_params(REPO / "params.yaml", [f"eval.cosine_model={tmp_path / 'gone'}"])
     with pytest.raises(MetricError, match="eval.cosine_model: cannot load encoder"):
@@ -124,8 +124,8 @@ def test_check_before_training_loads_every_encoder_and_reads_the_probe_file(tmp_
 
 def test_a_measurement_is_kept_by_what_it_depends_on(tmp_path, monkeypatch):
     """The pre-training check and evaluate share one measurement; other settings or probes measure again."""
-    from loraops.config import EvalSection
-    from loraops.validity import fingerprint, measure_cached
+    from loraops.core.config import EvalSection
+    from loraops.judge.validity import fingerprint, measure_cached
 
     monkeypatch.setenv("LORAOPS_CACHE_DIR", str(tmp_path))
     cfg = EvalSection(metrics=["morph_f1"])

@@ -25,9 +25,9 @@ from typing import Any, Callable, Optional
 
 import typer
 
-from loraops.config import Params, load_params
-from loraops.errors import ConfigError, LoraopsError
-from loraops.paths import PARAMS
+from loraops.core.config import Params, load_params
+from loraops.core.errors import ConfigError, LoraopsError
+from loraops.core.paths import PARAMS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Domain Q&A data → a gated, traceable LoRA adapter.")
 
@@ -180,7 +180,7 @@ def _command_of(argv: list[str]) -> str | None:
 
 def invoke(argv: list[str]) -> int:
     """`loraops ARGV` in this process; returns its exit code. The finetune flow runs its DVC stages' commands
-    (``loraops train``…) this way (``loraops.workspace.run_stage``): the command's own code, without a new
+    (``loraops train``…) this way (``loraops.orchestration.workspace.run_stage``): the command's own code, without a new
     interpreter and its imports per stage."""
     import sys
 

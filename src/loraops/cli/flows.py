@@ -10,8 +10,8 @@ from typing import Any, Callable, Optional, cast
 import typer
 
 from loraops.cli import ParamsOpt, SetOpt, app, friendly, params_of, user_path
-from loraops.errors import LoraopsError
-from loraops.paths import PARAMS
+from loraops.core.errors import LoraopsError
+from loraops.core.paths import PARAMS
 
 
 def prefect_defaults() -> None:
@@ -19,7 +19,7 @@ def prefect_defaults() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
-    from loraops.concurrency import local_defaults
+    from loraops.core.concurrency import local_defaults
 
     local_defaults()
 
@@ -78,11 +78,11 @@ def run(params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt,
     The run's params are written to params.yaml for DVC (as `dvc exp run -S` does); when validation or a
     stage fails, params.yaml is put back as it was. Nothing changed since the last registered run → "unchanged".
     """
-    from loraops import workspace
+    from loraops.orchestration import workspace
 
     path = user_path(params)
     resolved = params_of(params, set_)  # refuse bad params (and a base that cannot load) before Prefect starts
-    from loraops.model import check_base
+    from loraops.modeling.model import check_base
 
     check_base(resolved.model)
     if not set_ and path.resolve() == PARAMS.resolve():
@@ -112,7 +112,7 @@ def run(params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt,
 def _outcome_of(state: Any) -> dict[str, Any]:
     """A flow run's result, whether its outcome ended it Completed or Failed-type (a refusal is red in the UI: see
     ``flows/finetune.final_state``); a run that really failed raises its error."""
-    from loraops.outcomes import NOT_SUCCESS
+    from loraops.core.outcomes import NOT_SUCCESS
 
     if state.is_failed() and state.name in NOT_SUCCESS:
         return cast(dict[str, Any], state.result(raise_on_failure=False))
@@ -122,7 +122,7 @@ def _outcome_of(state: Any) -> dict[str, Any]:
 def _exit_for(outcome: str) -> None:
     """Exit with the documented code of the run's outcome (0 promoted/registered/unchanged, 3 refused, 4 worse than
     base; README "Exit codes")."""
-    from loraops.report import exit_code
+    from loraops.judge.report import exit_code
 
     code = exit_code(outcome)
     if code:
@@ -141,7 +141,7 @@ def sweep(params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt,
     """
     path = user_path(params)
     # refuse bad params (an unknown or empty search range, sweep.trials <= 0, a base that cannot load) before Prefect
-    from loraops.model import check_base
+    from loraops.modeling.model import check_base
 
     check_base(params_of(params, set_).model)
     prefect_defaults()
@@ -201,7 +201,7 @@ def init_data(data: Path = typer.Argument(..., help="Your data file (CSV, TSV, J
               force: bool = typer.Option(False, "--force", help="Overwrite an existing params file."),
               params: Path = ParamsOpt) -> None:
     """Write a params file for a new dataset: format and question/answer/category columns guessed from the file."""
-    from loraops import datainit
+    from loraops.stages import datainit
 
     source = user_path(data)
     target = user_path(out.parent) / out.name if out else Path("configs") / f"{source.stem}.yaml"

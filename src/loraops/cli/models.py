@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from loraops.cli import ParamsOpt, SetOpt, app, friendly, params_of, user_path
-from loraops.errors import ConfigError
+from loraops.core.errors import ConfigError
 
 
 @app.command()
@@ -24,12 +24,12 @@ def promote(name: Optional[str] = typer.Argument(None, help="Registered model (d
     registry.gate.require_approval is set). Exit code 0 promoted (or already production), 3 refused or rejected."""
     import os
 
-    from loraops import registry
-    from loraops.report import exit_code
+    from loraops.judge.report import exit_code
+    from loraops.registry import versions as registry
 
     p = params_of(params, set_)
     if p.registry.gate.require_approval and not force:
-        from loraops.approval import request_approval
+        from loraops.review.approval import request_approval
 
         run = request_approval(name or p.registry.model_name, version, os.path.relpath(user_path(params).resolve()),
                                list(set_ or []))
@@ -47,7 +47,7 @@ def promote(name: Optional[str] = typer.Argument(None, help="Registered model (d
 @friendly
 def rollback(name: Optional[str] = typer.Argument(None), params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt) -> None:
     """Restore the previous production version (audited)."""
-    from loraops import registry
+    from loraops.registry import versions as registry
 
     p = params_of(params, set_)
     typer.echo(registry.describe(registry.rollback(name or p.registry.model_name, p)))
@@ -62,7 +62,8 @@ def ask(question: Optional[str] = typer.Argument(None),
         out: Optional[Path] = typer.Option(None, "--out", help="Where to write answers (CSV; default FILE.answers.csv)."),
         params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt) -> None:
     """Answer questions with a registered adapter (default: production)."""
-    from loraops import registry, serve
+    from loraops.registry import versions as registry
+    from loraops.serving import pyfunc as serve
 
     p = params_of(params, set_)
     uri = model or f"models:/{p.registry.model_name}@production"
@@ -96,7 +97,7 @@ def ask(question: Optional[str] = typer.Argument(None),
 def reproduce(ref: str = typer.Argument(..., help="MLflow run id, models:/name/version or models:/name@alias."),
               as_json: bool = typer.Option(False, "--json"), params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt) -> None:
     """Rebuild a registered run's inputs in an isolated worktree, retrain, re-evaluate and compare."""
-    from loraops import reproduce as reproducer
+    from loraops.registry import reproduce as reproducer
 
     report = reproducer.reproduce(ref, params_of(params, set_))
     typer.echo(json.dumps(report, ensure_ascii=False, indent=2) if as_json else reproducer.describe(report))

@@ -18,7 +18,7 @@ def review_export(run: str = typer.Option(..., "--run", help="MLflow run id whos
                   out: Path = typer.Option(Path("reviews.csv"), "--out"), n: int = typer.Option(20, "--n", help="Questions to sample."),
                   seed: int = typer.Option(0, "--seed")) -> None:
     """Write a blinded, stratified review sheet (base and tuned answers shuffled) for raters."""
-    from loraops import review
+    from loraops.review import rubric as review
 
     target = user_path(out.parent) / out.name
     typer.echo(f"wrote {review.export(run, target, n, seed)}; raters fill relevance, accuracy, completeness with 1–5")
@@ -28,7 +28,7 @@ def review_export(run: str = typer.Option(..., "--run", help="MLflow run id whos
 @friendly
 def review_import(sheet: Path = typer.Argument(..., help="The filled review CSV.")) -> None:
     """Validate a filled review sheet and log per-criterion means to its MLflow run."""
-    from loraops import review
+    from loraops.review import rubric as review
 
     result = review.import_sheet(user_path(sheet))
     typer.echo("\n".join(f"{k}: {v}" for k, v in result.items()))

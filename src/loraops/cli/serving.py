@@ -43,7 +43,7 @@ def serve(host: str = typer.Option("127.0.0.1", "--host", help="Interface to lis
     """OpenAI-compatible API (/v1/models, /v1/chat/completions, /v1/completions) over the registered adapters."""
     import uvicorn
 
-    from loraops import api
+    from loraops.serving import api
 
     p = params_of(params, set_)
     names = model or [p.registry.model_name]
@@ -63,7 +63,7 @@ def serve(host: str = typer.Option("127.0.0.1", "--host", help="Interface to lis
 def export_merged(uri: str = typer.Argument(..., help="models:/<name>@<alias> or models:/<name>/<version>."),
                   out: Path = typer.Option(..., "--out", help="New folder for the merged model (safetensors + tokenizer).")) -> None:
     """Base + adapter merged (merge_and_unload) into one standalone model folder."""
-    from loraops import export
+    from loraops.serving import export
 
     result = export.merged(uri, user_path(out.parent) / out.name)
     typer.echo(f"wrote {result['out']} ({result['source']} merged into its base)")
@@ -77,8 +77,8 @@ def export_vllm(uri: str = typer.Argument(..., help="models:/<name>@<alias> or m
                 out: Optional[Path] = typer.Option(None, "--out", help="New folder (default exports/<name>-v<version>-vllm)."),
                 params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt) -> None:
     """vLLM's --lora-modules JSON and `vllm serve` command line for a registered adapter."""
-    from loraops import export
-    from loraops.serve import parse_uri
+    from loraops.serving import export
+    from loraops.serving.pyfunc import parse_uri
 
     name = parse_uri(uri)[0]
     target = user_path(out.parent) / out.name if out else Path("exports") / f"{name}-{uri.rsplit('@', 1)[-1].rsplit('/', 1)[-1]}-vllm"
@@ -96,7 +96,7 @@ def demo(host: str = typer.Option("127.0.0.1", "--host", help="Interface to list
          model: Optional[str] = typer.Option(None, "--model", help="Registered model (default registry.model_name)."),
          params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt) -> None:
     """Gradio page: base / production / candidate answers side by side, rated into MLflow, corrections kept."""
-    from loraops import demo as page
+    from loraops.serving import demo as page
 
     p = params_of(params, set_)
     if host not in ("127.0.0.1", "localhost", "::1") and page.authentication(dict(os.environ)) is None:

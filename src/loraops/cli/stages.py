@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from loraops.cli import ParamsOpt, SetOpt, app, friendly, params_of, user_path
-from loraops.config import Params
+from loraops.core.config import Params
 
 
 @app.command()
@@ -19,7 +19,7 @@ def prepare(params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt,
                                      help="Then print the first N training pairs as the model reads them (the chat "
                                           "template applied), with the trained tokens marked ⟦…⟧.")) -> None:
     """Read data.path, clean, split by source row, render prompts → data/prepared."""
-    from loraops import prepare as prepare_stage
+    from loraops.stages import prepare as prepare_stage
 
     p = params_of(params, set_)
     card = prepare_stage.run(p)
@@ -35,7 +35,7 @@ def prepare(params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt,
 def _show_prompts(p: Params, count: int) -> None:
     """`prepare --show N`, kept out of the prepare command's body: the DVC stage (`loraops prepare`) never runs it,
     so loading the base's tokenizer is no code dependency of the stage."""
-    from loraops import preview
+    from loraops.stages import preview
 
     typer.echo(preview.show(p, Path("."), count))
 
@@ -45,7 +45,7 @@ def _show_prompts(p: Params, count: int) -> None:
 def augment(params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt) -> None:
     """More training rows (augment.enabled): rule-based question variants, a teacher's answers, Q&A from the
     documents; train-only, filtered, none close to validation/test → data/augmented."""
-    from loraops import augment as augment_stage
+    from loraops.stages import augment as augment_stage
 
     card = augment_stage.run(params_of(params, set_))
     if not card["enabled"]:
@@ -66,8 +66,8 @@ def augment(params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt) -> Non
 def index(params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt) -> None:
     """Chunk rag.docs_path and index it (Korean morpheme BM25; vectors for dense/hybrid) → data/index; with
     rag.enabled, each prepared question's passages → data/retrieved."""
-    from loraops import index as index_stage
-    from loraops.remote import pull_inputs
+    from loraops.core.remote import pull_inputs
+    from loraops.stages import index as index_stage
 
     p = params_of(params, set_)
     if p.rag.corpus == "docs":
@@ -97,8 +97,8 @@ def retrieve(query: Optional[str] = typer.Argument(None, help="A question to loo
     """The top-k passages of the document index for a question, or for every question of a file."""
     import json
 
-    from loraops import index as index_stage
-    from loraops.errors import ConfigError
+    from loraops.core.errors import ConfigError
+    from loraops.retrieval import index as retrieval
 
     p = params_of(params, set_)
     if mode is not None and mode not in ("bm25", "dense", "hybrid"):
@@ -108,11 +108,11 @@ def retrieve(query: Optional[str] = typer.Argument(None, help="A question to loo
         raise ConfigError(f"--k: must be at least 1, got {top}")
     if (query is None) == (file is None):
         raise ConfigError("retrieve needs a question, or --file (not both)")
-    retriever = index_stage.Retriever(p, mode=mode)
+    retriever = retrieval.Retriever(p, mode=mode)
     if file is not None:
         source = user_path(file)
         target = user_path(out.parent) / out.name if out else source.with_name(source.stem + ".retrieved.jsonl")
-        count = index_stage.retrieve_file(retriever, source, target, top, question_column)
+        count = retrieval.retrieve_file(retriever, source, target, top, question_column)
         typer.echo(f"wrote {target} ({count} questions, top {top} each)")
         return
     assert query is not None  # checked above: a question or --file
@@ -130,7 +130,7 @@ def retrieve(query: Optional[str] = typer.Argument(None, help="A question to loo
 @friendly
 def train(params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt) -> None:
     """Train the LoRA adapter on data/prepared → models/adapter."""
-    from loraops import train as train_stage
+    from loraops.stages import train as train_stage
 
     figures = train_stage.run(params_of(params, set_))
     if figures.adapter_sha256 is None:  # a non-main process under accelerate launch
@@ -144,11 +144,11 @@ def train(params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt) -> None:
 def evaluate(params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt,
              self_test: bool = typer.Option(False, "--self-test", help="Only measure metric validity on the Korean probes and print it.")) -> None:
     """Answer the test split with base and tuned models and score them → metrics/eval.json, reports/eval.md."""
-    from loraops import evaluate as evaluate_stage
-    from loraops import validity
-    from loraops.metrics import MetricPack
-    from loraops.report import headline
-    from loraops.utils import pick_device
+    from loraops.core.utils import pick_device
+    from loraops.judge import validity
+    from loraops.judge.metrics import MetricPack
+    from loraops.judge.report import headline
+    from loraops.stages import evaluate as evaluate_stage
 
     p = params_of(params, set_)
     if self_test:
@@ -170,7 +170,7 @@ def score(pairs: Path = typer.Argument(..., help="CSV with columns reference, ca
           as_json: bool = typer.Option(False, "--json", help="Print the means per metric as JSON."),
           params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt) -> None:
     """Score (reference, candidate) pairs with the metric pack, after the degenerate check → SCORES.csv."""
-    from loraops import score as scorer
+    from loraops.judge import score as scorer
 
     out = user_path(out.parent) / out.name
     result = scorer.run(params_of(params, set_), user_path(pairs), out)

@@ -1,0 +1,393 @@
+"""Where a flow run works and how it runs a DVC stage there: params written for DVC, git worktrees, `dvc repro`.
+
+The finetune flow (``loraops.flows.finetune``) is wiring only; these are the steps it wires, testable without Prefect.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any, Callable, Iterator, TextIO, cast
+
+from loraops.core.config import Params, dump_params, load_params, parse_override
+from loraops.core.errors import LoraopsError, RegistryError, StageError
+from loraops.core.paths import DVC_LOCK, PARAMS, STAGES, WORKSPACES_DIR
+from loraops.core.remote import pull_inputs
+from loraops.core.results import TrainFigures
+from loraops.core.secrets import redact_text
+
+
+def write_params(params_file: str, overrides: list[str], root: Path = Path(".")) -> Params:
+    """Validate, then record the run's params in ``params.yaml`` for DVC (as ``dvc exp run -S`` does).
+
+    Overrides are written key by key, keeping the file's comments; a different params file replaces it.
+    """
+    from dvc.utils.serialize import modify_yaml
+
+    params = load_params(root / params_file, overrides)
+    target = root / PARAMS
+    if (root / params_file).resolve() != target.resolve():
+        dump_params(params, target)
+        return params
+    if overrides:
+        with modify_yaml(target) as tree:
+            for text in overrides:
+                key, value = parse_override(text)
+                node = tree
+                *parents, leaf = key.split(".")
+                for part in parents:
+                    node = node.setdefault(part, {})
+                node[leaf] = value
+    return params
+
+
+@contextlib.contextmanager
+def isolated_workspace(repo: Path, name: str, inputs: list[str]) -> Iterator[Path]:
+    """A git worktree of HEAD for one flow run, sharing the repo's DVC cache; removed afterwards.
+
+    Concurrent runs each get their own params.yaml, dvc.lock and stage outputs; DVC's cache is shared,
+    so unchanged stages and data are not recomputed or copied twice.
+    """
+    import shutil
+
+    repo = repo.resolve()
+    tree = repo / WORKSPACES_DIR / name
+    tree.parent.mkdir(parents=True, exist_ok=True)
+    dvc = str(Path(sys.executable).parent / "dvc")
+
+    def sh(*cmd: str, cwd: Path = tree) -> None:
+        out = subprocess.run(list(cmd), cwd=cwd, capture_output=True, text=True)
+        if out.returncode != 0:
+            raise StageError(f"workspace {tree}: {' '.join(cmd[:3])} failed: {out.stderr.strip()[-500:]}")
+
+    sh("git", "worktree", "add", "--detach", str(tree), "HEAD", cwd=repo)
+    try:
+        sh(dvc, "cache", "dir", "--local", str(repo / ".dvc" / "cache"))
+        if (repo / "dvc-remote").is_dir():
+            sh(dvc, "remote", "modify", "--local", "sample", "url", str(repo / "dvc-remote"))
+        for data_path in inputs:  # data.path, rag.docs_path
+            pull_inputs(tree, data_path, lambda _: None)
+            if not (tree / data_path).exists() and (repo / data_path).exists():  # untracked local files the user pointed at
+                (tree / data_path).parent.mkdir(parents=True, exist_ok=True)
+                if (repo / data_path).is_dir():
+                    shutil.copytree(repo / data_path, tree / data_path)
+                else:
+                    shutil.copy2(repo / data_path, tree / data_path)
+        yield tree
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=repo, capture_output=True)
+        shutil.rmtree(tree, ignore_errors=True)
+
+
+def _stage_env(root: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    bindir = str(Path(sys.executable).parent)
+    if bindir not in env.get("PATH", "").split(os.pathsep):
+        env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
+    if (root / "src" / "loraops").is_dir():  # a workspace runs its own checkout's code
+        env["PYTHONPATH"] = str((root / "src").resolve())
+    env["LORAOPS_PROGRESS"] = "lines"  # progress as log lines (step, loss, lr; answers generated), not bars
+    return env
+
+
+TERMINAL_ADVICE = ("To track the changes with git, run:", "git add ", "To enable auto staging, run:",
+                   "dvc config core.autostage", "Use `dvc push` to send your updates")
+"""What `dvc repro` tells a person at a terminal after each stage; in a run (often a throw-away worktree) the
+flow commits nothing and pushes nothing itself, so these lines are dropped from the run's log."""
+
+
+CommandRunner = Callable[[list[str]], int]
+"""Runs ``loraops ARGS`` in this process and returns its exit code (``loraops.cli.invoke``)."""
+
+
+def run_stage(stage: str, root: Path = Path("."), say: Callable[[str], Any] = print,
+              env: dict[str, str] | None = None, in_process: CommandRunner | None = None) -> bool:
+    """Run one DVC stage (and anything stale upstream) as `dvc repro` does; return whether its command ran.
+
+    DVC skips a stage whose code, params sections and inputs are unchanged (dvc.lock, run cache). Every
+    line DVC and the stage print goes to ``say`` (the Prefect run logger in a flow) as it comes; ``env`` adds
+    environment variables (a sweep trial's Optuna study).
+
+    With ``in_process``, DVC runs in this process (its Python API) and a stage whose command is ``loraops …`` runs
+    through ``in_process`` instead of a new interpreter, when this process runs the same loraops code as ``root``
+    would (its checkout's ``src/loraops``) and no other stage is running here: the same command, the same lock file
+    and cache, without an interpreter start and torch import per stage. Anything else goes through `dvc repro`.
+
+    Raises:
+        StageError: the stage failed; the message carries its error lines.
+    """
+    if in_process is not None and runs_this_code(root) and _IN_PROCESS.acquire(blocking=False):
+        try:
+            return _repro_in_process(stage, root, say, env or {}, in_process)
+        finally:
+            _IN_PROCESS.release()
+    return _repro_subprocess(stage, root, say, env or {})
+
+
+def _repro_subprocess(stage: str, root: Path, say: Callable[[str], Any], env: dict[str, str]) -> bool:
+    dvc = str(Path(sys.executable).parent / "dvc")
+    proc = subprocess.Popen([dvc, "repro", stage], cwd=root, env=_stage_env(root) | env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, encoding="utf-8", errors="replace", bufsize=1)
+    ran, errors = False, []
+    try:
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            line = raw.rstrip()
+            if not line.strip() or line.strip().startswith(TERMINAL_ADVICE):
+                continue
+            ran = ran or f"Running stage '{stage}'" in line
+            if line.lower().startswith("error"):
+                errors.append(line)
+            say(redact_text(line))
+        code = proc.wait()
+    except BaseException:  # interrupted: stop the stage too
+        proc.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=30)
+        raise
+    if code != 0:
+        detail = "; ".join(errors[-3:]) or f"dvc repro exited with {code}"
+        raise StageError(f"stage {stage} failed: {detail}")
+    return ran
+
+
+_IN_PROCESS = threading.Lock()
+"""One in-process stage at a time: a stage changes the process's directory, environment and output streams (threads
+such as a sweep's concurrent trials take the `dvc repro` path)."""
+
+
+def runs_this_code(root: Path) -> bool:
+    """Whether `loraops` started in ``root`` would run the code this process runs: ``root`` has no checkout of its
+    own (the installed package runs), or its ``src/loraops`` holds the same files (a worktree of the same commit)."""
+    import loraops
+
+    here, theirs = Path(loraops.__file__).parent, root / "src" / "loraops"
+    if not theirs.is_dir() or theirs.resolve() == here.resolve():
+        return True
+    return _tree_digest(theirs) == _tree_digest(here)
+
+
+def _tree_digest(folder: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
+        digest.update(path.relative_to(folder).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def _repro_in_process(stage: str, root: Path, say: Callable[[str], Any], env: dict[str, str],
+                      invoke: CommandRunner) -> bool:
+    """`dvc repro STAGE` through DVC's Python API, with DVC's command runner swapped, for this call only, for one
+    that runs ``loraops …`` commands through ``invoke`` (others still start their shell command)."""
+    import shlex
+    import traceback
+
+    import dvc.stage.run as dvc_run
+    from dvc.exceptions import DvcException
+    from dvc.repo import Repo
+    from dvc.stage.exceptions import StageCmdFailedError
+
+    ran: list[str] = []
+    errors: list[str] = []
+    shell_run = dvc_run._run
+
+    def run_command(executable: Any, cmd: str, **kwargs: Any) -> None:
+        ran.append(kwargs["env"].get("DVC_STAGE", ""))
+        argv = shlex.split(cmd)
+        if argv[:1] != ["loraops"]:
+            return shell_run(executable, cmd, **kwargs)
+        stage_vars = {key: kwargs["env"][key] for key in ("DVC_ROOT", "DVC_STAGE") if key in kwargs["env"]}
+        with _environment(stage_vars), contextlib.chdir(kwargs["cwd"] or root):
+            try:
+                code = invoke(argv[1:])
+            except Exception:  # noqa: BLE001 - a bug in a stage fails the stage, as a crashed process would
+                sys.stderr.write(traceback.format_exc())
+                code = 1
+        _free_accelerator_memory()
+        if code != 0:
+            raise StageCmdFailedError(cmd, code)
+        return None
+
+    dvc_logger = logging.getLogger("dvc")  # `import dvc` gives it handlers that print to the terminal
+    handlers, level, propagate = dvc_logger.handlers, dvc_logger.level, dvc_logger.propagate
+    dvc_logger.handlers, dvc_logger.level, dvc_logger.propagate = [_SayHandler(say)], logging.INFO, False
+    dvc_run._run = run_command
+    try:
+        with _environment(_stage_env(root) | env), contextlib.chdir(root), _lines_to(say, errors), \
+                Repo(".") as repo:
+            repo.reproduce(stage)  # targets are read relative to the working directory, as at a terminal
+    except DvcException as exc:
+        cause = f" ({exc.__cause__})" if exc.__cause__ is not None else ""
+        detail = "; ".join(errors[-3:]) or f"{exc}{cause}"
+        raise StageError(f"stage {stage} failed: {detail}") from exc
+    finally:
+        dvc_run._run = shell_run
+        dvc_logger.handlers, dvc_logger.level, dvc_logger.propagate = handlers, level, propagate
+    return stage in ran
+
+
+class _SayHandler(logging.Handler):
+    """DVC's log records (``Running stage 'x':``, ``> loraops x``, ``Updating lock file``) as lines for ``say``."""
+
+    def __init__(self, say: Callable[[str], Any]) -> None:
+        super().__init__(logging.INFO)
+        self.say = say
+
+    def emit(self, record: logging.LogRecord) -> None:
+        for line in record.getMessage().splitlines():
+            if line.strip() and not line.strip().startswith(TERMINAL_ADVICE):
+                self.say(redact_text(line))
+
+
+@contextlib.contextmanager
+def _environment(values: dict[str, str]) -> Iterator[None]:
+    """``os.environ`` with ``values`` set for the block, as it was afterwards."""
+    before = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+class _LineWriter(io.TextIOBase):
+    """A text stream that hands each complete line to ``say`` (``\\r`` ends a line too, as in a subprocess's text
+    output), keeping the lines that start with "error" in ``error_lines``."""
+
+    encoding = "utf-8"
+
+    def __init__(self, say: Callable[[str], Any], errors: list[str], fallback: Any) -> None:
+        self.say, self.error_lines, self.fallback, self.pending, self.busy = say, errors, fallback, "", False
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        if self.busy:  # ``say`` itself writes to this stream (a logging handler on sys.stderr): let it through
+            return self.fallback.write(text)
+        self.pending += text
+        *lines, self.pending = self.pending.replace("\r", "\n").split("\n")
+        for line in lines:
+            self._emit(line)
+        return len(text)
+
+    def flush(self) -> None:
+        if self.pending:
+            line, self.pending = self.pending, ""
+            self._emit(line)
+
+    def _emit(self, line: str) -> None:
+        line = line.rstrip()
+        if not line.strip() or line.strip().startswith(TERMINAL_ADVICE):
+            return
+        if line.lower().startswith("error"):
+            self.error_lines.append(line)
+        self.busy = True
+        try:
+            self.say(redact_text(line))
+        finally:
+            self.busy = False
+
+
+@contextlib.contextmanager
+def _lines_to(say: Callable[[str], Any], errors: list[str]) -> Iterator[None]:
+    out, err = _LineWriter(say, errors, sys.__stdout__), _LineWriter(say, errors, sys.__stderr__)
+    try:
+        with contextlib.redirect_stdout(cast(TextIO, out)), contextlib.redirect_stderr(cast(TextIO, err)):
+            yield
+    finally:
+        out.flush()
+        err.flush()
+
+
+def _free_accelerator_memory() -> None:
+    """After an in-process stage: what its models held on the GPU goes back (the next stage loads its own)."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        import gc
+
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+@contextlib.contextmanager
+def restored_on_failure(path: Path) -> Iterator[None]:
+    """Put ``path`` (params.yaml) back as it was when the block fails, so a failed run leaves no value behind."""
+    before = path.read_bytes() if path.exists() else None
+    try:
+        yield
+    except BaseException:
+        if before is not None and path.exists() and path.read_bytes() != before:
+            path.write_bytes(before)
+        raise
+
+
+def unchanged(root: Path, params: Params) -> str | None:
+    """Say so when a run would change nothing: every stage up to date and its adapter already registered and gated.
+
+    Returns the message for the user, or None when something changed (or was never registered).
+    """
+    import hashlib
+
+    try:
+        sha = TrainFigures.read(root).adapter_sha256  # figures of another version's format: not the same run
+    except LoraopsError:
+        return None
+    from dvc.exceptions import DvcException
+    from dvc.repo import Repo
+
+    try:
+        with contextlib.chdir(root), Repo(".") as repo:
+            if repo.status(targets=list(STAGES)):
+                return None
+    except DvcException:  # not a DVC project, a broken dvc.yaml: the run itself will say what is wrong
+        return None
+    lock = hashlib.md5((root / DVC_LOCK).read_bytes()).hexdigest()
+    import mlflow
+
+    from loraops.registry.tracking import tracking_setup
+    from loraops.registry.versions import SHA_TAG
+
+    tracking_setup(root)
+    client, name = mlflow.MlflowClient(), params.registry.model_name
+    try:
+        found = client.search_model_versions(f"name = '{name}' and tags.`{SHA_TAG}` = '{sha}'")
+    except mlflow.exceptions.MlflowException:
+        return None
+    # The same adapter bytes registered from an older dvc.lock (only stages or code around training changed, e.g.
+    # a new stage) would be registered as that same version again: nothing new either.
+    same = [v for v in found if v.tags.get("lineage.dvc_lock_md5") == lock] or found
+    if not same or (params.registry.auto_promote and "gate.verdict" not in same[0].tags):
+        return None
+    version = same[0]
+    try:
+        production = f"v{client.get_model_version_by_alias(name, 'production').version}"
+    except mlflow.exceptions.MlflowException:
+        production = "no production yet"
+    verdict = version.tags.get("gate.verdict", "not gated (auto_promote off)")
+    what = ("code, params and data are those of" if version.tags.get("lineage.dvc_lock_md5") == lock
+            else "every stage is up to date and its adapter is, byte for byte, that of")
+    return (f"unchanged: {what} {name} v{version.version} (MLflow run {version.run_id}); "
+            f"nothing to run. Its gate verdict: {verdict}; production: {production}.")
+
+
+def check_clean(lineage: dict[str, Any], allow_dirty: bool) -> None:
+    """Refuse to register from a dirty tree unless allowed (the diff is then stored in the lineage card).
+
+    Raises:
+        RegistryError: when tracked files other than params.yaml/dvc.lock have uncommitted changes.
+    """
+    if lineage["git_dirty"] and not allow_dirty:
+        files = ", ".join(lineage["git_dirty_files"][:5])
+        raise RegistryError(f"refusing to register from a dirty tree ({files}); commit first or pass allow_dirty / --allow-dirty")
