@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from loraops.modeling.generation import clean_answer
-from loraops.serving.api import Job, _advance
+from loraops.serving.engine import Job, _advance
 
 PIECES = {1: " 습기", 2: "가 ", 3: "원인", 4: "입니다.", 5: "\n질", 6: "문:", 7: " 다음", 8: "\ufffd", 9: "\n"}
 
@@ -69,7 +69,8 @@ def test_lora_dora_and_base_requests_in_one_batch_answer_as_they_do_alone(served
 
     from loraops.core.config import ModelSection
     from loraops.modeling.model import load_base
-    from loraops.serving.api import Engine, Version, base_identity
+    from loraops.serving.catalog import Version, base_identity
+    from loraops.serving.engine import Engine
 
     base_dir = str(served_project / "models/base")
     cfg = ModelSection(base=base_dir)
@@ -103,7 +104,7 @@ def test_decoding_is_incremental_and_equals_decoding_the_whole_answer():
     from pathlib import Path
 
     from bases import _tokenizer, sample_texts
-    from loraops.serving.api import _decoded
+    from loraops.serving.engine import _decoded
 
     texts = sample_texts(Path(__file__).resolve().parents[1])
     tok = _tokenizer(texts[:400], "qwen2_instruct", 600)

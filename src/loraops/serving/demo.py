@@ -24,7 +24,9 @@ from loraops.core.paths import FEEDBACK
 from loraops.core.utils import jsonl_line, jsonl_lines
 from loraops.judge.degenerate import detect
 from loraops.review.rubric import CRITERIA
-from loraops.serving.api import Catalog, Engine, Settings, Version
+from loraops.serving.api import Settings
+from loraops.serving.catalog import Catalog, Version
+from loraops.serving.engine import Engine
 
 ARMS = ("base", "production", "candidate")
 THUMBS = ("👍 good", "👎 bad")
