@@ -7,7 +7,6 @@ worktree (shared DVC cache), so concurrent runs never touch each other's params,
 from __future__ import annotations
 
 import contextlib
-import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,7 +20,8 @@ from pydantic import Field
 from loraops.core import concurrency, remote
 from loraops.core.config import Params, load_params
 from loraops.core.outcomes import NOT_SUCCESS
-from loraops.core.paths import ADAPTER_DIR, EVAL_METRICS, TRAIN_LOG
+from loraops.core.paths import ADAPTER_DIR, TRAIN_LOG
+from loraops.core.results import EvalSummary
 from loraops.core.secrets import redact_text
 from loraops.judge import tone, validity
 from loraops.judge.report import (details, flat_metrics, headline, outcome, summary_markdown, top_losses,
@@ -125,8 +125,8 @@ def evaluate(work: Path) -> bool:
 
 
 @task(name="log-run", **IO_RETRIES)
-def log_run(work: Path, run_id: str, gate_metric: str) -> dict[str, Any]:
-    summary = json.loads((work / EVAL_METRICS).read_text(encoding="utf-8"))
+def log_run(work: Path, run_id: str, gate_metric: str) -> EvalSummary:
+    summary = EvalSummary.read(work)
     with mlflow.start_run(run_id=run_id):
         tracking.log_curves(run_id, work / TRAIN_LOG)
         tracking.log_eval(run_id, work, flat_metrics(summary, gate_metric), details(summary))
@@ -134,7 +134,7 @@ def log_run(work: Path, run_id: str, gate_metric: str) -> dict[str, Any]:
 
 
 @task(name="register", **IO_RETRIES)
-def register(work: Path, params: Params, run_id: str, allow_dirty: bool, summary: dict[str, Any]) -> dict[str, Any]:
+def register(work: Path, params: Params, run_id: str, allow_dirty: bool, summary: EvalSummary) -> dict[str, Any]:
     location = base_location(params.model, work)
     card = lineage.card(params, work, location, work / ADAPTER_DIR, run_id,
                         {"id": flow_run.id, "deployment": deployment.name})

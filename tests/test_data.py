@@ -10,6 +10,8 @@ import pytest
 from helpers import REPO
 from loraops.core.config import DataSection, load_params
 from loraops.core.readers import DataError, read_records
+from loraops.core.results import DataCard
+from loraops.core.text import clean_text
 from loraops.stages import prepare
 
 WIDE_HEADER = "id,질문_1,질문_2,category,답변_1,답변_2\n"
@@ -179,7 +181,8 @@ def test_run_writes_splits_and_card(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["card.json", "test.jsonl", "train.jsonl", "validation.jsonl"]
     first = json.loads((out / "test.jsonl").read_text(encoding="utf-8").splitlines()[0])
     assert {"id", "group", "question", "answer", "category", "prompt"} <= set(first)
-    assert sum(card["pairs"].values()) == card["source"]["records_read"]
+    assert sum(card.pairs.values()) == card.source["records_read"]
+    assert DataCard.read(tmp_path) == card  # written and read back as the same type
 
 
 def test_cuts_fall_on_a_word_and_say_which_key_and_invisible_characters_are_cleaned():
@@ -190,7 +193,7 @@ def test_cuts_fall_on_a_word_and_say_which_key_and_invisible_characters_are_clea
     note = prepare.length_note({"truncated": 163, "longest_answer": 9000}, DataSection(max_answer_chars=1024))
     assert "163 pair(s)" in note and "data.max_answer_chars=1024" in note and "9,000" in note
     assert prepare.length_note({"truncated": 0, "dropped_long": 0}, DataSection()) is None
-    assert prepare.clean_text("벽\u200b지가\u00ad 들\ufeff떴어요\u2028줄") == "벽지가 들떴어요\n줄"
+    assert clean_text("벽\u200b지가\u00ad 들\ufeff떴어요\u2028줄") == "벽지가 들떴어요\n줄"
 
 
 def test_folders_written_aside_get_the_usual_mode_not_0700(tmp_path):

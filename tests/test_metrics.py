@@ -92,7 +92,8 @@ def test_compare_and_slices_flag_small_groups():
     table = pd.DataFrame({"category": ["a"] * 6 + ["b"] * 2, "base_answer": ["x"] * 8, "tuned_answer": ["y"] * 8,
                           "base_cosine": [0.1] * 8, "tuned_cosine": [0.3] * 6 + [0.0] * 2})
     summary = summarize(table, ["cosine"], ["category"], 200, 0, min_slice=5)
-    assert summary["metrics"]["cosine"]["wins"] == 6 and summary["metrics"]["cosine"]["losses"] == 2
-    assert summary["slices"]["category"]["a"]["small"] is False
-    assert summary["slices"]["category"]["b"] == {"n": 2, "small": True, "cosine": {"base": 0.1, "tuned": 0.0, "delta": -0.1}}
-    assert compare(table["base_cosine"], table["tuned_cosine"], 200, 0)["delta"] == pytest.approx(0.125)
+    assert summary.metrics["cosine"].wins == 6 and summary.metrics["cosine"].losses == 2
+    assert summary.slices["category"]["a"].small is False
+    assert summary.slices["category"]["b"].model_dump() == {"n": 2, "small": True,
+                                                             "cosine": {"base": 0.1, "tuned": 0.0, "delta": -0.1}}
+    assert compare(table["base_cosine"], table["tuned_cosine"], 200, 0).delta == pytest.approx(0.125)

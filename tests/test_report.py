@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
+from loraops.core.results import EvalSummary
 from loraops.judge.report import exit_code, outcome, top_losses
 
 
@@ -19,13 +20,20 @@ def test_biggest_losses_are_real_losses_one_row_per_question_and_readable(tmp_pa
     assert list(losses[0]) == ["delta", "question", "base", "tuned"] and len(losses[0]["base"]) == 120
 
 
+def _summary(tuned: float, delta: float, ci95: tuple[float, float], tuned_degenerate: float = 0.0) -> EvalSummary:
+    degenerate = {"count": 0, "rate": 0.0, "reasons": {}}
+    return EvalSummary.model_validate({
+        "n": 40, "empty_answers": {"base": 0, "tuned": 0}, "slices": {},
+        "metrics": {"m": {"base": 0.3, "tuned": tuned, "delta": delta, "ci95": ci95, "wins": 1, "ties": 0, "losses": 1}},
+        "degenerate": {"base": degenerate, "tuned": {**degenerate, "rate": tuned_degenerate}}})
+
+
 def test_outcome_names_what_happened():
-    summary = {"metrics": {"m": {"base": 0.3, "tuned": 0.2, "delta": -0.1, "ci95": [-0.15, -0.05]}},
-               "degenerate": {"base": {"rate": 0.0}, "tuned": {"rate": 0.0}}}
+    summary = _summary(0.2, -0.1, (-0.15, -0.05))
     assert outcome(summary, "m", None)[0] == "Worse than base"
-    summary["metrics"]["m"].update(tuned=0.299, delta=-0.001, ci95=[-0.02, 0.018])  # noise, not measurably worse
+    summary = _summary(0.299, -0.001, (-0.02, 0.018))  # noise, not measurably worse
     assert outcome(summary, "m", None)[0] == "Registered"
-    summary["metrics"]["m"].update(tuned=0.5, delta=0.2, ci95=[0.1, 0.3])
+    summary = _summary(0.5, 0.2, (0.1, 0.3))
     refused = {"promoted": False, "version": "3", "decision": {
         "against": "production v2", "reasons": ["mean m gain +0.0005 …", "category a regresses by 0.1"],
         "failures": ["category a regresses by 0.1"],
@@ -38,7 +46,7 @@ def test_outcome_names_what_happened():
     assert outcome(summary, "m", {**refused, "promoted": True})[0] == "Promoted"
     assert outcome(summary, "m", None)[0] == "Registered"
     assert outcome(summary, "m", {**refused, "promoted": True, "previous": "3"})[0] == "Unchanged"
-    summary["degenerate"]["tuned"]["rate"] = 0.1  # better mean, but more garbage than its base
+    summary = _summary(0.5, 0.2, (0.1, 0.3), tuned_degenerate=0.1)  # better mean, but more garbage than its base
     assert outcome(summary, "m", None)[0] == "Worse than base"
     assert [exit_code(n) for n in ("Promoted", "Registered", "Unchanged", "Refused", "Worse than base")] == [0, 0, 0, 3, 4]
 

@@ -56,7 +56,9 @@ def test_labels_mask_the_prompt(trained):
 
 def test_evaluate_writes_report_table_and_metrics(trained):
     params, root, _ = trained
-    summary = evaluate.run(params, root)
+    returned = evaluate.run(params, root)
+    summary = json.loads((root / "metrics/eval.json").read_text(encoding="utf-8"))  # what dvc metrics show reads
+    assert returned.model_dump(mode="json", exclude_unset=True) == summary
     total = len(load_split("test", root))
     assert summary["sample"] == {"n": summary["n"], "of": total, "seed": 42, "stratified_by": "category, whole source groups"}
     assert params.eval.max_samples <= summary["n"] < total

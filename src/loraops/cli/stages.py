@@ -23,9 +23,9 @@ def prepare(params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt,
 
     p = params_of(params, set_)
     card = prepare_stage.run(p)
-    typer.echo(f"prepared {card['pairs']} pairs from {card['source']['path']} ({card['source']['encoding']}); "
-               f"cleaning: {card['cleaning']}")
-    note = prepare_stage.length_note(card["cleaning"], p.data)
+    typer.echo(f"prepared {card.pairs} pairs from {card.source['path']} ({card.source['encoding']}); "
+               f"cleaning: {card.cleaning}")
+    note = prepare_stage.length_note(card.cleaning, p.data)
     if note:
         typer.secho(f"note: {note}", fg=typer.colors.YELLOW)
     if show:

@@ -10,6 +10,7 @@ import pandas as pd
 
 from loraops.core.config import Params
 from loraops.core.paths import EVAL_TABLE, STAGES
+from loraops.core.results import Comparison, EvalSummary, Slice
 
 
 def paired_bootstrap(deltas: np.ndarray, samples: int, seed: int) -> tuple[float, float]:
@@ -23,41 +24,40 @@ def paired_bootstrap(deltas: np.ndarray, samples: int, seed: int) -> tuple[float
     return float(low), float(high)
 
 
-def compare(a: pd.Series, b: pd.Series, samples: int, seed: int, tie: float = 1e-9) -> dict[str, Any]:
+def compare(a: pd.Series, b: pd.Series, samples: int, seed: int, tie: float = 1e-9) -> Comparison:
     """Paired comparison b − a: means, delta, bootstrap interval, win/tie/loss counts."""
     deltas = (b - a).to_numpy(dtype=float)
     low, high = paired_bootstrap(deltas, samples, seed)
-    return {
-        "base": round(float(a.mean()), 6), "tuned": round(float(b.mean()), 6),
-        "delta": round(float(deltas.mean()), 6) if len(deltas) else 0.0,
-        "ci95": [round(low, 6), round(high, 6)],
-        "wins": int((deltas > tie).sum()), "ties": int((abs(deltas) <= tie).sum()), "losses": int((deltas < -tie).sum()),
-    }
+    return Comparison(
+        base=round(float(a.mean()), 6), tuned=round(float(b.mean()), 6),
+        delta=round(float(deltas.mean()), 6) if len(deltas) else 0.0,
+        ci95=(round(low, 6), round(high, 6)),
+        wins=int((deltas > tie).sum()), ties=int((abs(deltas) <= tie).sum()), losses=int((deltas < -tie).sum()),
+    )
 
 
 def summarize(table: pd.DataFrame, columns: list[str], slice_columns: list[str], samples: int, seed: int,
-              min_slice: int) -> dict[str, Any]:
-    """The contents of ``metrics/eval.json`` from a per-question table with ``base_<m>``/``tuned_<m>`` columns."""
-    out: dict[str, Any] = {
-        "n": int(len(table)),
-        "empty_answers": {"base": int((table["base_answer"].str.strip() == "").sum()),
-                          "tuned": int((table["tuned_answer"].str.strip() == "").sum())},
-        "metrics": {m: compare(table[f"base_{m}"], table[f"tuned_{m}"], samples, seed) for m in columns},
-        "slices": {},
-    }
+              min_slice: int) -> EvalSummary:
+    """The core of ``metrics/eval.json`` from a per-question table with ``base_<m>``/``tuned_<m>`` columns: means,
+    gains and intervals per metric, and per slice (each value of each of ``slice_columns``) the means."""
+    slices: dict[str, dict[str, Slice]] = {}
     for column in slice_columns:
-        groups = {}
+        slices[column] = {}
         for value, part in table.groupby(column, sort=True):
-            groups[str(value)] = {
-                "n": int(len(part)), "small": bool(len(part) < min_slice),
-                **{m: {k: v for k, v in compare(part[f"base_{m}"], part[f"tuned_{m}"], samples, seed).items()
-                       if k in ("base", "tuned", "delta")} for m in columns},
-            }
-        out["slices"][column] = groups
-    return out
+            means = {m: compare(part[f"base_{m}"], part[f"tuned_{m}"], samples, seed).model_dump(
+                include={"base", "tuned", "delta"}) for m in columns}
+            slices[column][str(value)] = Slice.model_validate({"n": int(len(part)), "small": bool(len(part) < min_slice),
+                                                               **means})
+    return EvalSummary(
+        n=int(len(table)),
+        empty_answers={"base": int((table["base_answer"].str.strip() == "").sum()),
+                       "tuned": int((table["tuned_answer"].str.strip() == "").sum())},
+        metrics={m: compare(table[f"base_{m}"], table[f"tuned_{m}"], samples, seed) for m in columns},
+        slices=slices,
+    )
 
 
-def flat_metrics(summary: dict[str, Any], gate_metric: str | None = None) -> dict[str, float]:
+def flat_metrics(summary: EvalSummary, gate_metric: str | None = None) -> dict[str, float]:
     """The run's MLflow metrics, in chart sections that MLflow orders by name:
 
     - ``gate/``: the gate metric (tuned), its base value, gain and 95% interval, degenerate rates, n;
@@ -67,50 +67,47 @@ def flat_metrics(summary: dict[str, Any], gate_metric: str | None = None) -> dic
     Base values, intervals, wins/ties/losses, slices and validity go to :func:`details` (a JSON artifact
     and a table), so the charts open on the headline and the curves, not on a hundred single bars.
     """
-    gate = gate_metric if gate_metric in summary["metrics"] else next(iter(summary["metrics"]))
-    stats = summary["metrics"][gate]
-    flat: dict[str, float] = {f"gate/{gate}": stats["tuned"], f"gate/{gate}_base": stats["base"],
-                              f"gate/{gate}_delta": stats["delta"], f"gate/{gate}_delta_ci_low": stats["ci95"][0],
-                              f"gate/{gate}_delta_ci_high": stats["ci95"][1], "gate/n_questions": summary["n"]}
-    for model, figures in summary.get("degenerate", {}).items():
-        flat["gate/degenerate_rate" if model == "tuned" else f"gate/degenerate_rate_{model}"] = figures["rate"]
-    for metric, figures in summary["metrics"].items():
-        flat[f"tuned/{metric}"], flat[f"vs_base/{metric}"] = figures["tuned"], figures["delta"]
-    for arm, value in summary.get("arms", {}).get("means", {}).get(gate, {}).items():
+    gate = summary.primary(gate_metric)
+    stats = summary.metrics[gate]
+    flat: dict[str, float] = {f"gate/{gate}": stats.tuned, f"gate/{gate}_base": stats.base,
+                              f"gate/{gate}_delta": stats.delta, f"gate/{gate}_delta_ci_low": stats.ci95[0],
+                              f"gate/{gate}_delta_ci_high": stats.ci95[1], "gate/n_questions": summary.n}
+    for model, figures in (summary.degenerate or {}).items():
+        flat["gate/degenerate_rate" if model == "tuned" else f"gate/degenerate_rate_{model}"] = figures.rate
+    for metric, comparison in summary.metrics.items():
+        flat[f"tuned/{metric}"], flat[f"vs_base/{metric}"] = comparison.tuned, comparison.delta
+    for arm, value in (summary.arms or {}).get("means", {}).get(gate, {}).items():
         flat[f"arms/{arm.replace('+', '_with_')}/{gate}"] = value
     for key in ("hit@k", "mrr"):
-        if key in summary.get("retrieval", {}):
-            flat[f"retrieval/{key.replace('@', '_at_')}"] = summary["retrieval"][key]
+        if key in (summary.retrieval or {}):
+            flat[f"retrieval/{key.replace('@', '_at_')}"] = (summary.retrieval or {})[key]
     return flat
 
 
-def details(summary: dict[str, Any]) -> tuple[dict[str, Any], pd.DataFrame]:
+def details(summary: EvalSummary) -> tuple[dict[str, Any], pd.DataFrame]:
     """What the headline leaves out: per metric intervals and wins/ties/losses, validity, degenerate reasons;
     and one row per slice × metric (base, tuned, delta) for a table artifact."""
-    out = {"metrics": {m: {k: s[k] for k in ("base", "tuned", "delta", "ci95", "wins", "ties", "losses") if k in s}
-                       for m, s in summary["metrics"].items()},
-           "validity": summary.get("validity", {}), "degenerate": summary.get("degenerate", {}),
-           "empty_answers": summary.get("empty_answers", {}), "sample": summary.get("sample", {})}
-    rows = [{"slice": column, "value": value, "n": groups[value].get("n"), "metric": metric,
-             "base": stats[metric]["base"], "tuned": stats[metric]["tuned"], "delta": stats[metric]["delta"]}
-            for column, groups in summary["slices"].items() for value, stats in groups.items()
-            for metric in summary["metrics"] if metric in stats]
+    dumped = summary.model_dump(mode="json", exclude_unset=True)
+    out = {"metrics": dumped["metrics"], "validity": dumped.get("validity", {}), "degenerate": dumped.get("degenerate", {}),
+           "empty_answers": dumped["empty_answers"], "sample": dumped.get("sample", {})}
+    rows = [{"slice": column, "value": value, "n": part.n, "metric": metric, **means.model_dump()}
+            for column, groups in summary.slices.items() for value, part in groups.items()
+            for metric in summary.metrics if (means := part.metric(metric)) is not None]
     return out, pd.DataFrame(rows)
 
 
-def headline(summary: dict[str, Any]) -> str:
+def headline(summary: EvalSummary) -> str:
     """Base vs tuned means, one line per metric, then the degenerate counts."""
-    validity = summary.get("validity", {})
+    validity = summary.validity or {}
     lines = [f"{'metric':<14}{'base':>9}{'tuned':>9}{'delta':>9}   95% CI of delta"]
-    for metric, s in summary["metrics"].items():
+    for metric, s in summary.metrics.items():
         note = "   (not valid on Korean)" if metric in validity and not validity[metric]["valid"] else ""
-        lines.append(f"{metric:<14}{s['base']:>9.4f}{s['tuned']:>9.4f}{s['delta']:>+9.4f}   "
-                     f"[{s['ci95'][0]:+.4f}, {s['ci95'][1]:+.4f}]{note}")
-    degenerate = summary.get("degenerate")
-    if degenerate:
-        lines.append(f"degenerate answers: base {degenerate['base']['count']}/{summary['n']}, "
-                     f"tuned {degenerate['tuned']['count']}/{summary['n']} (scored 0)")
-    if "arms" in summary:
+        lines.append(f"{metric:<14}{s.base:>9.4f}{s.tuned:>9.4f}{s.delta:>+9.4f}   "
+                     f"[{s.ci95[0]:+.4f}, {s.ci95[1]:+.4f}]{note}")
+    if summary.degenerate:
+        lines.append(f"degenerate answers: base {summary.degenerate['base'].count}/{summary.n}, "
+                     f"tuned {summary.degenerate['tuned'].count}/{summary.n} (scored 0)")
+    if summary.arms:
         lines += ["", "base and tuned above answer with retrieval; the four arms:", *arms_lines(summary)]
     return "\n".join(lines)
 
@@ -118,15 +115,16 @@ def headline(summary: dict[str, Any]) -> str:
 ARMS = ("base", "tuned", "base+retrieval", "tuned+retrieval")
 
 
-def arms_lines(summary: dict[str, Any]) -> list[str]:
+def arms_lines(summary: EvalSummary) -> list[str]:
     """The four arms (rag.enabled) as a markdown table: each metric's mean per arm, what retrieval adds to the
     tuned model (with its interval), and retrieval hit@k / MRR when the gold documents are known."""
     lines = ["| metric | " + " | ".join(ARMS) + " | retrieval gain (tuned) | 95% CI |", "|---|" + "---|" * (len(ARMS) + 2)]
-    for metric, means in summary["arms"]["means"].items():
-        gain = summary["arms"]["retrieval_gain"][metric]["tuned"]
+    arms = summary.arms or {"means": {}}
+    for metric, means in arms["means"].items():
+        gain = arms["retrieval_gain"][metric]["tuned"]
         lines.append(f"| {metric} | " + " | ".join(f"{means[arm]:.4f}" for arm in ARMS) +
                      f" | {gain['delta']:+.4f} | [{gain['ci95'][0]:+.4f}, {gain['ci95'][1]:+.4f}] |")
-    quality = summary.get("retrieval", {})
+    quality = summary.retrieval or {}
     if "hit@k" in quality:
         lines += ["", f"Retrieval ({quality['mode']}, k={quality['k']}): hit@k {quality['hit@k']:.3f}, "
                       f"MRR {quality['mrr']:.3f} on {quality['n_with_gold']} questions with a known gold document."]
@@ -155,7 +153,7 @@ def versus(gate: dict[str, Any]) -> str:
             f"({f['gain']:+.4f}, 95% CI [{low:+.4f}, {high:+.4f}])")
 
 
-def outcome(summary: dict[str, Any], primary: str, gate: dict[str, Any] | None,
+def outcome(summary: EvalSummary, primary: str, gate: dict[str, Any] | None,
             awaiting_approval: bool = False) -> tuple[str, str]:
     """The run's outcome as a Prefect state name and a one-line message (its exit code: :func:`exit_code`).
 
@@ -165,11 +163,11 @@ def outcome(summary: dict[str, Any], primary: str, gate: dict[str, Any] | None,
     ``Registered``. Once gated, the message quotes the comparison that decided (production, or the base when
     there is none) and, for a refusal, the first reason.
     """
-    stats = summary["metrics"][primary]
-    degenerate = summary.get("degenerate", {})
-    rates = [degenerate.get(m, {}).get("rate", 0.0) for m in ("base", "tuned")]
-    figures = f"{primary} base {stats['base']:.4f} → tuned {stats['tuned']:.4f} ({stats['delta']:+.4f})"
-    if stats["ci95"][1] < 0 or rates[1] > rates[0]:
+    stats = summary.metrics[primary]
+    degenerate = summary.degenerate or {}
+    rates = [degenerate[m].rate if m in degenerate else 0.0 for m in ("base", "tuned")]
+    figures = f"{primary} base {stats.base:.4f} → tuned {stats.tuned:.4f} ({stats.delta:+.4f})"
+    if stats.ci95[1] < 0 or rates[1] > rates[0]:
         return "Worse than base", f"the tuned model is worse than its base: {figures}; degenerate {rates[0]:.1%} → {rates[1]:.1%}"
     if gate is not None and gate.get("previous") == gate["version"]:
         return "Unchanged", f"v{gate['version']} is already production; nothing moved: {figures}"
@@ -186,15 +184,15 @@ def outcome(summary: dict[str, Any], primary: str, gate: dict[str, Any] | None,
     return "Registered", f"registered (registry.auto_promote is off): {figures}"
 
 
-def version_description(summary: dict[str, Any], primary: str, run_id: str, lineage: dict[str, Any] | None = None) -> str:
+def version_description(summary: EvalSummary, primary: str, run_id: str, lineage: dict[str, Any] | None = None) -> str:
     """The model version's description: what the adapter scored, from which run, made of what."""
-    stats = summary["metrics"][primary]
-    degenerate = summary.get("degenerate", {})
+    stats = summary.metrics[primary]
     lines = [f"LoRA adapter from MLflow run {run_id}.", "",
-             f"Gate metric **{primary}**: base {stats['base']:.4f} → tuned {stats['tuned']:.4f} "
-             f"(Δ {stats['delta']:+.4f}, 95% CI [{stats['ci95'][0]:+.4f}, {stats['ci95'][1]:+.4f}]) on {summary['n']} test questions."]
-    if degenerate:
-        lines.append(f"Degenerate answers: base {degenerate['base']['count']}, tuned {degenerate['tuned']['count']}.")
+             f"Gate metric **{primary}**: base {stats.base:.4f} → tuned {stats.tuned:.4f} "
+             f"(Δ {stats.delta:+.4f}, 95% CI [{stats.ci95[0]:+.4f}, {stats.ci95[1]:+.4f}]) on {summary.n} test questions."]
+    if summary.degenerate:
+        lines.append(f"Degenerate answers: base {summary.degenerate['base'].count}, "
+                     f"tuned {summary.degenerate['tuned'].count}.")
     if lineage:
         commit = (lineage.get("git_commit") or "unknown")[:12] + (" + uncommitted diff" if lineage.get("git_dirty") else "")
         data = ", ".join(f"`{path}` md5 {md5[:8]}" for path, md5 in list((lineage.get("data_md5") or {}).items())[:1])
@@ -209,10 +207,10 @@ def _cell(text: str, width: int = 80) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def markdown(summary: dict[str, Any], table: pd.DataFrame, primary: str, top: int = 10) -> str:
+def markdown(summary: EvalSummary, table: pd.DataFrame, primary: str, top: int = 10) -> str:
     """``reports/eval.md``: headline, slices, intervals, biggest wins and losses."""
-    validity = summary.get("validity", {})
-    room = summary.get("answer_room") or {}
+    validity = summary.validity or {}
+    room = summary.answer_room or {}
     cut = ([f"**Answers cut short:** {room['references_longer']:.0%} of the reference answers are longer than "
             f"eval.max_new_tokens={room['max_new_tokens']} tokens (median {room['reference_tokens_median']:.0f}, p90 "
             f"{room['reference_tokens_p90']:.0f}); the model's answers stop there.", ""]
@@ -221,25 +219,27 @@ def markdown(summary: dict[str, Any], table: pd.DataFrame, primary: str, top: in
              f"Gate metric: **{primary}**.", "",
              "| metric | base | tuned | Δ (tuned − base) | 95% CI of Δ | wins / ties / losses | valid on Korean probes |",
              "|---|---|---|---|---|---|---|"]
-    for metric, s in summary["metrics"].items():
+    for metric, s in summary.metrics.items():
         v = validity.get(metric)
         verdict = "—" if v is None else ("yes" if v["valid"] else f"**no** (paraphrase>unrelated {v['paraphrase>unrelated']:.2f})")
-        lines.append(f"| {metric} | {s['base']:.4f} | {s['tuned']:.4f} | {s['delta']:+.4f} | "
-                     f"[{s['ci95'][0]:+.4f}, {s['ci95'][1]:+.4f}] | {s['wins']} / {s['ties']} / {s['losses']} | {verdict} |")
+        lines.append(f"| {metric} | {s.base:.4f} | {s.tuned:.4f} | {s.delta:+.4f} | "
+                     f"[{s.ci95[0]:+.4f}, {s.ci95[1]:+.4f}] | {s.wins} / {s.ties} / {s.losses} | {verdict} |")
     if validity and not all(v["valid"] for v in validity.values()):
         lines += ["", "Metrics marked **no** do not order graded Korean answers reliably (`loraops evaluate --self-test`); "
                   "read their figures as noise."]
-    if "arms" in summary:
+    if summary.arms:
         lines += ["", "## Retrieval: the four arms", "",
                   "The table above compares base and tuned, both **with** retrieval (the configuration registered and "
                   "gated). Without retrieval, the prompt is data.template; with it, rag.template with the passages.", "",
                   *arms_lines(summary)]
-    for column, groups in summary["slices"].items():
+    for column, groups in summary.slices.items():
         lines += ["", f"## By {column} ({primary})", "", "| value | n | base | tuned | Δ | note |", "|---|---|---|---|---|---|"]
-        for value, s in groups.items():
-            note = "small slice" if s["small"] else ""
-            lines.append(f"| {value} | {s['n']} | {s[primary]['base']:.4f} | {s[primary]['tuned']:.4f} | "
-                         f"{s[primary]['delta']:+.4f} | {note} |")
+        for value, part in groups.items():
+            means = part.metric(primary)
+            if means is None:
+                continue
+            note = "small slice" if part.small else ""
+            lines.append(f"| {value} | {part.n} | {means.base:.4f} | {means.tuned:.4f} | {means.delta:+.4f} | {note} |")
     delta = table[f"tuned_{primary}"] - table[f"base_{primary}"]
     for title, order in (("wins", delta[delta > 0].sort_values(ascending=False)), ("losses", delta[delta < 0].sort_values())):
         lines += ["", f"## Top {top} {title} ({primary})", "", "| Δ | question | reference | base | tuned |", "|---|---|---|---|---|"]
@@ -250,20 +250,20 @@ def markdown(summary: dict[str, Any], table: pd.DataFrame, primary: str, top: in
     return "\n".join(lines) + "\n"
 
 
-def _sample_line(summary: dict[str, Any]) -> str:
-    sample = summary.get("sample") or {"n": summary["n"], "of": summary["n"]}
-    if sample["n"] < sample["of"]:
-        return (f"Test questions: {sample['n']}, a seeded sample (seed {sample['seed']}) of {sample['of']}, "
-                f"stratified by {sample['stratified_by']}.")
-    return f"Test questions: {summary['n']} (the whole test split)."
+def _sample_line(summary: EvalSummary) -> str:
+    sample = summary.sample
+    if sample is not None and sample.n < sample.of:
+        return (f"Test questions: {sample.n}, a seeded sample (seed {sample.seed}) of {sample.of}, "
+                f"stratified by {sample.stratified_by}.")
+    return f"Test questions: {summary.n} (the whole test split)."
 
 
-def _degenerate_lines(summary: dict[str, Any]) -> list[str]:
+def _degenerate_lines(summary: EvalSummary) -> list[str]:
     """How many answers were degenerate (scored 0) per model, and why."""
     lines = []
-    for model, stats in summary.get("degenerate", {}).items():
-        why = ", ".join(f"{k} {v}" for k, v in stats["reasons"].items()) or "none"
-        lines.append(f"- {model}: {stats['count']} degenerate answers ({stats['rate']:.1%}) scored 0 — {why}")
+    for model, stats in (summary.degenerate or {}).items():
+        why = ", ".join(f"{k} {v}" for k, v in stats.reasons.items()) or "none"
+        lines.append(f"- {model}: {stats.count} degenerate answers ({stats.rate:.1%}) scored 0 — {why}")
     return lines
 
 
@@ -281,7 +281,7 @@ def korean_font() -> None:
     matplotlib.rcParams["axes.unicode_minus"] = False  # NanumGothic has no U+2212
 
 
-def plots(summary: dict[str, Any], table: pd.DataFrame, primary: str, out_dir: Path) -> list[Path]:
+def plots(summary: EvalSummary, table: pd.DataFrame, primary: str, out_dir: Path) -> list[Path]:
     """PNG plots: score distributions base vs tuned, per-category deltas. Returns the files written."""
     korean_font()
     import matplotlib.pyplot as plt
@@ -299,11 +299,11 @@ def plots(summary: dict[str, Any], table: pd.DataFrame, primary: str, out_dir: P
     written.append(out_dir / "score_hist.png")
     fig.savefig(written[-1], dpi=100)
     plt.close(fig)
-    for column, groups in summary["slices"].items():
+    for column, groups in summary.slices.items():
         fig, ax = plt.subplots(figsize=(6, 4))
-        names = list(groups)
-        ax.bar(range(len(names)), [groups[n][primary]["delta"] for n in names])
-        ax.set_xticks(range(len(names)), [f"{n} (n={groups[n]['n']})" for n in names], rotation=30, ha="right")
+        names = [n for n in groups if groups[n].metric(primary) is not None]
+        ax.bar(range(len(names)), [getattr(groups[n].metric(primary), "delta", 0.0) for n in names])
+        ax.set_xticks(range(len(names)), [f"{n} (n={groups[n].n})" for n in names], rotation=30, ha="right")
         ax.set_ylabel(f"Δ {primary} (tuned - base)")
         ax.set_title(f"{primary} gain per {column}", fontsize=10)
         fig.tight_layout()
@@ -313,7 +313,7 @@ def plots(summary: dict[str, Any], table: pd.DataFrame, primary: str, out_dir: P
     return written
 
 
-def summary_markdown(params: Params, summary: dict[str, Any], run_id: str, tracking_uri: str,
+def summary_markdown(params: Params, summary: EvalSummary, run_id: str, tracking_uri: str,
                      registered: dict[str, Any], gate: dict[str, Any] | None, ran: dict[str, bool],
                      experiment_id: str = "0") -> str:
     """The Prefect markdown artifact: headline scores, stages run, registration and gate decision."""
@@ -324,16 +324,15 @@ def summary_markdown(params: Params, summary: dict[str, Any], run_id: str, track
              "| stage | " + " | ".join(STAGES) + " |", "|---|" + "---|" * len(STAGES),
              "| ran | " + " | ".join("yes" if ran[s] else "skipped (unchanged)" for s in STAGES) + " |", "",
              "| metric | base | tuned | Δ | 95% CI | valid on Korean |", "|---|---|---|---|---|---|"]
-    validity = summary.get("validity", {})
-    for metric, s in summary["metrics"].items():
+    validity = summary.validity or {}
+    for metric, s in summary.metrics.items():
         valid = "—" if metric not in validity else ("yes" if validity[metric]["valid"] else "no")
-        lines.append(f"| {metric} | {s['base']:.4f} | {s['tuned']:.4f} | {s['delta']:+.4f} | "
-                     f"[{s['ci95'][0]:+.4f}, {s['ci95'][1]:+.4f}] | {valid} |")
-    degenerate = summary.get("degenerate")
-    if degenerate:
-        lines += ["", f"Degenerate answers (scored 0): base {degenerate['base']['count']}, tuned "
-                      f"{degenerate['tuned']['count']} of {summary['n']}; gate metric `{params.registry.gate.metric}`."]
-    if "arms" in summary:
+        lines.append(f"| {metric} | {s.base:.4f} | {s.tuned:.4f} | {s.delta:+.4f} | "
+                     f"[{s.ci95[0]:+.4f}, {s.ci95[1]:+.4f}] | {valid} |")
+    if summary.degenerate:
+        lines += ["", f"Degenerate answers (scored 0): base {summary.degenerate['base'].count}, tuned "
+                      f"{summary.degenerate['tuned'].count} of {summary.n}; gate metric `{params.registry.gate.metric}`."]
+    if summary.arms:
         lines += ["", "With retrieval (rag.enabled): the scores above answer with passages; the four arms:", "",
                   *arms_lines(summary)]
     reused = " (same adapter as an existing version)" if registered.get("reused") else ""

@@ -21,7 +21,7 @@ import yaml
 from mlflow.exceptions import MlflowException
 
 from loraops.core.config import Params
-from loraops.core.paths import EVAL_METRICS, TRAIN_METRICS
+from loraops.core.results import EvalSummary, TrainFigures
 from loraops.registry.versions import RegistryError, mlflow_client, resolve, run_artifact
 
 
@@ -111,15 +111,15 @@ def reproduce(ref: str, params: Params, repo: Path = Path(".")) -> dict[str, Any
         env = {**os.environ, "PYTHONPATH": str(tree / "src")}
         for stage in ("prepare", "train", "evaluate"):
             _sh([sys.executable, "-m", "loraops.cli", stage], tree, env=env, what=f"stage {stage}")
-        new_sha = json.loads((tree / TRAIN_METRICS).read_text())["adapter_sha256"]
-        summary = json.loads((tree / EVAL_METRICS).read_text(encoding="utf-8"))
+        new_sha = TrainFigures.read(tree).adapter_sha256 or ""
+        summary = EvalSummary.read(tree)
     finally:
         subprocess.run(["git", "worktree", "remove", "--force", str(where / "tree")], cwd=repo, capture_output=True)
         shutil.rmtree(where, ignore_errors=True)
     return compare(card, _original_metrics(run_id), summary, new_sha, params.registry.reproduce_tolerance, run_id)
 
 
-def compare(card: dict[str, Any], original: dict[str, float], summary: dict[str, Any], new_sha: str,
+def compare(card: dict[str, Any], original: dict[str, float], summary: EvalSummary, new_sha: str,
             tolerance: float, run_id: str) -> dict[str, Any]:
     """The reproduce report (pure): per-metric original/new/difference and the verdict."""
     from loraops.judge.report import flat_metrics

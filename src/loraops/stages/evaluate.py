@@ -21,7 +21,8 @@ import pandas as pd
 from loraops.core.config import Params
 from loraops.core.paths import ADAPTER_DIR, EVAL_METRICS, EVAL_REPORT, EVAL_TABLE, PLOTS_DIR, prompts_folder
 from loraops.core.readers import load_split
-from loraops.core.utils import atomic_write, pick_device, say, write_json
+from loraops.core.results import EvalSummary, write_result
+from loraops.core.utils import atomic_write, pick_device, say
 from loraops.judge import tone
 from loraops.judge.degenerate import clean
 from loraops.judge.metrics import MetricPack
@@ -134,19 +135,19 @@ def require_tone_valid(classifier: SpeechLevel) -> dict[str, Any]:
     return {k: v for k, v in result.items() if k != "wrong"} | {"wrong": result["wrong"][:10]}
 
 
-def arms(with_retrieval: dict[str, Any], without: dict[str, Any], table: pd.DataFrame, columns: list[str],
+def arms(with_retrieval: EvalSummary, without: EvalSummary, table: pd.DataFrame, columns: list[str],
          samples: int, seed: int) -> dict[str, Any]:
     """The four arms' means per metric, and what retrieval adds to each model (paired, with its interval)."""
     from loraops.judge.report import compare
 
     out: dict[str, Any] = {"means": {}, "retrieval_gain": {}}
     for metric in columns:
-        out["means"][metric] = {"base": without["metrics"][metric]["base"], "tuned": without["metrics"][metric]["tuned"],
-                                "base+retrieval": with_retrieval["metrics"][metric]["base"],
-                                "tuned+retrieval": with_retrieval["metrics"][metric]["tuned"]}
+        out["means"][metric] = {"base": without.metrics[metric].base, "tuned": without.metrics[metric].tuned,
+                                "base+retrieval": with_retrieval.metrics[metric].base,
+                                "tuned+retrieval": with_retrieval.metrics[metric].tuned}
         out["retrieval_gain"][metric] = {
-            model: {k: v for k, v in compare(table[f"{model}_{WITHOUT_RETRIEVAL}_{metric}"], table[f"{model}_{metric}"],
-                                             samples, seed).items() if k in ("delta", "ci95", "wins", "ties", "losses")}
+            model: compare(table[f"{model}_{WITHOUT_RETRIEVAL}_{metric}"], table[f"{model}_{metric}"], samples,
+                           seed).model_dump(mode="json", include={"delta", "ci95", "wins", "ties", "losses"})
             for model in ("base", "tuned")}
     return out
 
@@ -182,7 +183,7 @@ def degenerate_summary(table: pd.DataFrame) -> dict[str, Any]:
     return out
 
 
-def run(params: Params, root: Path = Path("."), self_test: bool | None = None) -> dict[str, Any]:
+def run(params: Params, root: Path = Path("."), self_test: bool | None = None) -> EvalSummary:
     """Generate, score and write ``metrics/eval.json``, ``reports/eval.md``, the table and the plots."""
     device = pick_device(params.base.device)
     pack = MetricPack(params.eval, device=device)
@@ -229,31 +230,32 @@ def run(params: Params, root: Path = Path("."), self_test: bool | None = None) -
         table["sources"] = [" ".join(r["sources"]) for r in rows]
     columns = pack.columns + (["tone"] if expected is not None else [])
     slice_columns = ["category"] + [c for c in params.data.attribute_columns if c in table and c != params.rag.gold_column]
-    summary = summarize(table, columns, slice_columns, params.eval.bootstrap_samples, params.base.seed,
-                        params.eval.min_slice_size)
-    summary["degenerate"] = degenerate_summary(table)
-    summary["answer_room"] = {k: v for k, v in room.items() if k != "warning"}
-    summary["sample"] = {"n": len(rows), "of": len(test_rows), "seed": params.base.seed,
-                         "stratified_by": "category, whole source groups" if len(rows) < len(test_rows) else None}
+    core = summarize(table, columns, slice_columns, params.eval.bootstrap_samples, params.base.seed,
+                     params.eval.min_slice_size)
+    extra: dict[str, Any] = {
+        "degenerate": degenerate_summary(table),
+        "answer_room": {k: v for k, v in room.items() if k != "warning"},
+        "sample": {"n": len(rows), "of": len(test_rows), "seed": params.base.seed,
+                   "stratified_by": "category, whole source groups" if len(rows) < len(test_rows) else None}}
     if rag:
         without = summarize(plain, columns, slice_columns, params.eval.bootstrap_samples, params.base.seed,
-                            params.eval.min_slice_size)
-        without["degenerate"] = degenerate_summary(plain)
-        summary["retrieval"] = {"configuration": "tuned+retrieval", "mode": params.rag.mode, "corpus": params.rag.corpus,
-                                **retrieval_quality(rows, params.rag.gold_column, params.rag.k),
-                                "mean_context_chars": round(sum(len(r["context"]) for r in rows) / max(1, len(rows)), 1)}
-        summary["arms"] = arms(summary, without, table, columns, params.eval.bootstrap_samples, params.base.seed)
-        summary[WITHOUT_RETRIEVAL] = without
+                            params.eval.min_slice_size).extended(degenerate=degenerate_summary(plain))
+        extra["retrieval"] = {"configuration": "tuned+retrieval", "mode": params.rag.mode, "corpus": params.rag.corpus,
+                              **retrieval_quality(rows, params.rag.gold_column, params.rag.k),
+                              "mean_context_chars": round(sum(len(r["context"]) for r in rows) / max(1, len(rows)), 1)}
+        extra["arms"] = arms(core, without, table, columns, params.eval.bootstrap_samples, params.base.seed)
+        extra[WITHOUT_RETRIEVAL] = without
     if validity is not None:
-        summary["validity"] = {r["metric"]: r for r in validity.table.to_dict("records")}
+        extra["validity"] = {r["metric"]: r for r in validity.table.to_dict("records")}
     if probed is not None:
-        summary["tone_probe"] = probed
+        extra["tone_probe"] = probed
+    summary = core.extended(**extra)
     primary = params.registry.gate.metric if params.registry.gate.metric in pack.columns else pack.columns[0]
     (root / EVAL_TABLE).parent.mkdir(parents=True, exist_ok=True)
     atomic_write(root / EVAL_TABLE, table.to_csv(index=False))
     plots(summary, table, primary, root / PLOTS_DIR)
     atomic_write(root / EVAL_REPORT, markdown(summary, table, primary))
-    write_json(root / EVAL_METRICS, summary)
+    write_result(summary, root / EVAL_METRICS)
     return summary
 
 

@@ -6,7 +6,6 @@ Outputs ``data/prepared/{train,validation,test}.jsonl`` and ``data/prepared/card
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 from collections import Counter, defaultdict
 from dataclasses import asdict, replace
@@ -16,6 +15,7 @@ from typing import Any
 from loraops.core.config import DataSection, Params
 from loraops.core.paths import DATA_CARD, PREPARED_DIR, SPLITS, split
 from loraops.core.readers import DataError, QARecord, read_records
+from loraops.core.results import DataCard, LengthStats, write_result
 from loraops.core.text import clean_text, fill, template_fields
 from loraops.core.utils import atomic_dir, jsonl_line
 
@@ -136,18 +136,18 @@ def _length_stats(values: list[int]) -> dict[str, float]:
     }
 
 
-def build_card(splits: dict[str, list[QARecord]], report: dict[str, int], source: dict[str, Any]) -> dict[str, Any]:
+def build_card(splits: dict[str, list[QARecord]], report: dict[str, int], source: dict[str, Any]) -> DataCard:
     """The data card: counts per split and category, length statistics, what cleaning removed."""
     every = [rec for name in SPLITS for rec in splits[name]]
-    return {
-        "source": source,
-        "pairs": {name: len(splits[name]) for name in SPLITS},
-        "groups": {name: len({r.group for r in splits[name]}) for name in SPLITS},
-        "categories": {name: dict(sorted(Counter(r.category for r in splits[name]).items())) for name in SPLITS},
-        "question_chars": _length_stats([len(r.question) for r in every]),
-        "answer_chars": _length_stats([len(r.answer) for r in every]),
-        "cleaning": report,
-    }
+    return DataCard(
+        source=source,
+        pairs={name: len(splits[name]) for name in SPLITS},
+        groups={name: len({r.group for r in splits[name]}) for name in SPLITS},
+        categories={name: dict(sorted(Counter(r.category for r in splits[name]).items())) for name in SPLITS},
+        question_chars=LengthStats.model_validate(_length_stats([len(r.question) for r in every])),
+        answer_chars=LengthStats.model_validate(_length_stats([len(r.answer) for r in every])),
+        cleaning=report,
+    )
 
 
 def build_splits(records: list[QARecord], cfg: DataSection, seed: int) -> tuple[dict[str, list[dict[str, Any]]], dict[str, Any]]:
@@ -167,7 +167,7 @@ def _md5(path: Path) -> str:
     return hashlib.md5(path.read_bytes()).hexdigest()
 
 
-def run(params: Params, root: Path = Path(".")) -> dict[str, Any]:
+def run(params: Params, root: Path = Path(".")) -> DataCard:
     """Read ``data.path``, prepare it and write ``data/prepared`` atomically; return the card."""
     path = root / params.data.path if not Path(params.data.path).is_absolute() else Path(params.data.path)
     records, encoding = read_records(path, params.data)
@@ -181,5 +181,5 @@ def run(params: Params, root: Path = Path(".")) -> dict[str, Any]:
             with (tmp / split(name).name).open("w", encoding="utf-8") as fh:
                 for row in rows[name]:
                     fh.write(jsonl_line(row))
-        (tmp / DATA_CARD.name).write_text(json.dumps(card, ensure_ascii=False, indent=2), encoding="utf-8")
+        write_result(card, tmp / DATA_CARD.name)
     return card
