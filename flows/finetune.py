@@ -21,7 +21,7 @@ from loraops.core import concurrency, remote
 from loraops.core.config import Params, load_params
 from loraops.core.outcomes import NOT_SUCCESS
 from loraops.core.paths import ADAPTER_DIR, TRAIN_LOG
-from loraops.core.results import EvalSummary
+from loraops.core.results import EvalSummary, Promotion
 from loraops.core.secrets import redact_text
 from loraops.judge import tone, validity
 from loraops.judge.report import (details, flat_metrics, headline, outcome, summary_markdown, top_losses,
@@ -147,7 +147,7 @@ def register(work: Path, params: Params, run_id: str, allow_dirty: bool, summary
 
 
 @task(name="gate")
-def gate(params: Params, version: str) -> dict[str, Any]:
+def gate(params: Params, version: str) -> Promotion:
     return registry.promote(params.registry.model_name, version, params)
 
 

@@ -40,7 +40,7 @@ def promote(
     text = registry.describe(result)
     create_markdown_artifact("```\n" + text + "\n```", key="promotion-decision")
     print(text)
-    return final_state(promotion_outcome(result), text, result)  # Rejected, Refused, Timed out: not green
+    return final_state(promotion_outcome(result), text, result.to_dict())  # Rejected, Refused, Timed out: not green
 
 
 @flow(name="rollback", log_prints=True)
@@ -52,4 +52,4 @@ def rollback(
     params = load_params(params_file)
     result = registry.rollback(name or params.registry.model_name, params)
     print(registry.describe(result))
-    return result
+    return result.to_dict()

@@ -78,7 +78,7 @@ for i in range(8):
             result = registry.rollback("m", params)
         else:
             result = registry.promote("m", str((i + len(host)) % 3 + 1), params, force=True, reason=f"{host} op {i}")
-        done.append({"op": i, "to": result["version"], "from": result["previous"], "moved": result["previous"] != result["version"]})
+        done.append({"op": i, "to": result.version, "from": result.previous, "moved": result.previous != result.version})
     except registry.RegistryError as exc:
         done.append({"op": i, "refused": str(exc)})
 print(json.dumps(done))

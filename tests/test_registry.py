@@ -76,10 +76,10 @@ def _register(store, name: str, tuned: float, base: float = 0.3, n: int = 30, pr
 
 def test_a_refusal_is_recorded_on_the_refused_candidate(store):
     params = load_params(REPO / "params.yaml", ["registry.gate.min_test_size=5"])
-    assert registry.promote("m", _register(store, "m", 0.6), params)["promoted"]
+    assert registry.promote("m", _register(store, "m", 0.6), params).promoted
     worse = _register(store, "m", 0.4)
     result = registry.promote("m", worse, params)
-    assert not result["promoted"]
+    assert not result.promoted
     client = mlflow.MlflowClient()
     mv = client.get_model_version("m", worse)
     assert mv.tags["gate.verdict"] == "refused" and mv.tags["gate.against"] == "production v1"
@@ -95,13 +95,13 @@ def test_production_re_evaluated_on_new_questions_is_judged_like_the_candidate(s
     """Production answering garbage on the candidate's new questions scores 0 there and counts as degenerate,
     as it would in evaluate; its cleaned answers would otherwise score like real text."""
     params = load_params(REPO / "params.yaml", ["registry.gate.min_test_size=5"])
-    assert registry.promote("m", _register(store, "m", 0.6, model=_Garbage()), params)["promoted"]
+    assert registry.promote("m", _register(store, "m", 0.6, model=_Garbage()), params).promoted
     candidate = _register(store, "m", 0.5, prefix="new")  # questions production's eval table does not have
     result = registry.promote("m", candidate, params)
-    decision = result["decision"]
-    assert decision["against"] == "production v1 (re-evaluated)"
-    assert decision["figures"]["reference"] == 0.0 and decision["figures"]["degenerate_rate"]["reference"] == 1.0
-    assert result["promoted"]
+    decision = result.decision
+    assert decision is not None and decision.against == "production v1 (re-evaluated)"
+    assert decision.figures["reference"] == 0.0 and decision.figures["degenerate_rate"]["reference"] == 1.0
+    assert result.promoted
 
 
 def test_two_promotions_at_once_leave_one_consistent_production_and_two_audit_entries(store):
@@ -171,7 +171,7 @@ def test_no_answer_within_the_approval_timeout_rejects_and_moves_nothing(store):
 
     @flow
     def promote_with_approval() -> dict:
-        return with_approval("m", version, params)
+        return with_approval("m", version, params).to_dict()
 
     result = promote_with_approval()
     assert result["promoted"] is False and result["approval"] == {"reviewer": "(nobody)", "approved": False,
@@ -187,7 +187,7 @@ def test_no_production_names_the_candidate_and_its_verdict_and_a_forced_broken_v
     version = _register(store, "m", 0.29)  # no better than its base (0.30 on average): refused
     client = mlflow.MlflowClient()
     client.set_registered_model_alias("m", "candidate", version)
-    assert not registry.promote("m", None, params)["promoted"]
+    assert not registry.promote("m", None, params).promoted
     with pytest.raises(registry.RegistryError) as err:
         registry.version_of("models:/m@production")
     assert "no alias @production; v1 is the candidate (gate: refused: mean morph_f1 gain" in str(err.value)

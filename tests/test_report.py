@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pandas as pd
 
-from loraops.core.results import EvalSummary
+from loraops.core.results import Decision, EvalSummary, Promotion, Signoff
 from loraops.judge.report import exit_code, outcome, top_losses
 
 
@@ -34,18 +36,18 @@ def test_outcome_names_what_happened():
     summary = _summary(0.299, -0.001, (-0.02, 0.018))  # noise, not measurably worse
     assert outcome(summary, "m", None)[0] == "Registered"
     summary = _summary(0.5, 0.2, (0.1, 0.3))
-    refused = {"promoted": False, "version": "3", "decision": {
-        "against": "production v2", "reasons": ["mean m gain +0.0005 …", "category a regresses by 0.1"],
-        "failures": ["category a regresses by 0.1"],
-        "figures": {"metric": "m", "reference": 0.4995, "candidate": 0.5, "gain": 0.0005, "ci95": [-0.0052, 0.0081]}}}
+    decision = Decision(False, ["mean m gain +0.0005 …", "category a regresses by 0.1"], "production v2",
+                        {"metric": "m", "reference": 0.4995, "candidate": 0.5, "gain": 0.0005, "ci95": [-0.0052, 0.0081]},
+                        ["category a regresses by 0.1"])
+    refused = Promotion("m", "3", "2", promoted=False, decision=decision)
     name, message = outcome(summary, "m", refused)
     # the headline quotes what decided (production, not the base's +0.2) and the reason that refused
     assert name == "Refused" and exit_code(name) == 3
     assert "m production v2 0.4995 → v3 0.5000 (+0.0005, 95% CI [-0.0052, +0.0081])" in message, message
     assert message.endswith("category a regresses by 0.1") and "+0.2000" not in message
-    assert outcome(summary, "m", {**refused, "promoted": True})[0] == "Promoted"
+    assert outcome(summary, "m", replace(refused, promoted=True))[0] == "Promoted"
     assert outcome(summary, "m", None)[0] == "Registered"
-    assert outcome(summary, "m", {**refused, "promoted": True, "previous": "3"})[0] == "Unchanged"
+    assert outcome(summary, "m", replace(refused, promoted=True, previous="3"))[0] == "Unchanged"
     summary = _summary(0.5, 0.2, (0.1, 0.3), tuned_degenerate=0.1)  # better mean, but more garbage than its base
     assert outcome(summary, "m", None)[0] == "Worse than base"
     assert [exit_code(n) for n in ("Promoted", "Registered", "Unchanged", "Refused", "Worse than base")] == [0, 0, 0, 3, 4]
@@ -54,11 +56,12 @@ def test_outcome_names_what_happened():
 def test_outcomes_that_are_no_success_and_the_promote_flows_names():
     from loraops.core.outcomes import NOT_SUCCESS, promotion_outcome
 
-    base = {"name": "m", "version": "2", "previous": "1", "forced": False}
-    assert promotion_outcome({**base, "promoted": True}) == "Promoted"
-    assert promotion_outcome({**base, "promoted": True, "approval": {"reviewer": "김", "approved": True}}) == "Approved"
-    assert promotion_outcome({**base, "promoted": False}) == "Refused"
-    assert promotion_outcome({**base, "promoted": False, "approval": {"reviewer": "박", "approved": False}}) == "Rejected"
-    assert promotion_outcome({**base, "promoted": False, "approval": {"reviewer": "(nobody)", "approved": False}}) == "Timed out"
-    assert promotion_outcome({**base, "previous": "2", "promoted": True}) == "Unchanged"
+    base = Promotion("m", "2", "1", promoted=False)
+    assert promotion_outcome(replace(base, promoted=True)) == "Promoted"
+    assert promotion_outcome(replace(base, promoted=True, approval=Signoff("김", approved=True))) == "Approved"
+    assert promotion_outcome(base) == "Refused"
+    assert promotion_outcome(replace(base, approval=Signoff("박", "no"))) == "Rejected"
+    assert promotion_outcome(replace(base, approval=Signoff("(nobody)"))) == "Timed out"
+    assert promotion_outcome(replace(base, previous="2", promoted=True)) == "Unchanged"
+    assert Promotion.from_dict(replace(base, approval=Signoff("박")).to_dict()) == replace(base, approval=Signoff("박"))
     assert set(NOT_SUCCESS) == {"Refused", "Worse than base", "Rejected", "Timed out"}

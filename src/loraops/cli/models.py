@@ -38,8 +38,8 @@ def promote(name: Optional[str] = typer.Argument(None, help="Registered model (d
             raise typer.Exit(exit_code("Promoted" if run.get("promoted") else "Refused"))
         return
     result = registry.promote(name or p.registry.model_name, version, p, force=force, reason=reason)
-    typer.echo(json.dumps(result, ensure_ascii=False, indent=2) if as_json else registry.describe(result))
-    if not result["promoted"]:
+    typer.echo(json.dumps(result.to_dict(), ensure_ascii=False, indent=2) if as_json else registry.describe(result))
+    if not result.promoted:
         raise typer.Exit(exit_code("Refused"))
 
 

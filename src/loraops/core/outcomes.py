@@ -7,21 +7,21 @@ red and counts it among failed runs; the others end Completed.
 
 from __future__ import annotations
 
-from typing import Any
+from loraops.core.results import Promotion
 
 NOT_SUCCESS = ("Refused", "Worse than base", "Rejected", "Timed out")
 """Outcomes that end a Prefect flow run in a Failed-type state (red, counted among failed runs); every other outcome
 (Promoted, Approved, Registered, Unchanged) ends Completed."""
 
 
-def promotion_outcome(result: dict[str, Any]) -> str:
+def promotion_outcome(result: Promotion) -> str:
     """The promote flow's outcome: Promoted, Approved (by a reviewer), Unchanged (already production), Refused (by
     the gate), Rejected (by a reviewer) or Timed out (no reviewer answered)."""
-    approval = result.get("approval") or {}
-    if result.get("promoted"):
-        if result.get("previous") == result.get("version") and not approval:
+    approval = result.approval
+    if result.promoted:
+        if result.unchanged and approval is None:
             return "Unchanged"
-        return "Approved" if approval.get("approved") else "Promoted"
-    if approval:
-        return "Timed out" if approval.get("reviewer") == "(nobody)" else "Rejected"
+        return "Approved" if approval is not None and approval.approved else "Promoted"
+    if approval is not None:
+        return "Timed out" if approval.reviewer == "(nobody)" else "Rejected"
     return "Refused"

@@ -5,13 +5,15 @@ with the file and the key named, not deep inside a later step.
 - :class:`TrainFigures`: ``metrics/train.json`` (the train stage) → tracking, the no-op check, reproduce, sweeps.
 - :class:`EvalSummary`: ``metrics/eval.json`` (the evaluate stage) → the flow's logging and gate, reproduce.
 
-The gate's :class:`~loraops.judge.gate.Decision` and the registry's
-:class:`~loraops.registry.versions.Promotion` are typed where they are made.
+- :class:`Decision`: the gate's verdict (``judge.gate.decide``) → the registry, the flows, the approval form.
+- :class:`Promotion`: what a promote, refusal, rejection or rollback did (``registry.versions``) → the flows'
+  outcomes, the CLI (``--json``: :meth:`Promotion.to_dict`), the audit trail, the reviewer's request.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional, TypeVar
 
@@ -204,3 +206,77 @@ class EvalSummary(BaseModel):
     @classmethod
     def read(cls, root: Path = Path(".")) -> "EvalSummary":
         return read_result(cls, root / EVAL_METRICS, "evaluate", "the evaluate stage's summary")
+
+
+@dataclass
+class Decision:
+    """The gate's verdict: promote or refuse, with the reasons and the figures behind them."""
+
+    promote: bool
+    reasons: list[str]
+    against: str
+    """What the candidate was compared with: ``production vN``, or the base model when there is no production."""
+    figures: dict[str, Any] = field(default_factory=dict)
+    """The comparison that decided: metric, reference and candidate means, gain and its 95% interval."""
+    failures: list[str] = field(default_factory=list)
+    """The reasons that refused (a subset of ``reasons``, in the same order); empty when it promotes."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Decision":
+        return cls(**data)
+
+
+@dataclass
+class Signoff:
+    """A reviewer's answer to an approval request (``registry.gate.require_approval``)."""
+
+    reviewer: str
+    comment: str = ""
+    approved: bool = False
+
+
+@dataclass
+class Promotion:
+    """What a promote, a refusal, a reviewer's rejection or a rollback did to a registered model's ``production``."""
+
+    name: str
+    version: str
+    """The version judged (promote, refuse, reject) or now in production (rollback)."""
+    previous: Optional[str]
+    """The production version before (None: there was none)."""
+    promoted: bool
+    """``production`` points at ``version`` now (also when it already did)."""
+    forced: bool = False
+    reason: Optional[str] = None
+    decision: Optional[Decision] = None
+    passed: Optional[bool] = None
+    """Only for a dry run (what a reviewer is shown): whether the gate would promote."""
+    approval: Optional[Signoff] = None
+    rollback: bool = False
+
+    @property
+    def unchanged(self) -> bool:
+        """Promoted to where it already was: a no-op rerun."""
+        return self.promoted and self.previous == self.version
+
+    def to_dict(self) -> dict[str, Any]:
+        """As JSON (``loraops promote --json``, the audit trail, a flow run's state): unset optional parts left out."""
+        out = asdict(self)
+        for key in ("passed", "approval"):
+            if out[key] is None:
+                del out[key]
+        if not self.rollback:
+            del out["rollback"]
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Promotion":
+        data = dict(data)
+        if data.get("decision") is not None:
+            data["decision"] = Decision.from_dict(data["decision"])
+        if data.get("approval") is not None:
+            data["approval"] = Signoff(**data["approval"])
+        return cls(**data)

@@ -8,24 +8,11 @@ from typing import Any
 import pandas as pd
 
 from loraops.core.config import GatePolicy
+from loraops.core.results import Decision
 from loraops.judge.report import paired_bootstrap
 
 KEY = ["question", "reference"]
-
-
-@dataclass
-class Decision:
-    """Promote or refuse, with the reasons and the figures behind them."""
-
-    promote: bool
-    reasons: list[str]
-    against: str
-    figures: dict[str, Any] = field(default_factory=dict)
-    failures: list[str] = field(default_factory=list)
-    """The reasons that refused (a subset of ``reasons``, in the same order); empty when it promotes."""
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+__all__ = ["Decision", "decide", "quality"]
 
 
 def decide(candidate: pd.DataFrame, reference: pd.DataFrame, policy: GatePolicy, against: str,

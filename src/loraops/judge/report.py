@@ -10,7 +10,7 @@ import pandas as pd
 
 from loraops.core.config import Params
 from loraops.core.paths import EVAL_TABLE, STAGES
-from loraops.core.results import Comparison, EvalSummary, Slice
+from loraops.core.results import Comparison, EvalSummary, Promotion, Slice
 
 
 def paired_bootstrap(deltas: np.ndarray, samples: int, seed: int) -> tuple[float, float]:
@@ -140,20 +140,22 @@ def exit_code(name: str) -> int:
     return EXIT_CODES.get(name, 1)
 
 
-def versus(gate: dict[str, Any]) -> str:
+def versus(gate: Promotion) -> str:
     """The comparison that decided: the gate metric of the reference (production, or the base when there is none)
     against the candidate's, with the gain's 95% interval."""
-    decision = gate["decision"]
-    f = decision.get("figures", {})
+    decision = gate.decision
+    if decision is None:
+        return f"v{gate.version}"
+    f = decision.figures
     if "gain" not in f:
-        return (decision.get("reasons") or [decision["against"]])[0]
+        return (decision.reasons or [decision.against])[0]
     low, high = f["ci95"]
-    against = "base" if decision["against"].startswith("base model") else decision["against"]
-    return (f"{f['metric']} {against} {f['reference']:.4f} → v{gate['version']} {f['candidate']:.4f} "
+    against = "base" if decision.against.startswith("base model") else decision.against
+    return (f"{f['metric']} {against} {f['reference']:.4f} → v{gate.version} {f['candidate']:.4f} "
             f"({f['gain']:+.4f}, 95% CI [{low:+.4f}, {high:+.4f}])")
 
 
-def outcome(summary: EvalSummary, primary: str, gate: dict[str, Any] | None,
+def outcome(summary: EvalSummary, primary: str, gate: Promotion | None,
             awaiting_approval: bool = False) -> tuple[str, str]:
     """The run's outcome as a Prefect state name and a one-line message (its exit code: :func:`exit_code`).
 
@@ -169,15 +171,15 @@ def outcome(summary: EvalSummary, primary: str, gate: dict[str, Any] | None,
     figures = f"{primary} base {stats.base:.4f} → tuned {stats.tuned:.4f} ({stats.delta:+.4f})"
     if stats.ci95[1] < 0 or rates[1] > rates[0]:
         return "Worse than base", f"the tuned model is worse than its base: {figures}; degenerate {rates[0]:.1%} → {rates[1]:.1%}"
-    if gate is not None and gate.get("previous") == gate["version"]:
-        return "Unchanged", f"v{gate['version']} is already production; nothing moved: {figures}"
-    if gate is not None and not gate["promoted"]:
-        decision = gate["decision"]
-        first = (decision.get("failures") or decision.get("reasons") or [""])[0]
+    if gate is not None and gate.previous == gate.version:
+        return "Unchanged", f"v{gate.version} is already production; nothing moved: {figures}"
+    if gate is not None and not gate.promoted:
+        against = gate.decision.against if gate.decision else "production"
+        first = next(iter((gate.decision.failures or gate.decision.reasons) if gate.decision else []), "")
         why = f"; {first}" if first and first != versus(gate) else ""
-        return "Refused", f"the gate refused v{gate['version']} vs {decision['against']}: {versus(gate)}{why}"
+        return "Refused", f"the gate refused v{gate.version} vs {against}: {versus(gate)}{why}"
     if gate is not None:
-        return "Promoted", f"v{gate['version']} promoted to production: {versus(gate)}"
+        return "Promoted", f"v{gate.version} promoted to production: {versus(gate)}"
     if awaiting_approval:
         return "Registered", (f"registered; production moves only with a reviewer's approval (registry.gate."
                               f"require_approval): run the promote flow (`loraops promote`): {figures}")
@@ -314,7 +316,7 @@ def plots(summary: EvalSummary, table: pd.DataFrame, primary: str, out_dir: Path
 
 
 def summary_markdown(params: Params, summary: EvalSummary, run_id: str, tracking_uri: str,
-                     registered: dict[str, Any], gate: dict[str, Any] | None, ran: dict[str, bool],
+                     registered: dict[str, Any], gate: Promotion | None, ran: dict[str, bool],
                      experiment_id: str = "0") -> str:
     """The Prefect markdown artifact: headline scores, stages run, registration and gate decision."""
     link = f"[`{run_id}`]({tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning)" \
@@ -337,10 +339,10 @@ def summary_markdown(params: Params, summary: EvalSummary, run_id: str, tracking
                   *arms_lines(summary)]
     reused = " (same adapter as an existing version)" if registered.get("reused") else ""
     lines += ["", f"Registered `{registered['name']}` version {registered['version']}{reused}, alias `candidate`."]
-    if gate is not None:
-        verdict = "promoted to `production`" if gate["promoted"] else "not promoted"
-        lines += ["", f"Gate vs {gate['decision']['against']}: **{verdict}**", ""]
-        lines += [f"- {reason}" for reason in gate["decision"]["reasons"]]
+    if gate is not None and gate.decision is not None:
+        verdict = "promoted to `production`" if gate.promoted else "not promoted"
+        lines += ["", f"Gate vs {gate.decision.against}: **{verdict}**", ""]
+        lines += [f"- {reason}" for reason in gate.decision.reasons]
     return "\n".join(lines) + "\n"
 
 

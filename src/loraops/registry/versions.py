@@ -20,7 +20,8 @@ from mlflow.exceptions import MlflowException
 from loraops.core.config import Params
 from loraops.core.errors import LoraopsError, RegistryError
 from loraops.core.paths import INDEX_DIR
-from loraops.judge.gate import Decision, decide, scores_from_table
+from loraops.core.results import Decision, Promotion, Signoff
+from loraops.judge.gate import decide, scores_from_table
 from loraops.registry.tracking import experiment_for, tracking_setup
 
 HISTORY_TAG = "loraops.production_history"
@@ -297,7 +298,7 @@ def _rescore(uri: str, candidate: pd.DataFrame, params: Params, metric: str) -> 
 
 
 def promote(name: str, version: str | None, params: Params, force: bool = False, reason: str | None = None,
-            approval: dict[str, Any] | None = None, dry_run: bool = False) -> dict[str, Any]:
+            approval: Signoff | None = None, dry_run: bool = False) -> Promotion:
     """Move ``production`` to ``version`` (default: ``candidate``) when the gate passes, or when forced with a reason.
 
     ``approval`` (``reviewer``, ``comment``) is the human sign-off ``registry.gate.require_approval`` asks for; it is
@@ -315,21 +316,19 @@ def promote(name: str, version: str | None, params: Params, force: bool = False,
         previous = alias_version(client, name, "production")
         if previous == str(mv.version):
             decision = Decision(True, [f"v{previous} is already production; nothing to move"], f"production v{previous}")
-            return {"name": name, "version": previous, "previous": previous, "promoted": True, "forced": False,
-                    "reason": reason, "decision": decision.to_dict()}
+            return Promotion(name, previous, previous, promoted=True, reason=reason, decision=decision)
         decision = _judge(client, name, mv, params)
         target = str(mv.version)
         if dry_run:
-            return {"name": name, "version": target, "previous": previous, "promoted": False, "passed": decision.promote,
-                    "forced": False, "reason": reason, "decision": decision.to_dict()}
+            return Promotion(name, target, previous, promoted=False, passed=decision.promote, reason=reason,
+                             decision=decision)
         moved = decision.promote or force
         if moved and previous != target:
             _move_production(client, name, target, previous)
-        result = {"name": name, "version": target, "previous": previous, "promoted": moved,
-                  "forced": force and not decision.promote, "reason": reason, "decision": decision.to_dict(),
-                  **({"approval": approval} if approval else {})}
+        result = Promotion(name, target, previous, promoted=moved, forced=force and not decision.promote, reason=reason,
+                           decision=decision, approval=approval)
         record_verdict(client, name, target, result)
-        audit(client, name, "promote" if moved else "refuse", previous, target, result)
+        audit(client, name, "promote" if moved else "refuse", previous, target, result.to_dict())
         return result
 
 
@@ -346,16 +345,15 @@ def _judge(client: mlflow.MlflowClient, name: str, mv: Any, params: Params) -> D
                   params.eval.bootstrap_samples, params.base.seed, params.eval.min_slice_size, rubric, slices=attributes)
 
 
-def reject(name: str, version: str, reviewer: str, comment: str, verdict: dict[str, Any]) -> dict[str, Any]:
+def reject(name: str, version: str, reviewer: str, comment: str, verdict: Promotion) -> Promotion:
     """Record a reviewer's rejection (or an approval that never came) of a version the gate passed: nothing moves."""
     client = mlflow_client()
     previous = alias_version(client, name, "production")
-    result = {"name": name, "version": str(version), "previous": previous, "promoted": False, "forced": False,
-              "reason": comment, "decision": verdict["decision"], "approval": {"reviewer": reviewer, "comment": comment,
-                                                                               "approved": False}}
+    result = Promotion(name, str(version), previous, promoted=False, reason=comment, decision=verdict.decision,
+                       approval=Signoff(reviewer, comment, approved=False))
     client.set_model_version_tag(name, str(version), "gate.verdict", "rejected by reviewer")
     client.set_model_version_tag(name, str(version), "gate.reviewer", reviewer)
-    audit(client, name, "reject", previous, str(version), result)
+    audit(client, name, "reject", previous, str(version), result.to_dict())
     return result
 
 
@@ -388,26 +386,26 @@ def review_sample(name: str, version: str, params: Params, per_slice: int = 2) -
     return rows
 
 
-def record_verdict(client: mlflow.MlflowClient, name: str, version: str, result: dict[str, Any]) -> None:
+def record_verdict(client: mlflow.MlflowClient, name: str, version: str, result: Promotion) -> None:
     """Put the gate's decision and its reasons on the judged version (tags, description) and on the MLflow run that
     trained it (the same tags, and its description), so the run's page says "refused" too."""
-    verdict = "forced" if result["forced"] else ("promoted" if result["promoted"] else "refused")
-    decision = result["decision"]
+    verdict = "forced" if result.forced else ("promoted" if result.promoted else "refused")
+    decision = result.decision or Decision(result.promoted, [], "nothing")
     client.set_model_version_tag(name, version, "gate.verdict", verdict)
-    client.set_model_version_tag(name, version, "gate.against", decision["against"])
-    client.set_model_version_tag(name, version, "gate.reasons", json.dumps(decision["reasons"], ensure_ascii=False)[:4900])
+    client.set_model_version_tag(name, version, "gate.against", decision.against)
+    client.set_model_version_tag(name, version, "gate.reasons", json.dumps(decision.reasons, ensure_ascii=False)[:4900])
     mv = client.get_model_version(name, version)
     head = (mv.description or "").split("\n\n## Gate", 1)[0]
-    lines = [f"## Gate: {verdict.upper()} vs {decision['against']} ({time.strftime('%Y-%m-%d %H:%M')})", ""]
-    lines += [f"- {reason}" for reason in decision["reasons"]]
+    lines = [f"## Gate: {verdict.upper()} vs {decision.against} ({time.strftime('%Y-%m-%d %H:%M')})", ""]
+    lines += [f"- {reason}" for reason in decision.reasons]
     client.update_model_version(name, version, description=(head + "\n\n" if head else "") + "\n".join(lines))
     if mv.run_id:
         client.set_tag(mv.run_id, "gate.verdict", verdict)
-        client.set_tag(mv.run_id, "gate.against", decision["against"])
+        client.set_tag(mv.run_id, "gate.against", decision.against)
         client.set_tag(mv.run_id, "mlflow.note.content", "\n".join([f"{name} v{version}", "", *lines]))
 
 
-def rollback(name: str, params: Params) -> dict[str, Any]:
+def rollback(name: str, params: Params) -> Promotion:
     """Point ``production`` back at the version it held before the current one (audited).
 
     Raises:
@@ -423,8 +421,8 @@ def rollback(name: str, params: Params) -> dict[str, Any]:
         target = history[-2]
         client.set_registered_model_alias(name, "production", target)
         client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history[:-1]))
-        result = {"name": name, "version": target, "previous": current, "promoted": True, "rollback": True}
-        audit(client, name, "rollback", current, target, result)
+        result = Promotion(name, target, current, promoted=True, rollback=True)
+        audit(client, name, "rollback", current, target, result.to_dict())
         return result
 
 
@@ -490,26 +488,26 @@ def audit_trail(name: str) -> list[dict[str, Any]]:
              "reviewer": r.data.tags.get("loraops.reviewer"), "comment": r.data.tags.get("loraops.comment")} for r in runs]
 
 
-def describe(result: dict[str, Any]) -> str:
+def describe(result: Promotion) -> str:
     """Human summary of a promote or rollback result."""
-    if result.get("rollback"):
-        return f"rolled back {result['name']}: production v{result['previous']} → v{result['version']}"
-    verdict = "PROMOTED" if result["promoted"] else "REFUSED"
-    if result.get("forced"):
-        verdict = f"FORCED ({result['reason']})"
-    approval = result.get("approval")
-    if approval:
-        said = f"{approval['reviewer']}" + (f": {approval['comment']}" if approval.get("comment") else "")
-        verdict = f"APPROVED by {said}; PROMOTED" if approval.get("approved") else f"REJECTED by {said}"
-    d = result["decision"]
-    if result["promoted"] and str(result["previous"]) == str(result["version"]):
-        return f"UNCHANGED: {result['name']} v{result['version']} already is production; nothing moved"
-    was = f" (production was v{result['previous']})" if result["previous"] else ""
-    if not result["previous"] and "no production yet" not in d["against"]:
+    if result.rollback:
+        return f"rolled back {result.name}: production v{result.previous} → v{result.version}"
+    verdict = "PROMOTED" if result.promoted else "REFUSED"
+    if result.forced:
+        verdict = f"FORCED ({result.reason})"
+    if result.approval:
+        said = result.approval.reviewer + (f": {result.approval.comment}" if result.approval.comment else "")
+        verdict = f"APPROVED by {said}; PROMOTED" if result.approval.approved else f"REJECTED by {said}"
+    if result.unchanged:
+        return f"UNCHANGED: {result.name} v{result.version} already is production; nothing moved"
+    d = result.decision or Decision(result.promoted, [], "nothing")
+    was = f" (production was v{result.previous})" if result.previous else ""
+    if not result.previous and "no production yet" not in d.against:
         was = " (no production yet)"
-    lines = [f"{verdict}: {result['name']} v{result['version']} vs {d['against']}{was}"]
-    lines += [f"  - {reason}" for reason in d["reasons"]]
+    lines = [f"{verdict}: {result.name} v{result.version} vs {d.against}{was}"]
+    lines += [f"  - {reason}" for reason in d.reasons]
     return "\n".join(lines)
 
 
-__all__ = ["RegistryError", "Decision", "register", "promote", "rollback", "audit_trail", "describe", "tracking_setup"]
+__all__ = ["RegistryError", "Decision", "Promotion", "register", "promote", "rollback", "audit_trail", "describe",
+           "tracking_setup"]

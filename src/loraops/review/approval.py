@@ -19,6 +19,7 @@ from pydantic import Field
 
 from loraops.core.config import Params
 from loraops.core.errors import ConfigError
+from loraops.core.results import Promotion, Signoff
 from loraops.registry import versions as registry
 from loraops.review import rubric as review
 
@@ -34,28 +35,28 @@ class Approval(RunInput):
     comment: str = Field("", description="Why; recorded with the decision.")
 
 
-def with_approval(name: str, version: str | None, params: Params, log: Any = print) -> dict[str, Any]:
+def with_approval(name: str, version: str | None, params: Params, log: Any = print) -> Promotion:
     """Judge; when the gate passes, pause this flow run for a reviewer and promote only on an approval."""
     from prefect.artifacts import create_markdown_artifact
     from prefect.exceptions import FlowPauseTimeout
     from prefect.flow_runs import pause_flow_run
 
     verdict = registry.promote(name, version, params, dry_run=True)
-    if not verdict.get("passed"):  # refused by the gate, or already production: recorded as without approval
-        return registry.promote(name, verdict["version"], params)
+    if not verdict.passed:  # refused by the gate, or already production: recorded as without approval
+        return registry.promote(name, verdict.version, params)
     hours = params.registry.gate.approval_timeout_hours
-    request = review.approval_request(verdict, registry.review_sample(name, verdict["version"], params), hours)
-    create_markdown_artifact(request, key="approval-request", description=f"{name} v{verdict['version']}")
-    log(f"the gate passed {name} v{verdict['version']}: waiting for a reviewer's approval (Resume, in the Prefect UI)")
+    request = review.approval_request(verdict, registry.review_sample(name, verdict.version, params), hours)
+    create_markdown_artifact(request, key="approval-request", description=f"{name} v{verdict.version}")
+    log(f"the gate passed {name} v{verdict.version}: waiting for a reviewer's approval (Resume, in the Prefect UI)")
     try:
         answer = pause_flow_run(wait_for_input=Approval.with_initial_data(description=request),
                                 timeout=int(hours * 3600), poll_interval=5)
     except FlowPauseTimeout:
-        return registry.reject(name, verdict["version"], "(nobody)", f"no approval within {hours:g} h", verdict)
+        return registry.reject(name, verdict.version, "(nobody)", f"no approval within {hours:g} h", verdict)
     if answer.decision == "approve":
-        return registry.promote(name, verdict["version"], params,
-                                approval={"reviewer": answer.reviewer, "comment": answer.comment, "approved": True})
-    return registry.reject(name, verdict["version"], answer.reviewer, answer.comment, verdict)
+        return registry.promote(name, verdict.version, params,
+                                approval=Signoff(answer.reviewer, answer.comment, approved=True))
+    return registry.reject(name, verdict.version, answer.reviewer, answer.comment, verdict)
 
 
 def request_approval(name: str, version: str | None, params_file: str, overrides: list[str] | None = None,

@@ -28,6 +28,7 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 
 from loraops.core.readers import DataError, decode
+from loraops.core.results import Decision, Promotion
 from loraops.registry.tracking import log_metrics_batch
 from loraops.registry.versions import RegistryError, eval_table_of_run, mlflow_client, run_artifact
 
@@ -167,18 +168,18 @@ def _cell(text: str, width: int = 160) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def approval_request(verdict: dict[str, Any], sample: list[dict[str, str]], timeout_hours: float) -> str:
+def approval_request(verdict: Promotion, sample: list[dict[str, str]], timeout_hours: float) -> str:
     """The markdown shown with the approval form: what is asked, the gate's verdict, the answers per slice."""
-    d = verdict["decision"]
-    production = f"v{verdict['previous']}" if verdict["previous"] else "none yet (base model)"
-    lines = [f"## Approve {verdict['name']} v{verdict['version']} for production?", "",
-             f"The automatic gate **passed** against {d['against']}; production is {production}. Only an approval "
+    d = verdict.decision or Decision(True, [], "nothing")
+    production = f"v{verdict.previous}" if verdict.previous else "none yet (base model)"
+    lines = [f"## Approve {verdict.name} v{verdict.version} for production?", "",
+             f"The automatic gate **passed** against {d.against}; production is {production}. Only an approval "
              f"moves production. Choose **approve** or **reject**, give your name (recorded in the audit trail) and "
              f"a comment. No answer within {timeout_hours:g} h rejects.", "", "### Gate", ""]
-    lines += [f"- {reason}" for reason in d["reasons"]]
+    lines += [f"- {reason}" for reason in d.reasons]
     if sample:
         extra = [k for k in sample[0] if k not in ("slice", "question", "candidate", "production", "reference")]
-        against = f"production v{verdict['previous']}" if verdict["previous"] else "base model (no production yet)"
+        against = f"production v{verdict.previous}" if verdict.previous else "base model (no production yet)"
         lines += ["", "### Sample answers per slice", "",
                   "| slice | question | " + " | ".join(extra) + (" | " if extra else "") + f"candidate | {against} | reference |",
                   "|---|---|" + "---|" * (len(extra) + 3)]
