@@ -19,7 +19,7 @@ from pydantic import Field
 
 from loraops.core import concurrency, remote
 from loraops.core.config import Params, load_params
-from loraops.core.outcomes import NOT_SUCCESS
+from loraops.core.outcomes import NOT_SUCCESS, promotion_outcome
 from loraops.core.paths import ADAPTER_DIR, TRAIN_LOG
 from loraops.core.results import EvalSummary, Promotion
 from loraops.core.secrets import redact_text
@@ -147,8 +147,20 @@ def register(work: Path, params: Params, run_id: str, allow_dirty: bool, summary
 
 
 @task(name="gate")
+def _gate(params: Params, version: str) -> Any:
+    """The gate task ends in a state named after what it did (Promoted, Unchanged, or Refused, Failed-type and red
+    like the run it belongs to), so the task list does not show a refusal in the success colour."""
+    result = registry.promote(params.registry.model_name, version, params)
+    return final_state(promotion_outcome(result), registry.describe(result), result)
+
+
 def gate(params: Params, version: str) -> Promotion:
-    return registry.promote(params.registry.model_name, version, params)
+    """Judge ``version`` against production (or the base) and promote when it passes: the ``gate`` task's result,
+    whichever state it ended in; an error in the task is raised here."""
+    result = _gate(params, version, return_state=True).result(raise_on_failure=False)
+    if isinstance(result, BaseException):
+        raise result
+    return result
 
 
 def _log_to_ui(text: str) -> None:
@@ -167,7 +179,7 @@ def _log_to_ui(text: str) -> None:
     ui.info(redact_text(text), extra=dict(adapter.extra))
 
 
-def final_state(name: str, message: str, data: dict[str, Any]) -> Any:
+def final_state(name: str, message: str, data: Any) -> Any:
     """The flow run's last state, named after its outcome: Failed-type for an outcome that is no success (a refusal,
     a model worse than its base, a rejection, a timed-out approval) so the Prefect UI shows it red and counts it
     among failed runs; Completed-type otherwise. The data (summary, outcome) is the same either way."""
@@ -194,10 +206,9 @@ RagGroup, AugmentGroup = form.GROUPS["rag"], form.GROUPS["augment"]
 
 def _run_name() -> str:
     """The flow run's name starts with the registered model it trains, so runs of several domains read apart in the
-    Prefect UI (``store-copy-lora · brave-otter``)."""
-    from prefect.utilities.names import generate_slug
-
-    return f"{form.model_name_of(flow_run.parameters, REPO)} · {generate_slug(2)}"
+    Prefect UI (``store-copy-lora · brave-otter``); the rest is the name the run was created with (the Run Name a user
+    typed in the form, or the one Prefect made up), so a typed name is kept."""
+    return form.run_name(form.model_name_of(flow_run.parameters, REPO), flow_run.name)
 
 
 @flow(name="finetune", log_prints=True, validate_parameters=True, flow_run_name=_run_name,

@@ -11,16 +11,33 @@ from typing import Any
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
+from prefect.runtime import flow_run
 from pydantic import Field
 
 from loraops.core.config import load_params
 from loraops.core.outcomes import promotion_outcome
-from loraops.flows.finetune import final_state
+from loraops.flows.finetune import REPO, final_state
+from loraops.orchestration import form
 from loraops.registry import versions as registry
 from loraops.review.approval import with_approval
 
 
-@flow(name="promote", log_prints=True)
+def _model_of_run() -> str:
+    """Which registered model a promote or rollback run moves: its ``name``, else the params file's."""
+    parameters = flow_run.parameters
+    if parameters.get("name"):
+        return str(parameters["name"])
+    return form.model_name_of({"use_form": False, "params_file": parameters.get("params_file", "params.yaml"),
+                               "overrides": parameters.get("overrides") or []}, REPO)
+
+
+def _run_name() -> str:
+    """``interior-qa-lora · promote · brave-otter``: the model it moves first, as the finetune runs are named."""
+    model, name = _model_of_run(), str(flow_run.name or "")
+    return form.run_name(model, name if name.startswith(f"{model} · ") else f"{flow_run.flow_name} · {name}")
+
+
+@flow(name="promote", log_prints=True, flow_run_name=_run_name)
 def promote(
     name: str = Field("", description="Registered model; empty = registry.model_name of the params file."),
     version: str = Field("", description="Version number to promote; empty = the version holding alias candidate."),
@@ -43,7 +60,7 @@ def promote(
     return final_state(promotion_outcome(result), text, result.to_dict())  # Rejected, Refused, Timed out: not green
 
 
-@flow(name="rollback", log_prints=True)
+@flow(name="rollback", log_prints=True, flow_run_name=_run_name)
 def rollback(
     name: str = Field("", description="Registered model; empty = registry.model_name of the params file."),
     params_file: str = Field("params.yaml", description="Params file naming the registered model."),

@@ -58,6 +58,13 @@ def _answer_in_the_ui(served: dict, link: str, decision: str, reviewer: str, com
             dialog = page.get_by_role("dialog")
             dialog.get_by_text("Sample answers per slice").wait_for(timeout=30_000)
             request = dialog.inner_text()
+            # the reviewer reads each candidate answer inside the dialog, without scrolling sideways
+            quote = dialog.locator("blockquote", has_text="candidate v1:").first  # one question's answers
+            frame, answer = dialog.bounding_box(), quote.bounding_box()
+            assert frame and answer and answer["x"] + answer["width"] <= frame["x"] + frame["width"] + 1, (frame, answer)
+            wide = dialog.evaluate("e => [...e.querySelectorAll('*')].filter(c => c.scrollWidth > c.clientWidth + 1"
+                                   " && getComputedStyle(c).overflowX !== 'visible').length")
+            assert wide == 0, f"{wide} element(s) of the Resume dialog scroll sideways"
             dialog.get_by_role("button", name="Submit").click()
             dialog.get_by_text("'reviewer' is a required property").wait_for(timeout=10_000)
             empty = dialog.inner_text()
@@ -119,7 +126,8 @@ def _promote_and_wait(served: dict, *args: str) -> tuple[str, str]:
     link = done.stdout.split("Prefect UI: ", 1)[1].split()[0]
     assert link.startswith(served["ui"] + "/runs/flow-run/")
     flow_run = link.rsplit("/", 1)[1]
-    assert prefect_api("GET", f"{served['api']}/flow_runs/{flow_run}")["state_type"] == "PAUSED"
+    paused = prefect_api("GET", f"{served['api']}/flow_runs/{flow_run}")
+    assert paused["state_type"] == "PAUSED" and paused["name"].startswith("interior-qa-lora · promote · "), paused["name"]
     return link, flow_run
 
 

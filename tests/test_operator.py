@@ -96,6 +96,10 @@ def test_finetune_form_in_chromium_shows_common_settings_first_and_submits_a_run
             templates = [t.input_value() for t in page.locator("textarea").all()]
             assert "질문: {question}\\n답변: " in templates  # the whole template is visible on one line
             page.locator("input[type=number]").first.fill("0.003")
+            run_name = page.get_by_label("Run Name")
+            if not run_name.count():  # the label may not be tied to its input: the first input after it
+                run_name = page.get_by_text("Run Name", exact=True).first.locator("xpath=following::input[1]")
+            run_name.fill("lr 3e-3 첫 시도")
             page.screenshot(path=str(shots / "finetune-form.png"))
             page.get_by_role("button", name="Submit").click()
             page.wait_for_url("**/deployment/*?tab=Runs", timeout=30_000)
@@ -109,6 +113,7 @@ def test_finetune_form_in_chromium_shows_common_settings_first_and_submits_a_run
     assert ended_with_an_outcome(states[submitted[0]["id"]]), local_ui["log"].read_text()[-5000:]
     mine = [r for r in _mlflow_runs(local_ui["ws"]) if r["flow_run"] == submitted[0]["id"]]
     assert mine and mine[0]["learning_rate"] == 0.003 and mine[0]["status"] == "FINISHED"
+    assert states[submitted[0]["id"]]["name"] == "interior-qa-lora · lr 3e-3 첫 시도"  # the typed name, model first
 
 
 def test_dvc_exp_show_compares_main_and_every_experiment(tmp_path):

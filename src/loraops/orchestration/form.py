@@ -149,6 +149,15 @@ def quick_field(field: str, default: Any) -> Any:
 __all__ = ["QUICK", "GROUPS", "defaults", "overrides", "quick_field"]
 
 
+def run_name(model: str, created_as: str | None) -> str:
+    """``<model> · <the name the run was created with>`` (a fresh slug when it had none); unchanged when it already
+    starts with the model (a retried run keeps its name)."""
+    from prefect.utilities.names import generate_slug
+
+    name = (created_as or "").strip() or generate_slug(2)
+    return name if name.startswith(f"{model} · ") else f"{model} · {name}"
+
+
 def model_name_of(parameters: dict[str, Any], repo: Path) -> str:
     """The registered model a finetune run with these flow parameters trains (for its run name); ``finetune`` when
     the params file cannot be read (the run itself then fails with that message)."""

@@ -163,29 +163,34 @@ def import_sheet(path: Path) -> dict[str, Any]:
     return {"run_id": run_id, **record(run_id, items)}
 
 
-def _cell(text: str, width: int = 160) -> str:
-    text = " ".join(str(text).split()).replace("|", "\\|")
+def _line(text: str, width: int) -> str:
+    """``text`` on one line (markdown characters that would start a list or a quote kept literal), cut at ``width``."""
+    text = " ".join(str(text).split()).replace("*", "\\*").replace("_", "\\_")
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def approval_request(verdict: Promotion, sample: list[dict[str, str]], timeout_hours: float) -> str:
-    """The markdown shown with the approval form: what is asked, the gate's verdict, the answers per slice."""
+    """The markdown shown with the approval form: what is asked, the gate's verdict, then one block per sampled
+    question (its slice, the candidate's answer, production's, the reference), so it reads in the Resume dialog's
+    narrow pane without scrolling sideways."""
     d = verdict.decision or Decision(True, [], "nothing")
     production = f"v{verdict.previous}" if verdict.previous else "none yet (base model)"
+    against = f"production v{verdict.previous}" if verdict.previous else "base model (no production yet)"
     lines = [f"## Approve {verdict.name} v{verdict.version} for production?", "",
              f"The automatic gate **passed** against {d.against}; production is {production}. Only an approval "
              f"moves production. Choose **approve** or **reject**, give your name (recorded in the audit trail) and "
              f"a comment. No answer within {timeout_hours:g} h rejects.", "", "### Gate", ""]
     lines += [f"- {reason}" for reason in d.reasons]
     if sample:
-        extra = [k for k in sample[0] if k not in ("slice", "question", "candidate", "production", "reference")]
-        against = f"production v{verdict.previous}" if verdict.previous else "base model (no production yet)"
-        lines += ["", "### Sample answers per slice", "",
-                  "| slice | question | " + " | ".join(extra) + (" | " if extra else "") + f"candidate | {against} | reference |",
-                  "|---|---|" + "---|" * (len(extra) + 3)]
-        for row in sample:
-            lines.append(f"| {row['slice']} | {_cell(row['question'], 80)} | "
-                         + "".join(f"{_cell(row[k], 20)} | " for k in extra)
-                         + f"{_cell(row['candidate'])} | {_cell(row['production'])} | {_cell(row['reference'])} |")
+        slices = list(dict.fromkeys(row["slice"] for row in sample))
+        lines += ["", f"### Sample answers per slice ({len(sample)} questions)", "",
+                  "Slices: " + ", ".join(f"`{s}`" for s in slices) + ".", ""]
+        for number, row in enumerate(sample, start=1):
+            extra = [k for k in row if k not in ("slice", "question", "candidate", "production", "reference")]
+            where = row["slice"] + "".join(f" · {k} = {row[k]}" for k in extra if f"{k} = " not in row["slice"])
+            lines += [f"**{number}. {_line(row['question'], 300)}**  ", f"_{_line(where, 200)}_", "",
+                      f"> **candidate v{verdict.version}:** {_line(row['candidate'], 600)}", ">",
+                      f"> **{against}:** {_line(row['production'], 600)}", ">",
+                      f"> **reference:** {_line(row['reference'], 600)}", ""]
     return "\n".join(lines) + "\n"
 
