@@ -84,8 +84,10 @@ def test_a_refusal_is_recorded_on_the_refused_candidate(store):
     mv = client.get_model_version("m", worse)
     assert mv.tags["gate.verdict"] == "refused" and mv.tags["gate.against"] == "production v1"
     assert mv.description.startswith("## Gate: REFUSED vs production v1") and "not measurably better" in mv.description
-    assert any(k.startswith("audit.") for k in mv.tags) and not any(k.startswith("audit.") and "refuse" in v
-                                                                     for k, v in client.get_model_version("m", "1").tags.items())
+    audits = {k: json.loads(v) for k, v in mv.tags.items() if k.startswith("audit ")}
+    assert [(k.endswith(" refuse"), v["action"], v["version"], v["production stays"]) for k, v in audits.items()] == [
+        (True, "refuse", worse, "1")]  # a refusal says what it judged and that production stayed, not from/to
+    assert not any(k.startswith("audit ") and "refuse" in v for k, v in client.get_model_version("m", "1").tags.items())
     names = [r.info.run_name for r in client.search_runs([client.get_experiment_by_name("m-audit").experiment_id],
                                                          order_by=["attributes.start_time ASC"])]
     assert names == ["promote v-→v1", "refuse v2 (production v1)"]

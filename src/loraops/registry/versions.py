@@ -453,8 +453,12 @@ def audit(client: mlflow.MlflowClient, name: str, action: str, from_version: str
     comment = str((record.get("approval") or {}).get("comment") or "")[:1000]
     said = ({"reviewer": reviewer} if reviewer else {}) | ({"comment": comment} if comment else {})
     if to_version:
-        client.set_model_version_tag(name, to_version, f"audit.{int(time.time() * 1000)}", json.dumps(
-            {k: entry[k] for k in ("when", "by", "action", "from", "to")} | said, ensure_ascii=False))
+        moved = action in ("promote", "rollback")  # production moved from → to; a refusal or rejection moved nothing
+        what = ({"production from": from_version, "production to": to_version} if moved
+                else {"version": to_version, "production stays": from_version})
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime()) + f".{int(time.time() * 1000) % 1000:03d}"
+        client.set_model_version_tag(name, to_version, f"audit {stamp} {action}", json.dumps(
+            {"when": when, "by": entry["by"], "action": action, **what} | said, ensure_ascii=False))
         if reviewer:
             client.set_model_version_tag(name, to_version, "gate.reviewer", reviewer)
     experiment = experiment_for(f"{name}-audit")
