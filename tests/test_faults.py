@@ -240,7 +240,9 @@ def test_tracking_server_down_mid_run_fails_clearly_registers_nothing_and_a_reru
         wait_http(f"http://127.0.0.1:{port}/health", 180, server, tmp_path / "mlflow.log")
         run = [sys.executable, "-m", "loraops.cli", "run"]
         go = tmp_path / "go"
-        first = subprocess.Popen(run, cwd=ws, env={**env, "LORAOPS_FAULT_AFTER_CHECKPOINT": f"50:wait:{go}"},
+        # one HTTP retry per request (the default is 3 with backoff): the step's own retries are what is tested
+        first = subprocess.Popen(run, cwd=ws, env={**env, "LORAOPS_FAULT_AFTER_CHECKPOINT": f"50:wait:{go}",
+                                                   "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1"},
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         _wait_for(tmp_path / "go.waiting", first)  # the train stage paused after checkpoint-50
         stop_server(server)  # the tracking server goes away while the run trains
