@@ -131,6 +131,14 @@ def test_promote_refuses_worse_and_rollback_restores(golden, golden_copy):
     assert mv.tags["gate.verdict"] == "refused" and "## Gate: REFUSED vs production v1" in mv.description
     trained = mlflow_client().get_run(mv.run_id).data.tags  # the run's own page says so too
     assert trained["gate.verdict"] == "refused" and "## Gate: REFUSED vs production v1" in trained["mlflow.note.content"]
+    # and its metrics carry the comparison that decided (vs production), beside the ones against the base
+    gate_metrics = mlflow_client().get_run(mv.run_id).data.metrics
+    assert {"gate/morph_f1_production", "gate/morph_f1_vs_production", "gate/morph_f1_delta"} <= set(gate_metrics)
+    assert gate_metrics["gate/morph_f1_vs_production"] < gate_metrics["gate/morph_f1_delta"]
+    from loraops.registry.versions import losses_against_production
+
+    lost = losses_against_production("interior-qa-lora", "2", "morph_f1")
+    assert lost and all(row["delta"] < 0 for row in lost) and "production v1" in lost[0], lost[:1]
     assert "Gate metric **morph_f1**" in mv.description  # the headline scores, from registration
     refused = loraops("promote", "--version", "2", "--json")
     assert refused.returncode == 3

@@ -341,7 +341,8 @@ def summary_markdown(params: Params, summary: EvalSummary, run_id: str, tracking
     lines += ["", f"Registered `{registered['name']}` version {registered['version']}{reused}, alias `candidate`."]
     if gate is not None and gate.decision is not None:
         verdict = "promoted to `production`" if gate.promoted else "not promoted"
-        lines += ["", f"Gate vs {gate.decision.against}: **{verdict}**", ""]
+        lines += ["", f"Gate vs {gate.decision.against}: **{verdict}**. What decided: {versus(gate)} (the table above "
+                      "compares with the base model).", ""]
         lines += [f"- {reason}" for reason in gate.decision.reasons]
     return "\n".join(lines) + "\n"
 

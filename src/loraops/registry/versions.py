@@ -22,7 +22,7 @@ from loraops.core.errors import LoraopsError, RegistryError
 from loraops.core.paths import INDEX_DIR
 from loraops.core.results import Decision, Promotion, Signoff
 from loraops.judge.gate import decide, scores_from_table
-from loraops.registry.tracking import experiment_for, tracking_setup
+from loraops.registry.tracking import experiment_for, log_metrics_batch, tracking_setup
 
 HISTORY_TAG = "loraops.production_history"
 SHA_TAG = "loraops.adapter_sha256"
@@ -246,6 +246,29 @@ def eval_table(client: mlflow.MlflowClient, mv: Any) -> pd.DataFrame:
     return eval_table_of_run(mv.run_id)
 
 
+def losses_against_production(name: str, version: str, metric: str, n: int = 10, width: int = 120
+                              ) -> list[dict[str, Any]]:
+    """The ``n`` questions where ``version`` lost most to the production version on ``metric`` (both versions' own
+    evaluations, on the questions they share); empty when there is no production or it is ``version``."""
+    client = mlflow_client()
+    production = alias_version(client, name, "production")
+    if production is None or production == str(version):
+        return []
+    ours = eval_table(client, client.get_model_version(name, str(version)))
+    theirs = eval_table(client, client.get_model_version(name, production))
+    column = f"tuned_{metric}"
+    if column not in ours or column not in theirs:
+        return []
+    both = ours.merge(theirs[["question", "reference", column, "tuned_answer"]], on=["question", "reference"],
+                      suffixes=("", "_production"))
+    both["delta"] = both[column] - both[f"{column}_production"]
+    worst = both[both["delta"] < 0].sort_values("delta").drop_duplicates("question").head(n)
+    cut = lambda text: text if len(text) <= width else text[: width - 1] + "…"
+    return [{"delta": round(float(r["delta"]), 4), "question": cut(str(r["question"])),
+             f"production v{production}": cut(str(r["tuned_answer_production"])),
+             f"candidate v{version}": cut(str(r["tuned_answer"]))} for _, r in worst.iterrows()]
+
+
 def _lock(name: str, timeout: float | None = None) -> Any:
     """One promote/rollback per model at a time (see `loraops.core.concurrency.promotion_lock`)."""
     from loraops.core.concurrency import promotion_lock
@@ -402,6 +425,14 @@ def record_verdict(client: mlflow.MlflowClient, name: str, version: str, result:
     if mv.run_id:
         client.set_tag(mv.run_id, "gate.verdict", verdict)
         client.set_tag(mv.run_id, "gate.against", decision.against)
+        figures = decision.figures
+        if {"metric", "reference", "gain", "ci95"} <= set(figures):  # the comparison that decided, as run metrics
+            reference = "base" if decision.against.startswith("base model") else "production"
+            metric = f"gate/{figures['metric']}"
+            log_metrics_batch(mv.run_id, {f"{metric}_{reference}": figures["reference"],
+                                          f"{metric}_vs_{reference}": figures["gain"],
+                                          f"{metric}_vs_{reference}_ci_low": figures["ci95"][0],
+                                          f"{metric}_vs_{reference}_ci_high": figures["ci95"][1]})
         client.set_tag(mv.run_id, "mlflow.note.content", "\n".join([f"{name} v{version}", "", *lines]))
 
 
