@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 import csv
 import json
 import os
@@ -139,7 +140,16 @@ def owner_tags() -> dict[str, str]:
     import psutil
 
     me = psutil.Process()
-    return {"loraops.host": socket.gethostname(), "loraops.pid": str(me.pid), "loraops.pid_started": f"{me.create_time():.3f}"}
+    started = datetime.datetime.fromtimestamp(me.create_time()).astimezone().isoformat(timespec="milliseconds")
+    return {"loraops.host": socket.gethostname(), "loraops.pid": str(me.pid), "loraops.pid_started": started}
+
+
+def _started_at(tag: str) -> float:
+    """``loraops.pid_started`` as a POSIX time: ISO 8601 with its offset (a number in runs logged before)."""
+    try:
+        return float(tag)
+    except ValueError:
+        return datetime.datetime.fromisoformat(tag).timestamp()
 
 
 def close_orphans(experiment_id: str) -> list[str]:
@@ -157,7 +167,7 @@ def close_orphans(experiment_id: str) -> list[str]:
         if tags.get("loraops.host") != host or "loraops.pid" not in tags:
             continue
         try:
-            alive = abs(psutil.Process(int(tags["loraops.pid"])).create_time() - float(tags["loraops.pid_started"])) < 1
+            alive = abs(psutil.Process(int(tags["loraops.pid"])).create_time() - _started_at(tags["loraops.pid_started"])) < 1
         except (psutil.Error, ValueError):
             alive = False
         if not alive:
