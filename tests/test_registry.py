@@ -91,6 +91,8 @@ def test_a_refusal_is_recorded_on_the_refused_candidate(store):
     names = [r.info.run_name for r in client.search_runs([client.get_experiment_by_name("m-audit").experiment_id],
                                                          order_by=["attributes.start_time ASC"])]
     assert names == ["promote v-→v1", "refuse v2 (production v1)"]
+    described = client.get_experiment_by_name("m-audit").tags["mlflow.note.content"]  # the experiment page says what
+    assert described.startswith("Audit trail of the registered model `m`")
 
 
 def test_production_re_evaluated_on_new_questions_is_judged_like_the_candidate(store):

@@ -99,6 +99,19 @@ EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 """Marks an experiment as model training, so the MLflow 3 UI opens on its runs, not on the GenAI traces page."""
 
 
+def experiment_description(name: str) -> str:
+    """What an experiment's page says it holds (MLflow shows ``mlflow.note.content`` as its description)."""
+    if name.endswith("-audit"):
+        model = name.removesuffix("-audit")
+        return (f"Audit trail of the registered model `{model}`: one run per promote, refusal, reviewer's rejection "
+                "or rollback, named after what it did (`promote v1→v2`, `refuse v3 (production v2)`), with who did "
+                "it, the reason and the reviewer's comment (written by loraops; nothing trains here).")
+    return (f"Fine-tuning runs of the LoRA adapter `{name}` (loraops): one run per `loraops run` or finetune flow run. "
+            "Charts: `gate/` (the gate metric vs the base, and vs production once the gate compared them), `train/` "
+            "curves, `tuned/` and `vs_base/` per metric. A run's `gate.verdict` tag and description say whether its "
+            "version was promoted or refused and against what.")
+
+
 def experiment_for(model_name: str, root: Path = Path(".")) -> str:
     """The experiment of a registered model (one per model), created with a local artifact root."""
     client = mlflow.MlflowClient()
@@ -106,12 +119,15 @@ def experiment_for(model_name: str, root: Path = Path(".")) -> str:
     if found is not None:
         if found.tags.get("mlflow.experimentKind") != EXPERIMENT_KIND["mlflow.experimentKind"]:
             client.set_experiment_tag(found.experiment_id, *next(iter(EXPERIMENT_KIND.items())))
+        if "mlflow.note.content" not in found.tags:
+            client.set_experiment_tag(found.experiment_id, "mlflow.note.content", experiment_description(model_name))
         return found.experiment_id
     location = None
     if mlflow.get_tracking_uri().startswith("sqlite:"):
         location = (root / MLFLOW_ARTIFACTS).resolve().as_uri()
     try:
-        return client.create_experiment(model_name, artifact_location=location, tags=EXPERIMENT_KIND)
+        return client.create_experiment(model_name, artifact_location=location,
+                                        tags=EXPERIMENT_KIND | {"mlflow.note.content": experiment_description(model_name)})
     except mlflow.exceptions.MlflowException as exc:
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
