@@ -1,4 +1,5 @@
-"""Serve the five flows as Prefect deployments named `loraops` against PREFECT_API_URL."""
+"""Serve the five flows as Prefect deployments against PREFECT_API_URL, each named after the project's registered model
+and the flow (``finetune/interior-qa-lora-finetune``)."""
 
 from __future__ import annotations
 
@@ -20,15 +21,25 @@ from loraops.orchestration import form
 
 def deployments(params_file: str = "params.yaml") -> list:
     """The deployments; the finetune form defaults to the sections of the current params file."""
-    defaults = form.defaults(load_params(params_file)) | {"params_file": params_file}
+    params = load_params(params_file)
+    defaults = form.defaults(params) | {"params_file": params_file}
+    model = params.registry.model_name
+    tags = ["loraops", model]
+
+    def named(flow: str) -> str:
+        return form.deployment_name(model, flow)
+
     return [
-        finetune.to_deployment(name="loraops", parameters=defaults, tags=["loraops"],
-                               description="prepare → train → evaluate → register → gate"),
-        promote.to_deployment(name="loraops", tags=["loraops"]),
-        rollback.to_deployment(name="loraops", tags=["loraops"]),
-        reproduce.to_deployment(name="loraops", tags=["loraops"]),
-        sweep_flow.to_deployment(name="loraops", tags=["loraops"], description="Optuna trials → the best → gate",
-                                 parameters=form.sweep_defaults(load_params(params_file)) | {"params_file": params_file}),
+        finetune.to_deployment(name=named("finetune"), parameters=defaults, tags=tags,
+                               description=f"{model}: prepare → train → evaluate → register → gate"),
+        promote.to_deployment(name=named("promote"), tags=tags, parameters={"params_file": params_file},
+                              description=f"{model}: move production to a version through the gate (and a reviewer)"),
+        rollback.to_deployment(name=named("rollback"), tags=tags, parameters={"params_file": params_file},
+                               description=f"{model}: production back to the version before"),
+        reproduce.to_deployment(name=named("reproduce"), tags=tags,
+                                description=f"{model}: rebuild a run from its lineage card and compare"),
+        sweep_flow.to_deployment(name=named("sweep"), tags=tags, description=f"{model}: Optuna trials → the best → gate",
+                                 parameters=form.sweep_defaults(params) | {"params_file": params_file}),
     ]
 
 
@@ -60,7 +71,7 @@ def serve_all(params_file: str = "params.yaml", limit: int | None = None) -> Non
     names = ", ".join(f"{d.flow_name}/{d.name}" for d in served)
     print(f"serving the deployments {names}; start runs from the Prefect UI "
           f"({os.environ.get('PREFECT_UI_URL') or os.environ.get('PREFECT_API_URL', '').removesuffix('/api')}/deployments) "
-          "or with `prefect deployment run finetune/loraops`", flush=True)
+          f"or with `prefect deployment run {served[0].flow_name}/{served[0].name}`", flush=True)
     try:
         asyncio.run(runner.start())
     except KeyboardInterrupt:

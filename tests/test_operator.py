@@ -78,7 +78,7 @@ def test_finetune_form_in_chromium_shows_common_settings_first_and_submits_a_run
     from playwright.sync_api import sync_playwright
 
     api = local_ui["api"]
-    deployment = prefect_api("GET", f"{api}/deployments/name/finetune/loraops")
+    deployment = prefect_api("GET", f"{api}/deployments/name/finetune/interior-qa-lora-finetune")
     shots = local_ui["tmp"] / "screens"
     shots.mkdir(exist_ok=True)
     with sync_playwright() as pw:

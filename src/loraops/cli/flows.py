@@ -183,7 +183,8 @@ def _terminate_cleanly() -> None:
 @app.command()
 @friendly
 def deploy(params: Path = ParamsOpt) -> None:
-    """Serve the Prefect deployments finetune/loraops, promote/loraops, rollback/loraops, reproduce/loraops."""
+    """Serve the project's Prefect deployments (finetune, promote, rollback, reproduce, sweep), each named after the
+    registered model and the flow: finetune/interior-qa-lora-finetune, promote/interior-qa-lora-promote, …"""
     prefect_defaults()
     from loraops.flows.deploy import serve_all
 

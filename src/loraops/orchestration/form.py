@@ -149,6 +149,12 @@ def quick_field(field: str, default: Any) -> Any:
 __all__ = ["QUICK", "GROUPS", "defaults", "overrides", "quick_field"]
 
 
+def deployment_name(model: str, flow: str) -> str:
+    """A deployment's name: the registered model of its project, then the flow (``interior-qa-lora-finetune``), so the
+    five deployments of a project read apart in the Prefect UI and several projects can serve on one server."""
+    return f"{model}-{flow}"
+
+
 def run_name(model: str, created_as: str | None) -> str:
     """``<model> · <the name the run was created with>`` (a fresh slug when it had none); unchanged when it already
     starts with the model (a retried run keeps its name)."""

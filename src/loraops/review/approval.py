@@ -5,7 +5,8 @@ The `promote` flow judges the candidate; when the gate passes it shows the verdi
 approval promotes (audited with the reviewer's name and comment); a rejection, or no answer within
 ``registry.gate.approval_timeout_hours``, moves nothing and is audited as ``reject``.
 
-`loraops promote` starts that flow on the Prefect server's ``promote/loraops`` deployment and says where to answer.
+`loraops promote` starts that flow on the Prefect server's promote deployment of the project
+(``promote/<registry.model_name>-promote``, served by `loraops deploy`) and says where to answer.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from loraops.core.results import Promotion, Signoff
 from loraops.registry import versions as registry
 from loraops.review import rubric as review
 
-DEPLOYMENT = "promote/loraops"
 
 
 class Approval(RunInput):
@@ -70,18 +70,22 @@ def request_approval(name: str, version: str | None, params_file: str, overrides
     from prefect.deployments import run_deployment
     from prefect.exceptions import ObjectNotFound
 
+    from loraops.core.config import load_params
+    from loraops.orchestration.form import deployment_name
+
+    deployment = f"promote/{deployment_name(load_params(params_file, list(overrides or [])).registry.model_name, 'promote')}"
     api = os.environ.get("PREFECT_API_URL")
     if not api:
         raise ConfigError("registry.gate.require_approval: a reviewer approves in the Prefect UI, so promotion runs on a "
                           "Prefect server: start one and the deployments (`make ui`, `loraops deploy`), set "
                           "PREFECT_API_URL, and run `loraops promote` again (or start the promote deployment in the UI)")
     try:
-        started = run_deployment(DEPLOYMENT, parameters={"name": name, "version": version or "", "params_file": params_file,
+        started = run_deployment(deployment, parameters={"name": name, "version": version or "", "params_file": params_file,
                                                           "overrides": list(overrides or [])},
                                  timeout=0)
         run = cast(FlowRun, started)  # called from sync code, Prefect's sync_compatible returns the FlowRun itself
     except ObjectNotFound:
-        raise ConfigError(f"no deployment {DEPLOYMENT} on {api}: start `loraops deploy` in the project") from None
+        raise ConfigError(f"no deployment {deployment} on {api}: start `loraops deploy` in the project") from None
     ui = os.environ.get("PREFECT_UI_URL") or api.removesuffix("/").removesuffix("/api")
     link = f"{ui}/runs/flow-run/{run.id}"
     deadline = time.time() + wait_s
