@@ -86,6 +86,11 @@ def test_finetune_form_in_chromium_shows_common_settings_first_and_submits_a_run
                                      args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            page.goto(f"{local_ui['ui']}/deployments")  # the five deployments read apart
+            page.get_by_text("interior-qa-lora-finetune").first.wait_for(timeout=60_000)
+            listed = page.inner_text("body")
+            assert all(f"interior-qa-lora-{flow}" in listed for flow in ("finetune", "promote", "rollback", "sweep")), listed
+            page.screenshot(path=str(shots / "deployments.png"))
             page.goto(f"{local_ui['ui']}/deployments/deployment/{deployment['id']}/run")
             page.get_by_text("learning_rate", exact=False).first.wait_for(timeout=60_000)
             body = page.inner_text("body")
