@@ -1,5 +1,5 @@
-"""Serve the five flows as Prefect deployments against PREFECT_API_URL, each named after the project's registered model
-and the flow (``finetune/interior-qa-lora-finetune``)."""
+"""Serve the five flows as Prefect deployments against PREFECT_API_URL, each named after the flow and the project's registered
+model (``finetune/finetune-interior-qa-lora``)."""
 
 from __future__ import annotations
 

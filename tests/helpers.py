@@ -185,7 +185,7 @@ def prefect_with_deployments(tmp: Path, ws: Path) -> Iterator[dict[str, Any]]:
 
 def trigger_finetune(api: str, learning_rate: float) -> str:
     """What the UI's Run → Custom run does: read the deployment's defaults, change a field, create a flow run."""
-    dep = prefect_api("GET", f"{api}/deployments/name/finetune/interior-qa-lora-finetune")
+    dep = prefect_api("GET", f"{api}/deployments/name/finetune/finetune-interior-qa-lora")
     parameters = dep["parameters"]
     parameters["learning_rate"] = learning_rate  # the form's first group: the settings people change most
     return prefect_api("POST", f"{api}/deployments/{dep['id']}/create_flow_run", json={"parameters": parameters})["id"]

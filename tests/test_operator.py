@@ -78,7 +78,7 @@ def test_finetune_form_in_chromium_shows_common_settings_first_and_submits_a_run
     from playwright.sync_api import sync_playwright
 
     api = local_ui["api"]
-    deployment = prefect_api("GET", f"{api}/deployments/name/finetune/interior-qa-lora-finetune")
+    deployment = prefect_api("GET", f"{api}/deployments/name/finetune/finetune-interior-qa-lora")
     shots = local_ui["tmp"] / "screens"
     shots.mkdir(exist_ok=True)
     with sync_playwright() as pw:
@@ -87,9 +87,9 @@ def test_finetune_form_in_chromium_shows_common_settings_first_and_submits_a_run
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 1000})
             page.goto(f"{local_ui['ui']}/deployments")  # the five deployments read apart
-            page.get_by_text("interior-qa-lora-finetune").first.wait_for(timeout=60_000)
+            page.get_by_text("finetune-interior-qa-lora").first.wait_for(timeout=60_000)
             listed = page.inner_text("body")
-            assert all(f"interior-qa-lora-{flow}" in listed for flow in ("finetune", "promote", "rollback", "sweep")), listed
+            assert all(f"{flow}-interior-qa-lora" in listed for flow in ("finetune", "promote", "rollback", "sweep")), listed
             page.screenshot(path=str(shots / "deployments.png"))
             page.goto(f"{local_ui['ui']}/deployments/deployment/{deployment['id']}/run")
             page.get_by_text("learning_rate", exact=False).first.wait_for(timeout=60_000)

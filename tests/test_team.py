@@ -96,7 +96,7 @@ def test_team_mode_three_concurrent_runs(servers, tmp_path):
         names = {d["name"] for d in httpx.post(f"{api}/deployments/filter", json={}, timeout=10).json()}
         flows = {f["id"]: f["name"] for f in httpx.post(f"{api}/flows/filter", json={}, timeout=10).json()}
         flow_names = {"finetune", "promote", "rollback", "reproduce", "sweep"}
-        assert names == {f"interior-qa-lora-{flow}" for flow in flow_names}  # five deployments that read apart
+        assert names == {f"{flow}-interior-qa-lora" for flow in flow_names}  # five deployments that read apart
         assert set(flows.values()) == flow_names
         rates = [0.004, 0.002, 0.001]
         ids = [trigger_finetune(api, lr) for lr in rates]
@@ -122,7 +122,7 @@ def test_team_mode_three_concurrent_runs(servers, tmp_path):
     assert sorted(float(r.data.params["train.learning_rate"]) for r in runs) == sorted(rates)
     assert {r.data.tags["prefect.flow_run_id"] for r in runs} == set(ids)
     assert len({r.data.tags["lineage.adapter_sha256"] for r in runs}) == 3
-    assert all(r.data.tags["lineage.prefect_deployment"] == "interior-qa-lora-finetune" for r in runs)
+    assert all(r.data.tags["lineage.prefect_deployment"] == "finetune-interior-qa-lora" for r in runs)
     keys = [sorted(k for k in r.data.metrics if k.startswith(("gate/", "tuned/"))) for r in runs]
     assert keys[0] == keys[1] == keys[2] and "tuned/morph_f1" in keys[0]
     versions = client.search_model_versions("name = 'interior-qa-lora'")

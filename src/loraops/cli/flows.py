@@ -184,7 +184,7 @@ def _terminate_cleanly() -> None:
 @friendly
 def deploy(params: Path = ParamsOpt) -> None:
     """Serve the project's Prefect deployments (finetune, promote, rollback, reproduce, sweep), each named after the
-    registered model and the flow: finetune/interior-qa-lora-finetune, promote/interior-qa-lora-promote, …"""
+    flow and the registered model: finetune/finetune-interior-qa-lora, promote/promote-interior-qa-lora, …"""
     prefect_defaults()
     from loraops.flows.deploy import serve_all
 

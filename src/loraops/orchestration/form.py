@@ -150,9 +150,10 @@ __all__ = ["QUICK", "GROUPS", "defaults", "overrides", "quick_field"]
 
 
 def deployment_name(model: str, flow: str) -> str:
-    """A deployment's name: the registered model of its project, then the flow (``interior-qa-lora-finetune``), so the
-    five deployments of a project read apart in the Prefect UI and several projects can serve on one server."""
-    return f"{model}-{flow}"
+    """A deployment's name: the flow, then the registered model of its project (``finetune-interior-qa-lora``), so the
+    five deployments of a project read apart in the Prefect UI (whose list cuts long names at the end) and several
+    projects can serve on one server."""
+    return f"{flow}-{model}"
 
 
 def run_name(model: str, created_as: str | None) -> str:

@@ -6,7 +6,7 @@ approval promotes (audited with the reviewer's name and comment); a rejection, o
 ``registry.gate.approval_timeout_hours``, moves nothing and is audited as ``reject``.
 
 `loraops promote` starts that flow on the Prefect server's promote deployment of the project
-(``promote/<registry.model_name>-promote``, served by `loraops deploy`) and says where to answer.
+(``promote/promote-<registry.model_name>``, served by `loraops deploy`) and says where to answer.
 """
 
 from __future__ import annotations
