@@ -305,9 +305,11 @@ def _finetune(work: Path, params_file: str, overrides: list[str], allow_dirty: b
     create_markdown_artifact(markdown, key="finetune-summary", description="base vs tuned, registration, gate")
     create_table_artifact(top_losses(work, params.registry.gate.metric), key="tuned-biggest-losses",
                           description="10 questions where tuned lost most to base")
-    against_production = (registry.losses_against_production(params.registry.model_name, registered["version"],
-                                                             params.registry.gate.metric)
-                          if decision is not None and decision.previous not in (None, registered["version"]) else [])
+    against_production: list[dict[str, Any]] = []
+    if decision is not None and decision.previous not in (None, registered["version"]):
+        with tracking.reachable("comparing the candidate's answers with production's"):
+            against_production = registry.losses_against_production(params.registry.model_name, registered["version"],
+                                                                    params.registry.gate.metric)
     if against_production:
         create_table_artifact(against_production, key="candidate-losses-vs-production",
                               description=f"10 questions where v{registered['version']} lost most to production "
