@@ -93,6 +93,8 @@ def _stage(stage: str, work: Path) -> bool:
 
 
 def _gpu() -> object:
+    """One slot of the ``gpu`` limit for training and the generation after it: a run keeps the GPU from its train
+    stage to the end of its evaluate stage (one take per run, and no other run's training between the two)."""
     return concurrency.gpu_slot(get_run_logger().warning, {"type": "flow_run", "id": str(flow_run.id)})
 
 
@@ -114,14 +116,12 @@ def index(work: Path) -> bool:
 
 @task(name="train")
 def train(work: Path) -> bool:
-    with _gpu():
-        return _stage("train", work)
+    return _stage("train", work)
 
 
 @task(name="evaluate")
 def evaluate(work: Path) -> bool:
-    with _gpu():
-        return _stage("evaluate", work)
+    return _stage("evaluate", work)
 
 
 @task(name="log-run", **IO_RETRIES)
@@ -287,8 +287,9 @@ def _finetune(work: Path, params_file: str, overrides: list[str], allow_dirty: b
         tracking.log_params(params)
         if uri.startswith("http"):
             get_run_logger().info("MLflow run: %s/#/experiments/%s/runs/%s?workflowType=machine_learning", uri.rstrip("/"), experiment, run.info.run_id)
-        ran = {"prepare": prepare(work), "augment": augment(work), "index": index(work),
-               "train": train(work), "evaluate": evaluate(work)}
+        ran = {"prepare": prepare(work), "augment": augment(work), "index": index(work)}
+        with _gpu():
+            ran |= {"train": train(work), "evaluate": evaluate(work)}
         mlflow.set_tags({f"dvc.{stage}": "ran" if did else "skipped" for stage, did in ran.items()})
     run_id = run.info.run_id
     try:

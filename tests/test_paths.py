@@ -241,6 +241,7 @@ def test_a_loraops_stage_runs_in_process_records_its_lock_and_fails_naming_its_e
         return 0
 
     lines: list[str] = []
+    assert run_stage("greet", root, lines.append, in_process=invoke) is True  # in order, as the flows run them
     assert run_stage("shout", root, lines.append, in_process=invoke) is True
     assert calls == [(["greet", "--to", "세계"], root, "greet")], calls
     text = "\n".join(lines)
@@ -248,7 +249,8 @@ def test_a_loraops_stage_runs_in_process_records_its_lock_and_fails_naming_its_e
     assert (root / "loud.txt").read_text(encoding="utf-8") == "HELLO 세계\n"  # the shell command ran too
     lock = yaml.safe_load((root / "dvc.lock").read_text(encoding="utf-8"))
     assert lock["stages"]["greet"]["outs"][0]["path"] == "hello.txt" and lock["stages"]["greet"]["outs"][0]["md5"]
-    assert run_stage("shout", root, lines.append, in_process=invoke) is False and len(calls) == 1  # up to date
+    assert run_stage("greet", root, lines.append, in_process=invoke) is False and len(calls) == 1  # up to date
+    assert run_stage("shout", root, lines.append, in_process=invoke) is False
 
     def failing(argv):
         Path("hello.txt").write_text("half\n", encoding="utf-8")

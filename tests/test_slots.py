@@ -150,3 +150,32 @@ def test_waiters_take_the_slot_in_the_order_they_asked_for_it(tmp_path):
                  if line.startswith("ACQUIRED"))
     assert [name for _, name in got] == ["first", "second", "third"], outputs
     assert "run(s) ahead in line" in outputs[2] and f"held by {Path.cwd().resolve()} · flow_run {holder} for" in outputs[0]
+
+
+def test_the_temporary_server_of_a_run_answers_keeps_local_mode_and_stops(tmp_path, monkeypatch):
+    """`loraops run` serves Prefect's API itself (orchestration.temporary_server): a real uvicorn process over the
+    local database; with it the run stays in local mode, a server named by the user does not; stop ends it."""
+    from prefect.client.orchestration import get_client
+
+    from loraops.core.concurrency import TEMPORARY_API, local_mode
+    from loraops.orchestration.temporary_server import TemporaryServer
+
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect-home"))
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.delenv(TEMPORARY_API, raising=False)
+    server = TemporaryServer().start()
+    try:
+        url = server.ready(120)
+        assert os.environ["PREFECT_API_URL"] == url and local_mode()
+        with get_client(sync_client=True) as client:  # Prefect's own client, pointed at it by ready()
+            assert client.api_url.host == "127.0.0.1" and client.api_healthcheck() is None
+        monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:4200/api")  # a team server the user named
+        assert not local_mode()
+    finally:
+        process = server.process
+        server.stop()
+        monkeypatch.delenv("PREFECT_API_URL", raising=False)
+        from prefect.context import refresh_global_settings_context
+
+        refresh_global_settings_context()
+    assert process is not None and process.poll() is not None

@@ -25,32 +25,22 @@ def prefect_defaults() -> None:
 
 
 def start_temporary_server() -> Callable[[], None]:
-    """Start Prefect's temporary server now, in the background, when the run will need one (no PREFECT_API_URL):
-    its process starts while this one imports the flow, MLflow and the rest, instead of after. Returns the call that
-    waits until it answers (Prefect's client then finds it started and uses it)."""
-    import threading
+    """Start Prefect's temporary server now when the run will need one (no PREFECT_API_URL), so it comes up while
+    this process imports the flow, MLflow and the rest. Returns the call that waits until it answers and points
+    Prefect at it (``orchestration.temporary_server``)."""
+    from loraops.orchestration.temporary_server import TemporaryServer
 
-    from prefect.settings import PREFECT_API_URL
-
-    if PREFECT_API_URL.value():
+    if os.environ.get("PREFECT_API_URL"):
         return lambda: None
-    failed: list[BaseException] = []
+    server = TemporaryServer().start()  # before importing Prefect: its settings import alone takes a second
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
 
-    def start() -> None:
-        from prefect.server.api.server import SubprocessASGIServer
-
-        try:
-            SubprocessASGIServer().start()
-        except BaseException as exc:  # noqa: BLE001 - raised again in the caller's thread by ready()
-            failed.append(exc)
-
-    thread = threading.Thread(target=start, name="prefect-temporary-server", daemon=True)
-    thread.start()
+    if PREFECT_API_URL.value():  # a Prefect profile names a server
+        server.stop()
+        return lambda: None
 
     def ready() -> None:
-        thread.join()
-        if failed:
-            raise failed[0]
+        server.ready(float(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()))
 
     return ready
 

@@ -33,9 +33,16 @@ WAIT_STEP_SECONDS = float(os.environ.get("LORAOPS_SLOT_WAIT_STEP_SECONDS", "15")
 LEASE_SECONDS = max(60.0, float(os.environ.get("LORAOPS_SLOT_LEASE_SECONDS", "60")))  # Prefect's minimum is 60
 
 
+TEMPORARY_API = "LORAOPS_PREFECT_TEMPORARY_API"
+"""Set with PREFECT_API_URL to the same URL while a `loraops run` serves Prefect's API itself for its own use
+(``orchestration.temporary_server``): still local mode."""
+
+
 def local_mode() -> bool:
-    """No Prefect server configured: each process runs Prefect's ephemeral API over one local database."""
-    return not os.environ.get("PREFECT_API_URL")
+    """No shared Prefect server: Prefect's temporary API over the user's local database (``PREFECT_API_URL`` unset,
+    or set by `loraops run` to the temporary server it started)."""
+    api = os.environ.get("PREFECT_API_URL")
+    return not api or api == os.environ.get(TEMPORARY_API)
 
 
 def local_defaults() -> None:
@@ -99,20 +106,25 @@ def waiting_slot(name: str, say: Callable[[str], None], holder: dict[str, Any] |
     waited, suspects, told = 0.0, 0, 0.0
     started = time.monotonic()
     with contextlib.ExitStack() as stack, line.ticket(holder) as ticket:
+        # Short tries first: Prefect's server on SQLite sometimes answers a take "database busy" while it records
+        # the previous task's end, and Prefect's client then waits 2 s before asking again; a try cut short at
+        # 0.3 s asks again at once. Dead holders are looked for only while waiting (that opens the database too).
+        step = min(0.3, WAIT_STEP_SECONDS)
         while True:
-            if local_mode():
-                suspects, freed = reclaim(name, suspects)
-                if freed:
-                    say(f"freed {freed} slot(s) of the Prefect concurrency limit {name!r} whose holder is gone")
             ahead = line.ahead_of(ticket)
             if not ahead:
                 try:
-                    stack.enter_context(slot(name, timeout_seconds=WAIT_STEP_SECONDS, holder=holder))
+                    stack.enter_context(slot(name, timeout_seconds=step, holder=holder))
                     break
                 except TimeoutError:
                     pass
             else:
                 time.sleep(min(1.0, WAIT_STEP_SECONDS))
+            step = min(4 * step, WAIT_STEP_SECONDS)
+            if local_mode():
+                suspects, freed = reclaim(name, suspects)
+                if freed:
+                    say(f"freed {freed} slot(s) of the Prefect concurrency limit {name!r} whose holder is gone")
             waited = time.monotonic() - started
             if waited - told >= WAIT_STEP_SECONDS:
                 told = waited
@@ -347,7 +359,7 @@ def _holder(path: Path) -> str:
 
 @contextlib.contextmanager
 def _shared_lock(name: str, timeout: float) -> Iterator[None]:
-    if not os.environ.get("PREFECT_API_URL"):
+    if local_mode():
         yield
         return
     limit = f"promote-{name}"

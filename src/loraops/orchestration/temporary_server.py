@@ -1,0 +1,111 @@
+"""Prefect's API for one local `loraops run`: started the moment the command starts, stopped when it ends.
+
+Without PREFECT_API_URL, Prefect itself starts a temporary server on first use (its ``SubprocessASGIServer``): it
+imports Prefect's whole server package in the client process just to start that process, and only once the flow
+asks for the API. Here the same uvicorn process over the same local database starts first thing, from a process
+that imports nothing of Prefect's server, so it comes up while the client imports the flow, MLflow and DVC on the
+other core. When it answers, PREFECT_API_URL points at it for this process and the stages it starts; the run stays
+in local mode (``core.concurrency.local_mode``: crashed holders' slots are freed, no team-mode locks).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+from loraops.core.concurrency import TEMPORARY_API
+from loraops.core.errors import StageError
+
+_SERVER_ENV = {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+"""What Prefect's own temporary server runs with: no UI, the ephemeral server's settings."""
+
+
+def _die_with_parent() -> None:
+    """In the server's process before it starts (Linux): end it when the run's process ends, even by SIGKILL, so a
+    killed run leaves no server holding the database."""
+    import ctypes
+    import signal
+
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class TemporaryServer:
+    """A uvicorn process serving Prefect's API app on a free loopback port (``start`` now, ``ready`` waits)."""
+
+    def __init__(self) -> None:
+        self.port = 0
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> "TemporaryServer":
+        self.port = _free_port()
+        command = [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app",
+                   "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "error", "--lifespan", "on"]
+        self.process = subprocess.Popen(command, env={**os.environ, **_SERVER_ENV}, stdin=subprocess.DEVNULL,
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                        preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+        atexit.register(self.stop)
+        return self
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api"
+
+    def ready(self, timeout: float) -> str:
+        """Wait until the API answers, then point this process's Prefect settings at it; return its URL.
+
+        Another process may take the port between choosing and binding it: the server is then started again on
+        another one (three tries).
+
+        Raises:
+            StageError: the server exited or did not answer within ``timeout`` seconds (its last error lines).
+        """
+        deadline, tries = time.monotonic() + timeout, 1
+        while True:
+            assert self.process is not None
+            code = self.process.poll()
+            if code is not None:
+                error = (self.process.stderr.read() if self.process.stderr else b"").decode(errors="replace")
+                if "address already in use" in error.lower() and tries < 3:
+                    tries += 1
+                    self.start()
+                    continue
+                raise StageError(f"Prefect's temporary server exited with code {code}: {error.strip()[-800:]}")
+            with contextlib.suppress(urllib.error.URLError, OSError):
+                with urllib.request.urlopen(f"{self.api_url}/health", timeout=2) as answer:
+                    if answer.status == 200:
+                        break
+            if time.monotonic() > deadline:
+                self.stop()
+                raise StageError(f"Prefect's temporary server did not answer within {timeout:.0f}s "
+                                 "(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS)")
+            time.sleep(0.05)
+        os.environ["PREFECT_API_URL"] = os.environ[TEMPORARY_API] = self.api_url
+        if "prefect.context" in sys.modules:  # settings are read once at import: read them again
+            from prefect.context import refresh_global_settings_context
+
+            refresh_global_settings_context()
+        return self.api_url
+
+    def stop(self) -> None:
+        process, self.process = self.process, None
+        if process is None or process.poll() is not None:
+            return
+        process.terminate()
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
