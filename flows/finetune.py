@@ -246,7 +246,8 @@ def finetune(
 ) -> Any:
     """Fine-tune, evaluate and register a LoRA adapter; promote it when the gate passes and auto_promote is on.
 
-    The most-changed settings come first, then one group per params.yaml section. A value that differs from
+    The most-changed settings come first, then one group per params.yaml section with the keys people change from
+    run to run (the others keep the params file's values; ``overrides`` reaches them). A value that differs from
     the params file becomes a `--set`-style override, as do the entries of ``overrides``.
     """
     quick = {"data_path": data_path, "data_format": data_format, "base_model": base_model,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import yaml
 
@@ -82,6 +84,32 @@ def test_prefect_form_values_become_overrides_only_where_changed(tmp_path):
     assert written.train.learning_rate == 1e-4 and written.data.template == "Q: {question}\nA: "
     text = (tmp_path / "params.yaml").read_text(encoding="utf-8")
     assert "learning_rate: 0.0001" in text and "# loraops parameters" in text  # comments kept
+
+
+def test_form_shows_every_text_one_way_none_as_empty_and_an_optional_block_behind_a_switch():
+    """The groups hold the keys people change (form.SHOWN); every text value is escaped the same way (rag.template
+    too); an `X | None` text is a plain input where empty means none; `eval.tone` (null by default) is the block
+    under an `enabled` switch, and switching it on sets the whole block."""
+    from loraops.flows.finetune import finetune
+    from loraops.orchestration import form
+
+    current = load_params(REPO / "params.yaml")
+    values = form.defaults(current)
+    assert values["rag"]["template"] == "참고 자료:\\n{context}\\n\\n질문: {question}\\n답변: "
+    assert values["data"]["system_prompt"] == "" and values["eval"]["tone"]["enabled"] is False
+    groups = {g: dict(values[g]) for g in form.GROUPS}
+    quick = {k: values[k] for k in form.QUICK}
+    groups["eval"]["tone"] = dict(groups["eval"]["tone"], enabled=True, column="target_age")
+    groups["data"] = dict(groups["data"], system_prompt="친절한\\n상담원", category_column="")
+    changed = form.overrides(current, quick, groups)
+    assert changed == ['data.category_column=null', 'data.system_prompt="친절한\\n상담원"',
+                       'eval.tone={"column": "target_age", "levels": {"20대": "casual", "30대": "polite", "40대": '
+                       '"polite", "50대 이상": "formal"}}'], changed
+    schema = finetune.parameters.model_dump()
+    text = json.dumps(schema, ensure_ascii=False)
+    assert '"type": "null"' not in text  # no "str | None" switch whose None side reads 'Property is type "None"'
+    shown = sum(len(form.GROUPS[g].model_fields) for g in form.GROUPS)
+    assert shown < 40 and "encoding" not in form.GROUPS["data"].model_fields
 
 
 def test_form_puts_the_common_settings_first_and_describes_every_field():

@@ -96,10 +96,14 @@ def test_finetune_form_in_chromium_shows_common_settings_first_and_submits_a_run
             body = page.inner_text("body")
             order = [body.index(name) for name in ("data_path", "base_model", "learning_rate", "max_steps",
                                                    "lora_rank", "eval_questions", "model_name", "auto_promote")]
-            assert order == sorted(order) and body.index("auto_promote") < body.index("Encoding")
+            assert order == sorted(order) and body.index("auto_promote") < body.index("Chat Template")
             assert "Peak learning rate" in body and "Write a line break as \\n" in body
             templates = [t.input_value() for t in page.locator("textarea").all()]
             assert "질문: {question}\\n답변: " in templates  # the whole template is visible on one line
+            assert "참고 자료:\\n{context}\\n\\n질문: {question}\\n답변: " in templates  # rag.template the same way
+            assert 'Property is type "None"' not in body and "Section" not in body and "| None" not in body
+            inputs = page.locator("input, textarea, select").count()
+            assert inputs <= 60, f"{inputs} inputs: the form shows the keys people change (form.SHOWN)"
             page.locator("input[type=number]").first.fill("0.003")
             run_name = page.get_by_label("Run Name")
             if not run_name.count():  # the label may not be tied to its input: the first input after it

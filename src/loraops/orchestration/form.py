@@ -5,8 +5,11 @@ The flow's parameters are built here from the params model, so the form and ``pa
 - quick fields (data path and format, base model, learning rate, steps, LoRA rank, eval size, model name,
   auto-promote) come first, as plain typed inputs;
 - then one group per params section, without the quick fields, each described by its docstring;
-- line breaks in the prompt template and the stop strings are written ``\\n`` (the UI's text inputs are one
-  line high, so a real line break hid everything after it);
+- each group shows the keys people change from run to run (:data:`SHOWN`); the others keep the params file's
+  values, reached through the ``params_file`` and ``overrides`` fields;
+- line breaks in every text value are written ``\\n`` (the UI's text inputs are one line high, so a real line
+  break hid everything after it); ``X | None`` fields are plain inputs (empty text = none), and an optional block
+  (``eval.tone``) has an ``enabled`` switch;
 
 Form values that differ from the params file become ``--set``-style overrides, so a run from the UI records
 exactly what the user changed.
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import json
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -39,13 +43,32 @@ QUICK: dict[str, tuple[str, str]] = {
 
 SECTIONS: dict[str, type[BaseModel]] = {"data": DataSection, "model": ModelSection, "lora": LoraSection, "train": TrainSection,
             "eval": EvalSection, "registry": RegistrySection, "rag": RagSection, "augment": AugmentSection}
-ESCAPED = ("data.template", "data.system_prompt", "eval.stop_strings", "augment.teacher.prompt", "augment.teacher.document_prompt")
-"""Keys whose line breaks the form shows as ``\\n``."""
+SHOWN: dict[str, tuple[str, ...]] = {
+    "data": ("question_column", "answer_column", "category_column", "attribute_columns", "template", "chat_template",
+             "system_prompt"),
+    "model": ("max_length", "revision", "trust_remote_code"),
+    "lora": ("alpha", "dropout", "target_modules"),
+    "train": ("batch_size", "gradient_accumulation", "warmup_ratio", "eval_steps", "precision", "quantization"),
+    "eval": ("max_new_tokens", "batch_size", "stop_strings", "metrics", "tone"),
+    "registry": ("gate.metric", "gate.min_gain", "gate.require_approval"),
+    "rag": ("enabled", "docs_path", "k", "template"),
+    "augment": ("enabled", "variants_per_question"),
+}
+"""The keys each form group shows, besides the quick fields: those people change from run to run. Every other key
+(about seventy) keeps its params-file value; the form's ``params_file`` and ``overrides`` reach them. The form is
+48 inputs instead of 114."""
+LINE_BREAK_NOTE = " Write a line break as \\n."
+ENABLED = "enabled"
+"""The switch the form adds to an optional settings block (``eval.tone``): off = the block is null."""
 
 
 def _escape(value: Any) -> Any:
+    """Line breaks, tabs and backslashes of every text value written ``\\n``, ``\\t``, ``\\\\``: the UI's text
+    inputs are one line high, so a real line break hid everything after it."""
     if isinstance(value, list):
         return [_escape(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _escape(v) for k, v in value.items()}
     return value.replace("\\", "\\\\").replace("\n", "\\n").replace("\t", "\\t") if isinstance(value, str) else value
 
 
@@ -56,6 +79,8 @@ def _unescape(value: Any) -> Any:
     """Undo :func:`_escape`: ``\\n`` → line break, ``\\t`` → tab, ``\\\\`` → backslash; anything else stays."""
     if isinstance(value, list):
         return [_unescape(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _unescape(v) for k, v in value.items()}
     if not isinstance(value, str):
         return value
     out, i = [], 0
@@ -69,23 +94,93 @@ def _unescape(value: Any) -> Any:
     return "".join(out)
 
 
-def _group(name: str, section: type[BaseModel]) -> type[BaseModel]:
-    """The section as a form group: without the quick fields, escaped multi-line fields described as such."""
-    quick = {key.split(".", 1)[1] for key, _ in QUICK.values() if key.startswith(f"{name}.")}
+def _optional(annotation: Any) -> tuple[bool, Any]:
+    """Whether ``annotation`` is ``X | None``, and X."""
+    args = typing.get_args(annotation)
+    if type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return True, rest[0] if len(rest) == 1 else typing.Union[tuple(rest)]
+    return False, annotation
+
+
+def _is_model(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+
+
+def _without_null(schema: dict[str, Any]) -> None:
+    """A ``X | None`` text or number field drawn as a plain input: Prefect's form would draw a "str | None" switch
+    whose None side reads 'Property is type "None"'. An empty text means none; the model still accepts null."""
+    options = [o for o in schema.pop("anyOf", []) if o.get("type") != "null"]
+    if len(options) == 1:
+        schema.update({k: v for k, v in options[0].items() if k not in schema})
+
+
+def _form_model(title: str, section: type[BaseModel], keys: tuple[str, ...] | None, switch: bool = False
+                ) -> type[BaseModel]:
+    """``section`` as a form group: only ``keys`` (dotted keys reach into a nested block; None = every field), text
+    described as escaped, ``X | None`` drawn plainly, an optional block (``ToneSection | None``) as the block itself
+    under an ``enabled`` switch (``switch``: this model is such a block)."""
+    wanted: dict[str, list[str]] = {}
+    for key in keys if keys is not None else tuple(section.model_fields):
+        head, _, rest = key.partition(".")
+        wanted.setdefault(head, []).extend([rest] if rest else [])
     fields: dict[str, Any] = {}
-    for field_name, info in section.model_fields.items():
-        if field_name in quick:
+    if switch:
+        fields[ENABLED] = (bool, Field(False, description="On: use these settings. Off: none (null in the params "
+                                                          "file)."))
+    for name, inner in wanted.items():
+        info = copy.copy(section.model_fields[name])
+        optional, annotation = _optional(info.annotation)
+        if _is_model(annotation):
+            block = _form_model(name.replace("_", " ").title(), annotation, tuple(inner) or None, switch=optional)
+            fields[name] = (block, Field(default_factory=block, description=info.description or annotation.__doc__))
             continue
-        info = copy.copy(info)
-        if f"{name}.{field_name}" in ESCAPED:
-            info.description = (info.description or "") + " Write a line break as \\n."
-        fields[field_name] = (info.annotation, info)
-    return create_model(f"{section.__name__}Form", __config__=ConfigDict(extra="forbid"), __doc__=section.__doc__, **fields)
+        description = info.description or ""
+        if (annotation is str or annotation == list[str]) and any(w in name for w in ("template", "prompt", "stop")):
+            description += LINE_BREAK_NOTE
+        if optional and annotation in (str, int, float):
+            description += " Empty: none." if annotation is str else ""
+            info.json_schema_extra = _without_null
+        info.description = description
+        fields[name] = (info.annotation, info)
+    return create_model(f"{section.__name__}Form", __config__=ConfigDict(extra="forbid", title=title),
+                        __doc__=section.__doc__, **fields)
+
+
+def _group(name: str, section: type[BaseModel]) -> type[BaseModel]:
+    """The section as a form group: its shown keys (:data:`SHOWN`, all for a section not listed) without the quick
+    fields."""
+    quick = {key.split(".", 1)[1] for key, _ in QUICK.values() if key.startswith(f"{name}.")}
+    keys = SHOWN.get(name)
+    keys = tuple(k for k in (keys if keys is not None else tuple(section.model_fields)) if k not in quick)
+    return _form_model(name, section, keys)
 
 
 GROUPS = {name: _group(name, section) for name, section in SECTIONS.items()}
 SWEEP_GROUP = _group("sweep", SweepSection)
 """The sweep flow's form: trials, objective, pruning, parallel and the search space."""
+
+
+def _form_values(model: type[BaseModel], values: dict[str, Any] | None) -> dict[str, Any]:
+    """A group's (or block's) form values from the params tree: only its fields, text escaped, none as "" for text,
+    an optional block with its switch."""
+    out: dict[str, Any] = {}
+    for name, info in model.model_fields.items():
+        if _is_model(info.annotation):
+            block: type[BaseModel] = info.annotation
+            current = (values or {}).get(name)
+            if ENABLED in block.model_fields:
+                inner = current if current is not None else block().model_dump(mode="json", exclude={ENABLED})
+                out[name] = {ENABLED: current is not None} | _form_values(block, inner)
+            else:
+                out[name] = _form_values(block, current)
+            continue
+        if name == ENABLED and values is not None and name not in values:
+            continue
+        value = (values or {}).get(name)
+        optional, annotation = _optional(info.annotation)
+        out[name] = "" if value is None and optional and annotation is str else _escape(value)
+    return out
 
 
 def defaults(params: Params) -> dict[str, Any]:
@@ -96,14 +191,7 @@ def defaults(params: Params) -> dict[str, Any]:
         value = _dig(tree, key)
         out[field] = 0 if field == "eval_questions" and value is None else value
     for name, group in GROUPS.items():
-        out[name] = {f: (_escape(tree[name][f]) if f"{name}.{f}" in ESCAPED else tree[name][f]) for f in group.model_fields}
-        for key in ESCAPED:  # nested keys (augment.teacher.prompt)
-            section, *parents, leaf = key.split(".")
-            if section == name and parents:
-                node = out[name]
-                for part in parents:
-                    node = node[part]
-                node[leaf] = _escape(node[leaf])
+        out[name] = _form_values(group, tree[name])
     return out
 
 
@@ -121,18 +209,40 @@ def _dig(tree: dict[str, Any], key: str) -> Any:
     return tree
 
 
+def _wanted(model: type[BaseModel], values: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """Dotted params keys → values from a group's form values: text unescaped, "" → none where none is allowed, an
+    optional block switched off → null, switched on → the block as one value."""
+    out: dict[str, Any] = {}
+    for name, info in model.model_fields.items():
+        if name not in values:
+            continue
+        value = values[name]
+        if _is_model(info.annotation):
+            block: type[BaseModel] = info.annotation
+            inner = value.model_dump(mode="json") if isinstance(value, BaseModel) else dict(value)
+            if ENABLED in block.model_fields:
+                on = inner.pop(ENABLED, False)
+                out[f"{prefix}{name}"] = _unescape(inner) if on else None
+            else:
+                out.update(_wanted(block, inner, f"{prefix}{name}."))
+            continue
+        optional, annotation = _optional(info.annotation)
+        value = _unescape(value)
+        out[f"{prefix}{name}"] = None if optional and annotation is str and value == "" else value
+    return out
+
+
 def overrides(current: Params, quick: dict[str, Any], groups: dict[str, Any]) -> list[str]:
     """``dotted.key=value`` for every form value that differs from ``current`` (the params file of the run)."""
     wanted: dict[str, Any] = {}
     for name, group in groups.items():
         values = group.model_dump(mode="json") if hasattr(group, "model_dump") else dict(group)
-        for key, value in flatten(values, f"{name}.").items():
-            wanted[key] = _unescape(value) if any(key.startswith(e) for e in ESCAPED) else value
+        wanted.update(_wanted(GROUPS[name], values, f"{name}."))
     for field, value in quick.items():
         key = QUICK[field][0]
         wanted[key] = None if field == "eval_questions" and value == 0 else value
-    before = flatten(current.model_dump(mode="json"))
-    return [f"{key}={json.dumps(value, ensure_ascii=False)}" for key, value in wanted.items() if before.get(key) != value]
+    tree = current.model_dump(mode="json")
+    return [f"{key}={json.dumps(value, ensure_ascii=False)}" for key, value in wanted.items() if _dig(tree, key) != value]
 
 
 def quick_field(field: str, default: Any) -> Any:
