@@ -109,6 +109,37 @@ def _badge(served: dict, link: str, name: str, shot: str) -> str:
             browser.close()
 
 
+def _dashboard_failed(served: dict) -> int:
+    """The dashboard's first count under "Flow Runs" (failed and crashed runs, the red tab), as Chromium shows it."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM))
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.goto(f"{served['ui']}/dashboard")
+            page.get_by_text("total", exact=True).first.wait_for(timeout=60_000)
+            page.wait_for_timeout(3000)  # the counts fill in after the card
+            page.screenshot(path=str(served["tmp"] / "dashboard.png"))
+            text = page.inner_text("body")
+        finally:
+            browser.close()
+    counts = [int(line) for line in text.split("total", 1)[1].split() if line.isdigit()]
+    return counts[0]
+
+
+def _events(served: dict, prefix: str, at_least: int, seconds: float = 60) -> list[dict]:
+    """The server's event feed (what the UI's Event Feed lists) for names starting with ``prefix``, oldest first,
+    once it holds ``at_least`` of them (the server stores events in batches)."""
+    deadline = time.time() + seconds
+    while True:
+        found = prefect_api("POST", f"{served['api']}/events/filter", json={
+            "filter": {"event": {"prefix": [prefix]}, "order": "ASC"}, "limit": 50})["events"]
+        if len(found) >= at_least or time.time() > deadline:
+            return found
+        time.sleep(1)
+
+
 def _wait_final(served: dict, flow_run: str, seconds: float = 180) -> dict:
     deadline = time.time() + seconds
     while time.time() < deadline:
@@ -152,10 +183,18 @@ def test_a_rejection_moves_nothing_and_an_approval_promotes_both_audited(approva
     red, green = _badge(served, rejected_link, "Rejected", "rejected-badge.png"), _badge(served, link, "Approved",
                                                                                         "approved-badge.png")
     assert red != green, (red, green)  # the rejection is not drawn in the success colour
+    failed = [r for r in prefect_api("POST", f"{served['api']}/flow_runs/filter", json={})
+              if r["state_type"] in ("FAILED", "CRASHED")]
+    assert failed and _dashboard_failed(served) == len(failed)  # the dashboard counts the rejection as not a success
     state = _registry(served)
     assert state["production"] == "1"
     assert [(a["action"], a["to"], a["reviewer"], a["comment"]) for a in state["trail"]][-1] == (
         "promote", "1", "김승인", "샘플 확인 완료")
+    moves = _events(served, "loraops.model.", 2)  # each audited decision is an event automations can follow
+    assert [e["event"] for e in moves] == ["loraops.model.rejected", "loraops.model.promoted"], moves
+    assert {e["resource"]["prefect.resource.id"] for e in moves} == {"loraops.model.interior-qa-lora"}
+    assert (moves[1]["payload"]["to"], moves[1]["payload"]["from"], moves[1]["payload"]["reviewer"]) == (
+        "1", None, "김승인") and moves[0]["payload"]["comment"] == "톤이 아직 거칠어요"
 
 
 def test_promote_without_a_prefect_server_says_where_approval_happens(approval_project, tmp_path):
@@ -164,3 +203,40 @@ def test_promote_without_a_prefect_server_says_where_approval_happens(approval_p
                           capture_output=True, text=True, env={**env, "HF_HUB_OFFLINE": "1"})
     assert done.returncode == 2 and "registry.gate.require_approval: a reviewer approves in the Prefect UI" in done.stderr
     assert os.path.exists(approval_project["ws"] / "params.yaml")
+
+
+def test_a_committed_data_version_is_published_as_an_event_and_the_hook_publishes_the_next(approval_project):
+    """`loraops data publish` sends loraops.data.updated (path, git revision, DVC hash) to the Prefect server; with
+    `loraops hooks install`, committing a changed .dvc file publishes it; a path that is not a committed DVC version
+    is refused before anything is sent."""
+    import yaml
+
+    served, ws = approval_project, approval_project["ws"]
+    refused = _loraops(served, "data", "publish", "data/raw/nothing.csv")
+    assert refused.returncode == 2 and "data/raw/nothing.csv: not tracked by DVC" in refused.stderr, refused.stderr
+    done = _loraops(served, "data", "publish", "data/docs", "--json")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    [first] = json.loads(done.stdout)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ws, capture_output=True, text=True).stdout.strip()
+    tracked = yaml.safe_load((ws / "data/docs.dvc").read_text(encoding="utf-8"))["outs"][0]["md5"]
+    assert (first["path"], first["revision"], first["md5"]) == ("data/docs", head, tracked)
+
+    hook = _loraops(served, "hooks", "install")
+    assert hook.returncode == 0 and (ws / ".git/hooks/post-commit").exists(), hook.stderr
+    (ws / "data/docs/new-wallpaper-faq.md").write_text("# 새 벽지\n\n곰팡이 방지 벽지는 습도 60% 이하에서 시공합니다.\n",
+                                                         encoding="utf-8")
+    dvc = str(Path(sys.executable).parent / "dvc")
+    subprocess.run([dvc, "add", "-q", "data/docs"], cwd=ws, check=True, env=served["env"])
+    uncommitted = _loraops(served, "data", "publish", "data/docs")
+    assert uncommitted.returncode == 2 and "not committed" in uncommitted.stderr, uncommitted.stderr
+    commit = subprocess.run(["git", "commit", "-qam", "docs: a new FAQ page"], cwd=ws, capture_output=True, text=True,
+                            env={**served["env"], "HF_HUB_OFFLINE": "1"})
+    assert commit.returncode == 0, commit.stderr
+    published = _events(served, "loraops.data.updated", 2)
+    assert len(published) == 2, published
+    second = published[1]
+    new_head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ws, capture_output=True, text=True).stdout.strip()
+    new_md5 = yaml.safe_load((ws / "data/docs.dvc").read_text(encoding="utf-8"))["outs"][0]["md5"]
+    assert second["resource"]["prefect.resource.id"] == "loraops.project.interior-qa-lora"
+    assert (second["payload"]["path"], second["payload"]["revision"], second["payload"]["md5"]) == (
+        "data/docs", new_head, new_md5) and new_md5 != tracked

@@ -152,6 +152,7 @@ COMMANDS: dict[str, str] = {
     **dict.fromkeys(("promote", "rollback", "ask", "reproduce"), "models"),
     **dict.fromkeys(("serve", "demo", "export"), "serving"),
     "review": "review",
+    **dict.fromkeys(("data", "hooks"), "data"),
 }
 """Each command and the ``loraops.cli`` module that defines it. A command imports only its own module when it runs, so
 a DVC stage (``cmd: loraops train``) depends on the stage commands' module, not on the demo's or the server's."""

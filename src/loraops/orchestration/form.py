@@ -21,7 +21,7 @@ import copy
 import json
 import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
@@ -167,7 +167,7 @@ def _form_values(model: type[BaseModel], values: dict[str, Any] | None) -> dict[
     out: dict[str, Any] = {}
     for name, info in model.model_fields.items():
         if _is_model(info.annotation):
-            block: type[BaseModel] = info.annotation
+            block = cast(type[BaseModel], info.annotation)
             current = (values or {}).get(name)
             if ENABLED in block.model_fields:
                 inner = current if current is not None else block().model_dump(mode="json", exclude={ENABLED})
@@ -218,7 +218,7 @@ def _wanted(model: type[BaseModel], values: dict[str, Any], prefix: str) -> dict
             continue
         value = values[name]
         if _is_model(info.annotation):
-            block: type[BaseModel] = info.annotation
+            block = cast(type[BaseModel], info.annotation)
             inner = value.model_dump(mode="json") if isinstance(value, BaseModel) else dict(value)
             if ENABLED in block.model_fields:
                 on = inner.pop(ENABLED, False)

@@ -17,6 +17,7 @@ import mlflow
 import pandas as pd
 from mlflow.exceptions import MlflowException
 
+from loraops.core import events
 from loraops.core.config import Params
 from loraops.core.errors import LoraopsError, RegistryError
 from loraops.core.paths import INDEX_DIR
@@ -500,6 +501,14 @@ def audit(client: mlflow.MlflowClient, name: str, action: str, from_version: str
         mlflow.log_params({"action": action, "from_version": str(from_version), "to_version": str(to_version),
                            "forced": str(record.get("forced", False)), "reason": str(record.get("reason"))})
         mlflow.log_dict(entry, "audit.json")
+    decision = record.get("decision") or {}
+    events.emit_quietly(events.MODEL_EVENTS[action], events.model_resource(name), {
+        "model": name, "action": action, "from": from_version, "to": to_version, "by": entry["by"],
+        "forced": bool(record.get("forced")), "reason": record.get("reason"), "against": decision.get("against"),
+        "gate_passed": decision.get("promote"), "gate_reasons": decision.get("reasons"),
+        **said}, related=[{"prefect.resource.id": f"loraops.model.{name}.{to_version}",
+                           "prefect.resource.role": "model-version", "prefect.resource.name": f"{name}/{to_version}"}]
+        if to_version else None)
 
 
 def audit_name(action: str, from_version: str | None, to_version: str | None) -> str:
