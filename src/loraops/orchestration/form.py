@@ -26,7 +26,7 @@ from typing import Any, cast
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from loraops.core.config import (AugmentSection, DataSection, EvalSection, LoraSection, ModelSection, Params,
-                                 RagSection, RegistrySection, SweepSection, TrainSection, flatten, load_params)
+                                 RagSection, RegistrySection, SweepSection, TrainSection, load_params)
 
 QUICK: dict[str, tuple[str, str]] = {
     "data_path": ("data.path", "Data file, relative to the project (CSV, JSONL, JSON or Parquet)."),
