@@ -6,17 +6,21 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+from datetime import timedelta
 from typing import Any
 
+from prefect.events import DeploymentEventTrigger
+from prefect.events.schemas.automations import Posture
 from prefect.runner import Runner
 
-from loraops.core import concurrency
-from loraops.core.config import load_params
+from loraops.core import concurrency, events
+from loraops.core.config import Params, load_params
 from loraops.flows.finetune import finetune
 from loraops.flows.promote import promote, rollback
 from loraops.flows.reproduce import reproduce
 from loraops.flows.sweep import sweep_flow
 from loraops.orchestration import form
+from loraops.orchestration.publish import PUBLISHED
 
 
 def deployments(params_file: str = "params.yaml") -> list:
@@ -30,8 +34,10 @@ def deployments(params_file: str = "params.yaml") -> list:
         return form.deployment_name(model, flow)
 
     return [
-        finetune.to_deployment(name=named("finetune"), parameters=defaults, tags=tags,
-                               description=f"{model}: prepare → train → evaluate → register → gate"),
+        finetune.to_deployment(name=named("finetune"), parameters=defaults, tags=tags, triggers=data_triggers(params),
+                               cron=params.retrain.schedule, description=f"{model}: prepare → train → evaluate → "
+                               "register → gate" + (" · retrains when data is published" if params.retrain.on_data
+                                                     else "")),
         promote.to_deployment(name=named("promote"), tags=tags, parameters={"params_file": params_file},
                               description=f"{model}: move production to a version through the gate (and a reviewer)"),
         rollback.to_deployment(name=named("rollback"), tags=tags, parameters={"params_file": params_file},
@@ -41,6 +47,27 @@ def deployments(params_file: str = "params.yaml") -> list:
         sweep_flow.to_deployment(name=named("sweep"), tags=tags, description=f"{model}: Optuna trials → the best → gate",
                                  parameters=form.sweep_defaults(params) | {"params_file": params_file}),
     ]
+
+
+def data_triggers(params: Params) -> list[DeploymentEventTrigger]:
+    """With ``retrain.on_data``: the finetune deployment's trigger on ``loraops.data.updated`` for this project.
+
+    Debounced as Prefect documents it: the trigger fires on the first event and ignores the others for
+    ``debounce_seconds`` (``within``), and the run it creates starts that long after (``schedule_after``), so a burst of
+    publishes starts one run, which trains the newest version published (``data_revision: published``) with the params
+    file as found at that revision (``use_form: false``)."""
+    retrain = params.retrain
+    if not retrain.on_data:
+        return []
+    window = timedelta(seconds=retrain.debounce_seconds)
+    related = ({"match_related": {"prefect.resource.role": "data", "prefect.resource.name": list(retrain.paths)}}
+               if retrain.paths else {})
+    return [DeploymentEventTrigger(
+        name=f"retrain {params.registry.model_name} on new data",
+        description="A published data version (`loraops data publish`, the git hook) starts a run on it",
+        expect={events.DATA_UPDATED}, match=events.project_resource(params.registry.model_name),
+        posture=Posture.Reactive, threshold=1, within=window, schedule_after=window,
+        parameters={"data_revision": PUBLISHED, "use_form": False, "params_file": retrain.params_file}, **related)]
 
 
 class BoundedShutdownRunner(Runner):

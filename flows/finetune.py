@@ -19,6 +19,7 @@ from pydantic import Field
 
 from loraops.core import concurrency, remote
 from loraops.core.config import Params, load_params
+from loraops.core.errors import ConfigError
 from loraops.core.outcomes import NOT_SUCCESS, promotion_outcome
 from loraops.core.paths import ADAPTER_DIR, TRAIN_LOG
 from loraops.core.results import EvalSummary, Promotion
@@ -27,7 +28,7 @@ from loraops.judge import tone, validity
 from loraops.judge.report import (details, flat_metrics, headline, outcome, summary_markdown, top_losses,
                                   version_description)
 from loraops.modeling.model import base_location, check_base
-from loraops.orchestration import form, workspace
+from loraops.orchestration import form, publish, workspace
 from loraops.registry import lineage, tracking
 from loraops.registry import versions as registry
 
@@ -207,8 +208,12 @@ RagGroup, AugmentGroup = form.GROUPS["rag"], form.GROUPS["augment"]
 def _run_name() -> str:
     """The flow run's name starts with the registered model it trains, so runs of several domains read apart in the
     Prefect UI (``store-copy-lora · brave-otter``); the rest is the name the run was created with (the Run Name a user
-    typed in the form, or the one Prefect made up), so a typed name is kept."""
-    return form.run_name(form.model_name_of(flow_run.parameters, REPO), flow_run.name)
+    typed in the form, or the one Prefect made up), so a typed name is kept. A run started by a data version says so
+    (``interior-qa-lora · new data · brave-otter``)."""
+    created_as = flow_run.name
+    if flow_run.parameters.get("data_revision") and not str(created_as or "").startswith("new data · "):
+        created_as = f"new data · {created_as}"
+    return form.run_name(form.model_name_of(flow_run.parameters, REPO), created_as)
 
 
 @flow(name="finetune", log_prints=True, validate_parameters=True, flow_run_name=_run_name,
@@ -243,6 +248,9 @@ def finetune(
                                             "never share params, outputs or adapters."),
     use_form: bool = Field(True, description="Apply the form's values; off = the params file and overrides only "
                                              "(what `loraops run` does)."),
+    data_revision: str = Field("", description="Train the project as of this git commit (a published data version); "
+                                               "'published' = the newest version `loraops data publish` announced "
+                                               "(what the data trigger passes); empty = the checkout's HEAD."),
 ) -> Any:
     """Fine-tune, evaluate and register a LoRA adapter; promote it when the gate passes and auto_promote is on.
 
@@ -258,10 +266,28 @@ def finetune(
     extra = list(overrides or [])
     chosen = load_params(REPO / params_file, extra)
     inputs = [data_path if use_form else chosen.data.path, (rag.docs_path if use_form else None) or chosen.rag.docs_path]
-    with (workspace.isolated_workspace(REPO, str(flow_run.id), inputs) if isolate else contextlib.nullcontext(REPO)) as work:
+    revision = _data_revision(data_revision, chosen) if data_revision else "HEAD"
+    isolate = isolate or revision != "HEAD"
+    with (workspace.isolated_workspace(REPO, str(flow_run.id), inputs, revision) if isolate
+          else contextlib.nullcontext(REPO)) as work:
         changed = form.overrides(load_params(Path(work) / params_file), quick, groups) if use_form else []
         with tracking.reachable("starting or tracking the run"):
             return _finetune(Path(work), params_file, changed + extra, allow_dirty)
+
+
+def _data_revision(requested: str, params: Params) -> str:
+    """The git commit a run trains: ``requested``, or for ``published`` the newest data version announced for this
+    project on the Prefect server (a burst of publishes starts one run, after the debounce window: the last one of
+    the burst is trained)."""
+    if requested != publish.PUBLISHED:
+        return requested
+    found = publish.latest_published(params.registry.model_name, params.retrain.paths or None)
+    if found is None:
+        raise ConfigError(f"no data version of {params.registry.model_name} was published on this Prefect server "
+                          "(`loraops data publish`)")
+    get_run_logger().info("training the data version published last: %s md5 %s at %s (event %s, %s)", found["path"],
+                          found["md5"], found["revision"][:12], found["event_id"], found["occurred"])
+    return str(found["revision"])
 
 
 def _finetune(work: Path, params_file: str, overrides: list[str], allow_dirty: bool) -> Any:

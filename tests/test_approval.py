@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import make_workspace, prefect_api, prefect_with_deployments, small_loop_overrides
+from helpers import ended_with_an_outcome, make_workspace, prefect_api, prefect_with_deployments, small_loop_overrides
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 CHROMIUM = Path("/usr/bin/chromium")
@@ -22,7 +22,8 @@ CHROMIUM = Path("/usr/bin/chromium")
 def approval_project(tmp_path_factory):
     """A project whose gate needs a reviewer, served on a Prefect server, with v1 registered (not promoted)."""
     tmp = tmp_path_factory.mktemp("approval")
-    ws = make_workspace(tmp / "ws", small_loop_overrides("registry.gate.require_approval=true"))
+    ws = make_workspace(tmp / "ws", small_loop_overrides("registry.gate.require_approval=true",
+                                                                 "retrain.on_data=true", "retrain.debounce_seconds=20"))
     with prefect_with_deployments(tmp, ws) as served:
         done = _loraops(served, "run")
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -205,38 +206,73 @@ def test_promote_without_a_prefect_server_says_where_approval_happens(approval_p
     assert os.path.exists(approval_project["ws"] / "params.yaml")
 
 
-def test_a_committed_data_version_is_published_as_an_event_and_the_hook_publishes_the_next(approval_project):
-    """`loraops data publish` sends loraops.data.updated (path, git revision, DVC hash) to the Prefect server; with
-    `loraops hooks install`, committing a changed .dvc file publishes it; a path that is not a committed DVC version
-    is refused before anything is sent."""
+def _finetune_runs(served: dict) -> list[dict]:
+    runs = prefect_api("POST", f"{served['api']}/flow_runs/filter", json={"sort": "EXPECTED_START_TIME_ASC"})
+    return [r for r in runs if r["name"].startswith("interior-qa-lora · new data · ")]
+
+
+def _wait_runs(served: dict, count: int, seconds: float = 600) -> list[dict]:
+    deadline = time.time() + seconds
+    while True:
+        runs = _finetune_runs(served)
+        if len(runs) >= count and all(r["state_type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") for r in runs):
+            return runs
+        assert time.time() < deadline, [(r["name"], r["state_name"]) for r in runs]
+        time.sleep(3)
+
+
+def _version_lineage(served: dict, version: str) -> dict:
+    code = ("import json; from loraops.registry import versions as registry; from loraops.registry.reproduce import "
+            "_lineage; c = registry.mlflow_client(); v = c.get_model_version('interior-qa-lora', '" + version + "');"
+            "print(json.dumps(_lineage(v.run_id)))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=served["ws"], capture_output=True, text=True,
+                          env=served["env"])
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_a_published_data_version_retrains_once_per_burst_and_the_same_version_again_changes_nothing(
+        approval_project):
+    """`loraops data publish` sends loraops.data.updated (path, git revision, DVC hash); with `loraops hooks install`
+    a commit of a changed .dvc file publishes it. The finetune deployment's trigger (retrain.on_data) starts one run
+    for the burst, on the newest version: it registers a version whose lineage names that revision and data hash.
+    Publishing the same version again ends Unchanged. A path that is not a committed DVC version is refused."""
     import yaml
 
     served, ws = approval_project, approval_project["ws"]
+    data = "data/raw/interior_qa.csv"
     refused = _loraops(served, "data", "publish", "data/raw/nothing.csv")
     assert refused.returncode == 2 and "data/raw/nothing.csv: not tracked by DVC" in refused.stderr, refused.stderr
-    done = _loraops(served, "data", "publish", "data/docs", "--json")
+    done = _loraops(served, "data", "publish", data, "--json")  # the version v1 was trained on: the burst's first
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     [first] = json.loads(done.stdout)
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ws, capture_output=True, text=True).stdout.strip()
-    tracked = yaml.safe_load((ws / "data/docs.dvc").read_text(encoding="utf-8"))["outs"][0]["md5"]
-    assert (first["path"], first["revision"], first["md5"]) == ("data/docs", head, tracked)
+    tracked = yaml.safe_load((ws / f"{data}.dvc").read_text(encoding="utf-8"))["outs"][0]["md5"]
+    assert (first["path"], first["revision"], first["md5"]) == (data, head, tracked)
 
     hook = _loraops(served, "hooks", "install")
     assert hook.returncode == 0 and (ws / ".git/hooks/post-commit").exists(), hook.stderr
-    (ws / "data/docs/new-wallpaper-faq.md").write_text("# 새 벽지\n\n곰팡이 방지 벽지는 습도 60% 이하에서 시공합니다.\n",
-                                                         encoding="utf-8")
+    lines = (ws / data).read_text(encoding="utf-8").splitlines()
+    (ws / data).write_text("\n".join(lines + lines[1:13]) + "\n", encoding="utf-8")  # October's questions, again
     dvc = str(Path(sys.executable).parent / "dvc")
-    subprocess.run([dvc, "add", "-q", "data/docs"], cwd=ws, check=True, env=served["env"])
-    uncommitted = _loraops(served, "data", "publish", "data/docs")
+    subprocess.run([dvc, "add", "-q", data], cwd=ws, check=True, env=served["env"])
+    uncommitted = _loraops(served, "data", "publish", data)
     assert uncommitted.returncode == 2 and "not committed" in uncommitted.stderr, uncommitted.stderr
-    commit = subprocess.run(["git", "commit", "-qam", "docs: a new FAQ page"], cwd=ws, capture_output=True, text=True,
-                            env={**served["env"], "HF_HUB_OFFLINE": "1"})
+    commit = subprocess.run(["git", "commit", "-qam", "data: October questions"], cwd=ws, capture_output=True,
+                            text=True, env={**served["env"], "HF_HUB_OFFLINE": "1"})
     assert commit.returncode == 0, commit.stderr
     published = _events(served, "loraops.data.updated", 2)
-    assert len(published) == 2, published
-    second = published[1]
     new_head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ws, capture_output=True, text=True).stdout.strip()
-    new_md5 = yaml.safe_load((ws / "data/docs.dvc").read_text(encoding="utf-8"))["outs"][0]["md5"]
-    assert second["resource"]["prefect.resource.id"] == "loraops.project.interior-qa-lora"
-    assert (second["payload"]["path"], second["payload"]["revision"], second["payload"]["md5"]) == (
-        "data/docs", new_head, new_md5) and new_md5 != tracked
+    new_md5 = yaml.safe_load((ws / f"{data}.dvc").read_text(encoding="utf-8"))["outs"][0]["md5"]
+    assert [(e["payload"]["revision"], e["payload"]["md5"]) for e in published] == [(head, tracked), (new_head, new_md5)]
+    assert published[1]["resource"]["prefect.resource.id"] == "loraops.project.interior-qa-lora" and new_md5 != tracked
+
+    [run] = _wait_runs(served, 1)  # two publishes inside the debounce window: one run, on the newest version
+    assert ended_with_an_outcome(run), (run["state_name"], served["log"].read_text()[-4000:])
+    lineage = _version_lineage(served, "2")
+    assert lineage["git_commit"] == new_head and lineage["data_md5"][data] == new_md5, lineage
+
+    again = _loraops(served, "data", "publish", data)  # the same version once more
+    assert again.returncode == 0, again.stderr
+    runs = _wait_runs(served, 2)
+    assert len(runs) == 2 and runs[1]["state_name"] == "Unchanged", [(r["name"], r["state_name"]) for r in runs]

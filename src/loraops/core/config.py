@@ -359,6 +359,22 @@ class SweepSection(_Section):
                                                       "{low: 0.0001, high: 0.01, log: true}; lora.r: {choices: [8, 16]}.")
 
 
+class RetrainSection(_Section):
+    """Continuous training (`loraops deploy`): a published data version, or a schedule, starts the finetune flow."""
+
+    on_data: bool = Field(False, description="`loraops deploy` puts a trigger on the finetune deployment: each burst of "
+                                             "loraops.data.updated events (`loraops data publish`, the git hook) "
+                                             "starts one run on the newest published revision.")
+    paths: list[str] = Field(default_factory=list, description="Only versions of these data paths start a run "
+                                                               "(empty: any the project publishes).")
+    debounce_seconds: int = Field(300, ge=0, description="A burst of publishes inside this window starts one run, "
+                                                         "this long after the first, on the newest revision.")
+    params_file: str = Field("params.yaml", description="The params file a triggered or scheduled run uses (as "
+                                                        "found at the trained revision).")
+    schedule: str | None = Field(None, description="A cron line (UTC), e.g. '0 2 * * *': a scheduled run that "
+                                                      "retrains if the data or code changed, else ends Unchanged.")
+
+
 class Params(_Section):
     """Everything in params.yaml."""
 
@@ -372,6 +388,7 @@ class Params(_Section):
     rag: RagSection = Field(default_factory=RagSection)
     augment: AugmentSection = Field(default_factory=AugmentSection)
     sweep: SweepSection = Field(default_factory=SweepSection)
+    retrain: RetrainSection = Field(default_factory=RetrainSection)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Params":

@@ -119,3 +119,25 @@ exit 0
 """, encoding="utf-8")
     hook.chmod(0o755)
     return hook
+
+
+PUBLISHED = "published"
+"""The finetune flow's ``data_revision`` for "the newest version published for this project" (what the data trigger
+passes: the run starts after the debounce window, so it trains the last version of the burst, not the first)."""
+
+
+def latest_published(model: str, paths: list[str] | None = None) -> dict[str, Any] | None:
+    """The payload of the newest ``loraops.data.updated`` event of this project (of ``paths`` when given) on the
+    Prefect server, with the event's id and time; None when there is none."""
+    from prefect.client.orchestration import get_client
+    from prefect.events.filters import EventFilter, EventNameFilter, EventOrder, EventResourceFilter
+
+    query = EventFilter(event=EventNameFilter(name=[events.DATA_UPDATED]),
+                        resource=EventResourceFilter(id=[events.project_resource(model)["prefect.resource.id"]]),
+                        order=EventOrder.DESC)
+    with get_client(sync_client=True) as client:
+        page = client.read_events(filter=query, limit=50)
+    for event in page.events:
+        if not paths or event.payload.get("path") in paths:
+            return dict(event.payload) | {"event_id": str(event.id), "occurred": event.occurred.isoformat()}
+    return None

@@ -48,8 +48,8 @@ def write_params(params_file: str, overrides: list[str], root: Path = Path("."))
 
 
 @contextlib.contextmanager
-def isolated_workspace(repo: Path, name: str, inputs: list[str]) -> Iterator[Path]:
-    """A git worktree of HEAD for one flow run, sharing the repo's DVC cache; removed afterwards.
+def isolated_workspace(repo: Path, name: str, inputs: list[str], revision: str = "HEAD") -> Iterator[Path]:
+    """A git worktree of ``revision`` (default HEAD) for one flow run, sharing the repo's DVC cache; removed afterwards.
 
     Concurrent runs each get their own params.yaml, dvc.lock and stage outputs; DVC's cache is shared,
     so unchanged stages and data are not recomputed or copied twice.
@@ -66,7 +66,7 @@ def isolated_workspace(repo: Path, name: str, inputs: list[str]) -> Iterator[Pat
         if out.returncode != 0:
             raise StageError(f"workspace {tree}: {' '.join(cmd[:3])} failed: {out.stderr.strip()[-500:]}")
 
-    sh("git", "worktree", "add", "--detach", str(tree), "HEAD", cwd=repo)
+    sh("git", "worktree", "add", "--detach", str(tree), revision or "HEAD", cwd=repo)
     try:
         sh(dvc, "cache", "dir", "--local", str(repo / ".dvc" / "cache"))
         if (repo / "dvc-remote").is_dir():
