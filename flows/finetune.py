@@ -323,6 +323,10 @@ def _finetune(work: Path, params_file: str, overrides: list[str], allow_dirty: b
         with tracking.reachable("logging and registering the run"):
             summary = log_run(work, run_id, params.registry.gate.metric)
             registered = register(work, params, run_id, allow_dirty, summary)
+            same = workspace.already_decided(params, registered["version"]) if registered.get("reused") else None
+            if same is not None:
+                get_run_logger().info(same)
+                return final_state("Unchanged", same, {"summary_text": same, "outcome": "Unchanged"})
             approval = params.registry.gate.require_approval  # then only the promote flow, with a reviewer, promotes
             decision = gate(params, registered["version"]) if params.registry.auto_promote and not approval else None
     except BaseException:

@@ -3,6 +3,7 @@ Prefect UI, and only an approval moves production. Driven through the real Resum
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -252,8 +253,14 @@ def test_a_published_data_version_retrains_once_per_burst_and_the_same_version_a
 
     hook = _loraops(served, "hooks", "install")
     assert hook.returncode == 0 and (ws / ".git/hooks/post-commit").exists(), hook.stderr
-    lines = (ws / data).read_text(encoding="utf-8").splitlines()
-    (ws / data).write_text("\n".join(lines + lines[1:13]) + "\n", encoding="utf-8")  # October's questions, again
+    with (ws / data).open(encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f))
+    october = [row | {"id": f"OCT_{i:03d}", "질문_1": f"10월 문의: {row['질문_1']}", "질문_2": f"10월 문의: {row['질문_2']}"}
+               for i, row in enumerate(rows[:24])]  # new questions: what the stages see changes
+    with (ws / data).open("w", encoding="utf-8", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows + october)
     dvc = str(Path(sys.executable).parent / "dvc")
     subprocess.run([dvc, "add", "-q", data], cwd=ws, check=True, env=served["env"])
     uncommitted = _loraops(served, "data", "publish", data)

@@ -252,3 +252,29 @@ def test_a_chat_template_outside_prompts_or_a_system_turn_without_one_is_refused
             load_params(REPO / "params.yaml", sets)
     assert load_params(REPO / "params.yaml", ["data.chat_template=prompts/chat.jinja"]).data.chat_template == \
         "prompts/chat.jinja"
+
+
+def test_retrain_settings_put_a_debounced_data_trigger_and_a_schedule_on_the_finetune_deployment(tmp_path):
+    """retrain.on_data: a reactive trigger on this project's loraops.data.updated events whose run waits out the
+    debounce window and trains the newest published version; retrain.schedule: a cron schedule. Off by default."""
+    from loraops.flows.deploy import deployments
+
+    plain = deployments()[0]
+    assert plain.triggers == [] and not plain.schedules
+    import yaml
+
+    tree = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
+    tree["retrain"] |= {"on_data": True, "debounce_seconds": 90, "paths": ["data/raw/interior_qa.csv"],
+                        "schedule": "0 2 * * *"}
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(tree, allow_unicode=True), encoding="utf-8")
+    finetune = deployments(str(path))[0]
+    [trigger] = finetune.triggers
+    assert trigger.expect == {"loraops.data.updated"} and trigger.posture == "Reactive" and trigger.threshold == 1
+    assert trigger.match.model_dump() == {"prefect.resource.id": "loraops.project.interior-qa-lora",
+                                          "prefect.resource.name": "interior-qa-lora"}
+    assert trigger.within.total_seconds() == trigger.schedule_after.total_seconds() == 90
+    assert trigger.match_related.model_dump() == {"prefect.resource.role": "data",
+                                                  "prefect.resource.name": ["data/raw/interior_qa.csv"]}
+    assert trigger.parameters == {"data_revision": "published", "use_form": False, "params_file": "params.yaml"}
+    assert [s.schedule.cron for s in finetune.schedules] == ["0 2 * * *"]

@@ -386,6 +386,27 @@ def unchanged(root: Path, params: Params) -> str | None:
             f"nothing to run. Its gate verdict: {verdict}; production: {production}.")
 
 
+def already_decided(params: Params, version: str) -> str | None:
+    """Say so when a run's adapter turned out to be, byte for byte, that of a version already decided on (gated,
+    waiting for a reviewer, or registered without auto-promotion): the same data version published again, a UI run
+    with unchanged settings. None when that version still needs the gate."""
+    import mlflow
+
+    client, name = mlflow.MlflowClient(), params.registry.model_name
+    found = client.get_model_version(name, version)
+    approval = params.registry.gate.require_approval
+    if "gate.verdict" not in found.tags and params.registry.auto_promote and not approval:
+        return None
+    verdict = found.tags.get("gate.verdict") or ("waiting for a reviewer (registry.gate.require_approval)" if approval
+                                                 else "not gated (auto_promote off)")
+    try:
+        production = f"v{client.get_model_version_by_alias(name, 'production').version}"
+    except mlflow.exceptions.MlflowException:
+        production = "no production yet"
+    return (f"unchanged: the adapter trained is, byte for byte, that of {name} v{version} (MLflow run "
+            f"{found.run_id}); not judged again. Its gate verdict: {verdict}; production: {production}.")
+
+
 def check_clean(lineage: dict[str, Any], allow_dirty: bool) -> None:
     """Refuse to register from a dirty tree unless allowed (the diff is then stored in the lineage card).
 
