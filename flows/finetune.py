@@ -323,7 +323,7 @@ def _finetune(work: Path, params_file: str, overrides: list[str], allow_dirty: b
         with tracking.reachable("logging and registering the run"):
             summary = log_run(work, run_id, params.registry.gate.metric)
             registered = register(work, params, run_id, allow_dirty, summary)
-            same = workspace.already_decided(params, registered["version"]) if registered.get("reused") else None
+            same = workspace.already_decided(work, params, registered["version"]) if registered.get("reused") else None
             if same is not None:
                 get_run_logger().info(same)
                 return final_state("Unchanged", same, {"summary_text": same, "outcome": "Unchanged"})

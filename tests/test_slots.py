@@ -161,8 +161,9 @@ def test_the_temporary_server_of_a_run_answers_keeps_local_mode_and_stops(tmp_pa
     from loraops.orchestration.temporary_server import TemporaryServer
 
     monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect-home"))
-    monkeypatch.delenv("PREFECT_API_URL", raising=False)
-    monkeypatch.delenv(TEMPORARY_API, raising=False)
+    for name in ("PREFECT_API_URL", TEMPORARY_API):  # recorded first, so the test's end restores them (unset)
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
     server = TemporaryServer().start()
     try:
         url = server.ready(120)
@@ -174,8 +175,10 @@ def test_the_temporary_server_of_a_run_answers_keeps_local_mode_and_stops(tmp_pa
     finally:
         process = server.process
         server.stop()
-        monkeypatch.delenv("PREFECT_API_URL", raising=False)
         from prefect.context import refresh_global_settings_context
 
-        refresh_global_settings_context()
+        for name in ("PREFECT_API_URL", TEMPORARY_API):
+            os.environ.pop(name, None)
+        refresh_global_settings_context()  # later tests in this worker must not talk to the stopped server
     assert process is not None and process.poll() is not None
+    assert "PREFECT_API_URL" not in os.environ

@@ -5,8 +5,9 @@
 - ``loraops.model.promoted | refused | rejected | rolled-back``: every audited move or refusal of ``production``;
   resource ``loraops.model.<name>``, related the version judged, payload: from/to versions, who, verdict.
 
-Events go to the Prefect server named by PREFECT_API_URL (team mode, or the temporary server of a `loraops run`).
-Without one nothing is sent: a temporary server started only to receive an event would forget it when it stops.
+Events go to the Prefect server named by PREFECT_API_URL (a server you run: `make ui-prefect`, team mode). Without
+one nothing is sent, nor to the temporary server of a local `loraops run` (no automation runs there, and it stops
+with the run).
 """
 
 from __future__ import annotations
@@ -32,7 +33,10 @@ def model_resource(model: str) -> dict[str, str]:
 
 
 def server_configured() -> bool:
-    return bool(os.environ.get("PREFECT_API_URL"))
+    """A Prefect server of the user's (not the temporary one a local run serves for itself)."""
+    from loraops.core.concurrency import local_mode
+
+    return bool(os.environ.get("PREFECT_API_URL")) and not local_mode()
 
 
 def emit(event: str, resource: dict[str, str], payload: dict[str, Any],

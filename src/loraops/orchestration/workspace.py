@@ -386,14 +386,20 @@ def unchanged(root: Path, params: Params) -> str | None:
             f"nothing to run. Its gate verdict: {verdict}; production: {production}.")
 
 
-def already_decided(params: Params, version: str) -> str | None:
+def already_decided(root: Path, params: Params, version: str) -> str | None:
     """Say so when a run's adapter turned out to be, byte for byte, that of a version already decided on (gated,
-    waiting for a reviewer, or registered without auto-promotion): the same data version published again, a UI run
-    with unchanged settings. None when that version still needs the gate."""
+    waiting for a reviewer, or registered without auto-promotion) from the same code, params and data (its lineage's
+    dvc.lock): the same data version published again, a UI run with unchanged settings. None when that version still
+    needs the gate, or when something around the adapter changed (an evaluation setting: the gate judges anew)."""
+    import hashlib
+
     import mlflow
 
     client, name = mlflow.MlflowClient(), params.registry.model_name
     found = client.get_model_version(name, version)
+    lock = hashlib.md5((root / DVC_LOCK).read_bytes()).hexdigest() if (root / DVC_LOCK).is_file() else None
+    if lock is None or found.tags.get("lineage.dvc_lock_md5") != lock:
+        return None
     approval = params.registry.gate.require_approval
     if "gate.verdict" not in found.tags and params.registry.auto_promote and not approval:
         return None
