@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import subprocess
 import sys
 from pathlib import Path
 
@@ -278,3 +279,37 @@ def test_a_checkout_of_other_code_runs_its_stages_in_their_own_process(tmp_path)
     assert runs_this_code(tmp_path)
     (tmp_path / "src/loraops/stages/train.py").write_text("# another commit\n", encoding="utf-8")
     assert not runs_this_code(tmp_path)
+
+
+def test_the_hook_publishes_the_data_paths_a_commit_changed_and_stays_quiet_otherwise(tmp_path):
+    """`loraops data publish --changed-in REV` (what the post-commit hook runs) takes the .dvc files that commit
+    changed, names with spaces and Hangul whole; a commit without one publishes nothing; the hook without a Prefect
+    server says what to run and never fails the commit."""
+    import os
+
+    from loraops.orchestration.publish import HOOK_MARK, changed_in, install_hook
+
+    def git(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", *args], cwd=tmp_path, capture_output=True, text=True, env=env, check=True)
+
+    git("init", "-q", "-b", "main")
+    git("config", "user.email", "ci@loraops.invalid")
+    git("config", "user.name", "ci")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data/고객 문의.csv.dvc").write_text("outs:\n- md5: 1\n", encoding="utf-8")
+    (tmp_path / "notes.txt").write_text("x\n", encoding="utf-8")
+    git("add", ".")
+    git("commit", "-qm", "first")
+    assert changed_in(tmp_path, "HEAD") == ["data/고객 문의.csv"]
+    hook = install_hook(tmp_path)
+    assert HOOK_MARK in hook.read_text(encoding="utf-8") and os.access(hook, os.X_OK)
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    (tmp_path / "notes.txt").write_text("y\n", encoding="utf-8")
+    quiet = git("commit", "-qam", "not data", env=env)
+    assert changed_in(tmp_path, "HEAD") == [] and "loraops" not in quiet.stderr
+    (tmp_path / "data/고객 문의.csv.dvc").write_text("outs:\n- md5: 2\n", encoding="utf-8")
+    told = git("commit", "-qam", "data", env=env)
+    assert "set PREFECT_API_URL and run: loraops data publish --changed-in HEAD" in told.stderr
+    (hook.parent / "post-commit").write_text("#!/bin/sh\necho theirs\n", encoding="utf-8")
+    with pytest.raises(Exception, match="not loraops'"):
+        install_hook(tmp_path)

@@ -21,13 +21,22 @@ app.add_typer(hooks_app, name="hooks")
 def data_publish(paths: Optional[list[str]] = typer.Argument(None, help="DVC-tracked data paths (default: data.path, "
                                                                            "rag.docs_path, the approved corrections)."),
                  push: bool = typer.Option(False, "--push", help="`dvc push` them first (runs elsewhere pull them)."),
+                 changed: Optional[str] = typer.Option(None, "--changed-in", metavar="REV",
+                                                       help="The paths whose .dvc file commit REV changed (the hook: "
+                                                            "HEAD); nothing to do when it changed none."),
                  as_json: bool = typer.Option(False, "--json", help="Print what was published as JSON."),
                  params: Path = ParamsOpt) -> None:
     """Emit `loraops.data.updated` (path, git revision, DVC hash) to the Prefect server in PREFECT_API_URL, after
     `dvc add` and a git commit."""
-    from loraops.orchestration.publish import publish
+    from loraops.orchestration.publish import changed_in, publish
 
-    done = publish(Path("."), params_of(params, None), list(paths or []), push=push,
+    chosen = list(paths or [])
+    if changed is not None:
+        chosen += changed_in(Path("."), changed)
+        if not chosen:
+            typer.echo(f"no DVC-tracked data changed in {changed}: nothing to publish")
+            return
+    done = publish(Path("."), params_of(params, None), chosen, push=push,
                    say=(lambda _: None) if as_json else typer.echo)
     if as_json:
         typer.echo(json.dumps(done, ensure_ascii=False, indent=2))

@@ -35,6 +35,13 @@ def _git(root: Path, *args: str) -> str:
     return out.stdout.strip()
 
 
+def changed_in(root: Path, revision: str) -> list[str]:
+    """The DVC-tracked paths whose ``.dvc`` file the commit ``revision`` changed (what the hook publishes); paths
+    with spaces or non-ASCII names come through whole (git's NUL-separated output)."""
+    out = _git(root, "diff-tree", "--root", "--no-commit-id", "--name-only", "-r", "-z", revision, "--", "*.dvc")
+    return [name.removesuffix(".dvc") for name in out.split("\0") if name.endswith(".dvc")]
+
+
 def data_version(root: Path, path: str) -> dict[str, Any]:
     """What identifies a committed data version of ``path``: its ``.dvc`` file's content hash, size and file count,
     and the git commit that holds it.
@@ -107,14 +114,13 @@ def install_hook(root: Path, force: bool = False) -> Path:
     hook.parent.mkdir(parents=True, exist_ok=True)
     hook.write_text(f"""#!/bin/sh
 {HOOK_MARK} (loraops hooks install)
-changed=$(git diff-tree --no-commit-id --name-only -r HEAD -- '*.dvc')
-[ -z "$changed" ] && exit 0
-paths=$(echo "$changed" | sed 's/\\.dvc$//')
+git diff-tree --root --no-commit-id --name-only -r HEAD -- '*.dvc' | grep -q . || exit 0
 if [ -z "$PREFECT_API_URL" ]; then
-  echo "loraops: data changed ($paths); set PREFECT_API_URL and run: loraops data publish $paths" >&2
+  echo "loraops: this commit changed data; set PREFECT_API_URL and run: loraops data publish --changed-in HEAD" >&2
   exit 0
 fi
-"{sys.executable}" -m loraops.cli data publish $paths || echo "loraops: publishing failed; run: loraops data publish $paths" >&2
+"{sys.executable}" -m loraops.cli data publish --changed-in HEAD ||
+  echo "loraops: publishing failed; run: loraops data publish --changed-in HEAD" >&2
 exit 0
 """, encoding="utf-8")
     hook.chmod(0o755)
