@@ -182,3 +182,27 @@ def test_the_temporary_server_of_a_run_answers_keeps_local_mode_and_stops(tmp_pa
         refresh_global_settings_context()  # later tests in this worker must not talk to the stopped server
     assert process is not None and process.poll() is not None
     assert "PREFECT_API_URL" not in os.environ
+
+
+def test_a_killed_runs_temporary_server_ends_with_it(tmp_path):
+    """SIGKILL on the process that started the temporary server (a machine's OOM killer, `kill -9` on a run) ends the
+    server too: nothing is left holding Prefect's database."""
+    import time
+
+    import psutil
+
+    code = ("import sys; from loraops.orchestration.temporary_server import TemporaryServer; s = TemporaryServer()"
+            ".start(); print(s.process.pid, flush=True); s.ready(120); print('READY', flush=True); sys.stdin.read()")
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home")}
+    env.pop("PREFECT_API_URL", None)
+    run = subprocess.Popen([sys.executable, "-c", code], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                           stderr=subprocess.DEVNULL, text=True)
+    assert run.stdout is not None
+    server = int(run.stdout.readline())
+    assert run.stdout.readline().strip() == "READY" and psutil.pid_exists(server)
+    run.kill()
+    run.wait()
+    deadline = time.time() + 30
+    while psutil.pid_exists(server) and psutil.Process(server).status() != psutil.STATUS_ZOMBIE:
+        assert time.time() < deadline, "the temporary server outlived its run"
+        time.sleep(0.2)

@@ -27,13 +27,16 @@ _SERVER_ENV = {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PRE
 """What Prefect's own temporary server runs with: no UI, the ephemeral server's settings."""
 
 
-def _die_with_parent() -> None:
-    """In the server's process before it starts (Linux): end it when the run's process ends, even by SIGKILL, so a
-    killed run leaves no server holding the database."""
-    import ctypes
-    import signal
-
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+_LAUNCH = """
+import ctypes, os, signal, sys
+ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: end with the run's process
+if os.getppid() != int(sys.argv[1]):  # the run ended before this line
+    sys.exit(0)
+os.execv(sys.executable, [sys.executable, "-m", "uvicorn", *sys.argv[2:]])
+"""
+"""Linux: the server's process asks to be ended when the run's process ends, even by SIGKILL, so a killed run leaves
+no server holding the database; it does so itself after starting (a ``preexec_fn`` is unsafe in a process with
+threads), then becomes uvicorn."""
 
 
 def _free_port() -> int:
@@ -51,11 +54,11 @@ class TemporaryServer:
 
     def start(self) -> "TemporaryServer":
         self.port = _free_port()
-        command = [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app",
-                   "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "error", "--lifespan", "on"]
-        self.process = subprocess.Popen(command, env={**os.environ, **_SERVER_ENV}, stdin=subprocess.DEVNULL,
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                        preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+        arguments = ["--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port",
+                     str(self.port), "--log-level", "error", "--lifespan", "on"]
+        launch = ["-c", _LAUNCH, str(os.getpid())] if sys.platform == "linux" else ["-m", "uvicorn"]
+        self.process = subprocess.Popen([sys.executable, *launch, *arguments], env={**os.environ, **_SERVER_ENV},
+                                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         atexit.register(self.stop)
         return self
 
