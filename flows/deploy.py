@@ -15,6 +15,7 @@ from prefect.runner import Runner
 
 from loraops.core import concurrency, events
 from loraops.core.config import Params, load_params
+from loraops.core.errors import ConfigError
 from loraops.flows.finetune import finetune
 from loraops.flows.promote import promote, rollback
 from loraops.flows.reproduce import reproduce
@@ -35,7 +36,7 @@ def deployments(params_file: str = "params.yaml") -> list:
 
     return [
         finetune.to_deployment(name=named("finetune"), parameters=defaults, tags=tags, triggers=data_triggers(params),
-                               cron=params.retrain.schedule, description=f"{model}: prepare → train → evaluate → "
+                               cron=retrain_schedule(params, params_file), description=f"{model}: prepare → train → evaluate → "
                                "register → gate" + (" · retrains when data is published" if params.retrain.on_data
                                                      else "")),
         promote.to_deployment(name=named("promote"), tags=tags, parameters={"params_file": params_file},
@@ -47,6 +48,26 @@ def deployments(params_file: str = "params.yaml") -> list:
         sweep_flow.to_deployment(name=named("sweep"), tags=tags, description=f"{model}: Optuna trials → the best → gate",
                                  parameters=form.sweep_defaults(params) | {"params_file": params_file}),
     ]
+
+
+def retrain_schedule(params: Params, params_file: str) -> str | None:
+    """``retrain.schedule``, checked as Prefect reads a cron line.
+
+    Raises:
+        ConfigError: not a cron line (the file and key named, instead of Prefect's traceback at deploy).
+    """
+    from prefect.client.schemas.schedules import CronSchedule
+    from pydantic import ValidationError
+
+    cron = params.retrain.schedule
+    if cron is None:
+        return None
+    try:
+        CronSchedule(cron=cron)
+    except ValidationError:
+        raise ConfigError(f"{params_file}: retrain.schedule {cron!r} is not a cron line (e.g. '0 2 * * *': 02:00 "
+                          "UTC every day)") from None
+    return cron
 
 
 def data_triggers(params: Params) -> list[DeploymentEventTrigger]:

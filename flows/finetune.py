@@ -19,7 +19,6 @@ from pydantic import Field
 
 from loraops.core import concurrency, remote
 from loraops.core.config import Params, load_params
-from loraops.core.errors import ConfigError
 from loraops.core.outcomes import NOT_SUCCESS, promotion_outcome
 from loraops.core.paths import ADAPTER_DIR, TRAIN_LOG
 from loraops.core.results import EvalSummary, Promotion
@@ -266,28 +265,13 @@ def finetune(
     extra = list(overrides or [])
     chosen = load_params(REPO / params_file, extra)
     inputs = [data_path if use_form else chosen.data.path, (rag.docs_path if use_form else None) or chosen.rag.docs_path]
-    revision = _data_revision(data_revision, chosen) if data_revision else "HEAD"
+    revision = publish.revision_to_train(data_revision, chosen, get_run_logger().info) if data_revision else "HEAD"
     isolate = isolate or revision != "HEAD"
     with (workspace.isolated_workspace(REPO, str(flow_run.id), inputs, revision) if isolate
           else contextlib.nullcontext(REPO)) as work:
         changed = form.overrides(load_params(Path(work) / params_file), quick, groups) if use_form else []
         with tracking.reachable("starting or tracking the run"):
             return _finetune(Path(work), params_file, changed + extra, allow_dirty)
-
-
-def _data_revision(requested: str, params: Params) -> str:
-    """The git commit a run trains: ``requested``, or for ``published`` the newest data version announced for this
-    project on the Prefect server (a burst of publishes starts one run, after the debounce window: the last one of
-    the burst is trained)."""
-    if requested != publish.PUBLISHED:
-        return requested
-    found = publish.latest_published(params.registry.model_name, params.retrain.paths or None)
-    if found is None:
-        raise ConfigError(f"no data version of {params.registry.model_name} was published on this Prefect server "
-                          "(`loraops data publish`)")
-    get_run_logger().info("training the data version published last: %s md5 %s at %s (event %s, %s)", found["path"],
-                          found["md5"], found["revision"][:12], found["event_id"], found["occurred"])
-    return str(found["revision"])
 
 
 def _finetune(work: Path, params_file: str, overrides: list[str], allow_dirty: bool) -> Any:

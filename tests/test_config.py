@@ -278,3 +278,7 @@ def test_retrain_settings_put_a_debounced_data_trigger_and_a_schedule_on_the_fin
                                                   "prefect.resource.name": ["data/raw/interior_qa.csv"]}
     assert trigger.parameters == {"data_revision": "published", "use_form": False, "params_file": "params.yaml"}
     assert [s.schedule.cron for s in finetune.schedules] == ["0 2 * * *"]
+    tree["retrain"]["schedule"] = "every night"
+    path.write_text(yaml.safe_dump(tree, allow_unicode=True), encoding="utf-8")
+    with pytest.raises(ConfigError, match="retrain.schedule 'every night' is not a cron line"):
+        deployments(str(path))

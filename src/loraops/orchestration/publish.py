@@ -147,3 +147,22 @@ def latest_published(model: str, paths: list[str] | None = None) -> dict[str, An
         if not paths or event.payload.get("path") in paths:
             return dict(event.payload) | {"event_id": str(event.id), "occurred": event.occurred.isoformat()}
     return None
+
+
+def revision_to_train(requested: str, params: Params, say: Callable[[str], Any] = print) -> str:
+    """The git commit a finetune run trains: ``requested``, or for :data:`PUBLISHED` the newest data version announced
+    for this project (of ``retrain.paths``) on the Prefect server: a burst of publishes starts one run after the
+    debounce window, which trains the last one of the burst.
+
+    Raises:
+        ConfigError: nothing was published for this project.
+    """
+    if requested != PUBLISHED:
+        return requested
+    found = latest_published(params.registry.model_name, params.retrain.paths or None)
+    if found is None:
+        raise ConfigError(f"no data version of {params.registry.model_name} was published on this Prefect server "
+                          "(`loraops data publish`)")
+    say(f"training the data version published last: {found['path']} md5 {found['md5']} at {found['revision'][:12]} "
+        f"(event {found['event_id']}, {found['occurred']})")
+    return str(found["revision"])
