@@ -65,7 +65,16 @@ def base_check(work: Path, params: Params) -> str:
 
 @task(name="metric-check")
 def metric_check(params: Params) -> dict[str, Any]:
-    """The gate metric must order graded Korean answers correctly before any training is spent on it."""
+    """The gate metric must order graded Korean answers correctly before any training is spent on it; a judge
+    metric needs the judge's latest calibration against the raters to be valid, and an enabled judge must answer."""
+    if params.eval.judge.enabled:
+        from loraops.judge.llm import Judge
+
+        Judge(params.eval.judge).check()
+    if params.registry.gate.metric.startswith("judge_"):
+        from loraops.registry.judging import require_calibrated
+
+        return require_calibrated(params)
     return validity.check_gate(params)
 
 

@@ -4,6 +4,7 @@
 - ``flows``: ``run`` and ``deploy`` (the Prefect flows), ``init-data``;
 - ``models``: ``promote``, ``rollback``, ``ask``, ``reproduce`` (the registry);
 - ``review``: the human rubric review sheets;
+- ``judge``: ``judge calibrate`` (the LLM judge's agreement with the raters);
 - ``serving``: ``serve`` (OpenAI-compatible API), ``demo`` (Gradio comparison + ratings), ``export``.
 
 Only the module of the command being run is imported (:data:`COMMANDS`, :func:`load_commands`), so a DVC stage's
@@ -153,6 +154,7 @@ COMMANDS: dict[str, str] = {
     **dict.fromkeys(("serve", "demo", "export"), "serving"),
     "review": "review",
     **dict.fromkeys(("data", "hooks"), "data"),
+    "judge": "judge",
 }
 """Each command and the ``loraops.cli`` module that defines it. A command imports only its own module when it runs, so
 a DVC stage (``cmd: loraops train``) depends on the stage commands' module, not on the demo's or the server's."""

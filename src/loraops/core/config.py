@@ -159,6 +159,83 @@ class ToneSection(_Section):
         return value
 
 
+JUDGE_CRITERIA = {
+    "relevance": "질문에 맞는 내용을 답하는가 (1: 질문과 무관, 5: 질문에 정확히 답함)",
+    "accuracy": "내용이 사실에 맞고 참고 답변과 어긋나지 않는가 (1: 틀리거나 지어낸 내용, 5: 모두 정확함)",
+    "completeness": "질문에 필요한 내용을 빠짐없이 담았는가 (1: 거의 없음, 5: 빠진 것 없음)",
+}
+"""The seed study's expert rubric (the criteria raters score in the demo and `loraops review`), in Korean."""
+
+
+class CalibrationPolicy(_Section):
+    """When a judge counts as agreeing with the raters (`loraops judge calibrate`); the gate may use a judge criterion
+    only when its latest calibration is valid under these."""
+
+    min_n: int = Field(30, ge=5, description="Fewest rated answers per criterion. Below ~30 the 95% interval of "
+                                             "Spearman's rho is wider than ±0.3 even for a good judge, so no bound "
+                                             "could be trusted.")
+    min_spearman_low: float = Field(0.3, ge=-1, le=1, description="The lower end of Spearman rho's bootstrap 95% "
+                                                                  "interval must reach this: the judge ranks answers "
+                                                                  "like the raters, at least moderately, with 95% "
+                                                                  "confidence.")
+    min_within_one: float = Field(0.7, ge=0, le=1, description="Share of answers the judge scores within one point "
+                                                               "of the raters' mean.")
+    bootstrap_samples: int = Field(2000, ge=200, description="Resamples of the rated answers for the intervals.")
+
+
+class JudgeSection(_Section):
+    """An LLM judge scoring each evaluated answer 1–5 per rubric criterion, through any OpenAI-compatible endpoint
+    (OpenAI, vLLM, Ollama, another `loraops serve`). The API key is read from the environment variable
+    ``api_key_env`` only; nothing is sent anywhere unless ``enabled``."""
+
+    enabled: bool = Field(False, description="Score answers with the judge: metrics judge_<criterion>.")
+    base_url: str | None = Field(None, description="The endpoint, e.g. https://api.openai.com/v1 or "
+                                                   "http://127.0.0.1:8000/v1 (vLLM, Ollama, `loraops serve`).")
+    model: str | None = Field(None, description="Model name at the endpoint, e.g. gpt-4o or Qwen/Qwen2.5-72B-Instruct.")
+    api_key_env: str = Field("LORAOPS_JUDGE_API_KEY", min_length=1,
+                             description="Environment variable holding the API key (never the key itself).")
+    criteria: dict[str, str] = Field(default_factory=lambda: dict(JUDGE_CRITERIA),
+                                     description="Criterion → what a 1 and a 5 mean; each becomes the metric "
+                                                 "judge_<criterion>. Raters score relevance, accuracy, completeness.")
+    prompt: str = Field(
+        "당신은 고객 상담 답변을 채점하는 전문가입니다. 아래 질문에 대한 답변을 기준마다 1~5점으로 채점하세요.\n"
+        "기준:\n{criteria}\n\n질문: {question}\n참고 답변: {reference}\n채점할 답변: {answer}\n\n"
+        "다른 말 없이 JSON 하나로만 답하세요. 형식: {format}",
+        description="The rubric prompt; fields {criteria}, {question}, {reference}, {answer}, {format}.")
+    temperature: float = Field(0.0, ge=0, le=2, description="Sampling temperature (0: the same reply every time).")
+    max_tokens: int = Field(400, gt=0, description="Longest judge reply, in tokens.")
+    requests_per_minute: float = Field(120, gt=0, description="Rate limit of calls that miss the cache.")
+    concurrency: int = Field(4, gt=0, description="Requests in flight at once.")
+    retries: int = Field(3, ge=0, description="Retries of a call that failed on I/O (connection, timeout, 429, 5xx); "
+                                              "a reply that does not parse is never retried.")
+    timeout_seconds: float = Field(60, gt=0, description="Per-request timeout.")
+    cache_dir: str | None = Field(None, description="Replies cached by content hash (endpoint, model, prompt, "
+                                                    "settings); None = $XDG_CACHE_HOME/loraops/judge (~/.cache).")
+    max_unparsed: float = Field(0.05, ge=0, le=1, description="Largest share of replies that may fail to parse; "
+                                                              "those answers are left out of the judge metrics.")
+    pairwise: bool = Field(False, description="Also compare tuned with base on each question, asked in both orders "
+                                              "(metric judge_pairwise: 1 win, 0.5 tie, 0 loss; a win in one order "
+                                              "only is a tie); reports the position-bias rate.")
+    calibration: CalibrationPolicy = Field(default_factory=CalibrationPolicy)
+
+    @field_validator("criteria")
+    @classmethod
+    def _criteria_names(cls, value: dict[str, str]) -> dict[str, str]:
+        import re
+
+        if not value:
+            raise ValueError("must name at least one criterion")
+        bad = [name for name in value if not re.fullmatch(r"[a-z][a-z0-9_]*", name)]
+        if bad:
+            raise ValueError(f"criterion names are lower-case words (a metric is named judge_<criterion>): "
+                             f"{', '.join(map(repr, bad))}")
+        return value
+
+    def metric_names(self) -> list[str]:
+        """The metrics the judge adds when enabled."""
+        return [f"judge_{c}" for c in self.criteria] + (["judge_pairwise"] if self.pairwise else [])
+
+
 class EvalSection(_Section):
     """Generation and scoring (stage `evaluate`)."""
 
@@ -191,6 +268,8 @@ class EvalSection(_Section):
     self_test: bool = Field(True, description="Measure metric validity on the probes before scoring; the gate metric must pass.")
     tone: ToneSection | None = Field(None, description="Score whether each answer uses the speech level its attribute "
                                                        "value asks for (e.g. target_age → formal/polite/casual); off when null.")
+    judge: JudgeSection = Field(default_factory=JudgeSection, description="An LLM rubric judge (judge_<criterion> "
+                                                                          "metrics); calibrate it before it may gate.")
 
     @field_validator("metrics")
     @classmethod
@@ -397,9 +476,37 @@ class Params(_Section):
 
         problems = []
         columns = [col for name in self.eval.metrics for col in SIMILARITY[name]]
-        if self.registry.gate.metric not in columns:
+        judge = self.eval.judge
+        if self.registry.gate.metric.startswith("judge_") and self.registry.gate.metric not in judge.metric_names():
+            problems.append(f"registry.gate.metric: {self.registry.gate.metric!r} is not a metric of eval.judge "
+                            f"(criteria: {', '.join(judge.criteria)}{'; pairwise on' if judge.pairwise else ''})")
+        elif self.registry.gate.metric.startswith("judge_") and not judge.enabled:
+            problems.append(f"registry.gate.metric: {self.registry.gate.metric!r} needs the judge: set "
+                            "eval.judge.enabled: true (and calibrate it: `loraops judge calibrate`)")
+        elif self.registry.gate.metric == "judge_pairwise":
+            problems.append("registry.gate.metric: judge_pairwise compares tuned with base inside one run and has no "
+                            "human calibration; gate on a calibrated criterion, e.g. judge_accuracy")
+        elif self.registry.gate.metric.startswith("judge_"):
+            pass
+        elif self.registry.gate.metric not in columns:
             problems.append(f"registry.gate.metric: {self.registry.gate.metric!r} is not computed by eval.metrics "
-                            f"({', '.join(self.eval.metrics)}); choose one of {', '.join(columns)}")
+                            f"({', '.join(self.eval.metrics)}); choose one of "
+                            f"{', '.join(columns + (judge.metric_names() if judge.enabled else []))}")
+        if judge.enabled:
+            for key in ("base_url", "model"):
+                if not getattr(judge, key):
+                    problems.append(f"eval.judge.{key}: required when eval.judge.enabled is true")
+            try:
+                fields = {name for _, name, _, _ in string.Formatter().parse(judge.prompt) if name}
+            except ValueError as exc:
+                problems.append(f"eval.judge.prompt: not a valid template ({exc})")
+            else:
+                wrong = sorted(fields - {"criteria", "question", "reference", "answer", "format"})
+                lacking = [f for f in ("answer", "format") if f not in fields]
+                if wrong or lacking:
+                    problems.append("eval.judge.prompt: " + "; ".join(
+                        ([f"unknown field(s) {', '.join('{' + w + '}' for w in wrong)}"] if wrong else []) +
+                        ([f"must use {', '.join('{' + f + '}' for f in lacking)}"] if lacking else [])))
         for key in ("eval_steps", "logging_steps"):
             if getattr(self.train, key) > self.train.max_steps:
                 problems.append(f"train.{key}: {getattr(self.train, key)} is more than train.max_steps "

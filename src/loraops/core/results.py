@@ -194,6 +194,9 @@ class EvalSummary(BaseModel):
     without_retrieval: Optional["EvalSummary"] = None
     validity: Optional[dict[str, dict[str, Any]]] = None
     tone_probe: Optional[dict[str, Any]] = None
+    judge: Optional[dict[str, Any]] = None
+    """With ``eval.judge.enabled``: the judge (model, endpoint, fingerprint), its cost (requests, cached replies,
+    tokens), unparsed replies and, pairwise, the position-bias rate."""
 
     def extended(self, **fields: Any) -> "EvalSummary":
         """This summary with more of its fields set (validated as when read)."""

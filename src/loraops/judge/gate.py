@@ -36,7 +36,7 @@ def decide(candidate: pd.DataFrame, reference: pd.DataFrame, policy: GatePolicy,
     slices = tuple(c for c in dict.fromkeys(("category", *slices)) if c in candidate.columns)
     merged = candidate[KEY + list(slices) + ["score", "degenerate"]].merge(
         reference[KEY + ["score", "degenerate"]], on=KEY, suffixes=("_candidate", "_reference"))
-    merged = merged.drop_duplicates(subset=KEY)
+    merged = merged.drop_duplicates(subset=KEY).dropna(subset=["score_candidate", "score_reference"])  # unparsed judge replies
     deltas = (merged["score_candidate"] - merged["score_reference"]).to_numpy(dtype=float)
     figures: dict[str, Any] = {"metric": policy.metric, "shared_questions": int(len(merged))}
     reasons: list[str] = []

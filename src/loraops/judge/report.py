@@ -25,7 +25,10 @@ def paired_bootstrap(deltas: np.ndarray, samples: int, seed: int) -> tuple[float
 
 
 def compare(a: pd.Series, b: pd.Series, samples: int, seed: int, tie: float = 1e-9) -> Comparison:
-    """Paired comparison b − a: means, delta, bootstrap interval, win/tie/loss counts."""
+    """Paired comparison b − a: means, delta, bootstrap interval, win/tie/loss counts. A pair with a missing score
+    (a judge reply that did not parse) is left out of both sides."""
+    kept = (a.notna() & b.notna()).to_numpy()
+    a, b = a[kept], b[kept]
     deltas = (b - a).to_numpy(dtype=float)
     low, high = paired_bootstrap(deltas, samples, seed)
     return Comparison(
@@ -78,6 +81,8 @@ def flat_metrics(summary: EvalSummary, gate_metric: str | None = None) -> dict[s
         flat[f"tuned/{metric}"], flat[f"vs_base/{metric}"] = comparison.tuned, comparison.delta
     for arm, value in (summary.arms or {}).get("means", {}).get(gate, {}).items():
         flat[f"arms/{arm.replace('+', '_with_')}/{gate}"] = value
+    for key, value in ((summary.judge or {}).get("usage") or {}).items():
+        flat[f"judge/{key}"] = value
     for key in ("hit@k", "mrr"):
         if key in (summary.retrieval or {}):
             flat[f"retrieval/{key.replace('@', '_at_')}"] = (summary.retrieval or {})[key]
@@ -229,6 +234,7 @@ def markdown(summary: EvalSummary, table: pd.DataFrame, primary: str, top: int =
     if validity and not all(v["valid"] for v in validity.values()):
         lines += ["", "Metrics marked **no** do not order graded Korean answers reliably (`loraops evaluate --self-test`); "
                   "read their figures as noise."]
+    lines += judge_lines(summary)
     if summary.arms:
         lines += ["", "## Retrieval: the four arms", "",
                   "The table above compares base and tuned, both **with** retrieval (the configuration registered and "
@@ -250,6 +256,29 @@ def markdown(summary: EvalSummary, table: pd.DataFrame, primary: str, top: int =
             lines.append(f"| {delta[index]:+.3f} | {_cell(row['question'])} | {_cell(row['reference'])} | "
                          f"{_cell(row['base_answer'])} | {_cell(row['tuned_answer'])} |")
     return "\n".join(lines) + "\n"
+
+
+def judge_lines(summary: EvalSummary) -> list[str]:
+    """What the LLM judge was and cost (``judge_*`` rows above are its 1–5 means; validity on Korean is its
+    calibration against the raters, `loraops judge calibrate`, not the probes)."""
+    judge = summary.judge
+    if not judge:
+        return []
+    usage = judge.get("usage", {})
+    lines = ["", "## LLM judge", "",
+             f"`judge_*` rows are the 1–5 rubric means of **{judge['model']}** at `{judge['base_url']}` (judge "
+             f"`{judge['fingerprint']}`); a degenerate answer scores 1 without being sent. Its agreement with the raters "
+             "is measured by `loraops judge calibrate`, not by the probes.", "",
+             f"Cost: {usage.get('requests', 0)} requests, {usage.get('cached', 0)} replies from the cache, "
+             f"{usage.get('prompt_tokens', 0)} prompt + {usage.get('completion_tokens', 0)} completion tokens; "
+             f"{usage.get('unparsed', 0)} replies could not be parsed (left out)."]
+    for arm, figures in (judge.get("arms") or {}).items():
+        pairwise = figures.get("pairwise")
+        if pairwise:
+            rate = pairwise["position_bias_rate"]
+            lines.append(f"Pairwise ({arm}): {pairwise['pairs']} pairs asked in both orders; the pick flipped with the "
+                         f"order on {'—' if rate is None else format(rate, '.0%')} of them (counted as ties).")
+    return lines
 
 
 def _sample_line(summary: EvalSummary) -> str:

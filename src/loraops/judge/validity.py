@@ -220,6 +220,8 @@ def require_valid(validity: Validity, metric: str, cfg: EvalSection) -> None:
     Raises:
         MetricError: naming ``registry.gate.metric`` (and the encoder key when an encoder is the cause) and the figures.
     """
+    if metric.startswith("judge_"):
+        return  # an LLM judge is held to its measured agreement with the raters instead (`loraops judge calibrate`)
     if metric not in set(validity.table["metric"]):
         raise MetricError(f"registry.gate.metric: {metric!r} is not computed by eval.metrics")
     row = validity.of(metric)

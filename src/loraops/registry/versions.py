@@ -286,7 +286,7 @@ def _reference_scores(client: mlflow.MlflowClient, name: str, candidate: pd.Data
         return scores_from_table(candidate, f"base_{metric}"), "base model (no production yet)"
     table = eval_table(client, prod)
     keys = lambda t: set(zip(t["question"], t["reference"]))
-    if keys(table) >= keys(candidate):
+    if keys(table) >= keys(candidate) and f"tuned_{metric}" in table.columns:
         return scores_from_table(table, f"tuned_{metric}"), f"production v{prod.version}"
     return _rescore(f"models:/{name}/{prod.version}", candidate, params, metric), f"production v{prod.version} (re-evaluated)"
 
@@ -312,11 +312,24 @@ def _rescore(uri: str, candidate: pd.DataFrame, params: Params, metric: str) -> 
     inputs = candidate[fields].astype(str).drop_duplicates()  # the prompt depends on every template field, not the question alone
     model = load_model(uri).unwrap_python_model()
     answers = dict(zip(map(tuple, inputs.to_numpy()), model.answer_raw(inputs)))
-    pack = MetricPack(params.eval.model_copy(update={"metrics": [family_of(metric)]}))
     keys = map(tuple, candidate[fields].astype(str).to_numpy())
-    scores, reasons = pack.judge([answers[key] for key in keys], list(candidate["reference"]))
+    raw = [answers[key] for key in keys]
     frame = candidate[["question", "reference", "category"]].copy()
-    frame["score"] = scores[metric]
+    if metric.startswith("judge_"):  # production evaluated before the judge was on: the same judge scores it now
+        from loraops.judge.degenerate import detect
+        from loraops.judge.llm import Judge, require_parsed
+
+        reasons = [detect(a, r) for a, r in zip(raw, candidate["reference"])]
+        asked = [(q, r, a) for q, r, a, why in zip(candidate["question"], candidate["reference"], raw, reasons) if why is None]
+        verdicts = iter(Judge(params.eval.judge).score(asked))
+        mine = [None if why else next(verdicts) for why in reasons]
+        require_parsed([v for v in mine if v is not None], params.eval.judge, f"{uri}'s answers")
+        criterion = metric.removeprefix("judge_")
+        frame["score"] = [1.0 if v is None else (float(v.scores[criterion]) if v.scores else float("nan")) for v in mine]
+    else:
+        pack = MetricPack(params.eval.model_copy(update={"metrics": [family_of(metric)]}))
+        scores, reasons = pack.judge(raw, list(candidate["reference"]))
+        frame["score"] = scores[metric]
     frame["degenerate"] = [reason is not None for reason in reasons]
     return frame
 
@@ -359,6 +372,10 @@ def promote(name: str, version: str | None, params: Params, force: bool = False,
 def _judge(client: mlflow.MlflowClient, name: str, mv: Any, params: Params) -> Decision:
     """The gate's decision on version ``mv`` against production (or the base model when there is none)."""
     policy = params.registry.gate
+    if policy.metric.startswith("judge_"):  # calibrated when the run started; still so now (thresholds may have moved)
+        from loraops.registry.judging import require_calibrated
+
+        require_calibrated(params)
     candidate = eval_table(client, mv)
     if f"tuned_{policy.metric}" not in candidate.columns:
         raise RegistryError(f"registry.gate.metric: {policy.metric!r} is not in the eval table of v{mv.version}")

@@ -117,6 +117,55 @@ def add_tone(table: pd.DataFrame, expected: list[str], classifier: SpeechLevel) 
         table[f"{model}_tone_level"] = levels
 
 
+def add_judge(table: pd.DataFrame, judge: Any, arm: str) -> dict[str, Any]:
+    """``<model>_judge_<criterion>`` (1–5) and ``<model>_judge_reasons`` for base and tuned, from the LLM judge
+    (``eval.judge``); with ``pairwise``, ``<model>_judge_pairwise`` (tuned over base: 1 win, 0.5 tie, 0 loss).
+
+    A degenerate answer is not sent: it scores 1 on every criterion, as it scores 0 on every other metric. A reply
+    that does not parse leaves the answer's judge scores empty (left out of the comparison); more of those than
+    ``eval.judge.max_unparsed`` stops the stage. Returns what the judge cost and, pairwise, its position bias."""
+    from loraops.judge.llm import Verdict, require_parsed
+
+    cfg = judge.cfg
+    verdicts: list[Verdict] = []
+    for model in ("base", "tuned"):
+        flagged = list(table[f"{model}_degenerate"].astype(bool))
+        asked = [(q, r, a) for q, r, a, f in zip(table["question"], table["reference"], table[f"{model}_answer"], flagged)
+                 if not f]
+        say(f"judge: scoring {len(asked)} {model} answers{arm} with {cfg.model} ({len(flagged) - len(asked)} degenerate "
+            "answers score 1 without asking)")
+        answered = iter(judge.score(asked))
+        mine = [None if f else next(answered) for f in flagged]
+        verdicts += [v for v in mine if v is not None]
+        for criterion in cfg.criteria:
+            table[f"{model}_judge_{criterion}"] = [
+                1.0 if v is None else (float(v.scores[criterion]) if v.scores else float("nan")) for v in mine]
+        table[f"{model}_judge_reasons"] = [
+            "degenerate answer" if v is None else ("(unparsed reply)" if not v.scores else
+                                                   " | ".join(f"{c}: {v.reasons.get(c, '')}" for c in cfg.criteria))
+            for v in mine]
+    require_parsed(verdicts, cfg, f"the{arm or ''} evaluation answers")
+    out: dict[str, Any] = {"unparsed": sum(v.scores is None for v in verdicts), "judged": len(verdicts)}
+    if cfg.pairwise:
+        flagged = table["base_degenerate"].astype(bool) | table["tuned_degenerate"].astype(bool)
+        pairs = [(q, r, b, t) for q, r, b, t, f in zip(table["question"], table["reference"], table["base_answer"],
+                                                        table["tuned_answer"], flagged) if not f]
+        answered = iter(judge.prefer(pairs))
+        results = []
+        for base_bad, tuned_bad in zip(table["base_degenerate"].astype(bool), table["tuned_degenerate"].astype(bool)):
+            if base_bad or tuned_bad:  # a degenerate answer loses to a real one; two degenerate ones tie
+                results.append({"score": 0.5 if base_bad and tuned_bad else (1.0 if base_bad else 0.0), "consistent": None})
+            else:
+                results.append(next(answered))
+        table["tuned_judge_pairwise"] = [float("nan") if r["score"] is None else r["score"] for r in results]
+        table["base_judge_pairwise"] = 1.0 - table["tuned_judge_pairwise"]
+        asked_both = [r for r in results if r.get("consistent") is not None]
+        out["pairwise"] = {"pairs": len(asked_both), "position_bias_rate": round(
+            sum(not r["consistent"] for r in asked_both) / len(asked_both), 4) if asked_both else None,
+            "unparsed": sum(r["score"] is None for r in results)}
+    return out
+
+
 def require_tone_valid(classifier: SpeechLevel) -> dict[str, Any]:
     """The speech-level reader's accuracy on the graded probe lines; refuse to score tone when any level is read
     right less often than the minimum.
@@ -222,13 +271,25 @@ def run(params: Params, root: Path = Path("."), self_test: bool | None = None) -
             frame[column] = [r.get("attributes", {}).get(column, "") for r in rows]
         if expected is not None and classifier is not None:
             add_tone(frame, expected, classifier)
+    judged: dict[str, Any] = {}
+    if params.eval.judge.enabled:
+        from loraops.judge.llm import Judge, describe, fingerprint
+
+        judge = Judge(params.eval.judge)
+        for frame, arm in zip(tables, ("", " without retrieval")):
+            judged[arm.strip() or "configured"] = add_judge(frame, judge, arm)
+        judged = {"model": params.eval.judge.model, "base_url": params.eval.judge.base_url,
+                  "fingerprint": fingerprint(params.eval.judge), "usage": judge.usage.to_dict(), "arms": judged}
+        say(f"judge {describe(params.eval.judge)}: {judge.usage.requests} requests, {judge.usage.cached} from the "
+            f"cache, {judge.usage.prompt_tokens} prompt + {judge.usage.completion_tokens} completion tokens")
     table, plain = tables[0], tables[-1]
     if rag:
         for model_name in ("base", "tuned"):
             for column in [c for c in plain.columns if c.startswith(f"{model_name}_")]:
                 table[f"{model_name}_{WITHOUT_RETRIEVAL}_{column.removeprefix(model_name + '_')}"] = plain[column]
         table["sources"] = [" ".join(r["sources"]) for r in rows]
-    columns = pack.columns + (["tone"] if expected is not None else [])
+    columns = (pack.columns + (["tone"] if expected is not None else [])
+               + (params.eval.judge.metric_names() if params.eval.judge.enabled else []))
     slice_columns = ["category"] + [c for c in params.data.attribute_columns if c in table and c != params.rag.gold_column]
     core = summarize(table, columns, slice_columns, params.eval.bootstrap_samples, params.base.seed,
                      params.eval.min_slice_size)
@@ -249,8 +310,10 @@ def run(params: Params, root: Path = Path("."), self_test: bool | None = None) -
         extra["validity"] = {r["metric"]: r for r in validity.table.to_dict("records")}
     if probed is not None:
         extra["tone_probe"] = probed
+    if judged:
+        extra["judge"] = judged
     summary = core.extended(**extra)
-    primary = params.registry.gate.metric if params.registry.gate.metric in pack.columns else pack.columns[0]
+    primary = params.registry.gate.metric if params.registry.gate.metric in columns else pack.columns[0]
     (root / EVAL_TABLE).parent.mkdir(parents=True, exist_ok=True)
     atomic_write(root / EVAL_TABLE, table.to_csv(index=False))
     plots(summary, table, primary, root / PLOTS_DIR)
