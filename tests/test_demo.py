@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from helpers import free_port, start_server, stop_server, wait_http
+from judge_server import JudgeServer, rule_score
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 NAME = "interior-qa-lora"
@@ -27,8 +28,12 @@ def page(served_project, tmp_path):
 
     port = free_port()
     log = tmp_path / "demo.log"
-    proc = start_server([sys.executable, "-m", "loraops.cli", "demo", "--port", str(port)], log, served_project,
-                        {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "LORAOPS_DEMO_USERS": "kim:pw-kim,lee:pw-lee"})
+    judge = JudgeServer().__enter__()  # the LLM judge the page asks after a save (tests/judge_server.py: a known rule)
+    judged = ["--set", "eval.judge.enabled=true", "--set", f"eval.judge.base_url={judge.url}", "--set",
+              "eval.judge.model=rule-judge", "--set", f"eval.judge.cache_dir={tmp_path / 'judge-cache'}"]
+    proc = start_server([sys.executable, "-m", "loraops.cli", "demo", "--port", str(port), *judged], log, served_project,
+                        {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "LORAOPS_DEMO_USERS": "kim:pw-kim,lee:pw-lee",
+                         "LORAOPS_JUDGE_API_KEY": "sk-judge-secret-for-the-demo-test"})
     try:
         wait_http(f"http://127.0.0.1:{port}/", 180, proc, log)
         with sync_playwright() as pw:
@@ -36,11 +41,13 @@ def page(served_project, tmp_path):
             tab = browser.new_page(viewport={"width": 1400, "height": 1100})
             tab.goto(f"http://127.0.0.1:{port}/")
             tab.url_root = f"http://127.0.0.1:{port}"
+            tab.judge = judge
             yield tab
             tab.screenshot(path=str(tmp_path / "demo.png"), full_page=True)
             browser.close()
     finally:
         stop_server(proc)
+        judge.__exit__(None, None, None)
         feedback = served_project / "data/feedback"
         shutil.rmtree(feedback, ignore_errors=True)  # other tests read the project as it was
 
@@ -75,6 +82,7 @@ def test_demo_compares_rates_into_mlflow_and_keeps_approved_corrections(page, se
     assert "production · interior-qa-lora/1" in tab.locator("#production-label").inner_text()
     assert "candidate · interior-qa-lora/3" in tab.locator("#candidate-label").inner_text()
     assert "base model" in tab.locator("#base-label").inner_text()
+    assert tab.locator("#candidate-judge").inner_text().strip() == "" and not tab.judge.requests  # never before a save
 
     monkeypatch.chdir(served_project)
     tracking_setup(served_project)
@@ -94,6 +102,13 @@ def test_demo_compares_rates_into_mlflow_and_keeps_approved_corrections(page, se
         tab.locator("#save").click()
     tab.wait_for_function("document.querySelector('#status').innerText.includes('saved ratings')", timeout=60_000)
     tab.wait_for_timeout(3000)  # the queued saves finish
+    for arm in ("base", "production", "candidate"):  # the judge's scores and reasons under each answer, once saved
+        expected = rule_score(_answer(tab, arm), None)
+        shown = tab.locator(f"#{arm}-judge").inner_text()
+        assert "LLM judge" in shown and f"accuracy: {expected}" in shown and "겹치는 정도로" in shown, (arm, shown)
+    given = {"production": (5, 4, 5), "candidate": (2, 2, 3)}
+    differ = any(abs(rule_score(_answer(tab, arm), None) - score) >= 2 for arm, scores in given.items() for score in scores)
+    assert ("judge and rater differ by 2 or more" in tab.locator("#status").inner_text()) == differ
 
     client = mlflow.MlflowClient()
     runs = {v: client.get_run(client.get_model_version(NAME, v).run_id) for v in ("1", "3")}
@@ -104,6 +119,8 @@ def test_demo_compares_rates_into_mlflow_and_keeps_approved_corrections(page, se
     items = json.load(open(client.download_artifacts(runs["3"].info.run_id, "review/items.json")))
     assert {i["rater"] for i in items.values()} == {"kim"} and {i["model"] for i in items.values()} == {"tuned", "base"}
     assert len(items) == 2 and runs["1"].data.metrics["review/n"] == 1  # five saves, one rating per answer
+    assert all(set(i["judge"]["scores"]) == {"relevance", "accuracy", "completeness"} for i in items.values())
+    assert "sk-judge-secret" not in json.dumps(items)
 
     rows = [json.loads(line) for line in (served_project / "data/feedback/corrections.jsonl").read_text().splitlines()]
     assert len(rows) == 1 and rows[0] == {**rows[0], "question": QUESTION, "answer": "곰팡이는 결로와 환기 부족 때문에 생깁니다.",

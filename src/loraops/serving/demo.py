@@ -7,6 +7,10 @@ rubric of ``loraops review`` — go to the MLflow run of the version they rate (
 beside it). An approved corrected answer is appended to ``data/feedback/corrections.jsonl`` (``qa`` columns:
 question, answer, category) and the file is tracked with ``dvc add``, ready to be added to the next data
 version.
+
+With ``eval.judge.enabled`` the LLM judge scores the shown answers once the rater has saved (never before, so it
+cannot anchor the rater): its scores and reasons appear under each answer, each rating keeps them beside the
+rater's, and a difference of 2 or more is listed for review (and counts in `loraops judge calibrate`).
 """
 
 from __future__ import annotations
@@ -92,9 +96,28 @@ class Demo:
     With ``signed_in`` the rater is the signed-in account (the page has no name box to type another's)."""
 
     def __init__(self, catalog: Catalog, engine: Engine, settings: Settings, name: str, fields: list[str],
-                 signed_in: bool = False) -> None:
+                 signed_in: bool = False, judge: Any = None) -> None:
         self.catalog, self.engine, self.settings, self.name, self.fields = catalog, engine, settings, name, fields
         self.signed_in = signed_in
+        self.judge = judge  # loraops.judge.llm.Judge with eval.judge.enabled, else None
+
+    def judge_answers(self, question: str, shown: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        """The LLM judge's scores and reasons for each arm's answer (asked only once a rater has saved, so raters are
+        never anchored by it); an arm whose reply did not parse, or a judge that cannot be reached, says so."""
+        from loraops.judge.llm import JudgeError
+
+        arms = [arm for arm in ARMS if (shown.get(arm) or {}).get("answer")]
+        if self.judge is None or not arms:
+            return {}
+        try:
+            verdicts = self.judge.score([(question, None, shown[arm]["answer"]) for arm in arms])
+        except JudgeError as exc:
+            return {arm: {"error": str(exc)} for arm in arms}
+        out: dict[str, dict[str, Any]] = {}
+        for arm, verdict in zip(arms, verdicts):
+            out[arm] = ({"scores": verdict.scores, "reasons": verdict.reasons} if verdict.scores else
+                        {"error": "the judge's reply could not be parsed: " + " ".join(verdict.reply.split())[:200]})
+        return out
 
     def versions(self) -> dict[str, Version | None]:
         """The arm → version shown now (aliases are read at every question)."""
@@ -158,8 +181,11 @@ class Demo:
         return out
 
     def save(self, rater: str, question: str, fields: dict[str, str], shown: dict[str, dict[str, Any]],
-             ratings: dict[str, dict[str, Any]]) -> str:
+             ratings: dict[str, dict[str, Any]], judged: dict[str, dict[str, Any]] | None = None) -> str:
         """Record the arms' ratings in their runs and approved corrections in the feedback file; say what was saved.
+
+        With a judge, once the input is valid the judge scores the shown answers (into ``judged``, when given); each
+        rating keeps the judge's scores beside the rater's, and the note lists where they differ by 2 or more.
 
         Raises:
             ConfigError: no rater, nothing asked yet, or a rubric only partly filled (naming arm and criterion).
@@ -191,6 +217,9 @@ class Demo:
         if not rated and not corrections:
             raise ConfigError("nothing rated: give a thumb or the three scores to at least one answer "
                               "(or approve a corrected answer)")
+        verdicts = self.judge_answers(question, shown)
+        if judged is not None:
+            judged.update(verdicts)
         runs: dict[str, str] = {}
         client = mlflow_client()
         for arm in ("production", "candidate"):
@@ -209,6 +238,10 @@ class Demo:
                 key = review.rating_key("demo", rater, shown[arm].get("version") or "base", question)
                 entry = {**item, "key": key, "source": "demo", "model": "base" if arm == "base" else "tuned",
                          "rater": rater, "question": question, "answer": shown[arm]["answer"], "created": when}
+                if verdicts.get(arm, {}).get("scores"):
+                    from loraops.judge.llm import fingerprint
+
+                    entry["judge"] = {**verdicts[arm], "fingerprint": fingerprint(self.judge.cfg)}
                 with _ratings_lock:
                     review.record(run_id, [entry])
                 saved.append(f"{arm} → run {run_id[:8]}")
@@ -218,10 +251,36 @@ class Demo:
                              "source": "demo", "corrects": shown.get(arm, {}).get("version") or "base",
                              "rater": rater, "created": when})
         note = f"saved ratings: {', '.join(saved)}" if saved else "no ratings recorded (no version to record them against)"
+        differ = disagreements(rated, verdicts)
+        if differ:
+            note += "; judge and rater differ by 2 or more (listed for review): " + ", ".join(differ)
         if corrections:
             note += (f"; appended {added} approved correction(s) to {FEEDBACK}" if added else
                      f"; the approved correction(s) were already in {FEEDBACK}")
         return note
+
+
+def disagreements(rated: dict[str, dict[str, Any]], verdicts: dict[str, dict[str, Any]]) -> list[str]:
+    """``arm criterion (rater N, judge M)`` wherever the judge and the rater differ by 2 points or more."""
+    out = []
+    for arm, item in rated.items():
+        scores = verdicts.get(arm, {}).get("scores") or {}
+        for criterion in CRITERIA:
+            if item.get(criterion) and criterion in scores and abs(scores[criterion] - item[criterion]) >= 2:
+                out.append(f"{arm} {criterion} (rater {item[criterion]}, judge {scores[criterion]})")
+    return out
+
+
+def judge_markdown(verdict: dict[str, Any] | None) -> str:
+    """What the page shows under an answer once saved: the judge's score and reason per criterion."""
+    if not verdict:
+        return ""
+    if "error" in verdict:
+        return f"**LLM judge:** {verdict['error']}"
+    lines = ["**LLM judge** (after your rating):"]
+    lines += [f"- {criterion}: **{score}** — {verdict['reasons'].get(criterion, '')}"
+              for criterion, score in verdict["scores"].items()]
+    return "\n".join(lines)
 
 
 def append_feedback(row: dict[str, Any], path: Path = FEEDBACK) -> bool:
@@ -270,6 +329,7 @@ def build_ui(demo: Demo) -> Any:
                     c["correction"] = gr.Textbox(label="Corrected answer (optional)", lines=3, elem_id=f"{arm}-correction")
                     c["approve"] = gr.Checkbox(label="Approve this correction for the training data",
                                                elem_id=f"{arm}-approve")
+                    c["judge"] = gr.Markdown(elem_id=f"{arm}-judge")  # filled only after a save
         with gr.Row():
             rater = gr.Textbox(label="Your name", scale=1, elem_id="rater", max_length=LIMITS["rater"],
                                visible=not demo.signed_in)  # signed in: the account is the rater
@@ -290,29 +350,33 @@ def build_ui(demo: Demo) -> Any:
             out: list[Any] = [result, {"question": q, "fields": fields}]
             for arm in ARMS:
                 out += [f"**{result[arm]['label']}**", result[arm]["answer"]]
-            out += [None] * len(rating_inputs) + [""]
+            out += [None] * len(rating_inputs) + [""] + [""] * len(ARMS)
             return out
 
-        ask_outputs = [shown, asked] + [columns[arm][k] for arm in ARMS for k in ("label", "answer")] + rating_inputs + [status]
+        judge_outputs = [columns[arm]["judge"] for arm in ARMS]
+        ask_outputs = ([shown, asked] + [columns[arm][k] for arm in ARMS for k in ("label", "answer")] + rating_inputs
+                       + [status] + judge_outputs)
         ask.click(on_ask, [question, *field_boxes], ask_outputs)
         question.submit(on_ask, [question, *field_boxes], ask_outputs)
 
-        def on_save(request: gr.Request, name: str, result: dict, context: dict, *values: Any) -> str:
+        def on_save(request: gr.Request, name: str, result: dict, context: dict, *values: Any) -> list[str]:
             per_arm = {arm: dict(zip(rating_keys, values[i * len(rating_keys):(i + 1) * len(rating_keys)]))
                        for i, arm in enumerate(ARMS)}
             if demo.signed_in:
                 name = getattr(request, "username", None) or ""
                 if not name:
                     raise gr.Error("sign in first: ratings are recorded under your account")
+            judged: dict[str, dict[str, Any]] = {}
             try:
-                return demo.save(name, context.get("question", ""), context.get("fields", {}), result, per_arm)
+                note = demo.save(name, context.get("question", ""), context.get("fields", {}), result, per_arm, judged)
             except LoraopsError as exc:
                 raise gr.Error(str(exc)) from None
+            return [note] + [judge_markdown(judged.get(arm)) for arm in ARMS]
 
         # Gradio passes the request (the signed-in user) to a parameter annotated gr.Request; with postponed
         # annotations the string "gr.Request" cannot be resolved from this module, so the class is given directly
         on_save.__annotations__["request"] = gr.Request
-        save.click(on_save, [rater, shown, asked, *rating_inputs], [status])
+        save.click(on_save, [rater, shown, asked, *rating_inputs], [status, *judge_outputs])
     return page
 
 
@@ -342,7 +406,12 @@ def launch(params: Any, name: str, host: str, port: int) -> None:
     auth = authentication(dict(os.environ))
     catalog, engine, settings, _ = api.open_engine(params, [name])
     fields = [f for f in dict.fromkeys(template_fields(params.prompt_template)) if f not in ("question", "context")]
-    build_ui(Demo(catalog, engine, settings, name, fields, signed_in=auth is not None)).queue(
+    judge = None
+    if params.eval.judge.enabled:
+        from loraops.judge.llm import Judge
+
+        judge = Judge(params.eval.judge)
+    build_ui(Demo(catalog, engine, settings, name, fields, signed_in=auth is not None, judge=judge)).queue(
         default_concurrency_limit=8).launch(server_name=host, server_port=port, share=False, show_error=True,
                                             quiet=True, auth=auth, auth_message="Sign in to rate: your account is "
                                             "recorded with every rating the promotion gate reads.")
