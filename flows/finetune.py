@@ -156,17 +156,18 @@ def register(work: Path, params: Params, run_id: str, allow_dirty: bool, summary
 
 
 @task(name="gate")
-def _gate(params: Params, version: str) -> Any:
+def _gate(params: Params, version: str, evidence: str | None = None) -> Any:
     """The gate task ends in a state named after what it did (Promoted, Unchanged, or Refused, Failed-type and red
     like the run it belongs to), so the task list does not show a refusal in the success colour."""
-    result = registry.promote(params.registry.model_name, version, params)
+    result = registry.promote(params.registry.model_name, version, params, evidence_run=evidence)
     return final_state(promotion_outcome(result), registry.describe(result), result)
 
 
-def gate(params: Params, version: str) -> Promotion:
+def gate(params: Params, version: str, evidence: str | None = None) -> Promotion:
     """Judge ``version`` against production (or the base) and promote when it passes: the ``gate`` task's result,
-    whichever state it ended in; an error in the task is raised here."""
-    result = _gate(params, version, return_state=True).result(raise_on_failure=False)
+    whichever state it ended in; an error in the task is raised here. ``evidence``: the run whose evaluation to
+    judge by (this run's, when its adapter was already registered and the evaluation settings changed)."""
+    result = _gate(params, version, evidence, return_state=True).result(raise_on_failure=False)
     if isinstance(result, BaseException):
         raise result
     return result
@@ -321,7 +322,8 @@ def _finetune(work: Path, params_file: str, overrides: list[str], allow_dirty: b
                 get_run_logger().info(same)
                 return final_state("Unchanged", same, {"summary_text": same, "outcome": "Unchanged"})
             approval = params.registry.gate.require_approval  # then only the promote flow, with a reviewer, promotes
-            decision = gate(params, registered["version"]) if params.registry.auto_promote and not approval else None
+            evidence = run_id if registered.get("reused") else None  # the same adapter, evaluated now
+            decision = gate(params, registered["version"], evidence) if params.registry.auto_promote and not approval else None
     except BaseException:
         with contextlib.suppress(Exception):  # the server may be the thing that is down; the next run closes it then
             mlflow.MlflowClient().set_terminated(run_id, "FAILED")

@@ -4,7 +4,10 @@
 from __future__ import annotations
 
 import json
+import os
 import random
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -41,6 +44,13 @@ def _ratings(n: int, seed: int, noise: float = 0.6) -> list[dict]:
                       "rater": "kim", "scores": {"relevance": score, "accuracy": score, "completeness": score},
                       "source": "test"})
     return items
+
+
+def _loraops(args: list, cwd) -> subprocess.CompletedProcess:
+    """`loraops run` in a process of its own (Prefect's logging and temporary server belong to a process)."""
+
+    return subprocess.run([sys.executable, "-m", "loraops.cli", *map(str, args)], cwd=cwd, capture_output=True, text=True,
+                          timeout=900, env={**os.environ, "LORAOPS_JUDGE_API_KEY": "sk-judge-secret-e2e"})
 
 
 def test_replies_parse_only_with_every_criterion_scored_1_to_5():
@@ -126,7 +136,7 @@ def test_an_agreeing_judge_is_valid_a_disagreeing_or_unreadable_one_is_not(tmp_p
         assert result["valid"], report(result)
         for figures in result["criteria"].values():
             assert figures["n"] == len(table) and figures["spearman_ci95"][0] >= 0.3
-        assert set(table.columns) >= {"rater_accuracy", "judge_accuracy", "judge_reasons"}
+        assert set(table.columns) >= {"rater_accuracy", "judge_accuracy", "judge_reason_accuracy"}
     with JudgeServer(mode="reverse") as server:
         params.eval.judge = _cfg(server.url, tmp_path)
         result, _ = calibrate(params, items)
@@ -204,3 +214,51 @@ def test_the_gate_uses_a_judge_only_after_a_valid_calibration_and_calibrate_prin
                                            + ["eval.judge.calibration.min_n=50"]))
         missing = run_cli(["judge", "calibrate", "--ratings", str(tmp_path / "none.csv"), *sets(good.url)], workspace)
         assert missing.returncode == 2 and "none.csv: not found" in missing.stderr
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_run_with_the_judge_reports_judge_metrics_and_gates_on_them_once_calibrated(golden_copy, tmp_path):
+    """On the trained project: gating on judge_accuracy stops the run before training while the judge was never
+    calibrated; after `loraops judge calibrate` on agreeing ratings, a run reports judge_* in metrics/eval.json, the
+    report and MLflow, and the gate compares on it (production, evaluated before the judge, is scored by it now)."""
+    import csv
+
+    import mlflow
+
+    from helpers import run_cli
+    from loraops.registry.tracking import tracking_setup
+
+    sheet = tmp_path / "ratings.csv"
+    with sheet.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, ["question", "reference", "answer", "relevance", "accuracy", "completeness"])
+        writer.writeheader()
+        for item in _ratings(40, seed=5, noise=0.4):
+            writer.writerow({k: item[k] for k in ("question", "reference", "answer")} | item["scores"])
+    with JudgeServer() as server:
+        sets = ["--set", "eval.judge.enabled=true", "--set", f"eval.judge.base_url={server.url}",
+                "--set", "eval.judge.model=rule-judge", "--set", f"eval.judge.cache_dir={tmp_path / 'cache'}",
+                "--set", "eval.judge.requests_per_minute=6000", "--set", "registry.gate.metric=judge_accuracy",
+                "--set", "registry.auto_promote=true"]
+        stopped = _loraops(["run", *sets], golden_copy)
+        assert stopped.returncode == 2, stopped.stdout + stopped.stderr
+        assert "was never calibrated against human ratings" in stopped.stdout + stopped.stderr
+        assert not server.requests[1:]  # only the reachability check: nothing was scored
+
+        assert run_cli(["judge", "calibrate", "--ratings", sheet, *sets], golden_copy).returncode == 0
+        done = _loraops(["run", *sets], golden_copy)
+        assert done.returncode in (0, 3), done.stdout + done.stderr
+        assert "judge_accuracy" in done.stdout
+    summary = json.loads((golden_copy / "metrics/eval.json").read_text())
+    for criterion in ("relevance", "accuracy", "completeness"):
+        figures = summary["metrics"][f"judge_{criterion}"]
+        assert 1 <= figures["base"] <= 5 and 1 <= figures["tuned"] <= 5 and len(figures["ci95"]) == 2
+    assert summary["judge"]["model"] == "rule-judge" and summary["judge"]["usage"]["requests"] > 0
+    assert "## LLM judge" in (golden_copy / "reports/eval.md").read_text()
+    tracking_setup(golden_copy)
+    newest = mlflow.search_runs(experiment_names=["interior-qa-lora"], order_by=["attributes.start_time DESC"],
+                                max_results=1, output_format="list")[0]
+    assert {"tuned/judge_accuracy", "gate/judge_accuracy", "judge/requests", "judge/prompt_tokens"} <= set(newest.data.metrics)
+    # the same adapter as v3, evaluated again with the judge: the gate judged v3 by this run's table
+    assert "v3" in done.stdout and "mean judge_accuracy gain" in done.stdout
+    assert "sk-judge-secret" not in json.dumps(newest.data.params) + (golden_copy / "params.yaml").read_text()

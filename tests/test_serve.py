@@ -250,3 +250,29 @@ def test_api_key_and_a_full_queue(served_project):
         chat = keyed.chat.completions.create(model=f"{NAME}@production", max_tokens=16, messages=[
             {"role": "system", "content": "존댓말로 답하세요."}, {"role": "user", "content": QUESTIONS[0]}])
         assert chat.choices[0].message.content == _chat(keyed, f"{NAME}@production", QUESTIONS[0], max_tokens=16)
+
+
+def test_loraops_serve_as_a_judge_is_refused_naming_its_unreadable_replies(server, served_project, tmp_path):
+    """Another `loraops serve` is an OpenAI-compatible judge endpoint like any other; the tiny model's replies are not
+    the rubric's JSON, so `loraops judge calibrate` counts them, shows one and refuses the judge (exit 3)."""
+    import csv
+    import json
+
+    from helpers import copy_project, run_cli
+
+    project = copy_project(served_project, tmp_path / "ws")  # the calibration run goes to a copy's MLflow store
+    sheet = tmp_path / "ratings.csv"
+    with sheet.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, ["question", "answer", "relevance", "accuracy", "completeness"])
+        writer.writeheader()
+        for number, question in enumerate(QUESTIONS[:6]):
+            writer.writerow({"question": question, "answer": "환기를 자주 하고 제습기를 쓰세요.",
+                             "relevance": 1 + number % 5, "accuracy": 2, "completeness": 3})
+    out = run_cli(["judge", "calibrate", "--ratings", sheet, "--json", "--set", f"eval.judge.base_url={server}",
+                   "--set", f"eval.judge.model={NAME}@production", "--set", "eval.judge.max_tokens=24",
+                   "--set", f"eval.judge.cache_dir={tmp_path / 'cache'}"], project)
+    assert out.returncode == 3, out.stdout + out.stderr
+    result = json.loads(out.stdout)
+    assert result["valid"] is False and result["unparsed"]["count"] == 6 and result["unparsed"]["of"] == 6
+    assert result["unparsed"]["example"] and result["usage"]["requests"] == 6
+    assert all("6 of 6 judge replies could not be parsed" in c["short"][-1] for c in result["criteria"].values())

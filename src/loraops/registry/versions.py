@@ -335,12 +335,13 @@ def _rescore(uri: str, candidate: pd.DataFrame, params: Params, metric: str) -> 
 
 
 def promote(name: str, version: str | None, params: Params, force: bool = False, reason: str | None = None,
-            approval: Signoff | None = None, dry_run: bool = False) -> Promotion:
+            approval: Signoff | None = None, dry_run: bool = False, evidence_run: str | None = None) -> Promotion:
     """Move ``production`` to ``version`` (default: ``candidate``) when the gate passes, or when forced with a reason.
 
     ``approval`` (``reviewer``, ``comment``) is the human sign-off ``registry.gate.require_approval`` asks for; it is
     recorded with the promotion. ``dry_run`` judges without moving, tagging or auditing anything (what the reviewer
-    is shown before approving).
+    is shown before approving). ``evidence_run``: judge by that run's eval table instead of the version's own run's (a
+    run that evaluated an already registered adapter again, e.g. with the LLM judge on).
 
     Raises:
         RegistryError: unknown model/version, no eval table, a concurrent promote, or --force without --reason.
@@ -354,7 +355,7 @@ def promote(name: str, version: str | None, params: Params, force: bool = False,
         if previous == str(mv.version):
             decision = Decision(True, [f"v{previous} is already production; nothing to move"], f"production v{previous}")
             return Promotion(name, previous, previous, promoted=True, reason=reason, decision=decision)
-        decision = _judge(client, name, mv, params)
+        decision = _judge(client, name, mv, params, evidence_run)
         target = str(mv.version)
         if dry_run:
             return Promotion(name, target, previous, promoted=False, passed=decision.promote, reason=reason,
@@ -369,14 +370,15 @@ def promote(name: str, version: str | None, params: Params, force: bool = False,
         return result
 
 
-def _judge(client: mlflow.MlflowClient, name: str, mv: Any, params: Params) -> Decision:
-    """The gate's decision on version ``mv`` against production (or the base model when there is none)."""
+def _judge(client: mlflow.MlflowClient, name: str, mv: Any, params: Params, evidence_run: str | None = None) -> Decision:
+    """The gate's decision on version ``mv`` against production (or the base model when there is none), on the eval
+    table of ``evidence_run`` when given, else of the version's run."""
     policy = params.registry.gate
     if policy.metric.startswith("judge_"):  # calibrated when the run started; still so now (thresholds may have moved)
         from loraops.registry.judging import require_calibrated
 
         require_calibrated(params)
-    candidate = eval_table(client, mv)
+    candidate = eval_table_of_run(evidence_run) if evidence_run else eval_table(client, mv)
     if f"tuned_{policy.metric}" not in candidate.columns:
         raise RegistryError(f"registry.gate.metric: {policy.metric!r} is not in the eval table of v{mv.version}")
     reference, against = _reference_scores(client, name, candidate, params, policy.metric)

@@ -159,13 +159,13 @@ def calibrate(params: Params, items: list[dict[str, Any]], judge: Judge | None =
     pairs = {}
     for criterion in cfg.criteria:
         table[f"judge_{criterion}"] = [float(v.scores[criterion]) if v.scores else float("nan") for v in verdicts]
+        table[f"judge_reason_{criterion}"] = [v.reasons.get(criterion, "") for v in verdicts]
         column = f"rater_{criterion}"
         if column not in table:
             table[column] = float("nan")
         both = table[[column, f"judge_{criterion}"]].dropna()
         pairs[criterion] = (list(both[column]), list(both[f"judge_{criterion}"]))
-    table["judge_reasons"] = [" | ".join(f"{c}: {t}" for c, t in v.reasons.items()) if v.scores else
-                              "(unparsed) " + " ".join(v.reply.split())[:300] for v in verdicts]
+    table["judge_reply"] = ["" if v.scores else " ".join(v.reply.split())[:300] for v in verdicts]  # unparsed ones
     result = agreement.calibrate(pairs, cfg.calibration, params.base.seed)
     failed = [v for v in verdicts if v.scores is None]
     result["unparsed"] = {"count": len(failed), "of": len(verdicts),
@@ -191,7 +191,7 @@ def disagreements(table: pd.DataFrame, criteria: list[str], limit: int = 50) -> 
             if pd.notna(rater) and pd.notna(judged) and abs(judged - rater) >= DISAGREEMENT:
                 out.append({"criterion": criterion, "rater": round(float(rater), 2), "judge": int(judged),
                             "question": row["question"][:200], "answer": row["answer"][:300],
-                            "judge_reason": row["judge_reasons"][:300]})
+                            "judge_reason": str(row.get(f"judge_reason_{criterion}") or "")[:300]})
     return sorted(out, key=lambda d: -abs(d["judge"] - d["rater"]))[:limit]
 
 
