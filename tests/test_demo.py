@@ -102,12 +102,17 @@ def test_demo_compares_rates_into_mlflow_and_keeps_approved_corrections(page, se
         tab.locator("#save").click()
     tab.wait_for_function("document.querySelector('#status').innerText.includes('saved ratings')", timeout=60_000)
     tab.wait_for_timeout(3000)  # the queued saves finish
+    judged = {}
     for arm in ("base", "production", "candidate"):  # the judge's scores and reasons under each answer, once saved
-        expected = rule_score(_answer(tab, arm), None)
+        degenerate = "degenerate answer" in tab.locator(f"#{arm}-label").inner_text()
+        judged[arm] = 1 if degenerate else rule_score(_answer(tab, arm), None)  # a degenerate answer is not sent
         shown = tab.locator(f"#{arm}-judge").inner_text()
-        assert "LLM judge" in shown and f"accuracy: {expected}" in shown and "겹치는 정도로" in shown, (arm, shown)
+        assert "LLM judge" in shown and f"accuracy: {judged[arm]}" in shown, (arm, shown)
+        assert ("without asking the judge" if degenerate else "겹치는 정도로") in shown, (arm, shown)
+    assert len(tab.judge.requests) == sum("degenerate answer" not in tab.locator(f"#{a}-label").inner_text()
+                                          for a in judged)  # one request per sent answer, five saves: the cache
     given = {"production": (5, 4, 5), "candidate": (2, 2, 3)}
-    differ = any(abs(rule_score(_answer(tab, arm), None) - score) >= 2 for arm, scores in given.items() for score in scores)
+    differ = any(abs(judged[arm] - score) >= 2 for arm, scores in given.items() for score in scores)
     assert ("judge and rater differ by 2 or more" in tab.locator("#status").inner_text()) == differ
 
     client = mlflow.MlflowClient()
@@ -121,6 +126,12 @@ def test_demo_compares_rates_into_mlflow_and_keeps_approved_corrections(page, se
     assert len(items) == 2 and runs["1"].data.metrics["review/n"] == 1  # five saves, one rating per answer
     assert all(set(i["judge"]["scores"]) == {"relevance", "accuracy", "completeness"} for i in items.values())
     assert "sk-judge-secret" not in json.dumps(items)
+    # the MLflow UI shows each rating as a trace with the rater's and the judge's assessments (one per rating)
+    traces = mlflow.search_traces(locations=[runs["3"].info.experiment_id], run_id=runs["3"].info.run_id,
+                                  return_type="list")
+    assert len(traces) == 2, [t.info.tags for t in traces]
+    sources = {(a.name, a.source.source_type, a.source.source_id) for t in traces for a in t.info.assessments}
+    assert {("accuracy", "HUMAN", "kim"), ("accuracy", "LLM_JUDGE", "rule-judge"), ("thumbs_up", "HUMAN", "kim")} <= sources
 
     rows = [json.loads(line) for line in (served_project / "data/feedback/corrections.jsonl").read_text().splitlines()]
     assert len(rows) == 1 and rows[0] == {**rows[0], "question": QUESTION, "answer": "곰팡이는 결로와 환기 부족 때문에 생깁니다.",

@@ -295,3 +295,36 @@ def _loss_plot(root: Path) -> None:
     fig.tight_layout()
     mlflow.log_figure(fig, "train/loss_curves.png")
     plt.close(fig)
+
+
+def log_rating_trace(run_id: str, key: str, question: str, answer: str, tags: dict[str, str], rater: str,
+                     scores: dict[str, Any], judge: dict[str, Any] | None = None) -> str:
+    """One rated answer as an MLflow trace of ``run_id`` (its experiment's Traces tab), with MLflow assessments: the
+    rater's scores as ``HUMAN`` feedback and the LLM judge's, with its reasons, as ``LLM_JUDGE`` feedback, so the UI
+    shows both side by side. A rating saved again under the same ``key`` reuses its trace and adds only changed
+    scores. Returns the trace id."""
+    from mlflow.entities import AssessmentSource
+
+    client = mlflow.MlflowClient()
+    experiment = client.get_run(run_id).info.experiment_id
+    tag = f"{run_id}/{key}"  # a base answer rated beside two versions is a rating in each version's run
+    found = mlflow.search_traces(locations=[experiment], filter_string=f"tag.`loraops.rating` = '{tag}'",
+                                 return_type="list", max_results=1)
+    if found:
+        trace_id = found[0].info.trace_id
+        known = {(a.name, a.source.source_type, a.source.source_id): a.value for a in found[0].info.assessments or []}
+    else:
+        span = client.start_trace("demo answer", inputs={"question": question}, experiment_id=experiment, run_id=run_id,
+                                  tags={"loraops.rating": tag, **tags})
+        client.end_trace(span.trace_id, outputs={"answer": answer})
+        mlflow.flush_trace_async_logging()
+        trace_id, known = span.trace_id, {}
+    wanted = [(name, value, AssessmentSource(source_type="HUMAN", source_id=rater), None)
+              for name, value in scores.items() if value is not None]
+    if judge and judge.get("scores"):
+        source = AssessmentSource(source_type="LLM_JUDGE", source_id=str(judge.get("model") or "judge"))
+        wanted += [(name, value, source, (judge.get("reasons") or {}).get(name)) for name, value in judge["scores"].items()]
+    for name, value, source, rationale in wanted:
+        if known.get((name, source.source_type, source.source_id)) != value:
+            mlflow.log_feedback(trace_id=trace_id, name=name, value=value, source=source, rationale=rationale)
+    return str(trace_id)

@@ -35,7 +35,8 @@ from loraops.serving.engine import Engine
 ARMS = ("base", "production", "candidate")
 THUMBS = ("👍 good", "👎 bad")
 _feedback_lock = threading.Lock()
-_ratings_lock = threading.Lock()  # review.record reads, merges and rewrites a run's items: one save at a time
+_ratings_lock = threading.Lock()
+_judge_lock = threading.Lock()  # review.record reads, merges and rewrites a run's items: one save at a time
 
 
 VERDICT_NOTES = {
@@ -106,14 +107,20 @@ class Demo:
         never anchored by it); an arm whose reply did not parse, or a judge that cannot be reached, says so."""
         from loraops.judge.llm import JudgeError
 
-        arms = [arm for arm in ARMS if (shown.get(arm) or {}).get("answer")]
-        if self.judge is None or not arms:
+        if self.judge is None:
             return {}
+        out: dict[str, dict[str, Any]] = {}
+        for arm in ARMS:  # as evaluate does: a degenerate answer scores 1 and is not sent
+            if (shown.get(arm) or {}).get("degenerate"):
+                why = f"degenerate answer ({shown[arm]['degenerate']}): 1 without asking the judge, as the gate scores it"
+                out[arm] = {"scores": {c: 1 for c in self.judge.cfg.criteria}, "reasons": dict.fromkeys(self.judge.cfg.criteria, why)}
+        arms = [arm for arm in ARMS if (shown.get(arm) or {}).get("answer") and arm not in out]
+        if not arms:
+            return out
         try:
             verdicts = self.judge.score([(question, None, shown[arm]["answer"]) for arm in arms])
         except JudgeError as exc:
-            return {arm: {"error": str(exc)} for arm in arms}
-        out: dict[str, dict[str, Any]] = {}
+            return out | {arm: {"error": str(exc)} for arm in arms}
         for arm, verdict in zip(arms, verdicts):
             out[arm] = ({"scores": verdict.scores, "reasons": verdict.reasons} if verdict.scores else
                         {"error": "the judge's reply could not be parsed: " + " ".join(verdict.reply.split())[:200]})
@@ -177,7 +184,8 @@ class Demo:
             flagged = detect(raw)  # judged as generated, as the gate judges it
             if flagged:
                 label += f" · ⚠ degenerate answer ({flagged}): the gate scores it 0"
-            out[arm] = {"label": label, "version": f"{version.name}/{version.number}" if version else None, "answer": answer}
+            out[arm] = {"label": label, "version": f"{version.name}/{version.number}" if version else None, "answer": answer,
+                        "degenerate": flagged}
         return out
 
     def save(self, rater: str, question: str, fields: dict[str, str], shown: dict[str, dict[str, Any]],
@@ -217,7 +225,8 @@ class Demo:
         if not rated and not corrections:
             raise ConfigError("nothing rated: give a thumb or the three scores to at least one answer "
                               "(or approve a corrected answer)")
-        verdicts = self.judge_answers(question, shown)
+        with _judge_lock:  # rapid saves of one answer: the first asks, the others read its cached reply
+            verdicts = self.judge_answers(question, shown)
         if judged is not None:
             judged.update(verdicts)
         runs: dict[str, str] = {}
@@ -241,9 +250,11 @@ class Demo:
                 if verdicts.get(arm, {}).get("scores"):
                     from loraops.judge.llm import fingerprint
 
-                    entry["judge"] = {**verdicts[arm], "fingerprint": fingerprint(self.judge.cfg)}
+                    entry["judge"] = {**verdicts[arm], "fingerprint": fingerprint(self.judge.cfg),
+                                      "model": self.judge.cfg.model}
                 with _ratings_lock:
                     review.record(run_id, [entry])
+                    _trace(run_id, key, entry, arm)
                 saved.append(f"{arm} → run {run_id[:8]}")
         added = 0
         for arm, text in corrections:
@@ -258,6 +269,22 @@ class Demo:
             note += (f"; appended {added} approved correction(s) to {FEEDBACK}" if added else
                      f"; the approved correction(s) were already in {FEEDBACK}")
         return note
+
+
+def _trace(run_id: str, key: str, entry: dict[str, Any], arm: str) -> None:
+    """The rating as an MLflow trace with human and LLM-judge assessments (best effort: the rating itself is saved)."""
+    import logging
+
+    from loraops.registry.tracking import log_rating_trace
+
+    scores = {c: entry.get(c) for c in CRITERIA}
+    if entry.get("thumb"):
+        scores["thumbs_up"] = entry["thumb"] == "up"
+    try:
+        log_rating_trace(run_id, key, entry["question"], entry["answer"],
+                         {"loraops.arm": arm, "loraops.model": entry["model"]}, entry["rater"], scores, entry.get("judge"))
+    except Exception as exc:  # noqa: BLE001 - a trace store that refuses must not lose the rating already recorded
+        logging.getLogger(__name__).warning("rating saved; its MLflow trace was not: %s", exc)
 
 
 def disagreements(rated: dict[str, dict[str, Any]], verdicts: dict[str, dict[str, Any]]) -> list[str]:
