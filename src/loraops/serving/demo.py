@@ -35,8 +35,8 @@ from loraops.serving.engine import Engine
 ARMS = ("base", "production", "candidate")
 THUMBS = ("👍 good", "👎 bad")
 _feedback_lock = threading.Lock()
-_ratings_lock = threading.Lock()
-_judge_lock = threading.Lock()  # review.record reads, merges and rewrites a run's items: one save at a time
+_ratings_lock = threading.Lock()  # review.record reads, merges and rewrites a run's items: one save at a time
+_judge_lock = threading.Lock()
 
 
 VERDICT_NOTES = {
