@@ -8,7 +8,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DO_NOT_TRACK ?= 1
 
-.PHONY: install run test test-fast data ui-prefect ui-mlflow bench clean
+.PHONY: install run test test-fast data ui-prefect ui-mlflow bench clean team-up team-down
 
 install: $(STAMP)
 
@@ -47,3 +47,9 @@ bench: install
 
 clean:
 	rm -rf data/prepared models metrics reports
+
+team-up: install
+	$(PY) scripts/team_stack.py up          # PostgreSQL, SeaweedFS (S3), MLflow, Prefect on loopback; then: source .loraops/stack/stack.env
+
+team-down:
+	$(PY) scripts/team_stack.py down

@@ -6,7 +6,6 @@ Everything started here is stopped here. `.ci/run` installs PostgreSQL when it i
 
 from __future__ import annotations
 
-import glob
 import os
 import shutil
 import subprocess
@@ -18,65 +17,59 @@ from pathlib import Path
 import httpx
 import pytest
 
-from helpers import (ended_with_an_outcome, free_port, make_workspace, small_loop_overrides, start_server, stop_server,
-                     trigger_finetune, wait_flow_runs, wait_http)
+from helpers import (ended_with_an_outcome, make_workspace, small_loop_overrides, start_server, stop_server,
+                     trigger_finetune, wait_flow_runs)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 BIN = Path(sys.executable).parent
 
 
-def _pg_bin(name: str) -> str | None:
-    found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
-    return found[-1] if found else shutil.which(name)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import team_stack  # noqa: E402 - the one-box stack script (make team-up): the tests start the same parts
 
 
 @pytest.fixture(scope="module")
 def postgres():
-    initdb, pg_ctl = _pg_bin("initdb"), _pg_bin("pg_ctl")
-    if not initdb or not pg_ctl:
-        pytest.skip("PostgreSQL server binaries not installed (.ci/run installs them)")
-    base = Path(tempfile.mkdtemp(prefix="loraops-pg-", dir="/tmp"))
-    base.chmod(0o755)
-    as_user: list[str] = []
-    if os.geteuid() == 0:  # initdb refuses to run as root
-        shutil.chown(base, "postgres", "postgres")
-        as_user = ["runuser", "-u", "postgres", "--"]
-    port = free_port()
-    subprocess.run([*as_user, initdb, "-D", str(base / "data"), "-A", "trust", "-U", "postgres", "--no-sync"],
-                   check=True, capture_output=True)
-    subprocess.run([*as_user, pg_ctl, "-D", str(base / "data"), "-w", "-l", str(base / "log"), "-o",
-                    f"-p {port} -k {base} -c listen_addresses=127.0.0.1", "start"], check=True, capture_output=True)
+    folder = Path(tempfile.mkdtemp(prefix="loraops-pg-", dir="/tmp"))
     try:
-        for db in ("mlflow", "prefect"):
-            subprocess.run(["psql", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "-c", f"CREATE DATABASE {db}"],
-                           check=True, capture_output=True)
-        yield f"postgres@127.0.0.1:{port}"
+        db = team_stack.postgres(folder)
+    except FileNotFoundError:
+        pytest.skip("PostgreSQL server binaries not installed (.ci/run installs them)")
+    try:
+        yield db
     finally:
-        subprocess.run([*as_user, pg_ctl, "-D", str(base / "data"), "-m", "fast", "stop"], capture_output=True)
-        shutil.rmtree(base, ignore_errors=True)
+        team_stack.postgres_stop(folder)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
 def servers(postgres, tmp_path_factory):
+    """PostgreSQL, SeaweedFS (S3), MLflow with artifacts proxied to s3://loraops/mlflow, Prefect: what
+    `make team-up` starts, on loopback."""
     tmp = tmp_path_factory.mktemp("team")
-    mlflow_port, prefect_port = free_port(), free_port()
-    env = {**os.environ, "PREFECT_HOME": str(tmp / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_API_DATABASE_CONNECTION_URL": f"postgresql+asyncpg://{postgres}/prefect"}
-    env.pop("PREFECT_API_URL", None)
-    procs = [
-        start_server([str(BIN / "mlflow"), "server", "--backend-store-uri", f"postgresql+psycopg2://{postgres}/mlflow",
-                "--artifacts-destination", str(tmp / "artifacts"), "--host", "127.0.0.1", "--port", str(mlflow_port),
-                "--workers", "1"], tmp / "mlflow.log", tmp, env),
-        start_server([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port)],
-               tmp / "prefect.log", tmp, env),
-    ]
+    weed, endpoint = team_stack.seaweedfs(tmp / "seaweedfs")
+    procs = [weed]
     try:
-        wait_http(f"http://127.0.0.1:{mlflow_port}/health", 180, procs[0], tmp / "mlflow.log")
-        wait_http(f"http://127.0.0.1:{prefect_port}/api/health", 180, procs[1], tmp / "prefect.log")
-        yield {"mlflow": f"http://127.0.0.1:{mlflow_port}", "prefect": f"http://127.0.0.1:{prefect_port}/api", "tmp": tmp}
+        mlflow_proc, mlflow_url = team_stack.mlflow_server(tmp, f"postgresql+psycopg2://{postgres}/mlflow", endpoint)
+        procs.append(mlflow_proc)
+        prefect_proc, prefect_api = team_stack.prefect_server(tmp, f"postgresql+asyncpg://{postgres}/prefect")
+        procs.append(prefect_proc)
+        yield {"mlflow": mlflow_url, "prefect": prefect_api, "s3": endpoint, "tmp": tmp}
     finally:
         for proc in procs:
-            stop_server(proc)
+            team_stack.stop(proc.pid)
+
+
+def _bucket(endpoint: str, prefix: str) -> list[str]:
+    """Every key under ``prefix`` in the stack's bucket, listed through the S3 API."""
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=team_stack.S3_KEYS["AWS_ACCESS_KEY_ID"],
+                      aws_secret_access_key=team_stack.S3_KEYS["AWS_SECRET_ACCESS_KEY"], region_name="us-east-1")
+    keys: list[str] = []
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=team_stack.BUCKET, Prefix=prefix):
+        keys += [o["Key"] for o in page.get("Contents", [])]
+    return keys
 
 
 def test_team_mode_three_concurrent_runs(servers, tmp_path):
@@ -127,5 +120,39 @@ def test_team_mode_three_concurrent_runs(servers, tmp_path):
     assert keys[0] == keys[1] == keys[2] and "tuned/morph_f1" in keys[0]
     versions = client.search_model_versions("name = 'interior-qa-lora'")
     assert len(versions) == 3
+
+    # object storage: every artifact is in the bucket (listed through the S3 API), none on this host's disk
+    keys = _bucket(servers["s3"], "mlflow/")
+    for r in runs:
+        mine = [k for k in keys if f"/{r.info.run_id}/" in k or r.info.run_id in k]
+        assert any(k.endswith("stages/train.json") for k in mine) and any(k.endswith("lineage.json") for k in mine)
+    assert any(k.endswith("adapter_model.safetensors") for k in keys) and any(k.endswith("MLmodel") for k in keys)
+    assert not (servers["tmp"] / "artifacts").exists() and not (ws / "mlruns").exists()
+
+    # another host: only the server URL, its own HOME and folder, no S3 credentials: loads v1 and answers
+    other = tmp_path / "other-host"
+    other.mkdir()
+    host_env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_S3"))}
+    host_env |= {"HOME": str(other), "MLFLOW_TRACKING_URI": servers["mlflow"], "HF_HUB_OFFLINE": "1"}
+    code = ("import mlflow; m = mlflow.pyfunc.load_model('models:/interior-qa-lora/1'); "
+            "print(repr(m.predict(['벽지에 곰팡이가 생기는 원인은 무엇인가요?'])[0]))")
+    answered = subprocess.run([sys.executable, "-c", code], cwd=other, env=host_env, capture_output=True, text=True,
+                              timeout=300)
+    assert answered.returncode == 0 and answered.stdout.strip().startswith("'"), answered.stderr[-2000:]
+
+    # the DVC remote on the same store: one clone pushes, another clone (its own cache) pulls the same data
+    dvc = str(BIN / "dvc")
+    s3_env = {**os.environ, **team_stack.S3_KEYS}
+    for args in (["remote", "add", "-f", "-d", "store", f"s3://{team_stack.BUCKET}/dvc"],
+                 ["remote", "modify", "store", "endpointurl", servers["s3"]], ["push", "-q", "-r", "store"]):
+        subprocess.run([dvc, *args], cwd=ws, env=s3_env, check=True, capture_output=True, text=True)
+    assert any(k.startswith("dvc/files/md5/") for k in _bucket(servers["s3"], "dvc/"))
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "-C", str(ws), "commit", "-qam", "DVC remote on the object store"], check=True)
+    subprocess.run(["git", "clone", "-q", str(ws), str(clone)], check=True)
+    pulled = subprocess.run([dvc, "pull", "-q", "-r", "store", "data/raw/interior_qa.csv.dvc"], cwd=clone, env=s3_env,
+                            capture_output=True, text=True)
+    assert pulled.returncode == 0, pulled.stderr
+    assert (clone / "data/raw/interior_qa.csv").read_bytes() == (ws / "data/raw/interior_qa.csv").read_bytes()
     assert not list((ws / ".loraops" / "runs").glob("*"))  # workspaces removed
     assert not (ws / "data/prepared/train.jsonl").exists() and not (ws / "models").exists()  # main tree untouched
