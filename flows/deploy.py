@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
 import threading
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 from prefect.events import DeploymentEventTrigger
@@ -24,8 +26,15 @@ from loraops.orchestration import form
 from loraops.orchestration.publish import PUBLISHED
 
 
-def deployments(params_file: str = "params.yaml") -> list:
-    """The deployments; the finetune form defaults to the sections of the current params file."""
+ENTRYPOINTS = {"finetune": "flows/finetune.py:finetune", "promote": "flows/promote.py:promote",
+               "rollback": "flows/promote.py:rollback", "reproduce": "flows/reproduce.py:reproduce",
+               "sweep": "flows/sweep.py:sweep_flow"}
+"""Where a worker finds each flow in its clone of the project (``loraops deploy --pool``)."""
+
+
+def specs(params_file: str = "params.yaml") -> list[tuple[Any, str, dict[str, Any]]]:
+    """Each deployment: its flow, the flow's key in :data:`ENTRYPOINTS`, and the deployment's settings; the finetune
+    form defaults to the sections of the current params file."""
     params = load_params(params_file)
     defaults = form.defaults(params) | {"params_file": params_file}
     model = params.registry.model_name
@@ -35,19 +44,82 @@ def deployments(params_file: str = "params.yaml") -> list:
         return form.deployment_name(model, flow)
 
     return [
-        finetune.to_deployment(name=named("finetune"), parameters=defaults, tags=tags, triggers=data_triggers(params),
-                               cron=retrain_schedule(params, params_file), description=f"{model}: prepare → train → evaluate → "
-                               "register → gate" + (" · retrains when data is published" if params.retrain.on_data
-                                                     else "")),
-        promote.to_deployment(name=named("promote"), tags=tags, parameters={"params_file": params_file},
-                              description=f"{model}: move production to a version through the gate (and a reviewer)"),
-        rollback.to_deployment(name=named("rollback"), tags=tags, parameters={"params_file": params_file},
-                               description=f"{model}: production back to the version before"),
-        reproduce.to_deployment(name=named("reproduce"), tags=tags,
-                                description=f"{model}: rebuild a run from its lineage card and compare"),
-        sweep_flow.to_deployment(name=named("sweep"), tags=tags, description=f"{model}: Optuna trials → the best → gate",
-                                 parameters=form.sweep_defaults(params) | {"params_file": params_file}),
+        (finetune, "finetune", dict(name=named("finetune"), parameters=defaults, tags=tags, triggers=data_triggers(params),
+                                    cron=retrain_schedule(params, params_file),
+                                    description=f"{model}: prepare → train → evaluate → register → gate" + (
+                                        " · retrains when data is published" if params.retrain.on_data else ""))),
+        (promote, "promote", dict(name=named("promote"), tags=tags, parameters={"params_file": params_file},
+                                  description=f"{model}: move production to a version through the gate (and a reviewer)")),
+        (rollback, "rollback", dict(name=named("rollback"), tags=tags, parameters={"params_file": params_file},
+                                    description=f"{model}: production back to the version before")),
+        (reproduce, "reproduce", dict(name=named("reproduce"), tags=tags,
+                                      description=f"{model}: rebuild a run from its lineage card and compare")),
+        (sweep_flow, "sweep", dict(name=named("sweep"), tags=tags, description=f"{model}: Optuna trials → the best → gate",
+                                   parameters=form.sweep_defaults(params) | {"params_file": params_file})),
     ]
+
+
+def deployments(params_file: str = "params.yaml") -> list:
+    """The deployments served by one process (``loraops deploy``)."""
+    return [flow.to_deployment(**settings) for flow, _, settings in specs(params_file)]
+
+
+def project_source(root: Path) -> tuple[str, str]:
+    """Where workers clone the project from: the git remote ``origin`` (else this repository's folder, which only
+    this machine can reach), and the current branch.
+
+    Raises:
+        ConfigError: not a git repository, or a detached HEAD (workers follow a branch).
+    """
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    branch = git("rev-parse", "--abbrev-ref", "HEAD")
+    if not branch or branch == "HEAD":
+        raise ConfigError(f"{root}: workers clone a branch of the project's git repository; check one out (not a "
+                          "detached HEAD)")
+    return git("remote", "get-url", "origin") or str(root.resolve()), branch
+
+
+def ensure_pool(pool: str) -> bool:
+    """Create the process work pool ``pool`` if missing; True when created."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            found = client.read_work_pool(pool)
+        except ObjectNotFound:
+            try:
+                client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+            except ObjectAlreadyExists:
+                return False
+            return True
+        if found.type != "process":
+            raise ConfigError(f"--pool {pool}: a work pool of type {found.type!r} exists under that name; loraops "
+                              "deploys to a process pool (prefect worker start --pool NAME on each GPU host)")
+        return False
+
+
+def deploy_to_pool(pool: str, params_file: str = "params.yaml", source: str | None = None,
+                   root: Path = Path(".")) -> list[str]:
+    """Register the deployments on the process work pool ``pool``: each run is picked up by a worker
+    (``prefect worker start --pool POOL`` on a GPU host), which clones the project (``source``, default the git remote
+    ``origin``) at the branch's newest commit and runs the flow there; its data comes from the DVC remote. Returns the
+    deployments' names."""
+    from prefect.runner.storage import GitRepository
+
+    url, branch = project_source(root)
+    url = source or url
+    ensure_pool(pool)
+    names = []
+    for flow, key, settings in specs(params_file):
+        remote = flow.from_source(source=GitRepository(url=url, branch=branch), entrypoint=ENTRYPOINTS[key])
+        remote.deploy(work_pool_name=pool, build=False, push=False, print_next_steps=False, **settings)
+        names.append(f"{flow.name}/{settings['name']}")
+    return names
 
 
 def retrain_schedule(params: Params, params_file: str) -> str | None:

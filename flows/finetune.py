@@ -63,10 +63,15 @@ def base_check(work: Path, params: Params) -> str:
     return check_base(params.model, work)
 
 
+def needs_metric_check(params: Params) -> bool:
+    return params.eval.self_test or params.eval.judge.enabled or params.registry.gate.metric.startswith("judge_")
+
+
 @task(name="metric-check")
 def metric_check(params: Params) -> dict[str, Any]:
-    """The gate metric must order graded Korean answers correctly before any training is spent on it; a judge
-    metric needs the judge's latest calibration against the raters to be valid, and an enabled judge must answer."""
+    """The gate metric must order graded Korean answers correctly before any training is spent on it (with
+    eval.self_test); a judge metric needs the judge's latest calibration against the raters to be valid, and an
+    enabled judge must answer."""
     if params.eval.judge.enabled:
         from loraops.judge.llm import Judge
 
@@ -75,7 +80,7 @@ def metric_check(params: Params) -> dict[str, Any]:
         from loraops.registry.judging import require_calibrated
 
         return require_calibrated(params)
-    return validity.check_gate(params)
+    return validity.check_gate(params) if params.eval.self_test else {}
 
 
 @task(name="tone-check")
@@ -101,10 +106,23 @@ def _stage(stage: str, work: Path) -> bool:
     return ran
 
 
+def gpu_limit() -> tuple[str, int]:
+    """The limit this run's training takes: on a work pool's worker, the host's own (``gpu-<host>``, a slot per GPU);
+    else ``gpu`` (``LORAOPS_GPU_LIMIT``, ``LORAOPS_GPU_SLOTS``)."""
+    import os
+
+    from prefect.context import FlowRunContext
+
+    context = FlowRunContext.get()
+    if context is not None and context.flow_run is not None and context.flow_run.work_pool_name:
+        return concurrency.host_gpu_limit()
+    return concurrency.GPU_LIMIT, int(os.environ.get("LORAOPS_GPU_SLOTS", "1"))
+
+
 def _gpu() -> object:
     """One slot of the ``gpu`` limit for training and the generation after it: a run keeps the GPU from its train
     stage to the end of its evaluate stage (one take per run, and no other run's training between the two)."""
-    return concurrency.gpu_slot(get_run_logger().warning, {"type": "flow_run", "id": str(flow_run.id)})
+    return concurrency.gpu_slot(get_run_logger().warning, {"type": "flow_run", "id": str(flow_run.id)}, gpu_limit()[0])
 
 
 @task(name="prepare")
@@ -291,11 +309,12 @@ def _finetune(work: Path, params_file: str, overrides: list[str], allow_dirty: b
         get_run_logger().info(same)
         return final_state("Unchanged", same, {"summary_text": same, "outcome": "Unchanged"})
     base_check(work, params)
-    if params.eval.self_test:
+    if needs_metric_check(params):
         metric_check(params)
     if params.eval.tone is not None:
         tone_check(work, params)
-    concurrency.ensure_gpu_limit()
+    limit, slots = gpu_limit()
+    concurrency.ensure_gpu_limit(slots, limit)
     uri = tracking.tracking_setup(REPO)
     experiment = tracking.experiment_for(params.registry.model_name, REPO)
     for orphan in tracking.close_orphans(experiment):

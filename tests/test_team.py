@@ -156,3 +156,65 @@ def test_team_mode_three_concurrent_runs(servers, tmp_path):
     assert (clone / "data/raw/interior_qa.csv").read_bytes() == (ws / "data/raw/interior_qa.csv").read_bytes()
     assert not list((ws / ".loraops" / "runs").glob("*"))  # workspaces removed
     assert not (ws / "data/prepared/train.jsonl").exists() and not (ws / "models").exists()  # main tree untouched
+
+
+def test_two_hosts_run_the_work_pool_sharing_only_the_servers(servers, tmp_path):
+    """`loraops deploy --pool` puts the deployments on a process work pool; two "hosts" (own HOME, Prefect home, working
+    folder and host name) each run `prefect worker start --pool`, clone the project and pull its data from the DVC
+    remote in the object store. Two runs submitted through the API as the UI does complete on two different hosts,
+    each under its own host's `gpu-<host>` limit, with everything they register in the bucket."""
+    import mlflow
+
+    from helpers import prefect_api
+
+    name = "pool-qa-lora"
+    ws = make_workspace(tmp_path / "project", small_loop_overrides(
+        "registry.auto_promote=false", "train.max_steps=40", "train.eval_steps=20", f"registry.model_name={name}"))
+    s3_env = {**os.environ, **team_stack.S3_KEYS}
+    dvc = str(BIN / "dvc")
+    for args in (["remote", "add", "-f", "-d", "store", f"s3://{team_stack.BUCKET}/pool-dvc"],
+                 ["remote", "modify", "store", "endpointurl", servers["s3"]], ["push", "-q", "-r", "store"]):
+        subprocess.run([dvc, *args], cwd=ws, env=s3_env, check=True, capture_output=True, text=True)
+    subprocess.run(["git", "-C", str(ws), "commit", "-qam", "the DVC remote on the object store"], check=True)
+    team = {"MLFLOW_TRACKING_URI": servers["mlflow"], "PREFECT_API_URL": servers["prefect"], **team_stack.S3_KEYS}
+    deployed = subprocess.run([sys.executable, "-m", "loraops.cli", "deploy", "--pool", "gpu-hosts"], cwd=ws,
+                              env={**os.environ, **team, "PREFECT_HOME": str(tmp_path / "deployer-home")},
+                              capture_output=True, text=True, timeout=300)
+    assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+    assert "prefect worker start --pool gpu-hosts" in deployed.stdout
+
+    workers = []
+    for host in ("host-a", "host-b"):
+        home = tmp_path / host
+        home.mkdir()
+        env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL")}
+        env |= {**team, "HOME": str(home), "PREFECT_HOME": str(home / ".prefect"), "LORAOPS_HOST": host,
+                "LORAOPS_GPU_SLOTS": "1", "PREFECT_WORKER_QUERY_SECONDS": "2", "PREFECT_WORKER_PREFETCH_SECONDS": "2",
+                "XDG_CACHE_HOME": str(home / ".cache")}
+        workers.append(start_server([str(BIN / "prefect"), "worker", "start", "--pool", "gpu-hosts", "--limit", "1",
+                                     "--name", host], home / "worker.log", home, env))
+    api = servers["prefect"]
+    try:
+        dep = prefect_api("GET", f"{api}/deployments/name/finetune/finetune-{name}")
+        assert dep["work_pool_name"] == "gpu-hosts"
+        ids = []
+        for rate in (0.004, 0.002):
+            parameters = dep["parameters"] | {"learning_rate": rate}
+            ids.append(prefect_api("POST", f"{api}/deployments/{dep['id']}/create_flow_run",
+                                   json={"parameters": parameters})["id"])
+        states = wait_flow_runs(api, ids, 900)
+        logs = "".join((tmp_path / h / "worker.log").read_text()[-3000:] for h in ("host-a", "host-b"))
+        assert all(ended_with_an_outcome(s) for s in states.values()), logs
+    finally:
+        for worker in workers:
+            stop_server(worker)
+
+    client = mlflow.MlflowClient(tracking_uri=servers["mlflow"], registry_uri=servers["mlflow"])
+    runs = client.search_runs([client.get_experiment_by_name(name).experiment_id])
+    assert {r.data.tags["loraops.host"] for r in runs} == {"host-a", "host-b"}  # one run on each host
+    assert {r.data.tags["prefect.flow_run_id"] for r in runs} == set(ids)
+    limits = {limit["name"] for limit in httpx.post(f"{api}/v2/concurrency_limits/filter", json={}, timeout=10).json()}
+    assert {"gpu-host-a", "gpu-host-b"} <= limits
+    keys = _bucket(servers["s3"], "mlflow/")
+    assert all(any(r.info.run_id in k and k.endswith("lineage.json") for k in keys) for r in runs)
+    assert not (ws / "models").exists() and not (ws / ".loraops" / "runs").exists()  # the project folder untouched

@@ -172,15 +172,31 @@ def _terminate_cleanly() -> None:
 
 @app.command()
 @friendly
-def deploy(params: Path = ParamsOpt) -> None:
+def deploy(params: Path = ParamsOpt,
+           pool: Optional[str] = typer.Option(None, "--pool", help="Put the deployments on this Prefect process work "
+                                                                   "pool (created if missing) instead of serving them "
+                                                                   "here; `prefect worker start --pool NAME` on each "
+                                                                   "GPU host runs them."),
+           source: Optional[str] = typer.Option(None, "--source", help="With --pool: the git URL workers clone "
+                                                                       "(default: the remote origin).")) -> None:
     """Serve the project's Prefect deployments (finetune, promote, rollback, reproduce, sweep), each named after the
-    flow and the registered model: finetune/finetune-interior-qa-lora, promote/promote-interior-qa-lora, …"""
+    flow and the registered model: finetune/finetune-interior-qa-lora, promote/promote-interior-qa-lora, …; or, with
+    --pool, register them on a work pool for workers on several hosts."""
     prefect_defaults()
-    from loraops.flows.deploy import serve_all
-
     chosen = user_path(params)
     with contextlib.suppress(ValueError):
         chosen = chosen.resolve().relative_to(Path.cwd())  # the form shows the project-relative name
+    if pool:
+        from loraops.flows.deploy import deploy_to_pool, project_source
+
+        url, branch = project_source(Path("."))
+        names = deploy_to_pool(pool, str(chosen), source)
+        typer.echo(f"deployed {', '.join(names)} on the work pool {pool}: workers clone {source or url} at branch "
+                   f"{branch} (push your commits there) and pull the data from the DVC remote. On each GPU host: "
+                   f"prefect worker start --pool {pool}")
+        return
+    from loraops.flows.deploy import serve_all
+
     serve_all(str(chosen))
 
 

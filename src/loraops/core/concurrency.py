@@ -377,14 +377,34 @@ user's; team mode: the server's), because one GPU runs one training at a time. A
 sets ``LORAOPS_GPU_LIMIT=gpu-<project>`` (README "One GPU, several projects")."""
 
 
-def ensure_gpu_limit(slots: int | None = None) -> int:
-    """Create the Prefect global concurrency limit ``gpu`` if missing (slots from LORAOPS_GPU_SLOTS, default 1)."""
-    return ensure_limit(GPU_LIMIT, slots or int(os.environ.get("LORAOPS_GPU_SLOTS", "1")))
+def host_name() -> str:
+    """This host's name in limits and run tags: ``LORAOPS_HOST``, else the machine's hostname."""
+    import socket
+
+    return os.environ.get("LORAOPS_HOST") or socket.gethostname()
 
 
-def gpu_slot(say: Any = print, holder: dict[str, Any] | None = None) -> Any:
-    """Hold one leased slot of the ``gpu`` limit: training and generation of concurrent runs take turns.
+def host_gpu_limit() -> tuple[str, int]:
+    """The limit of a run on a work pool's worker: this host's GPUs only (``gpu-<host>``), with a slot per GPU
+    (``LORAOPS_GPU_SLOTS``, else the CUDA device count, at least 1), so two hosts train at once and two runs on one
+    host take turns. ``LORAOPS_GPU_LIMIT`` names another."""
+    slots = os.environ.get("LORAOPS_GPU_SLOTS")
+    if not slots:
+        import torch
+
+        slots = str(max(1, torch.cuda.device_count()))
+    return os.environ.get("LORAOPS_GPU_LIMIT") or f"gpu-{host_name()}", int(slots)
+
+
+def ensure_gpu_limit(slots: int | None = None, name: str | None = None) -> int:
+    """Create the Prefect global concurrency limit ``gpu`` (or ``name``) if missing (slots from LORAOPS_GPU_SLOTS,
+    default 1)."""
+    return ensure_limit(name or GPU_LIMIT, slots or int(os.environ.get("LORAOPS_GPU_SLOTS", "1")))
+
+
+def gpu_slot(say: Any = print, holder: dict[str, Any] | None = None, name: str | None = None) -> Any:
+    """Hold one leased slot of the ``gpu`` limit (or ``name``): training and generation of concurrent runs take turns.
 
     While waiting it says who holds the slot and since when; in local mode it frees slots of dead holders.
     """
-    return waiting_slot(GPU_LIMIT, say, holder)
+    return waiting_slot(name or GPU_LIMIT, say, holder)

@@ -151,13 +151,13 @@ def close_runs_of(flow_run_id: str, status: str) -> int:
 
 def owner_tags() -> dict[str, str]:
     """Which process owns a run (host, pid and the pid's start time), so a later run can tell a dead owner."""
-    import socket
-
     import psutil
+
+    from loraops.core.concurrency import host_name
 
     me = psutil.Process()
     started = datetime.datetime.fromtimestamp(me.create_time()).astimezone().isoformat(timespec="milliseconds")
-    return {"loraops.host": socket.gethostname(), "loraops.pid": str(me.pid), "loraops.pid_started": started}
+    return {"loraops.host": host_name(), "loraops.pid": str(me.pid), "loraops.pid_started": started}
 
 
 def _started_at(tag: str) -> float:
@@ -173,11 +173,11 @@ def close_orphans(experiment_id: str) -> list[str]:
 
     Runs owned by another host are left alone: their owner may be alive. Returns the closed run ids.
     """
-    import socket
-
     import psutil
 
-    client, host, closed = mlflow.MlflowClient(), socket.gethostname(), []
+    from loraops.core.concurrency import host_name
+
+    client, host, closed = mlflow.MlflowClient(), host_name(), []
     for run in client.search_runs([experiment_id], "attributes.status = 'RUNNING'"):
         tags = run.data.tags
         if tags.get("loraops.host") != host or "loraops.pid" not in tags:
