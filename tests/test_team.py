@@ -129,16 +129,17 @@ def test_team_mode_three_concurrent_runs(servers, tmp_path):
     assert any(k.endswith("adapter_model.safetensors") for k in keys) and any(k.endswith("MLmodel") for k in keys)
     assert not (servers["tmp"] / "artifacts").exists() and not (ws / "mlruns").exists()
 
-    # another host: only the server URL, its own HOME and folder, no S3 credentials: loads v1 and answers
+    # another host: no project, its own HOME and folder, the server URL only (no S3 credentials): `loraops ask` loads
+    # v1 from the registry through the server and answers as the pyfunc model does
     other = tmp_path / "other-host"
     other.mkdir()
     host_env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_S3"))}
     host_env |= {"HOME": str(other), "MLFLOW_TRACKING_URI": servers["mlflow"], "HF_HUB_OFFLINE": "1"}
-    code = ("import mlflow; m = mlflow.pyfunc.load_model('models:/interior-qa-lora/1'); "
-            "print(repr(m.predict(['벽지에 곰팡이가 생기는 원인은 무엇인가요?'])[0]))")
-    answered = subprocess.run([sys.executable, "-c", code], cwd=other, env=host_env, capture_output=True, text=True,
-                              timeout=300)
-    assert answered.returncode == 0 and answered.stdout.strip().startswith("'"), answered.stderr[-2000:]
+    question = "벽지에 곰팡이가 생기는 원인은 무엇인가요?"
+    answered = subprocess.run([sys.executable, "-m", "loraops.cli", "ask", "--model", "models:/interior-qa-lora/1",
+                               question], cwd=other, env=host_env, capture_output=True, text=True, timeout=300)
+    assert answered.returncode == 0 and answered.stdout.strip(), answered.stdout + answered.stderr[-2000:]
+    assert not list(other.iterdir()) or {p.name for p in other.iterdir()} <= {".cache"}  # nothing kept on this host
 
     # the DVC remote on the same store: one clone pushes, another clone (its own cache) pulls the same data
     dvc = str(BIN / "dvc")

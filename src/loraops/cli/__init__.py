@@ -147,6 +147,17 @@ def params_of(path: Path, overrides: Optional[list[str]]) -> Params:
     return load_params(user_path(path), overrides or [])
 
 
+def registry_params(path: Path, overrides: Optional[list[str]]) -> Params:
+    """:func:`params_of` for the commands that work from the registry alone (``ask``, ``serve``, ``demo``): on a host
+    with no project (no params.yaml here or above, the default file not given), the defaults with ``--set``
+    overrides, since each registered version carries its own prompt and generation settings."""
+    from loraops.core.config import apply_overrides, validate
+
+    if path == Path(PARAMS) and not user_path(path).exists() and find_project(Path.cwd()) is None:
+        return validate(apply_overrides({}, overrides or []))
+    return params_of(path, overrides)
+
+
 COMMANDS: dict[str, str] = {
     **dict.fromkeys(("prepare", "augment", "index", "retrieve", "train", "evaluate", "score"), "stages"),
     **dict.fromkeys(("run", "sweep", "deploy", "init-data"), "flows"),
@@ -203,7 +214,8 @@ def invoke(argv: list[str]) -> int:
     return code if isinstance(code, int) else 0
 
 
-__all__ = ["app", "friendly", "invoke", "load_commands", "params_of", "user_path", "ConfigError", "COMMANDS"]
+__all__ = ["app", "friendly", "invoke", "load_commands", "params_of", "registry_params", "user_path", "ConfigError",
+           "COMMANDS"]
 
 
 def main() -> None:  # pragma: no cover - console entry

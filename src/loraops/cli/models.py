@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from loraops.cli import ParamsOpt, SetOpt, app, friendly, params_of, user_path
+from loraops.cli import ParamsOpt, SetOpt, app, friendly, params_of, registry_params, user_path
 from loraops.core.errors import ConfigError
 
 
@@ -65,7 +65,7 @@ def ask(question: Optional[str] = typer.Argument(None),
     from loraops.registry import versions as registry
     from loraops.serving import pyfunc as serve
 
-    p = params_of(params, set_)
+    p = registry_params(params, set_)
     uri = model or f"models:/{p.registry.model_name}@production"
     served = registry.version_of(uri)  # no production yet: the error names the candidate and the gate's verdict
     warning = registry.floor_warning(*served) if served else None

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from loraops.cli import ParamsOpt, SetOpt, app, friendly, params_of, user_path
+from loraops.cli import ParamsOpt, SetOpt, app, friendly, registry_params, user_path
 
 export_app = typer.Typer(no_args_is_help=True, help="Export a registered adapter: a merged model, or vLLM's LoRA flags.")
 app.add_typer(export_app, name="export")
@@ -45,7 +45,7 @@ def serve(host: str = typer.Option("127.0.0.1", "--host", help="Interface to lis
 
     from loraops.serving import api
 
-    p = params_of(params, set_)
+    p = registry_params(params, set_)
     names = model or [p.registry.model_name]
     _loopback_warning(host)
     catalog, engine, settings, first = api.open_engine(p, names, max_batch=max_batch, queue_size=queue_size,
@@ -98,7 +98,7 @@ def demo(host: str = typer.Option("127.0.0.1", "--host", help="Interface to list
     """Gradio page: base / production / candidate answers side by side, rated into MLflow, corrections kept."""
     from loraops.serving import demo as page
 
-    p = params_of(params, set_)
+    p = registry_params(params, set_)
     if host not in ("127.0.0.1", "localhost", "::1") and page.authentication(dict(os.environ)) is None:
         typer.secho(f"warning: the demo listens on {host} without sign-in (set LORAOPS_DEMO_USERS=name:password,… or "
                     "LORAOPS_API_KEY): anyone who reaches this port can rate the versions, and the gate reads ratings",
