@@ -149,6 +149,9 @@ def build_tiny_base(texts: list[str], shape: TinyBase, seed: int, out_dir: Path)
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
+    # transformers writes only on global rank 0 when torch.distributed is up; the first process of every node builds
+    # the base into that node's own folder (nodes share no disk), so this copy is written wherever it is built
+    model.should_save_on_this_rank = lambda is_main_process: True
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)

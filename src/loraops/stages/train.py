@@ -435,8 +435,9 @@ def ensure_base(params: Params, root: Path = Path(".")) -> str:
 def run(params: Params, root: Path = Path(".")) -> TrainFigures:
     """Train on the prepared splits and write the adapter, curves and figures.
 
-    Under ``accelerate launch`` (DDP) every process trains; only the main process builds the tiny base
-    and writes the adapter, curves and figures.
+    Under ``accelerate launch`` (DDP, one or several nodes) every process trains; the first process of each node
+    makes sure of the base there (builds the tiny one), and only the main process writes the adapter, curves and
+    figures. Resuming across nodes needs the checkpoints on a disk every node sees.
     """
     from accelerate import PartialState
 
@@ -447,10 +448,11 @@ def run(params: Params, root: Path = Path(".")) -> TrainFigures:
     work_dir = root / CHECKPOINT_DIR
     identity = training_identity(params, train_rows, val_rows, state.num_processes)
     resume, why = resumable(work_dir, identity)
+    if state.is_local_main_process:  # once per node: nodes may share no disk, and every process loads the base
+        ensure_base(params, root)
     if state.is_main_process:
         say(f"resuming from {resume.name} (an interrupted run with the same params and data left it)" if resume
             else f"training from scratch: {why}")
-        ensure_base(params, root)
         if resume is None:
             shutil.rmtree(work_dir, ignore_errors=True)
             work_dir.mkdir(parents=True, exist_ok=True)
