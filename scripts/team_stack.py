@@ -131,10 +131,12 @@ def seaweedfs(folder: Path) -> tuple[subprocess.Popen, str]:
     """SeaweedFS (master, volume, filer, S3 gateway) keeping its data in ``folder``; returns the process and the S3
     endpoint URL, with the bucket :data:`BUCKET` created."""
     folder.mkdir(parents=True, exist_ok=True)
-    ports = {name: free_port() for name in ("s3", "master", "volume", "filer", "master.grpc", "volume.grpc",
+    # every port given: SeaweedFS puts an unset gRPC port at its HTTP port + 10000 (past 65535 for a high free port)
+    ports = {name: free_port() for name in ("s3", "s3.grpc", "master", "volume", "filer", "master.grpc", "volume.grpc",
                                             "filer.grpc", "iam", "debug", "metrics")}
     cmd = [str(BIN / "weed"), "server", f"-dir={folder}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-s3",
-           f"-s3.port={ports['s3']}", f"-master.port={ports['master']}", f"-master.port.grpc={ports['master.grpc']}",
+           f"-s3.port={ports['s3']}", f"-s3.port.grpc={ports['s3.grpc']}", "-s3.port.iceberg=0", "-s3.port.lance=0",
+           f"-master.port={ports['master']}", f"-master.port.grpc={ports['master.grpc']}",
            f"-volume.port={ports['volume']}", f"-volume.port.grpc={ports['volume.grpc']}",
            f"-filer.port={ports['filer']}", f"-filer.port.grpc={ports['filer.grpc']}", f"-iam.port={ports['iam']}",
            f"-debug.port={ports['debug']}", f"-metricsPort={ports['metrics']}", "-master.telemetry=false",
