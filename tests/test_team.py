@@ -72,110 +72,25 @@ def _bucket(endpoint: str, prefix: str) -> list[str]:
     return keys
 
 
-def test_team_mode_three_concurrent_runs(servers, tmp_path):
+def test_team_mode_three_concurrent_runs_on_two_hosts(servers, tmp_path):
+    """The team stack on loopback, used as a team uses it: `loraops deploy --pool` puts the five deployments on a
+    process work pool; two "hosts" (own HOME, Prefect home, folder and host name; sharing only PostgreSQL, SeaweedFS,
+    MLflow and Prefect) each run `prefect worker start --pool`, which clones the project and pulls its data from the
+    DVC remote in the object store. Three runs submitted at once through the API, as the UI does, all complete: two
+    on one host (its `gpu-<host>` limit makes their training take turns), one on the other. Everything they register
+    is in the bucket, none of it on a runner's disk, and a third host with only the server URL answers with it."""
+    import json
+
     import mlflow
 
     ws = make_workspace(tmp_path / "ws", small_loop_overrides("registry.auto_promote=false", "train.max_steps=40",
                                                                   "train.eval_steps=20"))
-    env = {**os.environ, "MLFLOW_TRACKING_URI": servers["mlflow"], "PREFECT_API_URL": servers["prefect"],
-           "PREFECT_HOME": str(servers["tmp"] / "client-home"), "LORAOPS_GPU_SLOTS": "1"}
-    deploy = start_server([sys.executable, "-m", "loraops.cli", "deploy"], tmp_path / "deploy.log", ws, env)
-    api = servers["prefect"]
-    try:
-        deadline = time.time() + 120
-        while len(httpx.post(f"{api}/deployments/filter", json={}, timeout=10).json()) < 4:
-            assert deploy.poll() is None and time.time() < deadline, (tmp_path / "deploy.log").read_text()[-3000:]
-            time.sleep(2)
-        names = {d["name"] for d in httpx.post(f"{api}/deployments/filter", json={}, timeout=10).json()}
-        flows = {f["id"]: f["name"] for f in httpx.post(f"{api}/flows/filter", json={}, timeout=10).json()}
-        flow_names = {"finetune", "promote", "rollback", "reproduce", "sweep"}
-        assert names == {f"{flow}-interior-qa-lora" for flow in flow_names}  # five deployments that read apart
-        assert set(flows.values()) == flow_names
-        rates = [0.004, 0.002, 0.001]
-        ids = [trigger_finetune(api, lr) for lr in rates]
-        states = wait_flow_runs(api, ids, 900)
-        assert all(ended_with_an_outcome(s) for s in states.values()), (tmp_path / "deploy.log").read_text()[-4000:]
-    finally:
-        stop_server(deploy)
-
-    assert httpx.post(f"{api}/v2/concurrency_limits/filter", json={}, timeout=10).json()[0]["name"] == "gpu"
-    client = mlflow.MlflowClient(tracking_uri=servers["mlflow"], registry_uri=servers["mlflow"])
-    experiment = client.get_experiment_by_name("interior-qa-lora")
-    runs = client.search_runs([experiment.experiment_id])
-
-    # the gpu limit serialised training: the three training windows do not overlap
-    import json
-
-    windows = []
-    for r in runs:
-        figures = json.loads(Path(client.download_artifacts(r.info.run_id, "stages/train.json", str(tmp_path))).read_text())
-        windows.append((figures["started_at"], figures["finished_at"]))
-    windows.sort()
-    assert len(windows) == 3 and all(a[1] <= b[0] for a, b in zip(windows, windows[1:])), windows
-    assert sorted(float(r.data.params["train.learning_rate"]) for r in runs) == sorted(rates)
-    assert {r.data.tags["prefect.flow_run_id"] for r in runs} == set(ids)
-    assert len({r.data.tags["lineage.adapter_sha256"] for r in runs}) == 3
-    assert all(r.data.tags["lineage.prefect_deployment"] == "finetune-interior-qa-lora" for r in runs)
-    keys = [sorted(k for k in r.data.metrics if k.startswith(("gate/", "tuned/"))) for r in runs]
-    assert keys[0] == keys[1] == keys[2] and "tuned/morph_f1" in keys[0]
-    versions = client.search_model_versions("name = 'interior-qa-lora'")
-    assert len(versions) == 3
-
-    # object storage: every artifact is in the bucket (listed through the S3 API), none on this host's disk
-    keys = _bucket(servers["s3"], "mlflow/")
-    for r in runs:
-        mine = [k for k in keys if f"/{r.info.run_id}/" in k or r.info.run_id in k]
-        assert any(k.endswith("stages/train.json") for k in mine) and any(k.endswith("lineage.json") for k in mine)
-    assert any(k.endswith("adapter_model.safetensors") for k in keys) and any(k.endswith("MLmodel") for k in keys)
-    assert not (servers["tmp"] / "artifacts").exists() and not (ws / "mlruns").exists()
-
-    # another host: no project, its own HOME and folder, the server URL only (no S3 credentials): `loraops ask` loads
-    # v1 from the registry through the server and answers as the pyfunc model does
-    other = tmp_path / "other-host"
-    other.mkdir()
-    host_env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_S3"))}
-    host_env |= {"HOME": str(other), "MLFLOW_TRACKING_URI": servers["mlflow"], "HF_HUB_OFFLINE": "1"}
-    question = "벽지에 곰팡이가 생기는 원인은 무엇인가요?"
-    answered = subprocess.run([sys.executable, "-m", "loraops.cli", "ask", "--model", "models:/interior-qa-lora/1",
-                               question], cwd=other, env=host_env, capture_output=True, text=True, timeout=300)
-    assert answered.returncode == 0 and answered.stdout.strip(), answered.stdout + answered.stderr[-2000:]
-    assert not list(other.iterdir()) or {p.name for p in other.iterdir()} <= {".cache"}  # nothing kept on this host
-
-    # the DVC remote on the same store: one clone pushes, another clone (its own cache) pulls the same data
-    dvc = str(BIN / "dvc")
     s3_env = {**os.environ, **team_stack.S3_KEYS}
+    dvc = str(BIN / "dvc")
     for args in (["remote", "add", "-f", "-d", "store", f"s3://{team_stack.BUCKET}/dvc"],
                  ["remote", "modify", "store", "endpointurl", servers["s3"]], ["push", "-q", "-r", "store"]):
         subprocess.run([dvc, *args], cwd=ws, env=s3_env, check=True, capture_output=True, text=True)
     assert any(k.startswith("dvc/files/md5/") for k in _bucket(servers["s3"], "dvc/"))
-    clone = tmp_path / "clone"
-    subprocess.run(["git", "-C", str(ws), "commit", "-qam", "DVC remote on the object store"], check=True)
-    subprocess.run(["git", "clone", "-q", str(ws), str(clone)], check=True)
-    pulled = subprocess.run([dvc, "pull", "-q", "-r", "store", "data/raw/interior_qa.csv.dvc"], cwd=clone, env=s3_env,
-                            capture_output=True, text=True)
-    assert pulled.returncode == 0, pulled.stderr
-    assert (clone / "data/raw/interior_qa.csv").read_bytes() == (ws / "data/raw/interior_qa.csv").read_bytes()
-    assert not list((ws / ".loraops" / "runs").glob("*"))  # workspaces removed
-    assert not (ws / "data/prepared/train.jsonl").exists() and not (ws / "models").exists()  # main tree untouched
-
-
-def test_two_hosts_run_the_work_pool_sharing_only_the_servers(servers, tmp_path):
-    """`loraops deploy --pool` puts the deployments on a process work pool; two "hosts" (own HOME, Prefect home, working
-    folder and host name) each run `prefect worker start --pool`, clone the project and pull its data from the DVC
-    remote in the object store. Two runs submitted through the API as the UI does complete on two different hosts,
-    each under its own host's `gpu-<host>` limit, with everything they register in the bucket."""
-    import mlflow
-
-    from helpers import prefect_api
-
-    name = "pool-qa-lora"
-    ws = make_workspace(tmp_path / "project", small_loop_overrides(
-        "registry.auto_promote=false", "train.max_steps=40", "train.eval_steps=20", f"registry.model_name={name}"))
-    s3_env = {**os.environ, **team_stack.S3_KEYS}
-    dvc = str(BIN / "dvc")
-    for args in (["remote", "add", "-f", "-d", "store", f"s3://{team_stack.BUCKET}/pool-dvc"],
-                 ["remote", "modify", "store", "endpointurl", servers["s3"]], ["push", "-q", "-r", "store"]):
-        subprocess.run([dvc, *args], cwd=ws, env=s3_env, check=True, capture_output=True, text=True)
     subprocess.run(["git", "-C", str(ws), "commit", "-qam", "the DVC remote on the object store"], check=True)
     team = {"MLFLOW_TRACKING_URI": servers["mlflow"], "PREFECT_API_URL": servers["prefect"], **team_stack.S3_KEYS}
     deployed = subprocess.run([sys.executable, "-m", "loraops.cli", "deploy", "--pool", "gpu-hosts"], cwd=ws,
@@ -183,26 +98,30 @@ def test_two_hosts_run_the_work_pool_sharing_only_the_servers(servers, tmp_path)
                               capture_output=True, text=True, timeout=300)
     assert deployed.returncode == 0, deployed.stdout + deployed.stderr
     assert "prefect worker start --pool gpu-hosts" in deployed.stdout
+    api = servers["prefect"]
+    names = {d["name"]: d for d in httpx.post(f"{api}/deployments/filter", json={}, timeout=10).json()}
+    flow_names = {"finetune", "promote", "rollback", "reproduce", "sweep"}
+    assert set(names) == {f"{flow}-interior-qa-lora" for flow in flow_names}  # five deployments that read apart
+    assert {d["work_pool_name"] for d in names.values()} == {"gpu-hosts"}
 
     workers = []
-    for host in ("host-a", "host-b"):
+    for host, limit in (("host-a", "2"), ("host-b", "1")):  # 3 runs: host-a takes two at most, host-b the rest
         home = tmp_path / host
         home.mkdir()
         env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL")}
         env |= {**team, "HOME": str(home), "PREFECT_HOME": str(home / ".prefect"), "LORAOPS_HOST": host,
                 "LORAOPS_GPU_SLOTS": "1", "PREFECT_WORKER_QUERY_SECONDS": "2", "PREFECT_WORKER_PREFETCH_SECONDS": "2",
                 "XDG_CACHE_HOME": str(home / ".cache")}
-        workers.append(start_server([str(BIN / "prefect"), "worker", "start", "--pool", "gpu-hosts", "--limit", "1",
+        workers.append(start_server([str(BIN / "prefect"), "worker", "start", "--pool", "gpu-hosts", "--limit", limit,
                                      "--name", host], home / "worker.log", home, env))
-    api = servers["prefect"]
     try:
-        dep = prefect_api("GET", f"{api}/deployments/name/finetune/finetune-{name}")
-        assert dep["work_pool_name"] == "gpu-hosts"
-        ids = []
-        for rate in (0.004, 0.002):
-            parameters = dep["parameters"] | {"learning_rate": rate}
-            ids.append(prefect_api("POST", f"{api}/deployments/{dep['id']}/create_flow_run",
-                                   json={"parameters": parameters})["id"])
+        deadline = time.time() + 120
+        while len([w for w in httpx.post(f"{api}/work_pools/gpu-hosts/workers/filter", json={}, timeout=10).json()
+                   if w["status"] == "ONLINE"]) < 2:
+            assert time.time() < deadline and all(w.poll() is None for w in workers), "workers did not come online"
+            time.sleep(1)
+        rates = [0.004, 0.002, 0.001]
+        ids = [trigger_finetune(api, lr) for lr in rates]
         states = wait_flow_runs(api, ids, 900)
         logs = "".join((tmp_path / h / "worker.log").read_text()[-3000:] for h in ("host-a", "host-b"))
         assert all(ended_with_an_outcome(s) for s in states.values()), logs
@@ -211,11 +130,45 @@ def test_two_hosts_run_the_work_pool_sharing_only_the_servers(servers, tmp_path)
             stop_server(worker)
 
     client = mlflow.MlflowClient(tracking_uri=servers["mlflow"], registry_uri=servers["mlflow"])
-    runs = client.search_runs([client.get_experiment_by_name(name).experiment_id])
-    assert {r.data.tags["loraops.host"] for r in runs} == {"host-a", "host-b"}  # one run on each host
+    runs = client.search_runs([client.get_experiment_by_name("interior-qa-lora").experiment_id])
+    assert sorted(float(r.data.params["train.learning_rate"]) for r in runs) == sorted(rates)
     assert {r.data.tags["prefect.flow_run_id"] for r in runs} == set(ids)
+    assert len({r.data.tags["lineage.adapter_sha256"] for r in runs}) == 3
+    assert all(r.data.tags["lineage.prefect_deployment"] == "finetune-interior-qa-lora" for r in runs)
+    keys = [sorted(k for k in r.data.metrics if k.startswith(("gate/", "tuned/"))) for r in runs]
+    assert keys[0] == keys[1] == keys[2] and "tuned/morph_f1" in keys[0]
+    assert len(client.search_model_versions("name = 'interior-qa-lora'")) == 3
+
+    # hosts: both ran runs, each under its own limit; the two runs of one host trained one after the other
+    hosts = sorted(r.data.tags["loraops.host"] for r in runs)
+    assert hosts == ["host-a", "host-a", "host-b"], hosts
     limits = {limit["name"] for limit in httpx.post(f"{api}/v2/concurrency_limits/filter", json={}, timeout=10).json()}
     assert {"gpu-host-a", "gpu-host-b"} <= limits
+    windows = []
+    for r in runs:
+        if r.data.tags["loraops.host"] == "host-a":
+            figures = json.loads(Path(client.download_artifacts(r.info.run_id, "stages/train.json", str(tmp_path))).read_text())
+            windows.append((figures["started_at"], figures["finished_at"]))
+    windows.sort()
+    assert windows[0][1] <= windows[1][0], windows
+
+    # object storage: every artifact is in the bucket (listed through the S3 API), none on a runner's disk
     keys = _bucket(servers["s3"], "mlflow/")
-    assert all(any(r.info.run_id in k and k.endswith("lineage.json") for k in keys) for r in runs)
+    for r in runs:
+        assert any(r.info.run_id in k and k.endswith("stages/train.json") for k in keys)
+        assert any(r.info.run_id in k and k.endswith("lineage.json") for k in keys)
+    assert any(k.endswith("adapter_model.safetensors") for k in keys) and any(k.endswith("MLmodel") for k in keys)
+    assert not (servers["tmp"] / "artifacts").exists() and not (ws / "mlruns").exists()
     assert not (ws / "models").exists() and not (ws / ".loraops" / "runs").exists()  # the project folder untouched
+
+    # another host: no project, its own HOME and folder, the server URL only (no S3 credentials): `loraops ask` loads
+    # v1 from the registry through the server and answers
+    other = tmp_path / "other-host"
+    other.mkdir()
+    host_env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_S3"))}
+    host_env |= {"HOME": str(other), "MLFLOW_TRACKING_URI": servers["mlflow"], "HF_HUB_OFFLINE": "1"}
+    answered = subprocess.run([sys.executable, "-m", "loraops.cli", "ask", "--model", "models:/interior-qa-lora/1",
+                               "벽지에 곰팡이가 생기는 원인은 무엇인가요?"], cwd=other, env=host_env, capture_output=True,
+                              text=True, timeout=300)
+    assert answered.returncode == 0 and answered.stdout.strip(), answered.stdout + answered.stderr[-2000:]
+    assert {p.name for p in other.iterdir()} <= {".cache"}  # nothing kept on that host but caches
