@@ -63,7 +63,7 @@ def _rate(tab, arm: str, thumb: str | None, scores: dict[str, str]) -> None:
         tab.locator(f"#{arm}-{criterion}").get_by_text(value, exact=True).click()
 
 
-def test_demo_compares_rates_into_mlflow_and_keeps_approved_corrections(page, served_project, monkeypatch):
+def test_demo_compares_rates_into_mlflow_and_keeps_approved_corrections(page, served_project, monkeypatch, tmp_path):
     import httpx
     import mlflow
 
@@ -132,6 +132,19 @@ def test_demo_compares_rates_into_mlflow_and_keeps_approved_corrections(page, se
     assert len(traces) == 2, [t.info.tags for t in traces]
     sources = {(a.name, a.source.source_type, a.source.source_id) for t in traces for a in t.info.assessments}
     assert {("accuracy", "HUMAN", "kim"), ("accuracy", "LLM_JUDGE", "rule-judge"), ("thumbs_up", "HUMAN", "kim")} <= sources
+
+    # the ratings saved here are a calibration set: `loraops judge calibrate` reads every rated run of the project,
+    # asks the judge (its replies cached by the page's saves) and prints the figures; two answers are too few
+    from helpers import run_cli
+
+    judged = ["--set", f"eval.judge.base_url={tab.judge.url}", "--set", "eval.judge.model=rule-judge",
+              "--set", f"eval.judge.cache_dir={tmp_path / 'judge-cache'}"]
+    calibrated = run_cli(["judge", "calibrate", "--json", *judged], served_project)
+    assert calibrated.returncode == 3, calibrated.stdout + calibrated.stderr
+    figures = json.loads(calibrated.stdout)
+    assert figures["ratings"]["answers"] == 2 and figures["usage"]["requests"] == 0  # the page's replies, cached
+    assert figures["criteria"]["accuracy"]["n"] == 2 and figures["valid"] is False
+    assert "(eval.judge.calibration.min_n: 30)" in figures["criteria"]["accuracy"]["short"][0]
 
     rows = [json.loads(line) for line in (served_project / "data/feedback/corrections.jsonl").read_text().splitlines()]
     assert len(rows) == 1 and rows[0] == {**rows[0], "question": QUESTION, "answer": "곰팡이는 결로와 환기 부족 때문에 생깁니다.",

@@ -118,3 +118,19 @@ def test_a_rating_saved_twice_counts_once_and_saving_again_updates_it(run_with_t
     assert twice["review/n"] == 1 and twice["review/mean/tuned"] == pytest.approx(7 / 3, abs=1e-4)
     updated = review.record(run_id, [{**rating, "key": key, "accuracy": 5}])
     assert updated["review/n"] == 1 and updated["review/mean/tuned"] == pytest.approx(10 / 3, abs=1e-4)
+
+
+def test_an_imported_sheet_is_a_calibration_set_matched_to_the_runs_answers(run_with_table):
+    """`loraops judge calibrate --run` on a run whose ratings came from a review sheet: each rated item is matched to
+    the run's eval table for its question, reference and the answer of the model it rated."""
+    from loraops.review.calibration import answers, from_run
+
+    run_id, tmp = run_with_table
+    sheet = review.export(run_id, tmp / "sheet.csv", n=6, seed=1)
+    _fill(sheet, lambda r: "5" if r["answer"].startswith("답") else "1")
+    review.import_sheet(sheet)
+    items = from_run(run_id, list(review.CRITERIA))
+    assert len(items) == 12 and {i["answer"] for i in items if i["scores"]["accuracy"] == 1} == {"모름"}
+    assert all(i["reference"].startswith("답") and i["question"].startswith("질문") for i in items)
+    table = answers(items)
+    assert len(table) == 12 and set(table["rater_accuracy"]) == {1.0, 5.0}

@@ -98,13 +98,15 @@ def from_run(run_id: str, criteria: list[str]) -> list[dict[str, Any]]:
             continue  # a thumb without the rubric
         if "answer" in item and "question" in item:
             question, answer, reference = item["question"], item["answer"], item.get("reference")
+            degenerate = item.get("degenerate")
         else:
             if table is None:
                 table = eval_table_of_run(run_id).set_index("id")
             row = table.loc[item["id"]]
             question, answer, reference = row["question"], row[f"{item['model']}_answer"], row["reference"]
+            degenerate = row.get(f"{item['model']}_degenerate_reason")  # evaluate judged the answer as generated
         items.append({"question": str(question), "reference": reference or None, "answer": str(answer),
-                      "rater": str(item.get("rater") or key), "scores": scores,
+                      "rater": str(item.get("rater") or key), "scores": scores, "degenerate": degenerate or None,
                       "source": f"run {run_id[:8]} {item.get('source', '')}".strip()})
     return items
 
@@ -131,14 +133,15 @@ def answers(items: list[dict[str, Any]]) -> pd.DataFrame:
         key = (" ".join(item["question"].split()), " ".join((item["reference"] or "").split()),
                " ".join(item["answer"].split()))
         row = rows.setdefault(key, {"question": item["question"], "reference": item["reference"],
-                                    "answer": item["answer"], "raters": set(), "scores": {}})
+                                    "answer": item["answer"], "raters": set(), "scores": {}, "degenerate": None})
+        row["degenerate"] = row["degenerate"] or item.get("degenerate") or None  # as flagged when it was generated
         row["raters"].add(item["rater"])
         for criterion, score in item["scores"].items():
             row["scores"].setdefault(criterion, []).append(score)
     out = []
     for row in rows.values():
         flat = {"question": row["question"], "reference": row["reference"] or "", "answer": row["answer"],
-                "raters": len(row["raters"])}
+                "raters": len(row["raters"]), "degenerate": row["degenerate"]}
         for criterion, scores in row["scores"].items():
             flat[f"rater_{criterion}"] = sum(scores) / len(scores)
         out.append(flat)
@@ -151,11 +154,19 @@ def calibrate(params: Params, items: list[dict[str, Any]], judge: Judge | None =
 
     Returns the result (``criteria``, ``valid``, ``unparsed`` with an example reply, ``disagreements``, ``usage``,
     ``judge``) and the per-answer table (raters' means, judge scores and reasons)."""
+    from loraops.judge.degenerate import detect
+
     cfg = params.eval.judge
     judge = judge or Judge(cfg)
     table = answers(items)
-    verdicts: list[Verdict] = judge.score([(q, r or None, a) for q, r, a in
-                                           zip(table["question"], table["reference"], table["answer"])])
+    # measured as the gate uses it: a degenerate answer scores 1 without being sent, as evaluate scores it
+    flagged = [known or detect(a, r or "") for a, r, known in zip(table["answer"], table["reference"], table["degenerate"])]
+    asked = iter(judge.score([(q, r or None, a) for q, r, a, why in
+                              zip(table["question"], table["reference"], table["answer"], flagged) if why is None]))
+    verdicts: list[Verdict] = [
+        next(asked) if why is None else Verdict(dict.fromkeys(cfg.criteria, 1), dict.fromkeys(
+            cfg.criteria, f"degenerate answer ({why}): 1 without asking the judge"), "", cached=True)
+        for why in flagged]
     pairs = {}
     for criterion in cfg.criteria:
         table[f"judge_{criterion}"] = [float(v.scores[criterion]) if v.scores else float("nan") for v in verdicts]
@@ -178,7 +189,8 @@ def calibrate(params: Params, items: list[dict[str, Any]], judge: Judge | None =
     result["disagreements"] = disagreements(table, list(cfg.criteria))
     result["usage"] = judge.usage.to_dict()
     result["judge"] = {"model": cfg.model, "base_url": cfg.base_url, "fingerprint": fingerprint(cfg)}
-    result["ratings"] = {"items": len(items), "answers": int(len(table))}
+    result["ratings"] = {"items": len(items), "answers": int(len(table)),
+                         "degenerate": sum(why is not None for why in flagged)}
     return result, table
 
 

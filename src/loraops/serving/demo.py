@@ -246,7 +246,8 @@ class Demo:
             for run_id in targets:
                 key = review.rating_key("demo", rater, shown[arm].get("version") or "base", question)
                 entry = {**item, "key": key, "source": "demo", "model": "base" if arm == "base" else "tuned",
-                         "rater": rater, "question": question, "answer": shown[arm]["answer"], "created": when}
+                         "rater": rater, "question": question, "answer": shown[arm]["answer"], "created": when,
+                         "degenerate": shown[arm].get("degenerate")}
                 if verdicts.get(arm, {}).get("scores"):
                     from loraops.judge.llm import fingerprint
 
