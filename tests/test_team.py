@@ -83,8 +83,10 @@ def test_team_mode_three_concurrent_runs_on_two_hosts(servers, tmp_path):
 
     import mlflow
 
-    ws = make_workspace(tmp_path / "ws", small_loop_overrides("registry.auto_promote=false", "train.max_steps=40",
-                                                                  "train.eval_steps=20"))
+    # states and places are checked here, not what is learnt: short training and a short evaluation
+    ws = make_workspace(tmp_path / "ws", small_loop_overrides("registry.auto_promote=false", "train.max_steps=20",
+                                                                  "train.eval_steps=10", "eval.max_samples=10",
+                                                                  "eval.max_new_tokens=16", "registry.gate.min_test_size=5"))
     s3_env = {**os.environ, **team_stack.S3_KEYS}
     dvc = str(BIN / "dvc")
     for args in (["remote", "add", "-f", "-d", "store", f"s3://{team_stack.BUCKET}/dvc"],
