@@ -186,7 +186,7 @@ def test_the_gate_uses_a_judge_only_after_a_valid_calibration_and_calibrate_prin
             writer.writerow({k: item[k] for k in ("question", "reference", "answer", "rater")} | item["scores"])
     with pytest.raises(ConfigError, match="eval.judge.enabled"):
         load_params(workspace / "params.yaml", ["registry.gate.metric=judge_accuracy"])
-    with JudgeServer(mode="reverse") as bad, JudgeServer() as good:
+    with JudgeServer(mode="reverse") as bad, JudgeServer() as good, JudgeServer(mode="garbage") as prose:
         sets = lambda url: ["--set", "eval.judge.enabled=true", "--set", f"eval.judge.base_url={url}", "--set",
                             "eval.judge.model=rule-judge", "--set", "registry.gate.metric=judge_accuracy",
                             "--set", f"eval.judge.cache_dir={tmp_path / 'cache'}",
@@ -203,6 +203,10 @@ def test_the_gate_uses_a_judge_only_after_a_valid_calibration_and_calibrate_prin
                 "mean_shift"} <= set(figures["criteria"]["accuracy"])
         with pytest.raises(MetricError, match=r"falls short on accuracy: Spearman -[0-9.]+ \["):
             require_calibrated(params(bad.url))
+
+        assert run_cli(["judge", "calibrate", "--ratings", str(sheet), *sets(prose.url)], workspace).returncode == 3
+        with pytest.raises(MetricError, match="40 of 40 judge replies could not be parsed"):
+            require_calibrated(params(prose.url))
 
         allowed = run_cli(["judge", "calibrate", "--ratings", str(sheet), *sets(good.url)], workspace)
         assert allowed.returncode == 0, allowed.stdout + allowed.stderr

@@ -97,6 +97,11 @@ def require_calibrated(params: Params) -> dict[str, Any]:
                           f"calibrated against human ratings: {todo}")
     judged = revalidate(found, cfg.calibration)
     figures = judged["criteria"].get(criterion)
+    unparsed = found.get("unparsed") or {}
+    if figures is not None and unparsed.get("of") and unparsed["count"] / unparsed["of"] > cfg.max_unparsed:
+        figures = {**figures, "valid": False, "short": [*figures["short"], f"{unparsed['count']} of {unparsed['of']} "
+                                                        f"judge replies could not be parsed (eval.judge.max_unparsed "
+                                                        f"{cfg.max_unparsed:.0%})"]}
     if figures is None:
         raise MetricError(f"registry.gate.metric: {metric!r}: the latest calibration of {describe(cfg)} "
                           f"({found['when']}, MLflow run {found['run_id']}) has no ratings of {criterion}: {todo}")
