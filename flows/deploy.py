@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import subprocess
 import threading
 from datetime import timedelta
 from pathlib import Path
@@ -64,45 +63,6 @@ def deployments(params_file: str = "params.yaml") -> list:
     return [flow.to_deployment(**settings) for flow, _, settings in specs(params_file)]
 
 
-def project_source(root: Path) -> tuple[str, str]:
-    """Where workers clone the project from: the git remote ``origin`` (else this repository's folder, which only
-    this machine can reach), and the current branch.
-
-    Raises:
-        ConfigError: not a git repository, or a detached HEAD (workers follow a branch).
-    """
-    def git(*args: str) -> str:
-        done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
-        return done.stdout.strip() if done.returncode == 0 else ""
-
-    branch = git("rev-parse", "--abbrev-ref", "HEAD")
-    if not branch or branch == "HEAD":
-        raise ConfigError(f"{root}: workers clone a branch of the project's git repository; check one out (not a "
-                          "detached HEAD)")
-    return git("remote", "get-url", "origin") or str(root.resolve()), branch
-
-
-def ensure_pool(pool: str) -> bool:
-    """Create the process work pool ``pool`` if missing; True when created."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import WorkPoolCreate
-    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
-
-    with get_client(sync_client=True) as client:
-        try:
-            found = client.read_work_pool(pool)
-        except ObjectNotFound:
-            try:
-                client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
-            except ObjectAlreadyExists:
-                return False
-            return True
-        if found.type != "process":
-            raise ConfigError(f"--pool {pool}: a work pool of type {found.type!r} exists under that name; loraops "
-                              "deploys to a process pool (prefect worker start --pool NAME on each GPU host)")
-        return False
-
-
 def deploy_to_pool(pool: str, params_file: str = "params.yaml", source: str | None = None,
                    root: Path = Path(".")) -> list[str]:
     """Register the deployments on the process work pool ``pool``: each run is picked up by a worker
@@ -110,6 +70,8 @@ def deploy_to_pool(pool: str, params_file: str = "params.yaml", source: str | No
     ``origin``) at the branch's newest commit and runs the flow there; its data comes from the DVC remote. Returns the
     deployments' names."""
     from prefect.runner.storage import GitRepository
+
+    from loraops.orchestration.pool import ensure_pool, project_source
 
     url, branch = project_source(root)
     url = source or url

@@ -23,12 +23,12 @@ from loraops.core.outcomes import NOT_SUCCESS, promotion_outcome
 from loraops.core.paths import ADAPTER_DIR, TRAIN_LOG
 from loraops.core.results import EvalSummary, Promotion
 from loraops.core.secrets import redact_text
-from loraops.judge import tone, validity
+from loraops.judge import tone
 from loraops.judge.report import (details, flat_metrics, headline, outcome, summary_markdown, top_losses,
                                   version_description)
 from loraops.modeling.model import base_location, check_base
 from loraops.orchestration import form, publish, workspace
-from loraops.registry import lineage, tracking
+from loraops.registry import judging, lineage, tracking
 from loraops.registry import versions as registry
 
 REPO = Path(".")  # the project checkout the flow was started in; MLflow's local store lives here
@@ -63,24 +63,11 @@ def base_check(work: Path, params: Params) -> str:
     return check_base(params.model, work)
 
 
-def needs_metric_check(params: Params) -> bool:
-    return params.eval.self_test or params.eval.judge.enabled or params.registry.gate.metric.startswith("judge_")
-
-
 @task(name="metric-check")
 def metric_check(params: Params) -> dict[str, Any]:
-    """The gate metric must order graded Korean answers correctly before any training is spent on it (with
-    eval.self_test); a judge metric needs the judge's latest calibration against the raters to be valid, and an
-    enabled judge must answer."""
-    if params.eval.judge.enabled:
-        from loraops.judge.llm import Judge
-
-        Judge(params.eval.judge).check()
-    if params.registry.gate.metric.startswith("judge_"):
-        from loraops.registry.judging import require_calibrated
-
-        return require_calibrated(params)
-    return validity.check_gate(params) if params.eval.self_test else {}
+    """The gate metric must order graded Korean answers correctly, or a judge metric's judge agree with the raters,
+    before any training is spent on it."""
+    return judging.check_gate_metric(params)
 
 
 @task(name="tone-check")
@@ -107,16 +94,11 @@ def _stage(stage: str, work: Path) -> bool:
 
 
 def gpu_limit() -> tuple[str, int]:
-    """The limit this run's training takes: on a work pool's worker, the host's own (``gpu-<host>``, a slot per GPU);
-    else ``gpu`` (``LORAOPS_GPU_LIMIT``, ``LORAOPS_GPU_SLOTS``)."""
-    import os
-
+    """The limit this run's training takes (a run started by a work pool's worker takes its host's own)."""
     from prefect.context import FlowRunContext
 
     context = FlowRunContext.get()
-    if context is not None and context.flow_run is not None and context.flow_run.work_pool_name:
-        return concurrency.host_gpu_limit()
-    return concurrency.GPU_LIMIT, int(os.environ.get("LORAOPS_GPU_SLOTS", "1"))
+    return concurrency.run_gpu_limit(bool(context and context.flow_run and context.flow_run.work_pool_name))
 
 
 def _gpu() -> object:
@@ -309,7 +291,7 @@ def _finetune(work: Path, params_file: str, overrides: list[str], allow_dirty: b
         get_run_logger().info(same)
         return final_state("Unchanged", same, {"summary_text": same, "outcome": "Unchanged"})
     base_check(work, params)
-    if needs_metric_check(params):
+    if judging.needs_gate_check(params):
         metric_check(params)
     if params.eval.tone is not None:
         tone_check(work, params)

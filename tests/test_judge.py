@@ -266,3 +266,22 @@ def test_a_run_with_the_judge_reports_judge_metrics_and_gates_on_them_once_calib
     # the same adapter as v3, evaluated again with the judge: the gate judged v3 by this run's table
     assert "v3" in done.stdout and "mean judge_accuracy gain" in done.stdout
     assert "sk-judge-secret" not in json.dumps(newest.data.params) + (golden_copy / "params.yaml").read_text()
+
+
+def test_a_ratings_file_reads_missing_cells_as_empty_and_names_the_line_of_a_bad_score(tmp_path):
+    from loraops.core.errors import DataError
+    from loraops.review.calibration import from_file
+
+    rows = [{"question": "곰팡이가 왜 생기나요?", "answer": "결로 때문입니다.", "reference": "결로와 환기 부족", "accuracy": 4},
+            {"question": "도배는 며칠 걸리나요?", "answer": "이틀입니다.", "accuracy": 5}]  # no reference, no rater
+    path = tmp_path / "ratings.jsonl"
+    path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows), encoding="utf-8")
+    items = from_file(path, ["relevance", "accuracy"])
+    assert [i["reference"] for i in items] == ["결로와 환기 부족", None] and items[1]["rater"] == "line 2"
+    path.write_text(json.dumps({**rows[0], "accuracy": 7}, ensure_ascii=False), encoding="utf-8")
+    with pytest.raises(DataError, match=r"ratings.jsonl: line 1: accuracy must be an integer 1–5 \(or empty\), got '7'"):
+        from_file(path, ["accuracy"])
+    sheet = tmp_path / "ratings.csv"
+    sheet.write_text("question,score\n질문,3\n", encoding="utf-8")
+    with pytest.raises(DataError, match="missing column\\(s\\) answer, a score column"):
+        from_file(sheet, ["accuracy"])

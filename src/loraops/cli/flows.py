@@ -187,7 +187,8 @@ def deploy(params: Path = ParamsOpt,
     with contextlib.suppress(ValueError):
         chosen = chosen.resolve().relative_to(Path.cwd())  # the form shows the project-relative name
     if pool:
-        from loraops.flows.deploy import deploy_to_pool, project_source
+        from loraops.flows.deploy import deploy_to_pool
+        from loraops.orchestration.pool import project_source
 
         url, branch = project_source(Path("."))
         names = deploy_to_pool(pool, str(chosen), source)

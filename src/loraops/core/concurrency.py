@@ -396,6 +396,12 @@ def host_gpu_limit() -> tuple[str, int]:
     return os.environ.get("LORAOPS_GPU_LIMIT") or f"gpu-{host_name()}", int(slots)
 
 
+def run_gpu_limit(on_pool: bool) -> tuple[str, int]:
+    """The limit (name, slots) a finetune run's training takes: on a work pool's worker the host's own
+    (:func:`host_gpu_limit`), else ``gpu`` (``LORAOPS_GPU_LIMIT``, ``LORAOPS_GPU_SLOTS``)."""
+    return host_gpu_limit() if on_pool else (GPU_LIMIT, int(os.environ.get("LORAOPS_GPU_SLOTS", "1")))
+
+
 def ensure_gpu_limit(slots: int | None = None, name: str | None = None) -> int:
     """Create the Prefect global concurrency limit ``gpu`` (or ``name``) if missing (slots from LORAOPS_GPU_SLOTS,
     default 1)."""

@@ -111,3 +111,26 @@ def require_calibrated(params: Params) -> dict[str, Any]:
                           + "; ".join(figures["short"]) + f". To use it: {todo}")
     return {"metric": metric, "calibration_run": found["run_id"], "when": found["when"], **{
         k: figures[k] for k in ("n", "kendall_tau", "spearman", "spearman_ci95", "within_one", "mean_shift")}}
+
+
+def needs_gate_check(params: Params) -> bool:
+    """Whether a run checks its gate metric before training: the probe self-test, or a judge to reach or trust."""
+    return params.eval.self_test or params.eval.judge.enabled or params.registry.gate.metric.startswith("judge_")
+
+
+def check_gate_metric(params: Params) -> dict[str, Any]:
+    """Before any training: an enabled judge answers and serves its model; a ``judge_<criterion>`` gate metric has a
+    valid calibration (:func:`require_calibrated`); any other gate metric orders the Korean probes correctly (with
+    ``eval.self_test``).
+
+    Raises:
+        JudgeError, MetricError: naming the key and the figures.
+    """
+    from loraops.judge import validity
+    from loraops.judge.llm import Judge
+
+    if params.eval.judge.enabled:
+        Judge(params.eval.judge).check()
+    if params.registry.gate.metric.startswith("judge_"):
+        return require_calibrated(params)
+    return validity.check_gate(params) if params.eval.self_test else {}

@@ -32,6 +32,11 @@ DISAGREEMENT = 2
 """|judge − raters' mean| at which a rated answer is listed for review."""
 
 
+def _text(value: Any) -> str:
+    """A cell as text: empty for a missing value (a JSONL row without the key reads as NaN)."""
+    return "" if value is None or (isinstance(value, float) and pd.isna(value)) else str(value).strip()
+
+
 def _score(value: Any, where: str, criterion: str) -> int | None:
     text = "" if value is None or (isinstance(value, float) and pd.isna(value)) else str(value).strip()
     if text.endswith(".0"):
@@ -66,14 +71,13 @@ def from_file(path: Path, criteria: list[str]) -> list[dict[str, Any]]:
     for index, row in frame.iterrows():
         line = int(str(index)) + (2 if path.suffix == ".csv" else 1)
         where = f"{path}: line {line}"
-        if not str(row["question"]).strip():
+        if not _text(row["question"]):
             raise DataError(f"{where}: empty question")
         scores = {c: s for c in rated if (s := _score(row[c], where, c)) is not None}
         if scores:
-            reference = str(row.get("reference", "") or "").strip() or None
-            items.append({"question": str(row["question"]), "reference": reference, "answer": str(row["answer"]),
-                          "rater": str(row.get("rater", "") or "") or f"line {line}", "scores": scores,
-                          "source": f"{path.name}:{line}"})
+            items.append({"question": _text(row["question"]), "reference": _text(row.get("reference")) or None,
+                          "answer": _text(row["answer"]), "rater": _text(row.get("rater")) or f"line {line}",
+                          "scores": scores, "source": f"{path.name}:{line}"})
     if not items:
         raise DataError(f"--ratings {path}: no rated rows (every score cell is empty)")
     return items
