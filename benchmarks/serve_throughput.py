@@ -139,7 +139,7 @@ def main() -> None:
         server.wait(30)
     same = all(arms[c]["answers"] == arms[1]["answers"] for c in arms)
     print(f"{args.requests} chat requests to {model}, greedy; every arm the same answers: {same}")
-    print(f"| clients | requests/s | p50 ms | p95 ms | completion tokens/s | wall s | vs 1 client |")
+    print("| clients | requests/s | p50 ms | p95 ms | completion tokens/s | wall s | vs 1 client |")
     print("|---|---|---|---|---|---|---|")
     for c, r in arms.items():
         print(f"| {c} | {r['rps']:.2f} | {r['p50']:.0f} | {r['p95']:.0f} | {r['tok_s']:.1f} | {r['wall']:.2f} | "

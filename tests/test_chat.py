@@ -141,6 +141,6 @@ def test_a_long_chat_prompt_is_cut_inside_the_question_keeping_system_turn_and_c
     long = "질문: " + "벽지가 들떴어요. " * 40 + "왜 그런가요?\n답변: "
     item = tokenize_pair(tok, long, ANSWER, 192, fmt)
     shown = tok.decode(item["input_ids"], skip_special_tokens=False)
-    assert len(item["input_ids"]) <= 192 and shown.startswith(f"<|begin_of_text|><|start_header_id|>system")
+    assert len(item["input_ids"]) <= 192 and shown.startswith("<|begin_of_text|><|start_header_id|>system")
     assert SYSTEM in shown and "왜 그런가요?\n답변:<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n" in shown
     assert tok.decode([t for t in item["labels"] if t != -100], skip_special_tokens=False).startswith(ANSWER[:5])

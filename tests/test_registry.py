@@ -204,3 +204,40 @@ def test_no_production_names_the_candidate_and_its_verdict_and_a_forced_broken_v
     client.set_model_version_tag("m", "1", registry.QUALITY_TAG, "ok")
     assert registry.floor_warning("m", "1") is None
     assert registry.floor_notice("m", "1", "not measured") is None  # no eval table at registration: nothing to say
+
+
+def test_a_new_local_store_starts_from_the_migrated_empty_one_and_is_the_same_store(tmp_path, monkeypatch):
+    """A fresh project's MLflow store is a copy of an empty store this MLflow version migrated once (in the user
+    cache), with its Default experiment's artifacts under the project: the same tables and rows MLflow makes."""
+    import sqlite3
+    import time
+
+    from loraops.core.paths import MLFLOW_DB, user_cache
+    from loraops.registry import tracking
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("LORAOPS_CACHE_DIR", str(tmp_path / "cache"))
+    assert user_cache("x") == tmp_path / "cache/x"
+    first, second = tmp_path / "first", tmp_path / "second"
+    for project in (first, second):
+        project.mkdir()
+        start = time.perf_counter()
+        tracking.tracking_setup(project)
+        took = time.perf_counter() - start
+    assert took < 0.5, f"a second new store took {took:.2f}s: not copied from the empty one"
+    assert (tmp_path / "cache/mlflow-store" / f"empty-mlflow-{mlflow.__version__}.db").is_file()
+
+    def rows(project, table):
+        with sqlite3.connect(project / MLFLOW_DB) as db:
+            return db.execute(f"SELECT * FROM {table}").fetchall()  # noqa: S608 - table names from this test
+
+    assert rows(second, "alembic_version") == rows(first, "alembic_version")
+    experiment = mlflow.MlflowClient().get_experiment("0")
+    assert experiment.artifact_location == (second / "mlruns/artifacts").resolve().as_uri()
+    with mlflow.start_run(experiment_id=tracking.experiment_for("m", second)) as run:
+        mlflow.log_metric("a", 1.0)
+    assert mlflow.MlflowClient().get_run(run.info.run_id).data.metrics == {"a": 1.0}
+    for key in ("LORAOPS_CACHE_DIR", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert user_cache("judge") == tmp_path / "xdg/loraops/judge"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from helpers import REPO
 from loraops.core.config import load_params

@@ -210,7 +210,8 @@ class JudgeSection(_Section):
                                               "a reply that does not parse is never retried.")
     timeout_seconds: float = Field(60, gt=0, description="Per-request timeout.")
     cache_dir: str | None = Field(None, description="Replies cached by content hash (endpoint, model, prompt, "
-                                                    "settings); None = $XDG_CACHE_HOME/loraops/judge (~/.cache).")
+                                                    "settings); None = judge/ in the user cache "
+                                                    "($LORAOPS_CACHE_DIR, $XDG_CACHE_HOME/loraops or ~/.cache/loraops).")
     max_unparsed: float = Field(0.05, ge=0, le=1, description="Largest share of replies that may fail to parse; "
                                                               "those answers are left out of the judge metrics.")
     pairwise: bool = Field(False, description="Also compare tuned with base on each question, asked in both orders "
@@ -373,7 +374,8 @@ class TeacherSection(_Section):
     retries: int = Field(3, ge=0, description="Retries of a call that failed on I/O (connection, timeout, 429, 5xx).")
     timeout_seconds: float = Field(60, gt=0, description="Per-request timeout.")
     cache_dir: str | None = Field(None, description="Replies cached by content hash (model, prompt, settings); "
-                                                    "None = $XDG_CACHE_HOME/loraops/teacher (~/.cache).")
+                                                    "None = teacher/ in the user cache ($LORAOPS_CACHE_DIR, "
+                                                    "$XDG_CACHE_HOME/loraops or ~/.cache/loraops).")
 
 
 AugmentRule = Literal["ending", "spacing", "join"]

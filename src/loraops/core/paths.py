@@ -6,6 +6,7 @@ same paths for DVC, and ``tests/test_paths.py`` checks that the two agree stage 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 STAGES = ("prepare", "augment", "index", "train", "evaluate")
@@ -98,3 +99,13 @@ STAGE_INPUTS: dict[str, list[Path]] = {
 
 RUN_OUTPUTS = [p for kinds in STAGE_OUTPUTS.values() for p in kinds["metrics"] + kinds["plots"]]
 """Files a run rewrites that git tracks (``cache: false`` in dvc.yaml): not counted as uncommitted code."""
+
+
+def user_cache(kind: str) -> Path:
+    """A folder for results that depend only on their inputs (measured metric validity, judge and teacher replies,
+    an empty migrated MLflow store), shared by every project of this user: ``LORAOPS_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/loraops``, else ``~/.cache/loraops``; ``kind`` names the subfolder."""
+    root = os.environ.get("LORAOPS_CACHE_DIR")
+    if not root:
+        root = str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "loraops")
+    return Path(root) / kind

@@ -28,6 +28,7 @@ from typing import Any
 
 from loraops.core.config import JudgeSection
 from loraops.core.errors import LoraopsError
+from loraops.core.paths import user_cache
 
 SCORES = (1, 2, 3, 4, 5)
 PAIRWISE_PROMPT = ("당신은 고객 상담 답변을 비교하는 전문가입니다. 아래 질문에 대한 두 답변 중 기준({criteria})에 비추어 "
@@ -146,7 +147,7 @@ def describe(cfg: JudgeSection) -> str:
 def cache_dir(cfg: JudgeSection) -> Path:
     if cfg.cache_dir:
         return Path(cfg.cache_dir).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "loraops" / "judge"
+    return user_cache("judge")
 
 
 class Judge:

@@ -21,6 +21,7 @@ from typing import Any
 import pandas as pd
 
 from loraops.core.config import EvalSection
+from loraops.core.paths import user_cache
 from loraops.judge.degenerate import detect
 from loraops.judge.metrics import ENCODER_KEYS, MetricError, MetricPack, family_of
 
@@ -168,14 +169,6 @@ _PACKAGES = ("kiwipiepy", "kiwipiepy-model", "sentence-transformers", "bert-scor
              "rouge-score")
 
 
-def cache_dir() -> Path:
-    """Where measured results that depend only on their inputs are kept (``LORAOPS_CACHE_DIR``, default
-    ``~/.cache/loraops``)."""
-    import os
-
-    return Path(os.environ.get("LORAOPS_CACHE_DIR") or Path.home() / ".cache" / "loraops")
-
-
 def fingerprint(cfg: EvalSection, device: str) -> str:
     """Everything a validity measurement depends on: the probe pairs, the metric settings and thresholds, the code
     that scores (its source) and the versions of the libraries behind the metrics, and the device."""
@@ -203,7 +196,7 @@ def measure_cached(cfg: EvalSection, device: str, pack: MetricPack | None = None
     Returns the validity and whether it came from the cache."""
     from loraops.core.utils import atomic_write
 
-    path = cache_dir() / "validity" / f"{fingerprint(cfg, device)}.json"
+    path = user_cache("validity") / f"{fingerprint(cfg, device)}.json"
     try:
         kept = json.loads(path.read_text(encoding="utf-8"))
         return Validity(pd.DataFrame(kept["table"]), pairs=int(kept["pairs"])), True
@@ -269,7 +262,7 @@ def check_gate(params: Any) -> dict[str, Any]:
     metric, device = params.registry.gate.metric, pick_device(params.base.device)
     if params.eval.probe_path:
         read_pairs(Path(params.eval.probe_path))
-    if not (cache_dir() / "validity" / f"{fingerprint(params.eval, device)}.json").exists():
+    if not (user_cache("validity") / f"{fingerprint(params.eval, device)}.json").exists():
         MetricPack(params.eval, device=device)  # every configured encoder must load now, not after training
     cfg = params.eval.model_copy(update={"metrics": [family_of(metric)]})
     measured, _ = measure_cached(cfg, device)

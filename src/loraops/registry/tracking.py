@@ -80,7 +80,8 @@ def _create_store_once(uri: str, root: Path) -> None:
 
     MLflow creates its tables on first use; several processes doing that at once (three runs started
     together from the Prefect UI) race in alembic and fail. Under the lock the first one creates the
-    store and the others find it ready.
+    store and the others find it ready. A new store starts as a copy of an empty one this MLflow version
+    migrated before (``_empty_store``): its 60-odd migrations cost over a second on every fresh project.
     """
     if uri in _READY:
         return
@@ -89,10 +90,56 @@ def _create_store_once(uri: str, root: Path) -> None:
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
     (root / LOCKS_DIR).mkdir(parents=True, exist_ok=True)
+    artifacts = (root / MLFLOW_ARTIFACTS).resolve().as_uri()
     with FileLock(str(root / LOCKS_DIR / "store.lock"), timeout=600):
-        SqlAlchemyStore(uri, (root / MLFLOW_ARTIFACTS).resolve().as_uri())
+        database = Path(uri.removeprefix("sqlite:///"))
+        if not database.exists():
+            _copy_empty_store(database, artifacts)
+        SqlAlchemyStore(uri, artifacts)  # an existing store: checked (and migrated when MLflow is newer)
         RegistryStore(uri)
     _READY.add(uri)
+
+
+def _copy_empty_store(database: Path, artifacts: str) -> None:
+    """Put a freshly migrated empty store at ``database`` (its Default experiment's artifacts under ``artifacts``,
+    as MLflow would create it there); nothing when no empty store could be made (MLflow then creates it)."""
+    import shutil
+    import sqlite3
+
+    empty = _empty_store()
+    if empty is None:
+        return
+    partial = database.with_name(f".{database.name}.{os.getpid()}.tmp")
+    shutil.copyfile(empty, partial)
+    with contextlib.closing(sqlite3.connect(partial)) as db, db:
+        db.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0", (artifacts,))
+    os.replace(partial, database)
+
+
+def _empty_store() -> Path | None:
+    """An empty store migrated by this MLflow version, kept in the user cache (made once, by the first project that
+    needs it); None when the cache cannot be written."""
+    from filelock import FileLock
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    from loraops.core.paths import user_cache
+
+    folder = user_cache("mlflow-store")
+    empty = folder / f"empty-mlflow-{mlflow.__version__}.db"
+    if empty.exists():
+        return empty
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(folder / ".lock"), timeout=600):
+            if not empty.exists():
+                partial = folder / f".{empty.name}.{os.getpid()}.tmp"
+                partial.unlink(missing_ok=True)
+                store = SqlAlchemyStore(f"sqlite:///{partial}", (folder / "artifacts").as_uri())
+                store.engine.dispose()
+                os.replace(partial, empty)
+    except OSError:  # a read-only home: every new store is migrated from scratch, as before
+        return None
+    return empty
 
 
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}

@@ -34,7 +34,7 @@ from typing import Any, Callable
 
 from loraops.core.config import AugmentSection, Params, TeacherSection
 from loraops.core.errors import DataError, LoraopsError
-from loraops.core.paths import AUGMENT_CARD, AUGMENTED_DIR, split
+from loraops.core.paths import AUGMENT_CARD, AUGMENTED_DIR, split, user_cache
 from loraops.core.utils import atomic_dir, jsonl_line, say
 
 SOURCES = ("original", "rule", "teacher", "document")
@@ -230,7 +230,7 @@ def parse_pairs(reply: str) -> list[tuple[str, str]] | None:
 def cache_dir(cfg: TeacherSection) -> Path:
     if cfg.cache_dir:
         return Path(cfg.cache_dir).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "loraops" / "teacher"
+    return user_cache("teacher")
 
 
 class Teacher:
