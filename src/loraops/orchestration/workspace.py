@@ -5,6 +5,7 @@ The finetune flow (``loraops.flows.finetune``) is wiring only; these are the ste
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import io
 import logging
@@ -208,7 +209,7 @@ def _repro_in_process(stage: str, root: Path, say: Callable[[str], Any], env: di
         if argv[:1] != ["loraops"]:
             return shell_run(executable, cmd, **kwargs)
         stage_vars = {key: kwargs["env"][key] for key in ("DVC_ROOT", "DVC_STAGE") if key in kwargs["env"]}
-        with _environment(stage_vars), contextlib.chdir(kwargs["cwd"] or root):
+        with _environment(stage_vars), contextlib.chdir(kwargs["cwd"] or root), _own_print():
             try:
                 code = invoke(argv[1:])
             except Exception:  # noqa: BLE001 - a bug in a stage fails the stage, as a crashed process would
@@ -235,6 +236,23 @@ def _repro_in_process(stage: str, root: Path, say: Callable[[str], Any], env: di
         dvc_run._run = shell_run
         dvc_logger.handlers, dvc_logger.level, dvc_logger.propagate = handlers, level, propagate
     return stage in ran
+
+
+_PRINT = builtins.print
+"""The interpreter's own ``print``, kept before a flow with ``log_prints`` replaces it with one that logs."""
+
+
+@contextlib.contextmanager
+def _own_print() -> Iterator[None]:
+    """The interpreter's ``print`` for an in-process stage, as in a stage process of its own: what the stage prints
+    reaches the run log through the stage's redirected output anyway, and libraries that capture ``sys.stdout``
+    around a print (dill disassembles functions that way while `datasets` fingerprints them) keep it to themselves
+    instead of having Prefect log it."""
+    patched, builtins.print = builtins.print, _PRINT
+    try:
+        yield
+    finally:
+        builtins.print = patched
 
 
 class _SayHandler(logging.Handler):

@@ -76,7 +76,7 @@ def register(params: Params, run_id: str, adapter_dir: Path, base_location: str,
     import loraops
 
     example = _input_example(params, adapter_dir) if modelspec.should_bundle(base_location) else None
-    with mlflow.start_run(run_id=run_id):
+    with mlflow.start_run(run_id=run_id), _requirements_by_metadata():
         info = mlflow.pyfunc.log_model(
             name="model", python_model=str(modelspec.PYFUNC_MODEL), artifacts=artifacts,
             code_paths=[str(Path(loraops.__file__).parent)], pip_requirements=_requirements(params.rag.enabled),
@@ -121,6 +121,25 @@ def _requirements(retrieval: bool = False) -> list[str]:
     packages = ["torch", "transformers", "peft", "mlflow", "pandas", "pydantic", "tokenizers"]
     packages += ["bm25s", "kiwipiepy", "kiwipiepy-model"] if retrieval else []
     return [f"{pkg}=={version(pkg)}" for pkg in packages]
+
+
+@contextlib.contextmanager
+def _requirements_by_metadata() -> Any:
+    """MLflow checks a model's pip requirements against the installed packages by each package's metadata, but
+    first maps every installed distribution's files to its modules (about 1.5 s a registration), a map it consults
+    only for a package without metadata. Ours come from the installed packages' metadata (``_requirements``), so
+    during log_model MLflow starts from an empty map: the same check, without the scan. (A private MLflow global;
+    if it is gone, MLflow builds its map as before.)"""
+    from mlflow.utils import requirements_utils
+
+    if getattr(requirements_utils, "_MODULES_TO_PACKAGES", False) is not None:  # built already, or no such global
+        yield
+        return
+    setattr(requirements_utils, "_MODULES_TO_PACKAGES", {})  # noqa: B010 - typed None in MLflow; a dict is what it builds
+    try:
+        yield
+    finally:
+        setattr(requirements_utils, "_MODULES_TO_PACKAGES", None)  # noqa: B010 - as above
 
 
 def _lineage_tags(lineage: dict[str, Any]) -> dict[str, str]:
