@@ -102,7 +102,8 @@ GOLDEN_RUNS = (
 
 @pytest.fixture(scope="session")
 def golden():
-    """The trained project built once per session by three real `loraops run`s (GOLDEN_RUNS), kept as built: tests
+    """The trained project built once per session by three real `loraops run`s (GOLDEN_RUNS, one after another in
+    one process: the later runs use the first one's imports and temporary Prefect server), kept as built: tests
     never change it; they read it, or change a copy (`golden_copy`). Its `runs` are the three runs' outputs.
 
     The first worker that needs it builds it under a lock; the other worker waits for it and reads the same one."""
@@ -110,7 +111,7 @@ def golden():
     import json
     import subprocess
 
-    from helpers import Golden
+    from helpers import Golden, loraops_in_one_process
 
     folder, done_file = _SESSION / "golden", _SESSION / "golden.json"
     with open(_SESSION / "golden.lock", "w") as lock:
@@ -119,13 +120,11 @@ def golden():
             root = make_workspace(folder / "ws", tiny_overrides())
             env = {**os.environ, "LORAOPS_API_KEY": "", "HF_HUB_OFFLINE": "1"}
             env.pop("MLFLOW_TRACKING_URI", None)
-            runs = []
-            for what, extra in GOLDEN_RUNS:
-                run = subprocess.run([sys.executable, "-m", "loraops.cli", "run", *extra], cwd=root, env=env,
-                                     capture_output=True, text=True, timeout=900)
+            done = loraops_in_one_process(root, [["run", *extra] for _, extra in GOLDEN_RUNS], env)
+            for (what, _), run in zip(GOLDEN_RUNS, done):
                 assert run.returncode in (0, 3, 4), f"{what}: " + run.stdout[-3000:] + run.stderr[-3000:]
-                runs.append({"args": run.args, "returncode": run.returncode, "stdout": run.stdout,
-                             "stderr": run.stderr})
+            runs = [{"args": run.args, "returncode": run.returncode, "stdout": run.stdout, "stderr": run.stderr}
+                    for run in done]
             done_file.write_text(json.dumps(runs))
     runs = [subprocess.CompletedProcess(**run) for run in json.loads(done_file.read_text())]
     return Golden(folder / "ws", runs)

@@ -108,6 +108,45 @@ class Golden:
     runs: list[subprocess.CompletedProcess]
 
 
+_DRIVER = """
+import json, shutil, sys
+from pathlib import Path
+from loraops.cli import invoke
+
+commands, keep, kept = json.loads(sys.argv[1]), json.loads(sys.argv[2]), Path(sys.argv[3])
+codes = []
+for number, argv in enumerate(commands):
+    for stream in (sys.stdout, sys.stderr):
+        print(f"\\n=== command {number} ===", file=stream, flush=True)
+    codes.append(invoke(argv))
+    for name in keep:
+        if Path(name).is_file():
+            (kept / str(number) / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(name, kept / str(number) / name)
+for stream in (sys.stdout, sys.stderr):
+    print("\\n=== exit codes " + json.dumps(codes), file=stream, flush=True)
+"""
+
+
+def loraops_in_one_process(cwd: Path, commands: list[list[str]], env: dict[str, str] | None = None,
+                           keep: tuple[str, ...] = (), kept: Path | None = None,
+                           timeout: int = 1800) -> list[subprocess.CompletedProcess]:
+    """`loraops ARGS` for each of ``commands``, one after another in one new process (`loraops.cli.invoke`, the
+    commands' own code): the later `loraops run`s use the first one's imports and its temporary Prefect server
+    instead of starting their own. Returns each command's output and exit code; after each, the files named in
+    ``keep`` (relative to ``cwd``) are copied to ``kept/N/``, for checks of what that command left."""
+    import json
+    import re
+
+    done = subprocess.run([sys.executable, "-c", _DRIVER, json.dumps(commands), json.dumps(list(keep)), str(kept or cwd)],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    ended = re.search(r"=== exit codes (\[.*\])", done.stdout)
+    assert done.returncode == 0 and ended, done.stdout[-3000:] + done.stderr[-3000:]
+    outs, errs = (re.split(r"\n=== command \d+ ===\n", text)[1:] for text in (done.stdout, done.stderr))
+    return [subprocess.CompletedProcess(["loraops", *argv], code, out, err)
+            for argv, code, out, err in zip(commands, json.loads(ended.group(1)), outs, errs)]
+
+
 # Servers the integration tests start on loopback and stop themselves
 
 

@@ -16,14 +16,13 @@ from pathlib import Path
 import pytest
 
 from bases import ARCHITECTURES, INSTRUCT, build_base, sample_texts
-from helpers import REPO, tiny_overrides
+from helpers import REPO, loraops_in_one_process, small_loop_overrides
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 # Few steps: these tests check that every path works with every architecture, not that it learns.
 SYSTEM = "당신은 인테리어 하자 상담원입니다."
-QUICK = tiny_overrides("train.max_steps=20", "train.eval_steps=10", "eval.max_samples=10",
-                       "eval.self_test=false")
+QUICK = small_loop_overrides("train.max_steps=20", "train.eval_steps=10", "eval.max_samples=10")
 
 
 @pytest.fixture(scope="module")
@@ -99,16 +98,24 @@ def test_a_fresh_clone_indexes_first_then_runs_the_loop_on_a_local_llama_instruc
         _chat_api_renders_the_trained_template(clone)
         _merged_export_renders_what_the_adapter_does(clone, PromptFormat.read(clone / "models/adapter"))
 
-    # the same project on the other bases: `loraops run` on each (registered, then gated against production) ...
-    for number, arch in enumerate(("qwen2_instruct", "gemma2", "gpt_neox"), start=2):
-        done = _cli(clone, "run", *_sets(f"model.base={bases[arch]}", "lora.modules_to_save=[]", "data.system_prompt=null"))
+    # the same project on the other bases: `loraops run` on each (registered, then gated against production), one
+    # after another in one process (what each left is kept for the checks below) ...
+    others = ("qwen2_instruct", "gemma2", "gpt_neox")
+    kept = tmp_path / "kept"
+    runs = loraops_in_one_process(
+        clone, [["run", *_sets(f"model.base={bases[arch]}", "lora.modules_to_save=[]", "data.system_prompt=null")]
+                for arch in others],
+        {**os.environ, "LORAOPS_API_KEY": ""}, keep=("models/base/loraops_base.json", "metrics/eval.json",
+                                                   "reports/eval_questions.csv"), kept=kept)
+    for number, (arch, done) in enumerate(zip(others, runs)):
         assert done.returncode in (0, 3, 4), arch + done.stdout[-3000:] + done.stderr[-3000:]  # any outcome: the path
-        assert f"registered interior-qa-lora v{number}" in done.stdout, arch + done.stdout[-2000:]
-        assert json.loads((clone / "models/base/loraops_base.json").read_text())["location"] == str(bases[arch])
-        summary = json.loads((clone / "metrics/eval.json").read_text())
+        assert f"registered interior-qa-lora v{number + 2}" in done.stdout, arch + done.stdout[-2000:]
+        left = kept / str(number)
+        assert json.loads((left / "models/base/loraops_base.json").read_text())["location"] == str(bases[arch])
+        summary = json.loads((left / "metrics/eval.json").read_text())
         assert summary["n"] > 0 and "morph_f1" in summary["metrics"]
         marker = CHAT_MARKERS[arch]
-        assert all((marker in p) if marker else p.startswith("질문: ") for p in _eval_prompts(clone)), arch
+        assert all((marker in p) if marker else p.startswith("질문: ") for p in _eval_prompts(left)), arch
         if arch == "gemma2":  # soft-capped attention: padded batches instead of a refusal
             assert "padded batches, since this model's attention uses soft-capped attention scores" in done.stdout + done.stderr
     # ... and through DVC alone (`dvc exp run -S`, as a user iterates), on a raw Qwen2 base (no BOS, pad = EOS)

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from helpers import REPO, free_port, make_workspace, start_server, stop_server, tiny_overrides, wait_http
+from helpers import REPO, free_port, make_workspace, small_loop_overrides, start_server, stop_server, wait_http
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -44,7 +44,7 @@ def rag_project(tmp_path_factory):
     _sample_with_gold_documents(ws)
     from loraops.orchestration.workspace import write_params
 
-    write_params("params.yaml", tiny_overrides("eval.self_test=false", *RAG), ws)
+    write_params("params.yaml", small_loop_overrides(*RAG), ws)
     subprocess.run(["git", "add", "-A"], cwd=ws, check=True)
     subprocess.run(["git", "commit", "-qm", "rag"], cwd=ws, check=True)
     done = subprocess.run([sys.executable, "-m", "loraops.cli", "run"], cwd=ws, capture_output=True, text=True,
