@@ -9,6 +9,8 @@ import time
 
 import pytest
 
+from helpers import loraops_in_one_process
+
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
@@ -75,16 +77,20 @@ def test_finetune_registers_promotes_skips_and_serves(golden, golden_copy):
     assert len(client.search_runs([experiment.experiment_id])) == runs_before  # no new MLflow run, no gate decision
     assert len(client.search_model_versions("name = 'interior-qa-lora'")) == 3
 
-    # a fresh process loads the last registered model and answers exactly as evaluate's tuned answers
+    # a fresh process loads the last registered model and answers exactly as evaluate's tuned answers (and
+    # production answers the question `ask` is asked below)
+    question = "벽지 곰팡이 문제는 어떻게 해결하나요?"
     probe = (
         "import mlflow, pandas as pd, json;"
         "from loraops.registry.tracking import tracking_setup; tracking_setup();"
         "m = mlflow.pyfunc.load_model('models:/interior-qa-lora/3');"
+        "p = mlflow.pyfunc.load_model('models:/interior-qa-lora@production');"
         "t = pd.read_csv('reports/eval_questions.csv', keep_default_na=False).drop_duplicates('question').head(8);"
-        "print(json.dumps([list(t.tuned_answer), m.predict(list(t.question))], ensure_ascii=False))"
+        f"print(json.dumps([list(t.tuned_answer), m.predict(list(t.question)), p.predict([{question!r}])[0]],"
+        " ensure_ascii=False))"
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, check=True)
-    expected, answered = json.loads(out.stdout.strip().splitlines()[-1])
+    expected, answered, production_answer = json.loads(out.stdout.strip().splitlines()[-1])
     assert answered == expected
 
     reproduced = loraops("reproduce", "models:/interior-qa-lora@production", "--json")
@@ -93,30 +99,23 @@ def test_finetune_registers_promotes_skips_and_serves(golden, golden_copy):
     assert report["identical"] is True and report["original_sha256"] == report["reproduced_sha256"]
     assert report["metrics"]["tuned/cosine"]["difference"] == 0
 
-    missing = loraops("reproduce", "models:/interior-qa-lora@nope")
-    assert missing.returncode == 2 and "model 'interior-qa-lora' has no alias @nope" in missing.stderr
-
-    question = "벽지 곰팡이 문제는 어떻게 해결하나요?"
-    asked = loraops("ask", question)
-    single = probe.replace("list(t.tuned_answer), m.predict(list(t.question))", f"m.predict([{question!r}])").replace(
-        "interior-qa-lora/3", "interior-qa-lora@production")
-    out = subprocess.run([sys.executable, "-c", single], capture_output=True, text=True, timeout=300, check=True)
-    assert asked.returncode == 0 and asked.stdout.strip() == json.loads(out.stdout.strip().splitlines()[-1])[0][0]
-
-    questions = workspace / "questions.csv"
+    # the commands that only read the registry, one after another in one process
+    questions, tickets = workspace / "questions.csv", workspace / "tickets.csv"
     questions.write_text(f"question\n{question}\n결로는 왜 생기나요?\n", encoding="utf-8")
-    batch = loraops("ask", "--file", str(questions), "--out", str(workspace / "answers.csv"))
+    tickets.write_text(f"번호,문의내용\n1,{question}\n", encoding="utf-8")
+    missing, asked, batch, named, wrong = loraops_in_one_process(workspace, [
+        ["reproduce", "models:/interior-qa-lora@nope"], ["ask", question],
+        ["ask", "--file", str(questions), "--out", str(workspace / "answers.csv")],
+        ["ask", "--file", str(tickets), "--question-column", "문의내용"], ["ask", "--file", str(tickets)]])
+    assert missing.returncode == 2 and "model 'interior-qa-lora' has no alias @nope" in missing.stderr
+    assert asked.returncode == 0 and asked.stdout.strip() == production_answer, asked.stdout + asked.stderr[-2000:]
     assert batch.returncode == 0, batch.stderr[-2000:]
     import pandas as pd
 
     answers = pd.read_csv(workspace / "answers.csv", keep_default_na=False)
-    assert list(answers.columns) == ["question", "answer"] and answers.loc[0, "answer"] == asked.stdout.strip()
-    tickets = workspace / "tickets.csv"
-    tickets.write_text(f"번호,문의내용\n1,{question}\n", encoding="utf-8")
-    named = loraops("ask", "--file", str(tickets), "--question-column", "문의내용")
+    assert list(answers.columns) == ["question", "answer"] and answers.loc[0, "answer"] == production_answer
     assert named.returncode == 0, named.stderr[-2000:]
-    assert pd.read_csv(workspace / "tickets.answers.csv", keep_default_na=False).loc[0, "answer"] == asked.stdout.strip()
-    wrong = loraops("ask", "--file", str(tickets))
+    assert pd.read_csv(workspace / "tickets.answers.csv", keep_default_na=False).loc[0, "answer"] == production_answer
     assert wrong.returncode == 2 and "missing question column 'question' (--question-column)" in wrong.stderr
     assert "Lineage: base `tiny-ko`" in client.get_model_version("interior-qa-lora", "1").description
 
