@@ -45,6 +45,18 @@ def start_temporary_server() -> Callable[[], None]:
     return ready
 
 
+def _import_what_the_run_uses() -> None:
+    """Import now what the run's first tasks would import one by one (torch for the checks, DVC for the stages, MLflow's
+    local store): Prefect's temporary server is still starting on the other core, and this process would otherwise
+    only wait for it."""
+    import dvc.repo  # noqa: F401 - imported for later use, see above
+    import torch  # noqa: F401 - as above
+
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        import mlflow.store.model_registry.sqlalchemy_store  # noqa: F401 - as above
+        import mlflow.store.tracking.sqlalchemy_store  # noqa: F401 - as above
+
+
 def _quiet_expected_tracebacks() -> None:
     """Prefect logs every task failure with its traceback; for expected errors the message is enough."""
     import logging
@@ -86,6 +98,7 @@ def run(params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt,
 
     _quiet_expected_tracebacks()
     _terminate_cleanly()
+    _import_what_the_run_uses()
     server_ready()
     with workspace.restored_on_failure(PARAMS):
         try:
