@@ -1,6 +1,5 @@
 # `make run`: the whole loop on the offline embedded default. `make test`: every test tier CI can run.
-# Both create .venv and install with the pinned constraints first when needed. Installs skip byte-compiling every
-# file of every package (half the install time); Python compiles the modules it imports once, on first use.
+# Both create .venv and install with the pinned constraints first when needed.
 VENV    ?= .venv
 PYTHON  ?= python3
 PY      := $(VENV)/bin/python
@@ -16,8 +15,8 @@ install: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q --no-compile torch==2.13.0          # the CPU wheel here; see README for CUDA
-	$(PY) -m pip install -q --no-compile -c constraints.txt -e ".[dev]"
+	$(PY) -m pip install -q torch==2.13.0          # the CPU wheel here; see README for CUDA
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
 	touch $@
 
 data: install
