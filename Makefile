@@ -15,8 +15,8 @@ install: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0          # the CPU wheel here; see README for CUDA
-	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
+	$(PY) -m pip install -q --no-compile -c constraints.txt torch==2.13.0 -e ".[dev]"   # the CPU torch here; see README for CUDA
+	$(PY) -m compileall -qq -j 0 $(VENV)/lib || true   # what pip byte-compiles (one file at a time), on every core; like pip, it skips the one file written for Python 3.12
 	touch $@
 
 data: install

@@ -25,7 +25,8 @@ sys.path.insert(0, str(ROOT / "src"))
 
 CONFIG = ["train.max_steps=60", "train.eval_steps=30", "eval.max_samples=60"]
 SMOKE = ["model.tiny.layers=1", "model.tiny.vocab_size=1000", "model.max_length=96", "train.max_steps=10",
-         "train.eval_steps=5", "eval.max_samples=10", "eval.self_test=false", "registry.gate.min_test_size=5"]
+         "train.eval_steps=5", "eval.max_samples=10", "eval.self_test=false", "eval.metrics=[morph_f1]",
+         "registry.gate.min_test_size=5"]
 """--smoke: checks that the benchmark runs (the test suite runs it so it cannot rot); its figures mean nothing."""
 OUTCOMES = (0, 3, 4)  # promoted/registered/unchanged, refused, worse than base: the run completed (README "Exit codes")
 

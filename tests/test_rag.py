@@ -13,7 +13,8 @@ import sys
 
 import pytest
 
-from helpers import REPO, free_port, make_workspace, small_loop_overrides, start_server, stop_server, wait_http
+from helpers import (REPO, free_port, loraops_in_one_process, make_workspace, small_loop_overrides, start_server,
+                     stop_server, wait_http)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -85,14 +86,11 @@ def test_registered_model_carries_the_index_and_answers_with_sources(rag_project
     predicted = json.loads(done.stdout.strip().splitlines()[-1])
     assert predicted["sources"] == [["condensation"], ["silicone-caulking"]]
 
-    ask = subprocess.run([sys.executable, "-m", "loraops.cli", "ask", "창문에 물방울이 맺혀요"], cwd=ws,
-                         capture_output=True, text=True, env=env)
+    (ws / "q.csv").write_text("question\n창문에 물방울이 맺혀요\n욕실 실리콘이 까맣게 변했어요\n", encoding="utf-8")
+    ask, batch = loraops_in_one_process(ws, [["ask", "창문에 물방울이 맺혀요"], ["ask", "--file", "q.csv"]], env)
     assert ask.returncode == 0, ask.stderr[-2000:]
     answer, _, sources = ask.stdout.partition("\nsources:\n")
     assert answer.strip() == predicted["answers"][0] and sources.startswith("  [1] condensation: ")
-    (ws / "q.csv").write_text("question\n창문에 물방울이 맺혀요\n욕실 실리콘이 까맣게 변했어요\n", encoding="utf-8")
-    batch = subprocess.run([sys.executable, "-m", "loraops.cli", "ask", "--file", "q.csv"], cwd=ws, capture_output=True,
-                           text=True, env=env)
     assert batch.returncode == 0, batch.stderr[-2000:]
     rows = list(csv.DictReader(open(ws / "q.answers.csv", encoding="utf-8")))
     assert [r["answer"] for r in rows] == predicted["answers"]
