@@ -232,8 +232,18 @@ def test_a_new_local_store_starts_from_the_migrated_empty_one_and_is_the_same_st
             return db.execute(f"SELECT * FROM {table}").fetchall()  # noqa: S608 - table names from this test
 
     assert rows(second, "alembic_version") == rows(first, "alembic_version")
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    artifacts = (second / "mlruns/artifacts").resolve().as_uri()
+    made = SqlAlchemyStore(f"sqlite:///{tmp_path / 'made.db'}", artifacts)  # the store MLflow itself makes there
+    made.engine.dispose()
     experiment = mlflow.MlflowClient().get_experiment("0")
-    assert experiment.artifact_location == (second / "mlruns/artifacts").resolve().as_uri()
+    assert experiment.artifact_location == made.get_experiment("0").artifact_location == f"{artifacts}/0"
+    tables = "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name"
+    with sqlite3.connect(second / MLFLOW_DB) as copied, sqlite3.connect(tmp_path / "made.db") as own:
+        assert copied.execute(tables).fetchall() == own.execute(tables).fetchall()
+        assert [r[:3] for r in copied.execute("SELECT * FROM experiments")] == \
+            [r[:3] for r in own.execute("SELECT * FROM experiments")]  # id, name, artifact location
     with mlflow.start_run(experiment_id=tracking.experiment_for("m", second)) as run:
         mlflow.log_metric("a", 1.0)
     assert mlflow.MlflowClient().get_run(run.info.run_id).data.metrics == {"a": 1.0}

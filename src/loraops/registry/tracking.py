@@ -111,8 +111,11 @@ def _copy_empty_store(database: Path, artifacts: str) -> None:
         return
     partial = database.with_name(f".{database.name}.{os.getpid()}.tmp")
     shutil.copyfile(empty, partial)
-    with contextlib.closing(sqlite3.connect(partial)) as db, db:
-        db.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0", (artifacts,))
+    from mlflow.utils.uri import append_to_uri_path
+
+    with contextlib.closing(sqlite3.connect(partial)) as db, db:  # where MLflow puts the Default experiment's: ROOT/0
+        db.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0",
+                   (append_to_uri_path(artifacts, "0"),))
     os.replace(partial, database)
 
 
