@@ -16,7 +16,7 @@ import mlflow.exceptions
 from mlflow.entities import Metric
 
 from loraops.core.paths import (AUGMENT_CARD, DATA_CARD, EVAL_METRICS, EVAL_REPORT, EVAL_TABLE, LOCKS_DIR,
-                                MLFLOW_ARTIFACTS, MLFLOW_DB, MLRUNS, PLOTS_DIR, TRAIN_LOG, TRAIN_METRICS)
+                                MLFLOW_ARTIFACTS, MLFLOW_DB, MLRUNS, PLOTS_DIR, TRAIN_LOG, TRAIN_METRICS, user_cache)
 from loraops.core.results import TrainFigures
 
 _BATCH = 900  # MLflow accepts up to 1000 metrics per log_batch
@@ -124,8 +124,6 @@ def _empty_store() -> Path | None:
     needs it); None when the cache cannot be written."""
     from filelock import FileLock
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
-
-    from loraops.core.paths import user_cache
 
     folder = user_cache("mlflow-store")
     empty = folder / f"empty-mlflow-{mlflow.__version__}.db"

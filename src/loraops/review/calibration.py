@@ -38,7 +38,7 @@ def _text(value: Any) -> str:
 
 
 def _score(value: Any, where: str, criterion: str) -> int | None:
-    text = "" if value is None or (isinstance(value, float) and pd.isna(value)) else str(value).strip()
+    text = _text(value)
     if text.endswith(".0"):
         text = text[:-2]
     if text == "":
