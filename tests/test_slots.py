@@ -168,6 +168,7 @@ def test_the_temporary_server_of_a_run_answers_keeps_local_mode_and_stops(tmp_pa
     try:
         url = server.ready(120)
         assert os.environ["PREFECT_API_URL"] == url and local_mode()
+        assert server.warmed.wait(60), "the read-only warm-up calls were not all answered"
         with get_client(sync_client=True) as client:  # Prefect's own client, pointed at it by ready()
             assert client.api_url.host == "127.0.0.1" and client.api_healthcheck() is None
         monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:4200/api")  # a team server the user named
@@ -182,6 +183,34 @@ def test_the_temporary_server_of_a_run_answers_keeps_local_mode_and_stops(tmp_pa
         refresh_global_settings_context()  # later tests in this worker must not talk to the stopped server
     assert process is not None and process.poll() is not None
     assert "PREFECT_API_URL" not in os.environ
+
+
+def test_a_run_imports_outside_the_collector_and_has_no_heartbeats_on_its_own_server():
+    """`loraops run`: what its imports leave is frozen out of Python's collector, which is on again afterwards (and stays
+    off if it was off); a flow on the run's own temporary server sends no heartbeats, another server keeps them."""
+    import gc
+
+    from prefect.settings import get_current_settings
+
+    from loraops.cli.flows import _imports_outside_the_collector, _without_heartbeats
+
+    frozen = gc.get_freeze_count()
+    try:
+        with _imports_outside_the_collector():
+            assert not gc.isenabled()
+            kept = [[index] for index in range(1000)]  # lists: objects the collector tracks
+        assert gc.isenabled() and gc.get_freeze_count() >= frozen + len(kept)
+        gc.disable()
+        with _imports_outside_the_collector():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.unfreeze()
+        gc.enable()
+    before = get_current_settings().flows.heartbeat_frequency
+    with _without_heartbeats():
+        assert get_current_settings().flows.heartbeat_frequency is None
+    assert get_current_settings().flows.heartbeat_frequency == before and before is not None
 
 
 def test_a_killed_runs_temporary_server_ends_with_it(tmp_path):

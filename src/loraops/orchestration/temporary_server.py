@@ -74,6 +74,8 @@ class TemporaryServer:
     def __init__(self) -> None:
         self.port = 0
         self.process: subprocess.Popen[bytes] | None = None
+        self.warmed = threading.Event()
+        """Set once every warm-up call was answered (200)."""
 
     def start(self) -> "TemporaryServer":
         self.port = _free_port()
@@ -87,8 +89,7 @@ class TemporaryServer:
                          daemon=True).start()
         return self
 
-    @staticmethod
-    def _warm_up(process: "subprocess.Popen[bytes]", api_url: str) -> None:
+    def _warm_up(self, process: "subprocess.Popen[bytes]", api_url: str) -> None:
         """Once the server answers, the read-only calls of ``_WARM_UP``; gives up when the server exits or does not
         come up within a minute (``ready`` reports why)."""
         deadline = time.monotonic() + 60
@@ -96,8 +97,8 @@ class TemporaryServer:
             if process.poll() is not None or time.monotonic() > deadline:
                 return
             time.sleep(0.05)
-        for method, path, body in _WARM_UP:
-            _answer(f"{api_url}{path}", method, body)
+        if all([_answer(f"{api_url}{path}", method, body) for method, path, body in _WARM_UP]):
+            self.warmed.set()
 
     @property
     def api_url(self) -> str:
