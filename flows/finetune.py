@@ -290,6 +290,8 @@ def _finetune(work: Path, params_file: str, overrides: list[str], allow_dirty: b
     if same is not None:
         get_run_logger().info(same)
         return final_state("Unchanged", same, {"summary_text": same, "outcome": "Unchanged"})
+    with workspace.imports_outside_the_collector():  # a deployment's run (`loraops run` has done so already)
+        workspace.import_what_runs_use()
     base_check(work, params)
     if judging.needs_gate_check(params):
         metric_check(params)

@@ -185,23 +185,24 @@ def test_the_temporary_server_of_a_run_answers_keeps_local_mode_and_stops(tmp_pa
     assert "PREFECT_API_URL" not in os.environ
 
 
-def test_a_run_imports_outside_the_collector_and_has_no_heartbeats_on_its_own_server():
+def test_a_runs_imports_are_frozen_out_of_the_collector_and_its_own_server_gets_no_heartbeats():
     """`loraops run`: what its imports leave is frozen out of Python's collector, which is on again afterwards (and stays
     off if it was off); a flow on the run's own temporary server sends no heartbeats, another server keeps them."""
     import gc
 
     from prefect.settings import get_current_settings
 
-    from loraops.cli.flows import _imports_outside_the_collector, _without_heartbeats
+    from loraops.cli.flows import _without_heartbeats
+    from loraops.orchestration.workspace import imports_outside_the_collector
 
     frozen = gc.get_freeze_count()
     try:
-        with _imports_outside_the_collector():
+        with imports_outside_the_collector():
             assert not gc.isenabled()
             kept = [[index] for index in range(1000)]  # lists: objects the collector tracks
         assert gc.isenabled() and gc.get_freeze_count() >= frozen + len(kept)
         gc.disable()
-        with _imports_outside_the_collector():
+        with imports_outside_the_collector():
             pass
         assert not gc.isenabled()
     finally:

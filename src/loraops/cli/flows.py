@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, cast
+from typing import Any, Callable, Optional, cast
 
 import typer
 
@@ -55,41 +55,6 @@ def _without_heartbeats() -> contextlib.AbstractContextManager[object]:
     return temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None})
 
 
-@contextlib.contextmanager
-def _imports_outside_the_collector() -> Iterator[None]:
-    """The run's imports with Python's cyclic garbage collector off, then frozen (``gc.freeze``).
-
-    Importing Prefect, MLflow, DVC, torch and transformers leaves about a million long-lived objects. Left to the
-    collector, each full collection during the run walks all of them again: a dozen collections, 2.5 s of a quick
-    run, none of which frees anything (measured, docs/decisions.md). Frozen, they are never walked; what the stages
-    create afterwards is collected as usual."""
-    import gc
-
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.freeze()
-        if was_enabled:
-            gc.enable()
-
-
-def _import_what_the_run_uses() -> None:
-    """Import now what the run's tasks would import one by one (torch for the checks, DVC for the stages, MLflow's
-    local store, the trainer's libraries): Prefect's temporary server is still starting on the other core, and done
-    here the imports' objects are frozen with the rest (``_imports_outside_the_collector``)."""
-    import datasets  # noqa: F401 - imported for later use, see above
-    import dvc.repo  # noqa: F401 - as above
-    import peft  # noqa: F401 - as above
-    import torch  # noqa: F401 - as above
-    import transformers.trainer  # noqa: F401 - as above
-
-    if not os.environ.get("MLFLOW_TRACKING_URI"):
-        import mlflow.store.model_registry.sqlalchemy_store  # noqa: F401 - as above
-        import mlflow.store.tracking.sqlalchemy_store  # noqa: F401 - as above
-
-
 def _quiet_expected_tracebacks() -> None:
     """Prefect logs every task failure with its traceback; for expected errors the message is enough."""
     import logging
@@ -127,12 +92,12 @@ def run(params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt,
             return
     prefect_defaults()
     server_ready = start_temporary_server()
-    with _imports_outside_the_collector():
+    with workspace.imports_outside_the_collector():  # now, while the server starts on the other core
         from loraops.flows.finetune import finetune
 
         _quiet_expected_tracebacks()
         _terminate_cleanly()
-        _import_what_the_run_uses()
+        workspace.import_what_runs_use()
     with server_ready(), workspace.restored_on_failure(PARAMS):
         try:
             result = _outcome_of(finetune(params_file=str(path), overrides=list(set_ or []), allow_dirty=allow_dirty,
