@@ -145,16 +145,22 @@ def sweep(params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt,
     from loraops.modeling.model import check_base
 
     check_base(params_of(params, set_).model)
-    prefect_defaults()
-    from loraops.flows.sweep import sweep_flow
+    from loraops.orchestration import workspace
 
-    _quiet_expected_tracebacks()
-    _terminate_cleanly()
+    prefect_defaults()
+    server_ready = start_temporary_server()
+    with workspace.imports_outside_the_collector():  # as `loraops run`: while the server starts on the other core
+        from loraops.flows.sweep import sweep_flow
+
+        _quiet_expected_tracebacks()
+        _terminate_cleanly()
+        workspace.import_what_runs_use()
     with contextlib.suppress(ValueError):
         path = path.resolve().relative_to(Path.cwd().resolve())
     try:
-        result = _outcome_of(sweep_flow(params_file=str(path), overrides=list(set_ or []), allow_dirty=allow_dirty,
-                                        use_form=False, return_state=True))
+        with server_ready():
+            result = _outcome_of(sweep_flow(params_file=str(path), overrides=list(set_ or []),
+                                            allow_dirty=allow_dirty, use_form=False, return_state=True))
     except KeyboardInterrupt as stop:
         typer.secho(f"stopped ({stop or 'interrupted'}): the MLflow runs are closed and the gpu slot released",
                     err=True, fg=typer.colors.YELLOW)
