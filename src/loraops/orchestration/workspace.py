@@ -112,7 +112,7 @@ def imports_outside_the_collector() -> Iterator[None]:
     """The run's imports with Python's cyclic garbage collector off, then frozen (``gc.freeze``).
 
     Importing Prefect, MLflow, DVC, torch and transformers leaves about a million long-lived objects. Left to the
-    collector, each full collection during the run walks all of them again: a dozen collections, 2.5 s of a quick
+    collector, each full collection during the run walks all of them again: a dozen collections, 2.3 s of a quick
     run, none of which frees anything (measured, docs/decisions.md). Frozen, they are never walked; what the stages
     create afterwards is collected as usual."""
     import gc
