@@ -286,7 +286,7 @@ def finetune(
 
 def _finetune(work: Path, params_file: str, overrides: list[str], allow_dirty: bool) -> Any:
     params = resolve_params(work, params_file, overrides)
-    same = workspace.unchanged(work, params)
+    same = workspace.unchanged(work, params, registry_first=True)  # MLflow is imported here: its answer first
     if same is not None:
         get_run_logger().info(same)
         return final_state("Unchanged", same, {"summary_text": same, "outcome": "Unchanged"})

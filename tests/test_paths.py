@@ -302,7 +302,7 @@ def test_a_run_asks_dvc_once_whether_anything_changed(tmp_path, monkeypatch):
     asked: list[Path] = []
     answers = iter([None, None, "unchanged: v1", "unchanged: v1"])
     monkeypatch.setattr(workspace, "_FOUND_CHANGED", set())
-    monkeypatch.setattr(workspace, "_unchanged", lambda root, params: asked.append(root) or next(answers))
+    monkeypatch.setattr(workspace, "_unchanged", lambda root, params, first: asked.append(root) or next(answers))
     (tmp_path / "dvc.lock").write_text("schema: '2.0'\n", encoding="utf-8")
     params = load_params(REPO / "params.yaml")
     assert workspace.unchanged(tmp_path, params) is None and workspace.unchanged(tmp_path, params) is None
@@ -311,6 +311,27 @@ def test_a_run_asks_dvc_once_whether_anything_changed(tmp_path, monkeypatch):
     assert len(asked) == 2
     (tmp_path / "dvc.lock").write_text("schema: '2.0'\nstages: {}\n", encoding="utf-8")
     assert [workspace.unchanged(tmp_path, params) for _ in range(2)] == ["unchanged: v1"] * 2 and len(asked) == 4
+
+
+def test_the_flow_asks_mlflow_before_dvc_and_skips_dvc_for_an_adapter_never_registered(tmp_path, monkeypatch):
+    """The flow has MLflow open: an adapter no version was registered from cannot be unchanged, whatever DVC would
+    say; one that was registered still needs every stage up to date. `loraops run`'s own check asks DVC first."""
+    from loraops.core.config import load_params
+    from loraops.core.results import TrainFigures
+    from loraops.orchestration import workspace
+
+    asked: list[str] = []
+    registered: list[object] = []
+    monkeypatch.setattr(TrainFigures, "read", classmethod(lambda cls, root: type("F", (), {"adapter_sha256": "ab"})))
+    monkeypatch.setattr(workspace, "_stages_changed", lambda root: asked.append("dvc") or True)
+    monkeypatch.setattr(workspace, "_registered_as", lambda root, params, sha: asked.append("mlflow") or registered)
+    params = load_params(REPO / "params.yaml")
+    assert workspace._unchanged(tmp_path, params, registry_first=True) is None and asked == ["mlflow"]
+    registered.append(object())
+    asked.clear()
+    assert workspace._unchanged(tmp_path, params, registry_first=True) is None and asked == ["mlflow", "dvc"]
+    asked.clear()
+    assert workspace._unchanged(tmp_path, params, registry_first=False) is None and asked == ["dvc"]
 
 
 def test_a_checkout_of_other_code_runs_its_stages_in_their_own_process(tmp_path):

@@ -421,12 +421,17 @@ _FOUND_CHANGED: set[tuple[str, str, str]] = set()
 its flow asks again (for the runs a deployment starts); within one run the second answer is the first."""
 
 
-def unchanged(root: Path, params: Params) -> str | None:
+def unchanged(root: Path, params: Params, registry_first: bool = False) -> str | None:
     """Say so when a run would change nothing: every stage up to date and its adapter already registered and gated.
 
     Returns the message for the user, or None when something changed (or was never registered). A None is kept for
-    the same project, params and dvc.lock, so the flow of a `loraops run` does not ask DVC again (0.7 s): a stale
+    the same project, params and dvc.lock, so the flow of a `loraops run` does not ask DVC again (0.5 s): a stale
     None can only make a run go on, and then DVC skips what is up to date and ``already_decided`` ends it.
+
+    ``registry_first``: ask MLflow whether the current adapter was ever registered before asking DVC whether every
+    stage is up to date, for a caller that has MLflow imported and its store open anyway (the flow): one query
+    instead of DVC's half second when the answer is no (a fresh clone or worktree). `loraops run` asks before it
+    imports MLflow, so DVC first.
     """
     import hashlib
 
@@ -435,46 +440,36 @@ def unchanged(root: Path, params: Params) -> str | None:
            hashlib.md5(lock_file.read_bytes()).hexdigest() if lock_file.is_file() else "")
     if key in _FOUND_CHANGED:
         return None
-    same = _unchanged(root, params)
+    same = _unchanged(root, params, registry_first)
     if same is None:
         _FOUND_CHANGED.add(key)
     return same
 
 
-def _unchanged(root: Path, params: Params) -> str | None:
-    import hashlib
-
+def _unchanged(root: Path, params: Params, registry_first: bool) -> str | None:
     try:
         sha = TrainFigures.read(root).adapter_sha256  # figures of another version's format: not the same run
     except LoraopsError:
         return None
-    from dvc.exceptions import DvcException
-    from dvc.repo import Repo
-
-    try:
-        with contextlib.chdir(root), Repo(".") as repo:
-            if repo.status(targets=list(STAGES)):
-                return None
-    except DvcException:  # not a DVC project, a broken dvc.yaml: the run itself will say what is wrong
+    if sha is None:  # no adapter recorded: nothing registered can be it
         return None
-    lock = hashlib.md5((root / DVC_LOCK).read_bytes()).hexdigest()
+    found = _registered_as(root, params, sha) if registry_first else None
+    if (registry_first and not found) or _stages_changed(root):
+        return None
+    found = found if registry_first else _registered_as(root, params, sha)
+    if not found:
+        return None
+    import hashlib
+
     import mlflow
 
-    from loraops.registry.tracking import tracking_setup
-    from loraops.registry.versions import SHA_TAG
-
-    tracking_setup(root)
-    client, name = mlflow.MlflowClient(), params.registry.model_name
-    try:
-        found = client.search_model_versions(f"name = '{name}' and tags.`{SHA_TAG}` = '{sha}'")
-    except mlflow.exceptions.MlflowException:
-        return None
     # The same adapter bytes registered from an older dvc.lock (only stages or code around training changed, e.g.
     # a new stage) would be registered as that same version again: nothing new either.
+    lock = hashlib.md5((root / DVC_LOCK).read_bytes()).hexdigest()
     same = [v for v in found if v.tags.get("lineage.dvc_lock_md5") == lock] or found
-    if not same or (params.registry.auto_promote and "gate.verdict" not in same[0].tags):
+    if params.registry.auto_promote and "gate.verdict" not in same[0].tags:
         return None
-    version = same[0]
+    version, client, name = same[0], mlflow.MlflowClient(), params.registry.model_name
     try:
         production = f"v{client.get_model_version_by_alias(name, 'production').version}"
     except mlflow.exceptions.MlflowException:
@@ -484,6 +479,34 @@ def _unchanged(root: Path, params: Params) -> str | None:
             else "every stage is up to date and its adapter is, byte for byte, that of")
     return (f"unchanged: {what} {name} v{version.version} (MLflow run {version.run_id}); "
             f"nothing to run. Its gate verdict: {verdict}; production: {production}.")
+
+
+def _stages_changed(root: Path) -> bool:
+    """Whether DVC finds any stage out of date (or cannot tell: not a DVC project, a broken dvc.yaml)."""
+    from dvc.exceptions import DvcException
+    from dvc.repo import Repo
+
+    try:
+        with contextlib.chdir(root), Repo(".") as repo:
+            return bool(repo.status(targets=list(STAGES)))
+    except DvcException:  # the run itself will say what is wrong
+        return True
+
+
+def _registered_as(root: Path, params: Params, sha: str) -> list[Any]:
+    """The registered versions of ``params.registry.model_name`` whose adapter is ``sha`` (none when MLflow says
+    no or cannot say)."""
+    import mlflow
+
+    from loraops.registry.tracking import tracking_setup
+    from loraops.registry.versions import SHA_TAG
+
+    tracking_setup(root)
+    name = params.registry.model_name
+    try:
+        return list(mlflow.MlflowClient().search_model_versions(f"name = '{name}' and tags.`{SHA_TAG}` = '{sha}'"))
+    except mlflow.exceptions.MlflowException:
+        return []
 
 
 def already_decided(root: Path, params: Params, version: str) -> str | None:
