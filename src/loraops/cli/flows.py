@@ -91,8 +91,8 @@ def run(params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt,
             typer.echo(same)
             return
     prefect_defaults()
-    server_ready = start_temporary_server()
-    with workspace.imports_outside_the_collector():  # now, while the server starts on the other core
+    with workspace.imports_outside_the_collector():  # Prefect's settings too; the rest while the server starts
+        server_ready = start_temporary_server()
         from loraops.flows.finetune import finetune
 
         _quiet_expected_tracebacks()
@@ -148,8 +148,8 @@ def sweep(params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt,
     from loraops.orchestration import workspace
 
     prefect_defaults()
-    server_ready = start_temporary_server()
-    with workspace.imports_outside_the_collector():  # as `loraops run`: while the server starts on the other core
+    with workspace.imports_outside_the_collector():  # as `loraops run`
+        server_ready = start_temporary_server()
         from loraops.flows.sweep import sweep_flow
 
         _quiet_expected_tracebacks()
