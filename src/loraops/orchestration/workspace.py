@@ -453,12 +453,16 @@ def _unchanged(root: Path, params: Params, registry_first: bool) -> str | None:
         return None
     if sha is None:  # no adapter recorded: nothing registered can be it
         return None
-    found = _registered_as(root, params, sha) if registry_first else None
-    if (registry_first and not found) or _stages_changed(root):
-        return None
-    found = found if registry_first else _registered_as(root, params, sha)
-    if not found:
-        return None
+    if registry_first:
+        found = _registered_as(root, params, sha)
+        if not found or _stages_changed(root):
+            return None
+    else:
+        if _stages_changed(root):
+            return None
+        found = _registered_as(root, params, sha)
+        if not found:
+            return None
     import hashlib
 
     import mlflow
