@@ -15,6 +15,7 @@ BM25; the last line is ``morpheme_bm25_recall1_vs_whitespace: X.XX`` on the cust
 
     python benchmarks/retrieval.py
     python benchmarks/retrieval.py --encoder /path/to/multilingual-encoder   # dense/hybrid with a real encoder
+    python benchmarks/retrieval.py --smoke   # every 12th query: checks the benchmark runs (the suite runs it)
 """
 
 from __future__ import annotations
@@ -77,6 +78,8 @@ def _measure(retriever, queries: list[tuple[str, str]]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--encoder", default=None, help="sentence-transformers encoder for dense/hybrid (default rag.encoder)")
+    parser.add_argument("--smoke", action="store_true", help="every 12th query of each set: checks the benchmark runs "
+                                                             "(the test suite runs it so it cannot rot); figures mean little")
     args = parser.parse_args()
 
     from loraops.core.config import load_params
@@ -84,6 +87,8 @@ def main() -> None:
     from loraops.stages import index
 
     sets = {"sample": _queries(), "customer": _customer()}
+    if args.smoke:
+        sets = {name: queries[::12] for name, queries in sets.items()}
     work = Path(tempfile.mkdtemp(prefix="loraops-retrieval-"))
     results: dict[str, dict[str, dict]] = {name: {} for name in sets}
     try:

@@ -81,13 +81,19 @@ def _answer_in_the_ui(served: dict, link: str, decision: str, reviewer: str, com
             areas = dialog.locator("textarea")
             areas.nth(0).fill(reviewer)
             areas.nth(1).fill(comment)
+            # the form checks its values again (on the server, a second after the last change) while it shows errors:
+            # the errors going away is the sign it holds what was typed; submitting before that can send stale values
+            dialog.get_by_text("is a required property").first.wait_for(state="hidden", timeout=30_000)
             page.screenshot(path=str(served["tmp"] / shot))
             dialog.get_by_role("button", name="Submit").click()
             try:
                 dialog.wait_for(state="hidden", timeout=60_000)
             except Exception:
                 page.screenshot(path=str(served["tmp"] / f"stuck-{shot}"))
-                raise AssertionError(f"the Resume form did not close; it shows: {dialog.inner_text()[-1500:]}")
+                toasts = page.locator(".p-toast").all_inner_texts()
+                raise AssertionError(f"the Resume form did not close; toasts: {toasts}; the form's fields and errors: "
+                                     f"{dialog.inner_text().split('Decision', 1)[-1]}; textareas: "
+                                     f"{[areas.nth(i).input_value() for i in range(areas.count())]}") from None
         finally:
             browser.close()
     assert "'decision' is a required property" in empty

@@ -40,7 +40,7 @@ def test_train_benchmark_refuses_arch_and_base_together(capsys):
 SMOKES = {
     "train_throughput.py --smoke": "speedup_vs_hf_trainer:",
     "eval_throughput.py --questions 4 --max-new-tokens 8 --scoring-calls 1": "generation_speedup_batched:",
-    "retrieval.py": "morpheme_bm25_recall1_vs_whitespace:",
+    "retrieval.py --smoke": "morpheme_bm25_recall1_vs_whitespace:",
     "orchestration_overhead.py --smoke": "orchestration_overhead_ratio:",
     "sweep.py --smoke": "sequential `loraops run`",
 }

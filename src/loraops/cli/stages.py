@@ -146,13 +146,12 @@ def evaluate(params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt,
     """Answer the test split with base and tuned models and score them → metrics/eval.json, reports/eval.md."""
     from loraops.core.utils import pick_device
     from loraops.judge import validity
-    from loraops.judge.metrics import MetricPack
     from loraops.judge.report import headline
     from loraops.stages import evaluate as evaluate_stage
 
     p = params_of(params, set_)
     if self_test:
-        measured = validity.measure(MetricPack(p.eval, device=pick_device(p.base.device)), p.eval)
+        measured, _ = validity.measure_cached(p.eval, pick_device(p.base.device))
         typer.echo(validity.describe(measured))
         gate = p.registry.gate.metric
         typer.echo(f"thresholds: paraphrase>unrelated >= {p.eval.min_paraphrase_over_unrelated}, "

@@ -131,6 +131,16 @@ class MetricPack:
         if {"morph_f1", "morph_rouge_l"} & set(self.names):
             self._morph = Morphemes(cfg.morph_pos, cfg.morph_analyzer)
 
+    def only(self, names: list[str]) -> MetricPack:
+        """This pack's loaded scorers, computing only ``names`` (some of this pack's metrics)."""
+        import copy
+
+        narrow = copy.copy(self)
+        narrow.names = [name for name in self.names if name in names]
+        narrow._bert = self._bert if "bertscore" in narrow.names else None
+        narrow._st = self._st if "cosine" in narrow.names else None
+        return narrow
+
     @property
     def columns(self) -> list[str]:
         """Score column names, in order."""

@@ -170,14 +170,15 @@ _PACKAGES = ("kiwipiepy", "kiwipiepy-model", "sentence-transformers", "bert-scor
 
 
 def fingerprint(cfg: EvalSection, device: str) -> str:
-    """Everything a validity measurement depends on: the probe pairs, the metric settings and thresholds, the code
-    that scores (its source) and the versions of the libraries behind the metrics, and the device."""
+    """Everything a validity measurement depends on besides which metrics it measures: the probe pairs, the metric
+    settings and thresholds, the code that scores (its source) and the versions of the libraries behind the metrics,
+    and the device. One metric's rows do not depend on which other metrics are measured with it."""
     import hashlib
     from importlib.metadata import PackageNotFoundError, version
 
     digest = hashlib.sha256()
     digest.update(probe_pairs(cfg).to_csv(index=False).encode())
-    digest.update(cfg.model_dump_json(exclude={"max_samples", "max_new_tokens", "batch_size", "stop_strings",
+    digest.update(cfg.model_dump_json(exclude={"metrics", "max_samples", "max_new_tokens", "batch_size", "stop_strings",
                                                "bootstrap_samples", "min_slice_size", "self_test", "tone"}).encode())
     for name in _MEASURED_BY:
         digest.update((Path(__file__).parent / name).read_bytes())
@@ -190,21 +191,51 @@ def fingerprint(cfg: EvalSection, device: str) -> str:
     return digest.hexdigest()[:32]
 
 
+def _kept(cfg: EvalSection, device: str) -> dict[str, Path]:
+    """Where each metric of ``cfg.metrics`` keeps its measured rows on this machine."""
+    key = fingerprint(cfg, device)
+    return {name: user_cache("validity") / f"{key}-{name}.json" for name in dict.fromkeys(cfg.metrics)}
+
+
+def is_measured(cfg: EvalSection, device: str) -> bool:
+    """Whether every metric of ``cfg.metrics`` has been measured with these settings on this machine."""
+    return all(path.exists() for path in _kept(cfg, device).values())
+
+
 def measure_cached(cfg: EvalSection, device: str, pack: MetricPack | None = None) -> tuple[Validity, bool]:
-    """:func:`measure`, kept on disk by :func:`fingerprint`: the measurement is deterministic (a fixed probe set, fixed
-    seeds), so the same inputs give the same table, and a run's pre-training check and its evaluate share one.
-    Returns the validity and whether it came from the cache."""
+    """:func:`measure`, kept on disk per metric by :func:`fingerprint`: the measurement is deterministic (a fixed probe
+    set, fixed seeds), so the same inputs give the same rows, and a run's pre-training check, its evaluate and
+    ``loraops evaluate --self-test`` share them; only the metrics not measured yet are measured. Processes that
+    measure the same settings at once take turns (a file lock): one measures, the others read what it kept.
+    Returns the validity and whether all of it came from the cache."""
+    import fcntl
+
     from loraops.core.utils import atomic_write
 
-    path = user_cache("validity") / f"{fingerprint(cfg, device)}.json"
-    try:
-        kept = json.loads(path.read_text(encoding="utf-8"))
-        return Validity(pd.DataFrame(kept["table"]), pairs=int(kept["pairs"])), True
-    except (OSError, ValueError, KeyError):  # not measured yet on this machine, or a torn file: measure
-        pass
-    measured = measure(pack or MetricPack(cfg, device=device), cfg)
-    atomic_write(path, json.dumps({"table": measured.table.to_dict("records"), "pairs": measured.pairs}))
-    return measured, False
+    paths = _kept(cfg, device)
+    folder = user_cache("validity")
+    folder.mkdir(parents=True, exist_ok=True)
+    rows: dict[str, list[dict[str, Any]]] = {}
+    pairs = 0
+    with open(folder / f"{fingerprint(cfg, device)}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        for name, path in paths.items():
+            try:
+                kept = json.loads(path.read_text(encoding="utf-8"))
+                rows[name], pairs = list(kept["table"]), int(kept["pairs"])
+            except (OSError, ValueError, KeyError):  # not measured yet on this machine, or a torn file: measure
+                pass
+        missing = [name for name in paths if name not in rows]
+        if missing:
+            narrow = cfg.model_copy(update={"metrics": missing})
+            measured = measure(pack.only(missing) if pack else MetricPack(narrow, device=device), narrow)
+            records = measured.table.to_dict("records")
+            for name in missing:
+                rows[name] = [row for row in records if family_of(row["metric"]) == name]
+                atomic_write(paths[name], json.dumps({"table": rows[name], "pairs": measured.pairs}))
+            pairs = measured.pairs
+    table = pd.DataFrame([row for name in paths for row in rows[name]])
+    return Validity(table, pairs=pairs), not missing
 
 
 def require_valid(validity: Validity, metric: str, cfg: EvalSection) -> None:
@@ -262,7 +293,7 @@ def check_gate(params: Any) -> dict[str, Any]:
     metric, device = params.registry.gate.metric, pick_device(params.base.device)
     if params.eval.probe_path:
         read_pairs(Path(params.eval.probe_path))
-    if not (user_cache("validity") / f"{fingerprint(params.eval, device)}.json").exists():
+    if not is_measured(params.eval, device):
         MetricPack(params.eval, device=device)  # every configured encoder must load now, not after training
     cfg = params.eval.model_copy(update={"metrics": [family_of(metric)]})
     measured, _ = measure_cached(cfg, device)
