@@ -155,6 +155,13 @@ def test_locked_down_team_mode_only_the_service_account_moves_production(tmp_pat
                   "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-csrf-key",
                   "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
                   "PREFECT_SERVER_API_AUTH_STRING": "loraops:prefect-pw"}
+    # the registry the service account releases from: three versions, written into the store before the auth app
+    # serves it (the app checks a salted scrypt hash on every request: logging them through it costs ~25 s of CPU)
+    (tmp_path / "host.py").write_text(HOST_SCRIPT, encoding="utf-8")
+    setup = subprocess.run([sys.executable, str(tmp_path / "host.py"), "setup", str(REPO / "params.yaml")], cwd=tmp_path,
+                           env={**base_env, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"},
+                           capture_output=True, text=True, timeout=300)
+    assert setup.returncode == 0, setup.stderr[-3000:]
     servers = [
         start_server([os.path.join(bin_dir, "mlflow"), "server", "--app-name", "basic-auth", "--backend-store-uri",
                       f"sqlite:///{tmp_path}/mlflow.db", "--artifacts-destination", str(tmp_path / "artifacts"),
@@ -176,15 +183,15 @@ def test_locked_down_team_mode_only_the_service_account_moves_production(tmp_pat
         (project / name).write_bytes((REPO / name).read_bytes())
     try:
         wait_http(f"{uri}/health", 180, servers[0], tmp_path / "mlflow.log")
-        admin = python("from mlflow.server.auth.client import AuthServiceClient as C; c = C('%s'); "
-                       "c.create_user('loraops-service', 'service-pw-1234'); c.create_user('viewer', 'viewer-pw-1234')" % uri,
-                       as_user("admin", "admin-pw-1234"))
+        # the admin creates the two accounts and lets the service account manage the model and its experiment (its
+        # runs carry the audit tags); everyone else has the default, READ
+        admin = python("import mlflow; from mlflow.server.auth.client import AuthServiceClient as C; c = C('%s'); "
+                       "c.create_user('loraops-service', 'service-pw-1234'); c.create_user('viewer', 'viewer-pw-1234'); "
+                       "c.grant_user_permission('loraops-service', 'registered_model', 'm', 'MANAGE'); "
+                       "[c.grant_user_permission('loraops-service', 'experiment', e.experiment_id, 'MANAGE') "
+                       "for e in mlflow.MlflowClient().search_experiments()]" % uri, as_user("admin", "admin-pw-1234"))
         assert admin.returncode == 0, admin.stderr[-2000:]
         service, viewer = as_user("loraops-service", "service-pw-1234"), as_user("viewer", "viewer-pw-1234")
-        (tmp_path / "host.py").write_text(HOST_SCRIPT, encoding="utf-8")
-        setup = subprocess.run([sys.executable, str(tmp_path / "host.py"), "setup", str(REPO / "params.yaml")],
-                               cwd=tmp_path, env=service, capture_output=True, text=True, timeout=300)
-        assert setup.returncode == 0, setup.stderr[-3000:]
 
         promote = [sys.executable, "-m", "loraops.cli", "promote", "m", "--version", "2", "--force", "--reason", "release 2"]
         by_viewer = python("import mlflow; c = mlflow.MlflowClient(); print(c.get_registered_model('m').name); "
