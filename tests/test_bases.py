@@ -103,8 +103,8 @@ def test_a_fresh_clone_indexes_first_then_runs_the_loop_on_a_local_llama_instruc
     others = ("qwen2_instruct", "gemma2", "gpt_neox")
     kept = tmp_path / "kept"
     runs = loraops_in_one_process(
-        clone, [["run", *_sets(f"model.base={bases[arch]}", "lora.modules_to_save=[]", "data.system_prompt=null")]
-                for arch in others],
+        clone, [["run", *_sets(*QUICK, f"model.base={bases[arch]}", "lora.modules_to_save=[]", "data.system_prompt=null",
+                               "model.max_length=192")] for arch in others],
         {**os.environ, "LORAOPS_API_KEY": ""}, keep=("models/base/loraops_base.json", "metrics/eval.json",
                                                    "reports/eval_questions.csv"), kept=kept)
     for number, (arch, done) in enumerate(zip(others, runs)):
@@ -120,8 +120,10 @@ def test_a_fresh_clone_indexes_first_then_runs_the_loop_on_a_local_llama_instruc
             assert "padded batches, since this model's attention uses soft-capped attention scores" in done.stdout + done.stderr
     # ... and through DVC alone (`dvc exp run -S`, as a user iterates), on a raw Qwen2 base (no BOS, pad = EOS)
     dvc = str(Path(sys.executable).parent / "dvc")
-    done = subprocess.run([dvc, "exp", "run", "-S", f"model.base={bases['qwen2']}"], cwd=clone, capture_output=True,
-                          text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(clone / "src")})
+    quick = [arg for pair in QUICK if not pair.startswith("model.tiny.") for arg in ("-S", pair)]
+    done = subprocess.run([dvc, "exp", "run", "-S", f"model.base={bases['qwen2']}", *quick, "-S", "model.max_length=192"],
+                          cwd=clone, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(clone / "src")})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert json.loads((clone / "models/base/loraops_base.json").read_text())["location"] == str(bases["qwen2"])
     assert all(p.startswith("질문: ") for p in _eval_prompts(clone))  # no template: the plain prompt
