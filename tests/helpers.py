@@ -172,8 +172,8 @@ def wait_http(url: str, seconds: float = 120, proc: subprocess.Popen | None = No
 
 def start_server(cmd: list[str], log: Path, cwd: Path, env: dict[str, str]) -> subprocess.Popen:
     """A server in its own process group (stop_server ends all of it). An MLflow server starts without its job runner,
-    as scripts/team_stack.py starts it: loraops submits no MLflow jobs, and the runner's four polling consumers cost
-    ~25 s of CPU per server here (unless ``env`` says otherwise)."""
+    as scripts/team_stack.py starts it: loraops submits no MLflow jobs, and with the runner's polling consumers a server
+    took 30 s of CPU in its first minute here, not 7 (unless ``env`` says otherwise)."""
     env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **env}
     return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
 
