@@ -191,15 +191,14 @@ def fingerprint(cfg: EvalSection, device: str) -> str:
     return digest.hexdigest()[:32]
 
 
-def _kept(cfg: EvalSection, device: str) -> dict[str, Path]:
-    """Where each metric of ``cfg.metrics`` keeps its measured rows on this machine."""
-    key = fingerprint(cfg, device)
+def _kept(cfg: EvalSection, key: str) -> dict[str, Path]:
+    """Where each metric of ``cfg.metrics`` keeps its rows measured with the settings :func:`fingerprint` ``key``."""
     return {name: user_cache("validity") / f"{key}-{name}.json" for name in dict.fromkeys(cfg.metrics)}
 
 
 def is_measured(cfg: EvalSection, device: str) -> bool:
     """Whether every metric of ``cfg.metrics`` has been measured with these settings on this machine."""
-    return all(path.exists() for path in _kept(cfg, device).values())
+    return all(path.exists() for path in _kept(cfg, fingerprint(cfg, device)).values())
 
 
 def measure_cached(cfg: EvalSection, device: str, pack: MetricPack | None = None) -> tuple[Validity, bool]:
@@ -212,12 +211,13 @@ def measure_cached(cfg: EvalSection, device: str, pack: MetricPack | None = None
 
     from loraops.core.utils import atomic_write
 
-    paths = _kept(cfg, device)
+    key = fingerprint(cfg, device)
+    paths = _kept(cfg, key)
     folder = user_cache("validity")
     folder.mkdir(parents=True, exist_ok=True)
     rows: dict[str, list[dict[str, Any]]] = {}
     pairs = 0
-    with open(folder / f"{fingerprint(cfg, device)}.lock", "a") as lock:
+    with open(folder / f"{key}.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         for name, path in paths.items():
             try:
