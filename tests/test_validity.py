@@ -140,8 +140,11 @@ def test_a_measurement_is_kept_by_what_it_depends_on(tmp_path, monkeypatch):
     probes.write_text("reference,candidate,tier\n벽지가 들떴다,벽지가 떠 있다,paraphrase\n", encoding="utf-8")
     assert fingerprint(cfg.model_copy(update={"probe_path": str(probes)}), "cpu") != fingerprint(cfg, "cpu")
     # kept per metric: a pack that adds a metric measures only that one, and its rows serve a pack of it alone
+    (morph,) = (tmp_path / "validity").glob("*-morph_f1.json")
+    written = morph.stat().st_mtime_ns
     wider, kept = measure_cached(cfg.model_copy(update={"metrics": ["exact_match", "morph_f1"]}), "cpu")
     assert not kept and list(wider.table["metric"]) == ["exact_match", "morph_f1"]
+    assert morph.stat().st_mtime_ns == written  # morph_f1's rows were read, not measured and written again
     assert wider.of("morph_f1") == first.of("morph_f1")
     alone, kept = measure_cached(cfg.model_copy(update={"metrics": ["exact_match"]}), "cpu")
     assert kept and alone.of("exact_match") == wider.of("exact_match")
